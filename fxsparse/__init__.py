@@ -1,0 +1,28 @@
+"""fxsparse: RigL-style dynamic sparse training for any PyTorch model, as a torch.fx pass.
+
+    >>> import torch, fxsparse
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> sparse = fxsparse.sparsify(net, density=0.5, init="erk")
+    >>> sorted(sparse.masks)
+    ['0.weight', '2.weight']
+"""
+
+from fxsparse.api import sparsify
+from fxsparse.budgets import register_init
+from fxsparse.graph_module import LayerChange, SparseGraphModule, register_grow_score
+from fxsparse.scheduler import RigLScheduler, register_method
+from fxsparse.tracing import register_leaf_function, register_leaf_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sparsify",
+    "SparseGraphModule",
+    "LayerChange",
+    "RigLScheduler",
+    "register_init",
+    "register_grow_score",
+    "register_method",
+    "register_leaf_module",
+    "register_leaf_function",
+]

@@ -1,0 +1,206 @@
+"""``sparsify``: copy, trace, find the weights, size the budgets, mask, wrap."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsparse import budgets
+from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
+from fxsparse.masking import Masker
+from fxsparse.passes.find_weights import canonical_names, find_weights
+from fxsparse.passes.functionalize import functionalize
+from fxsparse.passes.mask_weights import mask_weights
+from fxsparse.tracing import trace
+
+__all__ = ["sparsify"]
+
+
+def sparsify(
+    model: nn.Module,
+    density: float,
+    init: str | Mapping[str, float] = "erk",
+    *,
+    example_inputs: Any = None,
+    seed: int = 0,
+    dense: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> SparseGraphModule:
+    """Returns a sparse copy of ``model``: every conv/linear/matmul weight read through a mask.
+
+    The model is traced with torch.fx (timm's no-trace registries honoured); every parameter that
+    is the weight operand of a convolution, linear layer or matrix product in the graph, whatever
+    module owns it, gets one bool mask with an exact number of active weights, drawn at random
+    from ``seed``. Inactive weights are set to zero. ``model`` itself is never modified.
+
+    Args:
+        model: any module torch.fx can trace (see :func:`fxsparse.register_leaf_module`).
+        density: overall fraction of the sparsified weights kept active, in (0, 1].
+        init: layer-wise distribution: ``"uniform"``, ``"er"``, ``"erk"`` (or any registered
+            with :func:`fxsparse.budgets.register_init`), or an explicit ``{fqn: density}``
+            (layers it does not name get ``density``). Every scheme keeps the total active count
+            at ``density`` times the total; layers it would fill beyond 1 are made dense.
+        example_inputs: optional inputs (a tensor or a tuple) the model is called with; they tell
+            the tracer how many positional inputs ``forward`` takes.
+        seed: seed of the initial random masks (and of random growth); same seed, same masks.
+        dense: FQN patterns (``fnmatch``) of weights kept at density 1, their parameters taken out
+            of the budget. ``None`` means the papers' default: the first layer dense for
+            ``"uniform"``, nothing for the other schemes.
+        exclude: FQN patterns of weights not sparsified at all (neither masked nor counted).
+
+    Returns:
+        A :class:`SparseGraphModule` (a ``torch.fx.GraphModule``).
+
+    Raises:
+        TypeError: ``model`` is not a module or cannot be traced.
+        ValueError: bad ``density``/``init``/patterns, or no sparsifiable weight.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        >>> sparse = fxsparse.sparsify(net, density=0.25, init="erk")
+        >>> round(sparse.density, 2)
+        0.25
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module to sparsify, got {type(model).__name__}")
+    density = budgets.validate_density(density)
+    if isinstance(init, str):
+        if init not in budgets.available_inits():
+            raise ValueError(
+                f"expected init to be one of {budgets.available_inits()} or a {{fqn: density}} "
+                f"dict, got {init!r}"
+            )
+    elif not isinstance(init, Mapping):
+        raise TypeError(f"expected init to be a scheme name or a {{fqn: density}} dict, got {type(init).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"expected seed to be an int, got {type(seed).__name__} {seed!r}")
+    dense_patterns = None if dense is None else _patterns(dense, "dense")
+    exclude_patterns = _patterns(exclude, "exclude")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    n_inputs = len(example_inputs) if example_inputs is not None else 1
+
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:
+        raise TypeError(
+            f"expected a model that copy.deepcopy can copy (sparsify never edits yours), but "
+            f"copying {type(model).__name__} failed: {e}"
+        ) from e
+    if hasattr(work, MASKER) or hasattr(work, UPDATES):
+        raise ValueError(
+            f"expected a model without attributes {MASKER!r}/{UPDATES!r}; it looks already "
+            f"sparsified: pass the original dense model"
+        )
+    gm = trace(work, n_inputs)
+    names = canonical_names(work)
+    sites, skipped = find_weights(gm, names)
+
+    kept = [s for s in sites if not _match(s.fqn, exclude_patterns)]
+    skipped += [(s.fqn, "excluded by exclude=") for s in sites if _match(s.fqn, exclude_patterns)]
+    if not kept:
+        raise ValueError(
+            f"expected at least one convolution, linear or matmul weight to sparsify in "
+            f"{type(model).__name__}, found none"
+            + (f" (left dense: {dict(skipped)})" if skipped else "")
+            + "; sparsify a model with such layers, or loosen exclude="
+        )
+    shapes = {s.fqn: s.shape for s in kept}
+    _check_patterns_match(exclude_patterns, [s.fqn for s in sites], "exclude")
+    if dense_patterns is None:
+        dense_names = [next(iter(shapes))] if init == "uniform" and len(shapes) > 1 else []
+    else:
+        _check_patterns_match(dense_patterns, list(shapes), "dense")
+        dense_names = [fqn for fqn in shapes if _match(fqn, dense_patterns)]
+    densities = budgets.layer_densities(shapes, density, init, dense=dense_names)
+    counts = budgets.active_counts(shapes, densities)
+
+    try:
+        functionalize(gm, set(shapes))
+        sparse = SparseGraphModule(work, gm.graph, class_name=f"Sparse{type(model).__name__}")
+        _copy_unreferenced(work, sparse)
+        sparse.add_module(MASKER, Masker())
+        sparse.register_buffer(UPDATES, torch.zeros((), dtype=torch.int64))
+        state = _State(skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom")
+        for fqn in shapes:
+            mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
+            state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn])
+        mask_weights(sparse, {f: s.mask for f, s in state.sites.items()}, names, MASKER)
+        sparse.recompile()
+        sparse._set_state(state)
+    except Exception as e:
+        raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
+    return sparse
+
+
+def _patterns(patterns: Iterable[str], what: str) -> list[str]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    result = list(patterns)
+    bad = [p for p in result if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"expected {what}= to hold FQN patterns (str), got {bad!r}")
+    return result
+
+
+def _match(fqn: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+def _check_patterns_match(patterns: list[str], fqns: list[str], what: str) -> None:
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(f, p) for f in fqns)]
+    if unmatched:
+        raise ValueError(
+            f"expected every {what}= pattern to match a sparsifiable weight, but {unmatched} "
+            f"match none; the sparsifiable weights are {fqns}"
+        )
+
+
+def _copy_unreferenced(source: nn.Module, target: nn.Module) -> None:
+    """Gives ``target`` every parameter and buffer of ``source`` the graph did not reference.
+
+    GraphModule copies only what its graph reads; a checkpoint must still hold every parameter
+    under its original name (unused heads, tied aliases) and buffer persistence must not change.
+    """
+    tensors = [*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
+    for qualname, tensor in tensors:
+        *path, field = qualname.split(".")
+        src, dst = source, target
+        for item in path:
+            src = getattr(src, item)
+            nxt = getattr(dst, item, None)
+            if nxt is None:
+                nxt = nn.Module()
+                setattr(dst, item, nxt)
+            dst = nxt
+        if src is dst or hasattr(dst, field):
+            continue
+        if isinstance(tensor, nn.Parameter):
+            dst.register_parameter(field, tensor)
+        else:
+            dst.register_buffer(field, tensor, persistent=field not in src._non_persistent_buffers_set)
+
+
+def _add_mask(sparse: SparseGraphModule, fqn: str, active: int, seed: int) -> str:
+    """Registers a random mask with exactly ``active`` True entries beside the weight ``fqn``."""
+    owner_name, _, pname = fqn.rpartition(".")
+    owner = sparse.get_submodule(owner_name)
+    weight = sparse.get_parameter(fqn)
+    name = f"{pname}_mask"
+    while hasattr(owner, name):
+        name = f"{name}_"
+    generator = torch.Generator().manual_seed(derived_seed(seed, fqn))
+    chosen = torch.randperm(weight.numel(), generator=generator)[:active]
+    mask = torch.zeros(weight.numel(), dtype=torch.bool)
+    mask[chosen] = True
+    mask = mask.view(weight.shape).to(weight.device)
+    owner.register_buffer(name, mask, persistent=True)
+    with torch.no_grad():
+        weight.masked_fill_(~mask, 0)
+    return f"{owner_name}.{name}" if owner_name else name

@@ -1,0 +1,358 @@
+"""SparseGraphModule: a GraphModule whose sparsified weights are read through their masks.
+
+State that must survive a copy or a save is a registered buffer: each mask is a persistent bool
+buffer beside its weight (``layer1.0.conv1.weight`` -> ``layer1.0.conv1.weight_mask``) and the
+number of topology updates so far is the buffer ``fxsparse_updates``, so ``state_dict()``
+restores the exact topology and random growth continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxsparse import topology
+from fxsparse.masking import Masker
+
+__all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores"]
+
+MASKER = "fxsparse_masker"
+UPDATES = "fxsparse_updates"
+_PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ restores these attributes
+
+
+@dataclass
+class _Site:
+    """What is known about one sparsified weight besides its tensors."""
+
+    mask: str  # qualified name of the mask buffer
+    shape: tuple[int, ...]
+    target_density: float
+    active: int  # the layer's exact active count, kept by every topology update
+
+
+@dataclass
+class _State:
+    sites: dict[str, _Site] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seed: int = 0
+    init: str = "erk"
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """What one topology update did to one layer.
+
+    Attributes:
+        active: active weights before and after (unchanged by construction).
+        dropped: connections removed (``floor(drop_fraction * active)`` minus those regrown).
+        grown: new connections, started at zero with zeroed optimizer state.
+        regrown: connections dropped and grown back in the same update (they keep their value).
+    """
+
+    active: int
+    dropped: int
+    grown: int
+    regrown: int
+
+
+GrowScore = Callable[["SparseGraphModule", str, torch.Tensor, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
+_GROW_SCORES: dict[str, tuple[GrowScore, bool]] = {}
+
+
+def register_grow_score(name: str, *, needs_gradient: bool) -> Callable[[GrowScore], GrowScore]:
+    """Registers a growth criterion for ``rigl_step(grow=name)``.
+
+    The function gets ``(module, fqn, weight, mask, dense_grad, update_index)`` and returns a
+    score of the weight's shape; the largest-scored inactive positions are grown. RigL is SET
+    with one override, the score (as in jaxpruner).
+    """
+
+    def decorator(fn: GrowScore) -> GrowScore:
+        if name in _GROW_SCORES:
+            raise ValueError(f"grow score {name!r} is already registered")
+        _GROW_SCORES[name] = (fn, needs_gradient)
+        return fn
+
+    return decorator
+
+
+def grow_scores() -> list[str]:
+    """Names accepted by ``rigl_step(grow=...)``."""
+    return sorted(_GROW_SCORES)
+
+
+@register_grow_score("gradient", needs_gradient=True)
+def _gradient_score(
+    module: SparseGraphModule, fqn: str, weight: torch.Tensor, mask: torch.Tensor,
+    grad: torch.Tensor | None, update: int,
+) -> torch.Tensor:
+    assert grad is not None
+    return grad.abs()
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 63-bit seed from ``parts`` (no Python hash randomisation)."""
+    data = repr(parts).encode()
+    return (zlib.crc32(data) | zlib.adler32(data) << 32) & (2**63 - 1)
+
+
+@register_grow_score("random", needs_gradient=False)
+def _random_score(
+    module: SparseGraphModule, fqn: str, weight: torch.Tensor, mask: torch.Tensor,
+    grad: torch.Tensor | None, update: int,
+) -> torch.Tensor:
+    # Seeded by (seed, update index, layer): identical on every rank and after a resume.
+    generator = torch.Generator().manual_seed(derived_seed(module._fxsparse.seed, update, fqn))
+    return torch.rand(mask.shape, generator=generator).to(mask.device)
+
+
+class SparsitySummary:
+    """Per-layer table of a SparseGraphModule: name, shape, density, active/total."""
+
+    def __init__(self, rows: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> None:
+        self.rows = rows
+        self.skipped = skipped
+
+    @property
+    def active(self) -> int:
+        return sum(row["active"] for row in self.rows)
+
+    @property
+    def total(self) -> int:
+        return sum(row["total"] for row in self.rows)
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "density", "active", "total")
+        body = [
+            (r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.4f}", str(r["active"]), str(r["total"]))
+            for r in self.rows
+        ]
+        density = self.active / self.total if self.total else float("nan")
+        body.append(("total", "", f"{density:.4f}", str(self.active), str(self.total)))
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in [header, *body]
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(len(lines) - 1, lines[1])
+        if self.skipped:
+            lines.append(f"left dense ({len(self.skipped)}):")
+            lines.extend(f"  {name}: {reason}" for name, reason in self.skipped)
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+class SparseGraphModule(torch.fx.GraphModule):
+    """A traced model whose conv/linear/matmul weights are masked, with RigL topology updates.
+
+    Made by :func:`fxsparse.sparsify`; see its docstring for an example. Every parameter keeps
+    its original FQN; the masks are persistent bool buffers named ``<weight fqn>_mask``.
+    """
+
+    _fxsparse: _State
+
+    def _set_state(self, state: _State) -> None:
+        self._fxsparse = state
+        # GraphModule.__deepcopy__ re-creates the module from its graph and then restores the
+        # attributes named here, so the python-side state survives deepcopy.
+        self.meta.setdefault(_PRESERVED, {})["_fxsparse"] = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # GraphModule pickles its code and re-traces it as a plain GraphModule; rebuild ours.
+        _, (body, import_block) = super().__reduce__()
+        return (_unpickle, (body, import_block))
+
+    # ----------------------------------------------------------------------------------- views
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The live mask buffers, by weight FQN of the original model."""
+        return {fqn: self.get_buffer(site.mask) for fqn, site in self._fxsparse.sites.items()}
+
+    @property
+    def sparse_weights(self) -> dict[str, nn.Parameter]:
+        """The sparsified parameters, by FQN."""
+        return {fqn: self.get_parameter(fqn) for fqn in self._fxsparse.sites}
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(fqn, reason)`` of the conv/linear/matmul weights left dense, with why."""
+        return list(self._fxsparse.skipped)
+
+    @property
+    def density(self) -> float:
+        """Active over total weights of the sparsified layers."""
+        active = total = 0
+        for mask in self.masks.values():
+            active += int(mask.sum())
+            total += mask.numel()
+        return active / total
+
+    @property
+    def growth_capture(self) -> Masker:
+        """The module that captures dense growth gradients (``.armed``, ``.accumulate``)."""
+        return self.get_submodule(MASKER)  # type: ignore[return-value]
+
+    def arm_growth(self, enabled: bool = True, *, accumulate: bool = False) -> None:
+        """Turns the capture of ``dL/d(w*m)`` on or off for the following forward passes.
+
+        A freshly sparsified module is armed, so ``loss.backward(); sparse.rigl_step(0.3)`` works
+        as is; :class:`fxsparse.RigLScheduler` disarms it and arms only the update steps, so that
+        no dense gradient is kept on other steps. Arming forgets what was captured before.
+        """
+        capture = self.growth_capture
+        capture.clear()
+        capture.armed = bool(enabled)
+        capture.accumulate = bool(accumulate)
+
+    def summary(self) -> SparsitySummary:
+        """A per-layer table (name, shape, density, active/total); ``print`` it."""
+        rows = []
+        for fqn, mask in self.masks.items():
+            active = int(mask.sum())
+            rows.append(
+                {"name": fqn, "shape": tuple(mask.shape), "density": active / mask.numel(),
+                 "active": active, "total": mask.numel()}
+            )
+        return SparsitySummary(rows, self.skipped)
+
+    def named_masks(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.masks.items()
+
+    # ------------------------------------------------------------------------------ invariants
+    def verify(self) -> None:
+        """Checks the invariants that hold between updates; raises RuntimeError if one fails.
+
+        Every mask is a bool tensor of its weight's shape with exactly the layer's active count,
+        and every inactive weight is exactly zero.
+        """
+        problems = []
+        for fqn, site in self._fxsparse.sites.items():
+            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
+            if mask.dtype != torch.bool or mask.shape != weight.shape:
+                problems.append(f"{fqn}: mask {mask.dtype} {tuple(mask.shape)} vs weight {tuple(weight.shape)}")
+                continue
+            active = int(mask.sum())
+            if active != site.active:
+                problems.append(f"{fqn}: {active} active weights, budget {site.active}")
+            if bool((weight.detach() * ~mask).ne(0).any()):
+                problems.append(f"{fqn}: inactive weights are not zero")
+        if problems:
+            raise RuntimeError("fxsparse invariant violated:\n  " + "\n  ".join(problems))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for site in self._fxsparse.sites.values():  # the loaded topology defines the budgets
+            site.active = int(self.get_buffer(site.mask).sum())
+        return result
+
+    # -------------------------------------------------------------------------------- updates
+    @torch.no_grad()
+    def rigl_step(
+        self,
+        drop_fraction: float,
+        optimizer: torch.optim.Optimizer | None = None,
+        grow: str = "gradient",
+    ) -> dict[str, LayerChange]:
+        """One topology update of every sparse layer (Evci et al. 2020, section 3).
+
+        Per layer with ``n`` active weights: drop the ``k = floor(drop_fraction * n)`` active
+        weights of smallest ``|w|``, then grow the ``k`` inactive ones of largest ``|dL/d(w*m)|``
+        (``grow="gradient"``, RigL) or at random (``grow="random"``, SET). New connections start
+        at 0 and their optimizer state (momentum, Adam moments: every state tensor of the
+        weight's shape) is zeroed; dropped weights and their state are zeroed. Active counts do
+        not change. Call it after ``loss.backward()`` of a step run while armed (see
+        :meth:`arm_growth`); the captured gradients are consumed.
+
+        Args:
+            drop_fraction: fraction of each layer's active weights replaced, in [0, 1].
+            optimizer: the optimizer training this module, whose state is zeroed where the
+                topology changed.
+            grow: a registered growth criterion (:func:`grow_scores`).
+
+        Returns:
+            ``{fqn: LayerChange}`` for every sparse layer.
+
+        Raises:
+            ValueError: bad ``drop_fraction`` or ``grow``, or no gradient captured for growth.
+
+        Example:
+            >>> loss = model(x).sum(); loss.backward()          # doctest: +SKIP
+            >>> changes = model.rigl_step(0.3, optimizer=opt)   # doctest: +SKIP
+        """
+        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not (
+            math.isfinite(drop_fraction) and 0.0 <= drop_fraction <= 1.0
+        ):
+            raise ValueError(f"expected drop_fraction in [0, 1], got {drop_fraction!r}; RigL uses 0.3 (cosine-annealed)")
+        if grow not in _GROW_SCORES:
+            raise ValueError(f"expected grow to be one of {grow_scores()}, got {grow!r}")
+        score_fn, needs_gradient = _GROW_SCORES[grow]
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer (or None), got {type(optimizer).__name__}")
+        capture = self.growth_capture
+        grads = capture.grads
+        if needs_gradient:
+            missing = [fqn for fqn in self._fxsparse.sites if fqn not in grads]
+            if missing:
+                raise ValueError(
+                    f"expected a dense growth gradient from a preceding backward, but none was "
+                    f"captured for {len(missing)} layer(s) (first: {missing[0]!r}). Fix: run "
+                    f"loss.backward() on this module before rigl_step, with capture armed "
+                    f"(sparse.arm_growth() before the forward; fxsparse.RigLScheduler does this "
+                    f"for you), or use grow='random' (SET), which needs no gradient."
+                )
+            _all_reduce_mean([grads[fqn] for fqn in self._fxsparse.sites])
+
+        update_index = int(self.get_buffer(UPDATES))
+        changes = {}
+        for fqn, site in self._fxsparse.sites.items():
+            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
+            if site.active == mask.numel():
+                changes[fqn] = LayerChange(site.active, 0, 0, 0)
+                continue
+            grad = grads.get(fqn)
+            score = score_fn(self, fqn, weight, mask, grad, update_index)
+            result = topology.update_mask(mask, weight.abs(), score, drop_fraction)
+            state = _optimizer_state(optimizer, weight)
+            topology.apply_update(weight, mask, result, state)
+            changes[fqn] = LayerChange(
+                site.active, int(result.dropped.sum()), int(result.grown.sum()), result.regrown
+            )
+        self.get_buffer(UPDATES).add_(1)
+        capture.clear()
+        return changes
+
+
+def _unpickle(body: dict[str, Any], import_block: str) -> SparseGraphModule:
+    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+    forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
+    return _deserialize_graph_module(forward, body, graph_module_cls=SparseGraphModule)  # type: ignore[return-value]
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    state = optimizer.state.get(param, {})
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Averages growth gradients over data-parallel ranks so every rank grows the same set."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor.div_(world)

@@ -1,0 +1,226 @@
+"""Analysis pass: which parameters are the weight operand of a convolution, linear or matmul.
+
+Invariant: a parameter is reported when, and only when, one of its uses in the graph is the
+weight operand of a conv / linear / matrix-product node (a ``call_module`` on an ``nn.Conv*`` /
+``nn.Linear`` leaf, or a ``call_function`` / ``call_method`` whose operand is a ``get_attr`` of the
+parameter, possibly through views such as ``.t()``), has two or more dims, is floating point and
+trainable, and every one of its uses can be rewritten to the masked value. Parameters are named
+by their canonical FQN (the first name ``named_parameters()`` gives), so a tied weight is one
+entry however many names and uses it has. Consumer nodes get ``node.meta["fxsparse.weight"]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxsparse.passes.functionalize import plain_call
+
+__all__ = ["WeightUse", "WeightSite", "find_weights", "canonical_names", "REWRITABLE_MODULES"]
+
+# Functional consumers and the positions of their weight operands.
+_FUNCTION_WEIGHT_ARGS: dict[Callable[..., Any], tuple[int, ...]] = {
+    F.linear: (1,),
+    F.conv1d: (1,),
+    F.conv2d: (1,),
+    F.conv3d: (1,),
+    F.conv_transpose1d: (1,),
+    F.conv_transpose2d: (1,),
+    F.conv_transpose3d: (1,),
+    torch.matmul: (0, 1),
+    operator.matmul: (0, 1),
+    torch.mm: (0, 1),
+    torch.bmm: (0, 1),
+    torch.addmm: (1, 2),
+    torch.baddbmm: (1, 2),
+    torch.addbmm: (1, 2),
+}
+_METHOD_WEIGHT_ARGS: dict[str, tuple[int, ...]] = {
+    "matmul": (0, 1),
+    "__matmul__": (0, 1),
+    "__rmatmul__": (0, 1),
+    "mm": (0, 1),
+    "bmm": (0, 1),
+    "addmm": (1, 2),
+    "baddbmm": (1, 2),
+}
+# Shape-only ops a weight may pass through on its way to the product (w.t(), w.T, ...).
+_VIEW_METHODS = {
+    "t", "transpose", "permute", "view", "reshape", "contiguous", "flatten",
+    "unsqueeze", "squeeze", "to", "type_as", "float", "half", "bfloat16", "double",
+}
+_VIEW_FUNCTIONS: set[Callable[..., Any]] = {
+    torch.t, torch.transpose, torch.permute, torch.reshape, torch.flatten,
+    torch.unsqueeze, torch.squeeze,
+}
+_VIEW_ATTRS = {"T", "mT", "H", "mH"}
+
+# Leaf modules whose call can be rewritten into functional form with a masked weight.
+REWRITABLE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+# Leaves whose 2-D weights are lookup tables rather than product operands.
+_NOT_MATMUL_LEAVES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass
+class WeightUse:
+    """One node that reads the parameter: a ``get_attr`` or a rewritable ``call_module``."""
+
+    node: torch.fx.Node
+    kind: str  # "get_attr" | "call_module"
+
+
+@dataclass
+class WeightSite:
+    """A sparsifiable parameter and every place the graph uses it."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    uses: list[WeightUse] = field(default_factory=list)
+    consumers: list[torch.fx.Node] = field(default_factory=list)
+
+
+def canonical_names(module: nn.Module) -> dict[str, str]:
+    """Maps every name of every parameter to the first name it has (tied weights share one)."""
+    first: dict[int, str] = {}
+    names: dict[str, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names[name] = first.setdefault(id(param), name)
+    return names
+
+
+def _is_rewritable(module: nn.Module) -> bool:
+    """An exact conv/linear, or a subclass that did not change how it computes."""
+    for base in REWRITABLE_MODULES:
+        if isinstance(module, base):
+            if type(module).forward is not base.forward:
+                return False
+            conv_forward = getattr(base, "_conv_forward", None)
+            return conv_forward is None or type(module)._conv_forward is conv_forward
+    return False
+
+
+def _param_of(gm: torch.fx.GraphModule, node: Any, names: dict[str, str]) -> str | None:
+    """The canonical FQN of the parameter ``node`` reads, following views; else None."""
+    while isinstance(node, torch.fx.Node):
+        if node.op == "get_attr":
+            return names.get(str(node.target))
+        if node.op == "call_method" and node.target in _VIEW_METHODS:
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+            node = node.args[0]
+        elif (
+            node.op == "call_function"
+            and node.target is getattr
+            and len(node.args) == 2
+            and node.args[1] in _VIEW_ATTRS
+        ):
+            node = node.args[0]
+        else:
+            return None
+    return None
+
+
+def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
+    if node.op == "call_function":
+        if node.target is torch.einsum:
+            operands = node.args[1:]
+            if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+                operands = operands[0]
+            return list(operands)
+        positions = _FUNCTION_WEIGHT_ARGS.get(node.target, ())  # type: ignore[arg-type]
+        operands = [node.args[i] for i in positions if i < len(node.args)]
+        if "weight" in node.kwargs and node.target in _FUNCTION_WEIGHT_ARGS:
+            operands.append(node.kwargs["weight"])
+        return operands
+    if node.op == "call_method":
+        positions = _METHOD_WEIGHT_ARGS.get(str(node.target), ())
+        return [node.args[i] for i in positions if i < len(node.args)]
+    return []
+
+
+def find_weights(
+    gm: torch.fx.GraphModule, names: dict[str, str]
+) -> tuple[list[WeightSite], list[tuple[str, str]]]:
+    """Finds the sparsifiable weights of ``gm``, in order of first use.
+
+    Args:
+        gm: the traced model.
+        names: :func:`canonical_names` of the model ``gm`` was traced from.
+
+    Returns:
+        ``(sites, skipped)``: the sparsifiable weights, and ``(fqn, reason)`` for every
+        conv/linear/matmul weight, or weight of an opaque leaf module, left dense.
+    """
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    sites: dict[str, WeightSite] = {}
+    blocked: dict[str, str] = {}
+    quiet: set[str] = set()
+    skipped: dict[str, str] = {}
+
+    def site(fqn: str) -> WeightSite:
+        if fqn not in sites:
+            sites[fqn] = WeightSite(fqn, tuple(params[fqn].shape))
+        return sites[fqn]
+
+    uses: dict[str, list[WeightUse]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and str(node.target) in names:
+            uses.setdefault(names[str(node.target)], []).append(WeightUse(node, "get_attr"))
+        elif node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            owned = [
+                (f"{node.target}.{pname}", p)
+                for pname, p in module.named_parameters(remove_duplicate=False)
+            ]
+            if _is_rewritable(module) and plain_call(node):
+                weight_fqn = names[f"{node.target}.weight"]
+                uses.setdefault(weight_fqn, []).append(WeightUse(node, "call_module"))
+                site(weight_fqn).consumers.append(node)
+                node.meta["fxsparse.weight"] = weight_fqn
+                owned = [(n, p) for n, p in owned if not n.endswith(".weight") or names[n] != weight_fqn]
+                # Its bias is read inside the rewritten call; it stays dense.
+                owned = [(n, p) for n, p in owned if not n.endswith(".bias")]
+            for pname, p in owned:
+                if p.dim() >= 2:
+                    fqn = names[pname]
+                    blocked[fqn] = (
+                        f"used inside the opaque leaf module {node.target!r} "
+                        f"({type(module).__name__}), which the graph cannot see into"
+                    )
+                    if isinstance(module, _NOT_MATMUL_LEAVES):
+                        # A lookup table is no product weight: worth a word only when tied
+                        # to one, whose mask the lookup would then ignore.
+                        quiet.add(fqn)
+        for operand in _weight_operands(node) if node.op != "call_module" else ():
+            fqn = _param_of(gm, operand, names)
+            if fqn is not None and params[fqn].dim() >= 2:
+                site(fqn).consumers.append(node)
+                node.meta["fxsparse.weight"] = fqn
+
+    result = []
+    for fqn, s in sites.items():
+        param = params[fqn]
+        if fqn in blocked:
+            skipped[fqn] = blocked[fqn]
+        elif not param.is_floating_point():
+            skipped[fqn] = f"not floating point ({param.dtype})"
+        elif not param.requires_grad:
+            skipped[fqn] = "frozen (requires_grad=False): no gradient to grow by"
+        else:
+            s.uses = uses.get(fqn, [])
+            result.append(s)
+    for fqn, reason in blocked.items():
+        if fqn not in quiet:
+            skipped.setdefault(fqn, reason)
+    return result, sorted(skipped.items())

@@ -1,0 +1,50 @@
+"""Editing pass: every read of a sparsified weight goes through one masked-weight node.
+
+Invariant: for each sparsified parameter there is exactly one node
+``masker(get_attr(w), get_attr(mask), name=fqn)``, placed before the parameter's first use, and
+no other node reads the parameter: every former ``get_attr`` of it (under any of its tied names)
+now reads the masked value. Uses in one forward share that node, so autograd sums their
+gradients into one dense growth gradient. Run after ``functionalize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.fx
+
+__all__ = ["mask_weights"]
+
+
+def mask_weights(
+    gm: torch.fx.GraphModule,
+    mask_names: Mapping[str, str],
+    names: Mapping[str, str],
+    masker: str,
+) -> None:
+    """Inserts the masked-weight subgraphs in place.
+
+    Args:
+        gm: the graph module, with every use of the weights in ``mask_names`` a ``get_attr``.
+        mask_names: canonical weight FQN -> qualified name of its mask buffer.
+        names: every parameter name -> its canonical FQN (tied weights share one).
+        masker: qualified name of the :class:`fxsparse.masking.Masker` submodule.
+    """
+    graph = gm.graph
+    reads: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and names.get(str(node.target)) in mask_names:
+            reads.setdefault(names[str(node.target)], []).append(node)
+    for fqn, nodes in reads.items():
+        with graph.inserting_before(nodes[0]):
+            weight = graph.get_attr(fqn)
+            mask = graph.get_attr(mask_names[fqn])
+            masked = graph.call_module(masker, (weight, mask), {"name": fqn})
+        masked.meta["fxsparse.masked"] = fqn
+        for node in nodes:
+            node.replace_all_uses_with(masked)
+            graph.erase_node(node)
+    missing = sorted(set(mask_names) - set(reads))
+    if missing:
+        raise AssertionError(f"fxsparse: weights {missing} have no read left in the graph to mask")
+    graph.lint()

@@ -1,0 +1,137 @@
+"""Tracing a model into a torch.fx graph, honouring timm's no-trace registries and our own.
+
+timm marks modules and functions that symbolic tracing cannot go through (dynamic "same"
+padding, shape-dependent control flow) with ``register_notrace_module`` /
+``register_notrace_function``; tracing with those as leaves is what lets timm's own feature
+extraction trace nearly its whole model zoo. Users' untraceable code goes into the registries of
+this module with :func:`register_leaf_module` and :func:`register_leaf_function`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["register_leaf_module", "register_leaf_function", "trace", "leaf_modules", "leaf_functions"]
+
+_LEAF_MODULES: set[type[nn.Module]] = set()
+_LEAF_FUNCTIONS: set[Callable[..., Any]] = set()
+
+M = TypeVar("M", bound=type)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def register_leaf_module(cls: M) -> M:
+    """Keeps modules of ``cls`` as opaque ``call_module`` nodes when tracing (usable as a decorator).
+
+    Their own weights are then invisible to the graph; see ``SparseGraphModule.skipped``.
+
+    Example:
+        >>> @register_leaf_module
+        ... class Dynamic(nn.Module):
+        ...     def forward(self, x):
+        ...         return x if x.sum() > 0 else -x
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"expected an nn.Module subclass, got {cls!r}")
+    _LEAF_MODULES.add(cls)
+    return cls
+
+
+def register_leaf_function(fn: F) -> F:
+    """Records calls of ``fn`` as single ``call_function`` nodes instead of tracing into it.
+
+    ``fn`` must be a module-level function (torch.fx patches it by name in its globals).
+    """
+    if not callable(fn):
+        raise TypeError(f"expected a function, got {fn!r}")
+    _LEAF_FUNCTIONS.add(fn)
+    return fn
+
+
+def _timm_notrace() -> tuple[set[type[nn.Module]], set[Callable[..., Any]]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is optional at import time
+        return set(), set()
+    return set(get_notrace_modules()), set(get_notrace_functions())
+
+
+def leaf_modules() -> set[type[nn.Module]]:
+    """Module classes kept as leaves: ours, and timm's no-trace modules when timm is installed."""
+    return _LEAF_MODULES | _timm_notrace()[0]
+
+
+def leaf_functions() -> set[Callable[..., Any]]:
+    """Functions kept as leaves: ours, and timm's no-trace functions when timm is installed."""
+    return _LEAF_FUNCTIONS | _timm_notrace()[1]
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with the leaf registries, remembering which module it is inside."""
+
+    def __init__(self) -> None:
+        functions = leaf_functions()
+        super().__init__(autowrap_functions=tuple(f for f in functions if inspect.isfunction(f)))
+        self._leaves = tuple(leaf_modules())
+        self.module_stack_names: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        self.module_stack_names.append(self.path_of_module(m) or type(m).__name__)
+        result = super().call_module(m, forward, args, kwargs)
+        self.module_stack_names.pop()
+        return result
+
+
+def _default_concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """Forward arguments with defaults, beyond the inputs given, fixed to their defaults.
+
+    timm's hiera takes ``mask=None``; tracing it as a proxy sends control flow down the wrong
+    branch, fixing it at None traces the path a plain call takes.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    concrete = {}
+    for index, param in enumerate(params):
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if index >= max(n_inputs, 1) and param.default is not inspect.Parameter.empty:
+            concrete[param.name] = param.default
+    return concrete
+
+
+def trace(model: nn.Module, n_inputs: int = 1) -> torch.fx.GraphModule:
+    """Symbolically traces ``model`` (which it does not modify) into a GraphModule.
+
+    Raises:
+        TypeError: the model cannot be traced; the message names the module being traced when
+            tracing broke and how to register it as a leaf.
+    """
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model, concrete_args=_default_concrete_args(model, n_inputs) or None)
+    except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError ...
+        where = tracer.module_stack_names[-1] if tracer.module_stack_names else "<top level>"
+        owner = model.get_submodule(where) if where != "<top level>" else model
+        raise TypeError(
+            f"expected a model torch.fx can trace symbolically, but tracing "
+            f"{type(model).__name__} failed inside {where!r} ({type(owner).__name__}): "
+            f"{type(e).__name__}: {e}. Fix: mark that module as opaque with "
+            f"fxsparse.register_leaf_module({type(owner).__name__}) (its weights then stay dense "
+            f"and are listed in `skipped`), or the offending function with "
+            f"fxsparse.register_leaf_function(fn)."
+        ) from e
+    name = type(model).__name__
+    return torch.fx.GraphModule(model, graph, class_name=name)

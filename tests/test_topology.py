@@ -1,0 +1,117 @@
+"""Drop/grow and schedules are pure maths on tensors: checked against a full-sort reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxsparse import topology
+from fxsparse.schedules import cosine_drop_fraction, end_step, is_update_step
+
+
+@st.composite
+def layers(draw: st.DrawFn):
+    """A mask and distinct drop/grow scores (so the right answer is unique)."""
+    shape = draw(st.sampled_from([(7,), (4, 5), (3, 2, 3, 3), (16, 9), (1, 1)]))
+    n = math.prod(shape)
+    seed = draw(st.integers(0, 2**20))
+    gen = torch.Generator().manual_seed(seed)
+    active = draw(st.integers(1, n))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=gen)[:active]] = True
+    drop = torch.randperm(n, generator=gen).float().view(shape)
+    grow = torch.randperm(n, generator=gen).float().view(shape)
+    return mask.view(shape), drop, grow
+
+
+def reference_update(mask, drop, grow, fraction):
+    """RigL's update by full sorts, the plainest statement of the rule."""
+    flat, d, g = mask.flatten().clone(), drop.flatten(), grow.flatten()
+    k = math.floor(fraction * int(flat.sum()))
+    active = flat.nonzero().flatten().tolist()
+    for i in sorted(active, key=lambda i: d[i].item())[:k]:
+        flat[i] = False
+    inactive = (~flat).nonzero().flatten().tolist()
+    for i in sorted(inactive, key=lambda i: -g[i].item())[:k]:
+        flat[i] = True
+    return flat.view_as(mask)
+
+
+def check_update(update_mask, mask, drop, grow, fraction):
+    result = update_mask(mask, drop, grow, fraction)
+    assert torch.equal(result.mask, reference_update(mask, drop, grow, fraction))
+    assert int(result.mask.sum()) == int(mask.sum())
+    assert torch.equal(result.dropped, mask & ~result.mask)
+    assert torch.equal(result.grown, result.mask & ~mask)
+    k = math.floor(fraction * int(mask.sum()))
+    assert result.regrown == k - int(result.grown.sum())
+
+
+@given(layers(), st.floats(0.0, 1.0))
+def test_update_mask_matches_the_full_sort_reference(layer, fraction):
+    check_update(topology.update_mask, *layer, fraction)
+
+
+def _drops_largest(mask, drop, grow, fraction):
+    return topology.update_mask(mask, -drop, grow, fraction)
+
+
+def _grows_smallest(mask, drop, grow, fraction):
+    return topology.update_mask(mask, drop, -grow, fraction)
+
+
+def _one_too_many(mask, drop, grow, fraction):
+    result = topology.update_mask(mask, drop, grow, fraction)
+    extra = (~result.mask).flatten().nonzero()
+    new = result.mask.clone()
+    if len(extra):
+        new.view(-1)[extra[0]] = True
+    return topology.TopologyUpdate(new, result.dropped, new & ~mask, result.regrown)
+
+
+@pytest.mark.parametrize("broken", [_drops_largest, _grows_smallest, _one_too_many])
+def test_the_reference_check_catches_broken_updates(broken):
+    # a layer where each mutation must show: 10 weights, 6 active, drop half
+    mask = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    drop = torch.arange(10.0)
+    grow = torch.tensor([0.0, 1, 2, 3, 4, 5, 9, 8, 7, 6])
+    check_update(topology.update_mask, mask, drop, grow, 0.5)
+    with pytest.raises(AssertionError):
+        check_update(broken, mask, drop, grow, 0.5)
+
+
+def test_apply_update_zeroes_changed_weights_and_state_only():
+    mask = torch.tensor([True, True, False, False])
+    weight = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    momentum = torch.ones(4)
+    scalar_step = torch.tensor(5.0)
+    result = topology.update_mask(mask, weight.abs(), torch.tensor([0.0, 0.0, 1.0, 0.0]), 0.5)
+    topology.apply_update(weight, mask, result, [momentum, scalar_step])
+    assert mask.tolist() == [False, True, True, False]
+    assert weight.tolist() == [0.0, 2.0, 0.0, 4.0]  # dropped and grown zeroed; inactive left as they were
+    assert momentum.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert float(scalar_step) == 5.0
+
+
+@given(st.integers(1, 10_000), st.floats(0.01, 1.0), st.floats(0.0, 1.0))
+def test_cosine_schedule(total, end_fraction, alpha):
+    t_end = end_step(total, end_fraction)
+    if t_end == 0:
+        return
+    assert math.isclose(cosine_drop_fraction(0, alpha, t_end), alpha, abs_tol=1e-12)
+    assert cosine_drop_fraction(t_end, alpha, t_end) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_drop_fraction(t_end + 1, alpha, t_end) == 0.0
+    values = [cosine_drop_fraction(t, alpha, t_end) for t in range(0, t_end + 1, max(1, t_end // 50))]
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:]))  # non-increasing
+
+
+def test_update_steps():
+    assert [t for t in range(1, 1001) if is_update_step(t, 100, 750)] == [100, 200, 300, 400, 500, 600, 700]
+    with pytest.raises(ValueError, match="end_fraction"):
+        end_step(100, 1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        cosine_drop_fraction(1, 2.0, 10)
