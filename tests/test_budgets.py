@@ -8,6 +8,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from fxsparse import budgets
 from fxsparse.budgets import active_counts, count_for_density, layer_densities, register_init
 
 shape = st.one_of(
@@ -105,7 +106,8 @@ def test_count_rule_rounds_half_up_and_keeps_one():
     assert count_for_density(7, 1.0) == 7
 
 
-def test_unknown_scheme_lists_the_valid_ones_and_registry_extends():
+def test_unknown_scheme_lists_the_valid_ones_and_registry_extends(monkeypatch):
+    monkeypatch.setattr(budgets, "_INITS", dict(budgets._INITS))  # the registration is undone after
     with pytest.raises(ValueError, match=r"\['er', 'erk', 'uniform'"):
         layer_densities({"a": (2, 2)}, 0.5, "nope")
 
