@@ -71,7 +71,8 @@ def register_grow_score(name: str, *, needs_gradient: bool) -> Callable[[GrowSco
     """Registers a growth criterion for ``rigl_step(grow=name)``.
 
     The function gets ``(module, fqn, weight, mask, dense_grad, update_index)`` and returns a
-    score of the weight's shape; the largest-scored inactive positions are grown. RigL is SET
+    new tensor of the weight's shape (the update overwrites it); the largest-scored inactive
+    positions are grown. RigL is SET
     with one override, the score (as in jaxpruner).
     """
 
@@ -321,11 +322,12 @@ class SparseGraphModule(torch.fx.GraphModule):
                 continue
             grad = grads.get(fqn)
             score = score_fn(self, fqn, weight, mask, grad, update_index)
-            result = topology.update_mask(mask, weight.abs(), score, drop_fraction)
+            # every registered score returns a fresh tensor, so the update may overwrite it
+            result = topology.update_mask(mask, weight.abs(), score, drop_fraction, scratch=True)
             state = _optimizer_state(optimizer, weight)
             topology.apply_update(weight, mask, result, state)
             changes[fqn] = LayerChange(
-                site.active, int(result.dropped.sum()), int(result.grown.sum()), result.regrown
+                site.active, result.grown_idx.numel(), result.grown_idx.numel(), result.regrown
             )
         self.get_buffer(UPDATES).add_(1)
         capture.clear()

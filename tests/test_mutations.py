@@ -50,25 +50,26 @@ _update_mask = topology.update_mask
 _apply_update = topology.apply_update
 
 
-def _grows_one_extra(mask, drop, grow, fraction):
-    result = _update_mask(mask, drop, grow, fraction)
-    new = result.mask.clone()
-    new.view(-1)[(~new).view(-1).nonzero()[0]] = True
-    return topology.TopologyUpdate(new, mask & ~new, new & ~mask, result.regrown)
+def _grows_one_extra(mask, drop, grow, fraction, **kw):
+    result = _update_mask(mask, drop, grow, fraction, **kw)
+    spare = (~result.mask).reshape(-1).nonzero()[0]
+    return topology.TopologyUpdate(mask, result.dropped_idx, torch.cat([result.grown_idx, spare]), result.regrown)
 
 
-def _grows_weakest(mask, drop, grow, fraction):
-    return _update_mask(mask, drop, -grow, fraction)
+def _grows_weakest(mask, drop, grow, fraction, **kw):
+    return _update_mask(mask, drop, -grow, fraction, **kw)
 
 
-def _drops_strongest(mask, drop, grow, fraction):
-    return _update_mask(mask, -drop, grow, fraction)
+def _drops_strongest(mask, drop, grow, fraction, **kw):
+    return _update_mask(mask, -drop, grow, fraction, **kw)
 
 
 def _keeps_dropped_values(weight, mask, update, state=()):
-    mask.copy_(update.mask)
-    weight.masked_fill_(update.grown, 0)
-    topology.zero_state_at(list(state), update.changed)
+    flat = mask.view(-1)
+    flat[update.dropped_idx] = False
+    flat[update.grown_idx] = True
+    weight.view(-1)[update.grown_idx] = 0
+    topology.zero_state_at(list(state), torch.cat([update.dropped_idx, update.grown_idx]))
 
 
 def _random_init_for_new(weight, mask, update, state=()):
@@ -82,31 +83,20 @@ def _forgets_optimizer_state(weight, mask, update, state=()):
 
 class _UnmaskedGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, mask, capture, name):
-        ctx.save_for_backward(mask)
-        ctx.capture, ctx.name = capture, name
+    def forward(ctx, weight, mask):
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.capture is not None:
-            ctx.capture._record(ctx.name, grad)
-        return grad, None, None, None  # the bug: inactive weights get gradient
+        return grad, None  # the bug: inactive weights get gradient
 
 
-class _UnmaskedForward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, mask, capture, name):
-        ctx.save_for_backward(mask)
-        ctx.capture, ctx.name = capture, name
-        return weight.clone()  # the bug: the mask is not applied
+def _grad_not_masked(weight, mask, inplace=False):
+    return _UnmaskedGrad.apply(weight, mask)
 
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        if ctx.capture is not None:
-            ctx.capture._record(ctx.name, grad)
-        return grad * mask, None, None, None
+
+def _forward_not_masked(weight, mask, inplace=False):
+    return weight * 1.0  # the bug: the mask is not applied
 
 
 MUTATIONS = {
@@ -116,8 +106,8 @@ MUTATIONS = {
     "dropped weights keep their value": (topology, "apply_update", _keeps_dropped_values),
     "new connections start random": (topology, "apply_update", _random_init_for_new),
     "optimizer state not zeroed": (topology, "apply_update", _forgets_optimizer_state),
-    "inactive weights get gradient": (masking, "_MaskedWeight", _UnmaskedGrad),
-    "forward ignores the mask": (masking, "_MaskedWeight", _UnmaskedForward),
+    "inactive weights get gradient": (masking, "masked_weight", _grad_not_masked),
+    "forward ignores the mask": (masking, "masked_weight", _forward_not_masked),
 }
 
 

@@ -66,11 +66,8 @@ def _grows_smallest(mask, drop, grow, fraction):
 
 def _one_too_many(mask, drop, grow, fraction):
     result = topology.update_mask(mask, drop, grow, fraction)
-    extra = (~result.mask).flatten().nonzero()
-    new = result.mask.clone()
-    if len(extra):
-        new.view(-1)[extra[0]] = True
-    return topology.TopologyUpdate(new, result.dropped, new & ~mask, result.regrown)
+    spare = (~result.mask).reshape(-1).nonzero()[:1].reshape(-1)
+    return topology.TopologyUpdate(mask, result.dropped_idx, torch.cat([result.grown_idx, spare]), result.regrown)
 
 
 @pytest.mark.parametrize("broken", [_drops_largest, _grows_smallest, _one_too_many])
@@ -96,6 +93,22 @@ def test_apply_update_zeroes_changed_weights_and_state_only():
     assert momentum.tolist() == [0.0, 1.0, 0.0, 1.0]
     assert float(scalar_step) == 5.0
 
+
+@given(st.integers(1, 300_000), st.integers(0, 2**16), st.booleans(), st.sampled_from([1, 7, 1000, 30_000]))
+def test_top_indices_selects_exactly_what_topk_selects(n, seed, largest, k):
+    k = min(k, n)
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randperm(n, generator=gen).float()  # distinct: the answer is unique
+    got = topology.top_indices(values, k, largest)
+    want = torch.topk(values, k, largest=largest).indices
+    assert torch.equal(torch.sort(got).values, torch.sort(want).values)
+
+
+def test_top_indices_with_ties_and_infinities_returns_k_valid_picks():
+    values = torch.cat([torch.full((200_000,), -math.inf), torch.zeros(100_000), torch.ones(5)])
+    got = topology.top_indices(values, 1000, largest=True)
+    assert got.numel() == 1000 and got.unique().numel() == 1000
+    assert bool((values[got] >= 0).all()) and set(range(300_000, 300_005)) <= set(got.tolist())
 
 @given(st.integers(1, 10_000), st.floats(0.01, 1.0), st.floats(0.0, 1.0))
 def test_cosine_schedule(total, end_fraction, alpha):
