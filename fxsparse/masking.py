@@ -79,9 +79,15 @@ class Masker(nn.Module):
     def forward(
         self, weight: torch.Tensor, mask: torch.Tensor, name: str, inplace: bool = False
     ) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # inductor fuses the cast into the multiply; no cache to guard on
+        if torch.compiler.is_compiling() and not self.armed:
+            # inductor fuses the cast into the multiply (and the backward's); no cache needed
             return weight * mask.to(weight.dtype)
+        return self._eager(weight, mask, name, inplace)
+
+    @torch.compiler.disable
+    def _eager(self, weight: torch.Tensor, mask: torch.Tensor, name: str, inplace: bool) -> torch.Tensor:
+        # Under torch.compile an armed forward breaks the graph here: the hook that keeps the
+        # dense growth gradient runs eagerly, on update steps only (dynamo guards on `armed`).
         armed = self.armed and torch.is_grad_enabled() and weight.requires_grad
         # when armed, a hook keeps the dense gradient, so it must not be masked in place
         out = masked_weight(weight, self.compute_mask(name, mask, weight), inplace and not armed)
