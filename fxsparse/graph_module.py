@@ -179,6 +179,10 @@ class SparseGraphModule(torch.fx.GraphModule):
         """The live mask buffers, by weight FQN of the original model."""
         return {fqn: self.get_buffer(site.mask) for fqn, site in self._fxsparse.sites.items()}
 
+    def _weights_and_masks(self) -> Iterator[tuple[str, tuple[nn.Parameter, torch.Tensor]]]:
+        for fqn, site in self._fxsparse.sites.items():
+            yield fqn, (self.get_parameter(fqn), self.get_buffer(site.mask))
+
     @property
     def sparse_weights(self) -> dict[str, nn.Parameter]:
         """The sparsified parameters, by FQN."""
@@ -321,11 +325,14 @@ class SparseGraphModule(torch.fx.GraphModule):
                 changes[fqn] = LayerChange(site.active, 0, 0, 0)
                 continue
             grad = grads.get(fqn)
+            was_clean = capture.is_clean(fqn, weight, mask)
             score = score_fn(self, fqn, weight, mask, grad, update_index)
             # every registered score returns a fresh tensor, so the update may overwrite it
             result = topology.update_mask(mask, weight.abs(), score, drop_fraction, scratch=True)
             state = _optimizer_state(optimizer, weight)
             topology.apply_update(weight, mask, result, state)
+            if was_clean:  # the update zeroed what it dropped: still no stray inactive weight
+                capture.mark_clean(fqn, weight, mask)
             changes[fqn] = LayerChange(
                 site.active, result.grown_idx.numel(), result.grown_idx.numel(), result.regrown
             )

@@ -1,18 +1,28 @@
-"""The masked-weight op: ``w * mask`` forward, ``grad * mask`` to ``w``, dense grad kept on demand.
+"""The masked-weight op: inactive weights cannot reach the output and get exactly zero gradient.
 
-RigL grows connections by ``|dL/d(w*m)|``, the gradient with respect to the *masked* weight,
-dense over inactive positions too. That gradient flows through the op's output anyway; the op
-hooks it only while :attr:`Masker.armed` was set at forward time (the update steps), so ordinary
-steps keep no dense tensor beyond autograd's own.
+Invariant 3 of docs/DESIGN.md needs two things of every sparsified weight ``w`` with mask ``m``:
+the forward must compute with ``w * m`` whatever values the inactive entries hold, and the
+weight's gradient must be ``dL/d(w*m) * m``. The op keeps both with as few weight-sized passes as
+possible:
 
-Cost: one multiply in the forward and one in the backward (``grad * mask``, in place where
-the graph allows): the two weight-sized passes that invariant 3 needs (inactive weights cannot
-reach the output, and get exactly zero gradient). The persistent masks are bool
-(the public contract), but a float-times-bool multiply runs about 6x slower on CPU than
-float-times-float (PyTorch's mixed-dtype loop is not vectorized; see benchmarks/step_time.py),
-so the op multiplies by a cached copy of the mask in the weight's dtype. The cache is keyed by
-the bool mask's identity and version counter, so any in-place change of a mask (a topology
-update, ``load_state_dict``, a user's edit) refreshes it before the next forward.
+- Forward. Inactive weights are kept at exactly zero in the parameter itself, so ``w * m == w``
+  and the consumer can read ``w`` directly. The op remembers the weight's (and mask's) version
+  counter at which it last zeroed the inactive entries; any in-place change of either since then
+  (an optimizer step, a user's edit, ``load_state_dict``) makes it zero them again, in place,
+  before use. An optimizer step that provably keeps zeros at zero (an elementwise optimizer fed
+  masked gradients from zeroed state, see :func:`fxsparse.RigLScheduler`) may mark the weights
+  clean, and then ordinary steps pay no forward pass at all.
+- Backward. ``grad * m``, in place when the graph guarantees the gradient is a fresh tensor only
+  this op reads (conv/linear/matmul consumers, see passes/mask_weights.py), so the weight
+  receives the same tensor the consumer allocated, with no extra allocation.
+- Growth. RigL grows by ``|dL/d(w*m)|``, dense over inactive entries too. The op hooks that
+  gradient only while :attr:`Masker.armed` was set at forward time (the update steps), so
+  ordinary steps keep no dense tensor beyond autograd's own.
+
+The persistent masks are bool (the public contract); the multiplies use a cached copy in the
+weight's dtype, since float-times-bool runs about 6x slower than float-times-float on CPU
+(PyTorch's mixed-dtype loop is not vectorized). The cache is keyed by the bool mask's identity
+and version counter.
 """
 
 from __future__ import annotations
@@ -23,42 +33,65 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Masker", "masked_weight"]
+__all__ = ["Masker", "masked_grad", "zero_inactive_", "ZERO_PRESERVING_OPTIMIZERS"]
 
 
-class _MaskedWeight(torch.autograd.Function):
-    """``w * m``; backward gives ``grad * m`` to ``w``, in place when the graph allows it."""
+class _MaskedGrad(torch.autograd.Function):
+    """Identity forward (a view of ``w``); backward gives ``grad * m``, in place when allowed."""
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, weight: torch.Tensor, mask: torch.Tensor, inplace: bool, tokens: dict | None, name: str
+    ) -> torch.Tensor:
         ctx.save_for_backward(mask)
-        ctx.inplace = inplace
-        return weight * mask
+        ctx.inplace, ctx.tokens, ctx.name = inplace, tokens, name
+        return weight.view_as(weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        if ctx.inplace:
-            # the gradient is a fresh tensor that only this op reads (see mask_weights), so
-            # masking it in place saves a weight-sized allocation and its page faults
-            return grad.mul_(mask), None, None
-        return grad * mask, None, None
+        result = grad.mul_(mask) if ctx.inplace else grad * mask
+        if ctx.tokens is not None:
+            # which tensor, at which version, left here masked: if the weight's .grad is still
+            # exactly this at the optimizer step, its inactive entries are exactly zero
+            ctx.tokens[ctx.name] = (result.data_ptr(), result._version)
+        return result, None, None, None, None
 
 
-def masked_weight(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """``weight * mask`` (mask in the weight's dtype) whose weight gradient is masked.
+def masked_grad(
+    weight: torch.Tensor, mask: torch.Tensor, inplace: bool = False,
+    tokens: dict | None = None, name: str = "",
+) -> torch.Tensor:
+    """``weight`` as is, whose gradient is multiplied by ``mask`` (of the weight's dtype).
 
     ``inplace`` lets the backward mask the incoming gradient in place; only safe when no other
-    node of the graph reads that gradient (the masked weight feeds conv/linear/matmul directly).
+    node of the graph reads that gradient (the weight feeds conv/linear/matmul directly).
+    ``tokens[name]`` receives the masked gradient's identity and version.
     """
-    return _MaskedWeight.apply(weight, mask, inplace)
+    return _MaskedGrad.apply(weight, mask, inplace, tokens, name)
+
+
+@torch.no_grad()
+def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Sets the inactive entries of ``weight`` to zero, in place (``mask`` of its dtype)."""
+    weight.mul_(mask)
+
+
+# Optimizers whose step is elementwise: a zero weight with zero gradient and zero state stays
+# exactly zero (weight decay, momentum, Adam's moments and AdamW's decay all multiply or add
+# zeros). Not in the list: anything that mixes entries (Shampoo, Muon, LBFGS).
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+    torch.optim.Adagrad, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+)
 
 
 class Masker(nn.Module):
     """The one module every masked-weight node of a SparseGraphModule calls.
 
     It holds no parameters or buffers (the masks live beside their weights); it switches the
-    capture of growth gradients, stores them by weight FQN, and caches the compute masks.
+    capture of growth gradients, stores them by weight FQN, and caches per weight the compute
+    mask and the versions at which the inactive entries were last known to be zero.
 
     Attributes:
         armed: while True, forwards record ``dL/d(w*m)`` in :attr:`grads` during backward.
@@ -75,12 +108,14 @@ class Masker(nn.Module):
         self.grads: dict[str, torch.Tensor] = {}
         self._tasks: dict[str, int] = {}
         self._compute_masks: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._clean: dict[str, tuple[int, int, int, int]] = {}
+        self._grad_tokens: dict[str, tuple[int, int]] = {}
 
     def forward(
         self, weight: torch.Tensor, mask: torch.Tensor, name: str, inplace: bool = False
     ) -> torch.Tensor:
         if torch.compiler.is_compiling() and not self.armed:
-            # inductor fuses the cast into the multiply (and the backward's); no cache needed
+            # inductor fuses the multiply (and the backward's) into neighbouring kernels
             return weight * mask.to(weight.dtype)
         return self._eager(weight, mask, name, inplace)
 
@@ -88,12 +123,33 @@ class Masker(nn.Module):
     def _eager(self, weight: torch.Tensor, mask: torch.Tensor, name: str, inplace: bool) -> torch.Tensor:
         # Under torch.compile an armed forward breaks the graph here: the hook that keeps the
         # dense growth gradient runs eagerly, on update steps only (dynamo guards on `armed`).
+        values = self.compute_mask(name, mask, weight)
+        if self._clean.get(name) != _versions(weight, mask):
+            zero_inactive_(weight, values)
+            self._clean[name] = _versions(weight, mask)
         armed = self.armed and torch.is_grad_enabled() and weight.requires_grad
         # when armed, a hook keeps the dense gradient, so it must not be masked in place
-        out = masked_weight(weight, self.compute_mask(name, mask, weight), inplace and not armed)
+        out = masked_grad(weight, values, inplace and not armed, self._grad_tokens, name)
         if armed:
             out.register_hook(functools.partial(self._record, name))
         return out
+
+    def mark_clean(self, name: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        """Records that ``weight``'s inactive entries are zero now (so the forward may skip it)."""
+        self._clean[name] = _versions(weight, mask)
+
+    def is_clean(self, name: str, weight: torch.Tensor, mask: torch.Tensor) -> bool:
+        """True when nothing changed ``weight`` or ``mask`` since its inactive entries were zeroed."""
+        return self._clean.get(name) == _versions(weight, mask)
+
+    def grad_is_masked(self, name: str, weight: torch.Tensor) -> bool:
+        """True when ``weight.grad`` is untouched since this op's backward masked it."""
+        grad = weight.grad
+        return grad is not None and self._grad_tokens.get(name) == (grad.data_ptr(), grad._version)
+
+    def forget_clean(self) -> None:
+        """Makes the next forward zero every weight's inactive entries again."""
+        self._clean.clear()
 
     def compute_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``mask`` in ``weight``'s dtype and device, rebuilt when the mask changed in place."""
@@ -125,11 +181,17 @@ class Masker(nn.Module):
         self._tasks.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        # Copies and pickles rebuild the cache from their own masks.
-        state = dict(state)
+        # Copies and pickles rebuild the caches from their own tensors.
+        state = dict(super().__getstate__())
         state["_compute_masks"] = {}
+        state["_clean"] = {}
+        state["_grad_tokens"] = {}
         return state
 
     def extra_repr(self) -> str:
         return f"armed={self.armed}, accumulate={self.accumulate}, captured={len(self.grads)}"
+
+
+def _versions(weight: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int, int]:
+    # identities too: a module moved with .to() holds new tensors at old version numbers
+    return (id(weight), weight._version, id(mask), mask._version)

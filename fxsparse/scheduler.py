@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fxsparse.graph_module import LayerChange, SparseGraphModule
+from fxsparse.masking import ZERO_PRESERVING_OPTIMIZERS
 from fxsparse.schedules import cosine_drop_fraction, end_step, is_update_step
 
 __all__ = ["RigLScheduler", "register_method", "available_methods"]
@@ -38,7 +39,10 @@ class RigLScheduler:
     Every ``delta_t`` steps until ``end_fraction * total_steps`` it calls
     ``sparse.rigl_step(f(t))`` with the cosine-annealed drop fraction
     ``f(t) = alpha / 2 * (1 + cos(pi * t / t_end))`` (Evci et al. 2020). It arms the capture of
-    dense growth gradients only for the update steps, so other steps keep no dense tensor.
+    dense growth gradients only for the update steps, so other steps keep no dense tensor. With
+    an elementwise optimizer (SGD, Adam, AdamW, ...; see ``ZERO_PRESERVING_OPTIMIZERS``) it also
+    tells the masked op after each optimizer step which weights provably still hold zeros at
+    their inactive entries, so ordinary forwards skip re-zeroing them.
 
     Example:
         >>> scheduler = RigLScheduler(sparse, opt, total_steps=len(loader) * epochs)  # doctest: +SKIP
@@ -82,6 +86,10 @@ class RigLScheduler:
         self.t_end = end_step(total_steps, end_fraction)
         self.step_count = 0
         self.last_changes: dict[str, LayerChange] | None = None
+        self._trusted: list[str] = []
+        if type(optimizer) in ZERO_PRESERVING_OPTIMIZERS:  # exact: a subclass may step differently
+            optimizer.register_step_pre_hook(self._before_optimizer_step)
+            optimizer.register_step_post_hook(self._after_optimizer_step)
         self._arm_for(1)
 
     @property
@@ -98,6 +106,22 @@ class RigLScheduler:
     def _arm_for(self, step: int) -> None:
         needs = self.grow is not None and self.grow == "gradient" and self.is_update_step(step)
         self.sparse.arm_growth(needs)
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # A weight whose inactive entries are zero, with a gradient exactly as the masked op
+        # left it (zero there) and state zeroed at every topology change, keeps them zero
+        # through an elementwise optimizer step: the next forward need not zero them again.
+        masker, self._trusted = self.sparse.growth_capture, []
+        for fqn, (weight, mask) in self.sparse._weights_and_masks():
+            if masker.is_clean(fqn, weight, mask) and (weight.grad is None or masker.grad_is_masked(fqn, weight)):
+                self._trusted.append(fqn)
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        masker, trusted = self.sparse.growth_capture, set(self._trusted)
+        for fqn, (weight, mask) in self.sparse._weights_and_masks():
+            if fqn in trusted:
+                masker.mark_clean(fqn, weight, mask)
+        self._trusted = []
 
     def step(self) -> bool:
         """Call once per iteration after ``backward()``; False means skip ``optimizer.step()``.

@@ -81,22 +81,12 @@ def _forgets_optimizer_state(weight, mask, update, state=()):
     _apply_update(weight, mask, update, [])
 
 
-class _UnmaskedGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, mask):
-        return weight * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None  # the bug: inactive weights get gradient
+def _grad_not_masked(weight, mask, inplace=False, tokens=None, name=""):
+    return weight.view_as(weight)  # the bug: inactive weights get gradient
 
 
-def _grad_not_masked(weight, mask, inplace=False):
-    return _UnmaskedGrad.apply(weight, mask)
-
-
-def _forward_not_masked(weight, mask, inplace=False):
-    return weight * 1.0  # the bug: the mask is not applied
+def _forward_not_masked(weight, mask):
+    pass  # the bug: inactive weights are not zeroed before the forward reads them
 
 
 MUTATIONS = {
@@ -106,8 +96,8 @@ MUTATIONS = {
     "dropped weights keep their value": (topology, "apply_update", _keeps_dropped_values),
     "new connections start random": (topology, "apply_update", _random_init_for_new),
     "optimizer state not zeroed": (topology, "apply_update", _forgets_optimizer_state),
-    "inactive weights get gradient": (masking, "masked_weight", _grad_not_masked),
-    "forward ignores the mask": (masking, "masked_weight", _forward_not_masked),
+    "inactive weights get gradient": (masking, "masked_grad", _grad_not_masked),
+    "forward ignores the mask": (masking, "zero_inactive_", _forward_not_masked),
 }
 
 
