@@ -71,7 +71,8 @@ def register_grow_score(name: str, *, needs_gradient: bool) -> Callable[[GrowSco
     """Registers a growth criterion for ``rigl_step(grow=name)``.
 
     The function gets ``(module, fqn, weight, mask, dense_grad, update_index)`` and returns a
-    new tensor of the weight's shape (the update overwrites it); the largest-scored inactive
+    tensor of the weight's shape that the update may overwrite (a new one, or ``dense_grad``'s
+    own storage: rigl_step consumes the captured gradients); the largest-scored inactive
     positions are grown. RigL is SET
     with one override, the score (as in jaxpruner).
     """
@@ -96,7 +97,7 @@ def _gradient_score(
     grad: torch.Tensor | None, update: int,
 ) -> torch.Tensor:
     assert grad is not None
-    return grad.abs()
+    return grad.abs_()  # rigl_step consumes the captured gradient: its storage is free to reuse
 
 
 def derived_seed(*parts: object) -> int:
@@ -328,7 +329,7 @@ class SparseGraphModule(torch.fx.GraphModule):
             was_clean = capture.is_clean(fqn, weight, mask)
             score = score_fn(self, fqn, weight, mask, grad, update_index)
             # every registered score returns a fresh tensor, so the update may overwrite it
-            result = topology.update_mask(mask, weight.abs(), score, drop_fraction, scratch=True)
+            result = topology.update_mask(mask, weight, score, drop_fraction, scratch=True, absolute=True)
             state = _optimizer_state(optimizer, weight)
             topology.apply_update(weight, mask, result, state)
             if was_clean:  # the update zeroed what it dropped: still no stray inactive weight

@@ -118,6 +118,7 @@ def update_mask(
     drop_fraction: float,
     *,
     scratch: bool = False,
+    absolute: bool = False,
 ) -> TopologyUpdate:
     """Drops the lowest-scored active weights and grows the highest-scored inactive ones.
 
@@ -129,6 +130,7 @@ def update_mask(
         drop_fraction: fraction of the active count replaced, in [0, 1].
         scratch: ``grow_score`` is a temporary the caller owns and may be overwritten, which
             saves a weight-sized copy.
+        absolute: drop by ``|drop_score|`` (RigL's magnitude), taken on the active entries only.
 
     Returns:
         A :class:`TopologyUpdate` whose mask has exactly as many active entries as ``mask``.
@@ -148,7 +150,10 @@ def update_mask(
         return TopologyUpdate(mask, none, none.clone(), 0)
 
     # drop: the k smallest scores among the active entries only
-    drop = active[top_indices(drop_score.detach().reshape(-1)[active], k, largest=False)]
+    candidates = drop_score.detach().reshape(-1)[active]
+    if absolute:
+        candidates = candidates.abs_()
+    drop = active[top_indices(candidates, k, largest=False)]
     after = flat.clone()
     after[drop] = False
     # grow: the k largest scores among everything inactive now

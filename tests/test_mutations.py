@@ -61,6 +61,8 @@ def _grows_weakest(mask, drop, grow, fraction, **kw):
 
 
 def _drops_strongest(mask, drop, grow, fraction, **kw):
+    if kw.pop("absolute", False):
+        drop = drop.abs()
     return _update_mask(mask, -drop, grow, fraction, **kw)
 
 
