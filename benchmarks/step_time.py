@@ -1,0 +1,873 @@
+"""Step time, topology-update cost, sparsify time and peak memory of fxsparse on CPU.
+
+What it measures, per model (WRN-22-2 and timm resnet18 / resnet50 at 32x32, timm
+vit_tiny_patch16_224 at 224x224; 10 classes, batch 32, one fixed random batch):
+
+1. The median wall time of one training step (forward, cross-entropy backward, SGD step with
+   lr 0.01, momentum 0.9, weight decay 5e-4, zero_grad) for five variants built from the same
+   seeded dense model: ``dense``; ``fxsparse`` (density 0.1, ERK, ``arm_growth(False)``: an
+   ordinary step between topology updates); ``rigl-torch`` (the peer library's RigLScheduler at
+   dense_allocation 0.1, timed on its non-update steps only); ``dense+compile`` and
+   ``fxsparse+compile`` (``torch.compile``, inductor; compile time reported, not timed).
+   The variants are timed interleaved, one step of each in turn, so that the machine's drift
+   hits them all alike; every figure is a ratio to dense eager measured in the same run.
+2. The cost of one topology update (fxsparse ``rigl_step(0.3)``, rigl-torch ``_rigl_step()``),
+   each after an untimed backward that captured the dense gradient, as a multiple of the dense
+   eager step and amortized over delta_t = 100 steps.
+3. The wall time of ``fxsparse.sparsify()`` (median of 3).
+4. Peak resident memory (``ru_maxrss``) of 5 training steps of each variant, each in a fresh
+   subprocess (``--child MODEL VARIANT``).
+
+Run (from the repository root; the full run took 14 minutes on 2 cores):
+
+    python benchmarks/step_time.py --out docs/performance.md          # everything
+    python benchmarks/step_time.py --models wrn22_2 --steps 5 --no-compile --no-memory  # smoke
+
+It prints the tables to stdout, progress to stderr, writes the raw timings to ``--json`` and,
+with ``--out``, a Markdown report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+from tqdm import tqdm
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import timm  # noqa: E402
+
+import fxsparse  # noqa: E402
+import fxsparse.models  # noqa: E402  (registers "wrn22_2" with timm)
+
+__all__ = ["Config", "ModelResult", "main", "parse_args"]
+
+# model name -> input resolution
+MODELS: dict[str, int] = {
+    "wrn22_2": 32,
+    "resnet18": 32,
+    "resnet50": 32,
+    "vit_tiny_patch16_224": 224,
+}
+VARIANTS = ("dense", "fxsparse", "rigl-torch", "dense+compile", "fxsparse+compile")
+NUM_CLASSES = 10
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that determines a run; every field has a command-line override."""
+
+    models: tuple[str, ...] = tuple(MODELS)
+    steps: int = 20  # timed steps per variant
+    warmup: int = 3  # untimed steps per variant (the first one compiles the compiled variants)
+    update_reps: int = 5
+    sparsify_reps: int = 3
+    memory_steps: int = 5
+    max_other_load: float = 0.15  # a repeat is redone when other processes took more CPU
+    max_attempts: int = 3  # ... at most this many times the wanted number of repeats in all
+    batch: int = 32
+    density: float = 0.1
+    init: str = "erk"
+    drop_fraction: float = 0.3
+    delta_t: int = 100  # for the amortized update overhead
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    threads: int = 2
+    seed: int = 0
+    compile: bool = True
+    no_compile_models: tuple[str, ...] = ()
+    peer: bool = True
+    memory: bool = True
+    out: str | None = None
+    json: str | None = "benchmarks/results/step_time.json"
+
+    def variants(self, model: str) -> tuple[str, ...]:
+        compiled = self.compile and model not in self.no_compile_models
+        return tuple(
+            v for v in VARIANTS
+            if (self.peer or v != "rigl-torch") and (compiled or not v.endswith("+compile"))
+        )
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, tuple[str, str] | None]:
+    """A :class:`Config` from the command line, and ``(model, variant)`` when run as a child."""
+    defaults = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(defaults.models),
+                        help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--update-reps", type=int, default=defaults.update_reps)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--density", type=float, default=defaults.density)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--max-other-load", type=float, default=defaults.max_other_load,
+                        help="redo a timed repeat when other processes used more of the CPU")
+    parser.add_argument("--no-compile", action="store_true", help="skip the +compile variants")
+    parser.add_argument("--no-compile-models", default="",
+                        help="comma list of models whose compile is skipped (too slow)")
+    parser.add_argument("--no-peer", action="store_true", help="skip rigl-torch")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--out", default=None, help="write the Markdown report here")
+    parser.add_argument("--json", default=defaults.json, help="raw results ('' to skip)")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"),
+                        help="internal: train one variant and print its peak RSS")
+    args = parser.parse_args(argv)
+
+    models = _comma_list(args.models)
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not models:
+        parser.error(f"expected --models from {', '.join(MODELS)}, got {args.models!r}")
+    if args.steps < 1 or args.warmup < 1 or args.update_reps < 1:
+        parser.error("expected --steps, --warmup and --update-reps >= 1")
+    if args.child and (args.child[0] not in MODELS or args.child[1] not in VARIANTS):
+        parser.error(f"expected --child MODEL VARIANT from {list(MODELS)} x {list(VARIANTS)}")
+    cfg = dataclasses.replace(
+        defaults,
+        models=models,
+        steps=args.steps,
+        warmup=args.warmup,
+        update_reps=args.update_reps,
+        batch=args.batch,
+        density=args.density,
+        threads=args.threads,
+        seed=args.seed,
+        max_other_load=args.max_other_load,
+        compile=not args.no_compile,
+        no_compile_models=_comma_list(args.no_compile_models),
+        peer=not args.no_peer,
+        memory=not args.no_memory,
+        out=args.out,
+        json=args.json or None,
+    )
+    return cfg, (tuple(args.child) if args.child else None)  # type: ignore[return-value]
+
+
+# --- models and variants -----------------------------------------------------------------------
+
+
+def build_dense(name: str, seed: int) -> nn.Module:
+    """The seeded dense model every variant of ``name`` starts from."""
+    torch.manual_seed(seed)
+    if name == "wrn22_2":
+        model = fxsparse.models.wrn22_2(num_classes=NUM_CLASSES)
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+    return model.train()
+
+
+def make_batch(name: str, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    size = MODELS[name]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(cfg.batch, 3, size, size, generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (cfg.batch,), generator=generator)
+    return images, labels
+
+
+@dataclass
+class Trainer:
+    """One variant: the module that is called, its optimizer and, for the peer, its scheduler."""
+
+    variant: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    sparse: fxsparse.SparseGraphModule | None = None  # the eager fxsparse module
+    peer: Any = None  # rigl_torch.RigL.RigLScheduler
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = F.cross_entropy(self.module(images), labels)
+        loss.backward()
+        # rigl-torch's loop: the scheduler is called after every backward and says whether
+        # the optimizer steps (False on its update steps, which the timed window avoids)
+        if self.peer is None or self.peer():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def peer_delta(cfg: Config, steps_before_update: int) -> int:
+    """rigl-torch's delta: ``cfg.delta_t`` unless the run is long enough to reach an update.
+
+    Its backward hooks keep a dense gradient on the step before an update (step % delta ==
+    delta - 1), so delta must exceed every step count the timed window reaches.
+    """
+    return max(cfg.delta_t, steps_before_update + 2)
+
+
+def make_trainer(variant: str, dense: nn.Module, cfg: Config, *, own: bool = False) -> Trainer:
+    """Builds ``variant`` from ``dense``: a copy unless ``own`` (sparsify() always copies)."""
+    base = dense if own or variant.startswith("fxsparse") else copy.deepcopy(dense)
+
+    def sgd(module: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+
+    if variant.startswith("fxsparse"):
+        sparse = fxsparse.sparsify(dense, density=cfg.density, init=cfg.init, seed=cfg.seed)
+        sparse.train()
+        sparse.arm_growth(False)  # a non-update step keeps no dense growth gradient
+        module: nn.Module = torch.compile(sparse) if variant.endswith("+compile") else sparse
+        return Trainer(variant, module, sgd(sparse), sparse=sparse)
+    if variant == "rigl-torch":
+        from rigl_torch.RigL import RigLScheduler
+
+        optimizer = sgd(base)
+        torch.manual_seed(cfg.seed)  # its random initial masks come from the global generator
+        scheduler = RigLScheduler(
+            base, optimizer, dense_allocation=cfg.density, T_end=10**9,
+            delta=peer_delta(cfg, cfg.warmup + max(cfg.max_attempts * cfg.steps, cfg.memory_steps)),
+            alpha=cfg.drop_fraction,
+        )
+        return Trainer(variant, base, optimizer, peer=scheduler)
+    module = torch.compile(base) if variant == "dense+compile" else base
+    return Trainer(variant, module, sgd(base))
+
+
+def masked_fraction(trainer: Trainer, total: int) -> float:
+    """Fraction of the model's parameters that sit under a mask in this variant."""
+    if trainer.sparse is not None:
+        return sum(m.numel() for m in trainer.sparse.masks.values()) / total
+    if trainer.peer is not None:
+        return sum(n for n, s in zip(trainer.peer.N, trainer.peer.S) if s > 0) / total
+    return 0.0
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelResult:
+    """Everything measured on one model (times in milliseconds, memory in MB)."""
+
+    model: str
+    image_size: int
+    params: int
+    steps_ms: dict[str, list[float]] = field(default_factory=dict)
+    compile_s: dict[str, float] = field(default_factory=dict)
+    graphs: dict[str, tuple[int, int]] = field(default_factory=dict)  # (graphs, graph breaks)
+    masked_fraction: dict[str, float] = field(default_factory=dict)
+    update_ms: dict[str, list[float]] = field(default_factory=dict)
+    sparsify_ms: list[float] = field(default_factory=list)
+    baseline_mb: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    discarded: dict[str, int] = field(default_factory=dict)  # repeats run while the CPU was busy
+
+    def median_step(self, variant: str) -> float | None:
+        times = self.steps_ms.get(variant)
+        return statistics.median(times) if times else None
+
+
+def _timed(fn: Any, *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - start) * 1e3
+
+
+class OtherLoad:
+    """Share of the machine's CPU time that other processes used during a window.
+
+    The machine is shared: when another process (a test run, say) competes for the 2 cores,
+    the OpenMP threads of a step wait on each other and a step can take 10-20x longer. Such
+    windows are measured again rather than averaged in (see :func:`quiet_repeats`).
+    """
+
+    def __init__(self) -> None:
+        self.cpus = os.cpu_count() or 1
+        self.start()
+
+    @staticmethod
+    def _busy_ticks() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        machine = user + nice + system + irq + softirq + steal
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return machine, int(own[11]) + int(own[12])  # utime + stime of every thread of ours
+
+    def start(self) -> None:
+        self._ticks = self._busy_ticks()
+        self._wall = time.perf_counter()
+
+    def share(self) -> float:
+        machine, own = self._busy_ticks()
+        others = (machine - self._ticks[0]) - (own - self._ticks[1])
+        elapsed_ticks = (time.perf_counter() - self._wall) * os.sysconf("SC_CLK_TCK")
+        return max(0.0, others) / max(elapsed_ticks * self.cpus, 1.0)
+
+
+def quiet_repeats(fn: Any, wanted: int, cfg: Config, desc: str) -> tuple[list[Any], int]:
+    """Calls ``fn()`` until ``wanted`` calls ran while other processes used less than
+    ``cfg.max_other_load`` of the CPU, or ``cfg.max_attempts`` times ``wanted`` calls were made.
+
+    Returns the results of the quiet calls (all calls if fewer than ``wanted`` were quiet) and
+    the number of calls discarded.
+    """
+    quiet: list[Any] = []
+    noisy: list[Any] = []
+    monitor = OtherLoad()
+    with tqdm(total=wanted, desc=desc, file=sys.stderr) as bar:
+        for _ in range(cfg.max_attempts * wanted):
+            monitor.start()
+            value = fn()
+            if monitor.share() < cfg.max_other_load:
+                quiet.append(value)
+                bar.update()
+                if len(quiet) == wanted:
+                    break
+            else:
+                noisy.append(value)
+                bar.set_postfix(discarded=len(noisy))
+    if len(quiet) < wanted:
+        return quiet + noisy, 0
+    return quiet, len(noisy)
+
+
+def measure_sparsify(dense: nn.Module, cfg: Config, result: ModelResult) -> None:
+    times, discarded = quiet_repeats(
+        lambda: _timed(fxsparse.sparsify, dense, cfg.density, cfg.init), cfg.sparsify_reps, cfg,
+        "sparsify",
+    )
+    result.sparsify_ms = times
+    result.discarded["sparsify"] = discarded
+
+
+def build_and_warm_up(
+    name: str, dense: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], cfg: Config,
+    result: ModelResult,
+) -> dict[str, Trainer]:
+    """Every variant built and warmed up; a variant that fails is recorded and left out."""
+    trainers: dict[str, Trainer] = {}
+    for variant in cfg.variants(name):
+        print(f"[{name}] {variant}: build and warm up", file=sys.stderr, flush=True)
+        try:
+            counters.clear()
+            trainer = make_trainer(variant, dense, cfg)
+            first_ms = _timed(trainer.step, *batch)
+            for _ in range(cfg.warmup - 1):
+                trainer.step(*batch)
+            if variant.endswith("+compile"):
+                result.compile_s[variant] = first_ms / 1e3
+                # more than one graph means graph breaks or recompiles during the warm-up
+                result.graphs[variant] = (
+                    counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+                )
+                print(f"[{name}] {variant}: compiled in {first_ms / 1e3:.1f} s (first step), "
+                      f"graphs, graph breaks: {result.graphs[variant]}", file=sys.stderr,
+                      flush=True)
+        except Exception as error:  # recorded in the report instead of a number
+            result.errors[variant] = _short(error)
+            print(f"[{name}] {variant} FAILED: {result.errors[variant]}", file=sys.stderr)
+            continue
+        trainers[variant] = trainer
+        result.masked_fraction[variant] = masked_fraction(trainer, result.params)
+    return trainers
+
+
+def time_interleaved(
+    name: str, trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Tensor],
+    cfg: Config, result: ModelResult,
+) -> None:
+    """Rounds of one step of each variant in turn (the starting variant rotates each round),
+    until ``cfg.steps`` rounds ran on a quiet machine."""
+    order = list(trainers)
+    rounds_run = 0
+
+    def one_round() -> dict[str, float]:
+        nonlocal rounds_run
+        shift = rounds_run % len(order)
+        rounds_run += 1
+        times = {}
+        for variant in order[shift:] + order[:shift]:
+            if variant in result.errors:
+                continue
+            try:
+                times[variant] = _timed(trainers[variant].step, *batch)
+            except Exception as error:
+                result.errors[variant] = _short(error)
+        return times
+
+    rounds, result.discarded["steps"] = quiet_repeats(one_round, cfg.steps, cfg, f"{name} steps")
+    for variant in order:
+        if variant not in result.errors:
+            result.steps_ms[variant] = [r[variant] for r in rounds if variant in r]
+
+
+def _fxsparse_update_ms(
+    trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor], cfg: Config
+) -> float:
+    sparse = trainer.sparse
+    assert sparse is not None
+    sparse.arm_growth(True)  # the update step's forward/backward keeps the dense gradient
+    F.cross_entropy(sparse(batch[0]), batch[1]).backward()
+    elapsed = _timed(sparse.rigl_step, cfg.drop_fraction, trainer.optimizer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    sparse.arm_growth(False)
+    return elapsed
+
+
+def _peer_update_ms(trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    scheduler = trainer.peer
+    # Its hooks keep the dense gradient only when the next scheduler call is an update.
+    scheduler.step = scheduler.delta_T - 1
+    for hook in scheduler.backward_hook_objects:
+        if hook is not None:
+            hook.dense_grad = None
+    F.cross_entropy(trainer.module(batch[0]), batch[1]).backward()
+    elapsed = _timed(scheduler._rigl_step)  # what scheduler() runs on an update step
+    trainer.optimizer.zero_grad(set_to_none=True)
+    scheduler.step = 0
+    return elapsed
+
+
+def measure_updates(
+    trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Tensor], cfg: Config,
+    result: ModelResult,
+) -> None:
+    """``cfg.update_reps`` topology updates per library, interleaved, backward untimed."""
+    jobs = {"fxsparse": lambda t: _fxsparse_update_ms(t, batch, cfg),
+            "rigl-torch": lambda t: _peer_update_ms(t, batch)}
+    jobs = {v: job for v, job in jobs.items() if v in trainers and v not in result.errors}
+
+    def one_rep() -> dict[str, float]:
+        # the timed calls only: the armed forward/backward before each is not part of the cost
+        times = {}
+        for variant, job in jobs.items():
+            key = f"update:{variant}"
+            if key in result.errors:
+                continue
+            try:
+                times[variant] = job(trainers[variant])
+            except Exception as error:
+                result.errors[key] = _short(error)
+        return times
+
+    reps, result.discarded["updates"] = quiet_repeats(one_rep, cfg.update_reps, cfg, "updates")
+    for variant in jobs:
+        if f"update:{variant}" not in result.errors:
+            result.update_ms[variant] = [r[variant] for r in reps if variant in r]
+
+
+def measure_memory(name: str, cfg: Config, result: ModelResult) -> None:
+    """Peak RSS of each variant, each in a fresh process running ``--child``."""
+    for variant in cfg.variants(name):
+        print(f"[{name}] {variant}: peak memory (subprocess)", file=sys.stderr, flush=True)
+        command = [
+            sys.executable, str(Path(__file__).resolve()), "--child", name, variant,
+            "--batch", str(cfg.batch), "--density", str(cfg.density),
+            "--threads", str(cfg.threads), "--seed", str(cfg.seed), "--json", "",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=_REPO_ROOT)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            result.errors[f"memory:{variant}"] = f"exit {done.returncode}: {tail}"[:300]
+            continue
+        report = json.loads(lines[-1])
+        result.baseline_mb[variant] = report["baseline_kb"] / 1024
+        result.peak_mb[variant] = report["peak_kb"] / 1024
+
+
+def _proc_status_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} in /proc/self/status (this benchmark expects Linux)")
+
+
+def run_child(name: str, variant: str, cfg: Config) -> None:
+    """``cfg.memory_steps`` training steps of one variant; prints its peak RSS as JSON.
+
+    The peak is VmHWM, the high-water mark of this process's own address space. ``ru_maxrss``
+    is printed too but not used: after fork + exec it starts from the parent's peak (the parent
+    of a full run holds every model), so every child would report the same number.
+    """
+    batch = make_batch(name, cfg)
+    baseline_kb = _proc_status_kb("VmRSS")  # torch, timm and fxsparse imported, no model yet
+    dense = build_dense(name, cfg.seed)
+    trainer = make_trainer(variant, dense, cfg, own=True)
+    del dense
+    for _ in range(cfg.memory_steps):
+        trainer.step(*batch)
+    print(json.dumps({
+        "model": name, "variant": variant, "baseline_kb": baseline_kb,
+        "peak_kb": _proc_status_kb("VmHWM"),
+        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }))
+
+
+def start_inductor() -> float:
+    """Compiles a tiny model once; returns seconds. Inductor's one-time start-up (imports,
+    compiler checks, worker pool) would otherwise be charged to the first compiled variant."""
+    tiny = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(tiny)
+    start = time.perf_counter()
+    compiled(torch.randn(4, 8)).sum().backward()
+    return time.perf_counter() - start
+
+
+def run_model(name: str, cfg: Config) -> ModelResult:
+    dense = build_dense(name, cfg.seed)
+    batch = make_batch(name, cfg)
+    result = ModelResult(name, MODELS[name], sum(p.numel() for p in dense.parameters()))
+    torch._dynamo.reset()  # no compiled code or recompile budget carried over between models
+
+    measure_sparsify(dense, cfg, result)
+    trainers = build_and_warm_up(name, dense, batch, cfg, result)
+    if "dense" not in trainers:
+        raise RuntimeError(f"{name}: the dense baseline failed: {result.errors.get('dense')}")
+    time_interleaved(name, trainers, batch, cfg, result)
+    measure_updates(trainers, batch, cfg, result)
+    del trainers
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None or reference <= 0:
+        return "-"
+    return f"{value / reference:.2f}x"
+
+
+def _cell(result: ModelResult, variant: str, reference: float | None) -> str:
+    if variant in result.errors:
+        return f"failed ({result.errors[variant].split(':')[0]})"
+    median = result.median_step(variant)
+    if median is None:
+        return "-"
+    return f"{median:.1f} ({_ratio(median, reference)})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def step_table(results: list[ModelResult]) -> str:
+    header = ["model", "input", "dense ms", *[f"{v} ms (x dense)" for v in VARIANTS[1:]],
+              "fxsparse+compile / dense+compile"]
+    rows = []
+    for r in results:
+        dense = r.median_step("dense")
+        rows.append([
+            r.model, f"{r.image_size}x{r.image_size}", f"{dense:.1f}",
+            *[_cell(r, v, dense) for v in VARIANTS[1:]],
+            _ratio(r.median_step("fxsparse+compile"), r.median_step("dense+compile")),
+        ])
+    return _table(header, rows)
+
+
+def compile_table(results: list[ModelResult]) -> str:
+    header = ["model", "dense+compile first step (s)", "graphs / breaks",
+              "fxsparse+compile first step (s)", "graphs / breaks"]
+    rows = []
+    for r in results:
+        cells = []
+        for v in ("dense+compile", "fxsparse+compile"):
+            if v in r.errors:
+                cells += [f"failed ({r.errors[v].split(':')[0]})", "-"]
+            elif v in r.compile_s:
+                graphs, breaks = r.graphs[v]
+                cells += [f"{r.compile_s[v]:.1f}", f"{graphs} / {breaks}"]
+            else:
+                cells += ["skipped", "-"]
+        rows.append([r.model, *cells])
+    return _table(header, rows)
+
+
+def update_table(results: list[ModelResult], cfg: Config) -> str:
+    header = ["model", "dense step ms",
+              "fxsparse rigl_step ms", "x dense step", f"amortized / {cfg.delta_t} steps",
+              "rigl-torch _rigl_step ms", "x dense step", f"amortized / {cfg.delta_t} steps"]
+    rows = []
+    for r in results:
+        dense = r.median_step("dense")
+        row = [r.model, f"{dense:.1f}"]
+        for v in ("fxsparse", "rigl-torch"):
+            error = r.errors.get(v) or r.errors.get(f"update:{v}")
+            if error:
+                row += [f"failed ({error.split(':')[0]})", "-", "-"]
+            elif v in r.update_ms:
+                cost = statistics.median(r.update_ms[v])
+                multiple = cost / dense
+                row += [f"{cost:.1f}", f"{multiple:.2f}", f"{100 * multiple / cfg.delta_t:.2f}%"]
+            else:
+                row += ["-", "-", "-"]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def sparsify_table(results: list[ModelResult]) -> str:
+    header = ["model", "parameters", "sparsify() ms (median of 3)",
+              "params under a mask: fxsparse", "rigl-torch"]
+    rows = [[
+        r.model, f"{r.params / 1e6:.2f} M", f"{statistics.median(r.sparsify_ms):.0f}",
+        f"{100 * r.masked_fraction['fxsparse']:.1f}%" if "fxsparse" in r.masked_fraction else "-",
+        f"{100 * r.masked_fraction['rigl-torch']:.1f}%" if "rigl-torch" in r.masked_fraction
+        else "-",
+    ] for r in results]
+    return _table(header, rows)
+
+
+def memory_table(results: list[ModelResult]) -> str:
+    header = ["model", "variant", "peak RSS MB", "x dense", "peak - after imports MB", "x dense"]
+    rows = []
+    for r in results:
+        dense_peak = r.peak_mb.get("dense")
+        dense_extra = dense_peak - r.baseline_mb["dense"] if dense_peak is not None else None
+        for v in VARIANTS:
+            if f"memory:{v}" in r.errors:
+                rows.append([r.model, v, "failed", "-", "-", "-"])
+            elif v in r.peak_mb:
+                extra = r.peak_mb[v] - r.baseline_mb[v]
+                rows.append([r.model, v, f"{r.peak_mb[v]:.0f}", _ratio(r.peak_mb[v], dense_peak),
+                             f"{extra:.0f}", _ratio(extra, dense_extra)])
+    return _table(header, rows)
+
+
+def peer_caveats(results: list[ModelResult]) -> list[str]:
+    """Models where rigl-torch masks so little that its figures are those of a dense model."""
+    notes = []
+    for r in results:
+        fraction = r.masked_fraction.get("rigl-torch")
+        if fraction is not None and fraction < 0.5:
+            notes.append(
+                f"- rigl-torch on {r.model} masks only {100 * fraction:.1f}% of the parameters "
+                "(it keeps the first layer and every `nn.Linear` dense and masks the other "
+                "modules that have a `weight`, such as LayerNorm), so its step time and update "
+                f"cost there are those of a nearly dense model; fxsparse masks "
+                f"{100 * r.masked_fraction.get('fxsparse', float('nan')):.1f}%."
+            )
+    return notes
+
+
+def failure_notes(results: list[ModelResult]) -> list[str]:
+    return [f"- {r.model}, {what}: `{error}`" for r in results for what, error in r.errors.items()]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def command_line() -> str:
+    python = Path(sys.executable)
+    try:
+        python = python.relative_to(Path.cwd())
+    except ValueError:
+        python = Path("python")
+    return shlex.join([str(python), *sys.argv])
+
+
+def render_report(
+    results: list[ModelResult], cfg: Config, minutes: float, startup_s: float | None
+) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [
+        "# Performance: step time, update cost and memory on CPU",
+        "",
+        "Training-step cost of fxsparse against the dense model and the peer library rigl-torch "
+        f"{_peer_version()}, eager and under `torch.compile`. Measured on {cpu_name()} "
+        f"({os.cpu_count()} cores visible), torch {torch.__version__}, timm {timm.__version__}, "
+        f"`torch.set_num_threads({cfg.threads})`, batch {cfg.batch}, density {cfg.density} "
+        f"({cfg.init.upper()} for fxsparse), SGD(lr {cfg.lr}, momentum {cfg.momentum}, "
+        f"weight decay {cfg.weight_decay}); {now}; the whole run took {minutes:.1f} min.",
+        "",
+        f"Each variant had {cfg.warmup} untimed warm-up steps (the first one compiles the "
+        f"`+compile` variants), then {cfg.steps} timed steps, interleaved one step of each "
+        "variant in turn (the starting variant rotating each round), so machine drift hits all "
+        "variants alike. Figures are medians; ratios are to dense eager in the same run. This "
+        "machine is shared and noisy: ratios move by about +-0.1 between runs. A round (and a "
+        "sparsify or update repeat) during which other processes used more than "
+        f"{100 * cfg.max_other_load:.0f}% of the CPU (read from /proc/stat) was run again, "
+        f"up to {cfg.max_attempts}x the wanted count: two programs sharing 2 cores make OpenMP "
+        "steps 10-20x slower. Discarded: "
+        + "; ".join(
+            f"{r.model} {', '.join(f'{k} {v}' for k, v in r.discarded.items())}" for r in results
+        ) + ".",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        f"{command_line()}",
+        "```",
+        "",
+        "## Step time (ms per step, ratio to dense eager)",
+        "",
+        step_table(results),
+        "",
+        "`fxsparse` is an ordinary step between topology updates (`arm_growth(False)`); "
+        "`rigl-torch` is `loss.backward(); if scheduler(): opt.step()` on steps that are not "
+        "updates.",
+        "",
+        "## Compile",
+        "",
+        "Wall time of the first step under `torch.compile` (default inductor backend): "
+        "compiling forward and backward plus one step, with an empty inductor cache (a fresh "
+        "`TORCHINDUCTOR_CACHE_DIR` per run). Not included in the step times above. Inductor's "
+        "one-time start-up was paid beforehand on a tiny model"
+        + (f" ({startup_s:.1f} s). " if startup_s is not None else ". ")
+        + "'graphs / breaks': dynamo graphs compiled during the warm-up and graph breaks "
+        "(1 / 0: the whole training forward is one graph, no recompiles).",
+        "",
+        compile_table(results),
+        "",
+        "## Topology update cost",
+        "",
+        f"Median of {cfg.update_reps} updates, each after an untimed forward/backward that "
+        f"captured the dense gradient: fxsparse `rigl_step({cfg.drop_fraction}, optimizer)`, "
+        "rigl-torch `_rigl_step()` (what its `scheduler()` runs on an update step, drop fraction "
+        f"{cfg.drop_fraction}). Amortized: update cost / {cfg.delta_t}, as a percent of a dense "
+        "step.",
+        "",
+        update_table(results, cfg),
+        "",
+        "## sparsify() time",
+        "",
+        sparsify_table(results),
+        "",
+        "The last two columns give how much of each model the two libraries put under a mask: "
+        "rigl-torch's defaults (`sparsity_distribution='uniform'`, the only one it accepts, and "
+        "`ignore_linear_layers=True`) leave the first layer and every `nn.Linear` dense, and it "
+        "masks any other module with a `weight` (LayerNorm included), so its density is not "
+        f"{cfg.density} of the same weights.",
+        "",
+    ]
+    if any(r.peak_mb for r in results):
+        sections += [
+            "## Peak memory",
+            "",
+            "Peak resident set (VmHWM) of a fresh process that builds one variant and runs "
+            f"{cfg.memory_steps} training steps (`--child MODEL VARIANT`). Not `ru_maxrss`: a "
+            "child started by fork + exec inherits its parent's `ru_maxrss`, which would give "
+            "every variant the parent's peak. 'after imports' is the child's resident set "
+            "(VmRSS) just before the model is built (torch, timm and fxsparse imported, batch "
+            "made). For the compiled variants the peak includes compilation in the same process "
+            "(inductor's worker processes are not counted), with inductor's on-disk cache "
+            "already filled by the timing run.",
+            "",
+            memory_table(results),
+            "",
+        ]
+    notes = failure_notes(results)
+    sections += ["## Failures", "", *(notes or ["None."]), ""]
+    caveats = peer_caveats(results)
+    if caveats:
+        sections += ["## Notes", "", *caveats, ""]
+    return "\n".join(sections)
+
+
+def _peer_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rigl-torch")
+    except Exception:
+        return "(not installed)"
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def save_json(
+    results: list[ModelResult], cfg: Config, minutes: float, startup_s: float | None
+) -> None:
+    """Raw timings and config; rewritten after every model so a crash keeps what was done."""
+    if not cfg.json:
+        return
+    path = Path(cfg.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": dataclasses.asdict(cfg), "minutes": minutes, "command": command_line(),
+        "inductor_startup_s": startup_s,
+        "torch": torch.__version__, "timm": timm.__version__, "cpu": cpu_name(),
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, child = parse_args(argv)
+    torch.set_num_threads(cfg.threads)
+    if child is not None:
+        run_child(*child, cfg)
+        return
+
+    start = time.perf_counter()
+    # A fresh inductor cache, so the compile times are cold ones; the memory children inherit it
+    # through the environment and reuse what the timing run compiled.
+    cache = tempfile.mkdtemp(prefix="fxsparse-step-time-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    startup_s = None
+    if cfg.compile:
+        startup_s = start_inductor()
+        print(f"inductor start-up: {startup_s:.1f} s", file=sys.stderr, flush=True)
+    results: list[ModelResult] = []
+    for name in cfg.models:
+        model_start = time.perf_counter()
+        result = run_model(name, cfg)
+        if cfg.memory:
+            measure_memory(name, cfg, result)
+        results.append(result)
+        save_json(results, cfg, (time.perf_counter() - start) / 60, startup_s)
+        print(f"[{name}] done in {(time.perf_counter() - model_start) / 60:.1f} min",
+              file=sys.stderr, flush=True)
+    minutes = (time.perf_counter() - start) / 60
+    save_json(results, cfg, minutes, startup_s)
+    shutil.rmtree(cache, ignore_errors=True)
+
+    report = render_report(results, cfg, minutes, startup_s)
+    print(report)
+    if cfg.out:
+        Path(cfg.out).write_text(report)
+        print(f"wrote {cfg.out}", file=sys.stderr)
+    if cfg.json:
+        print(f"wrote {cfg.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
