@@ -6,7 +6,8 @@ weight's gradient must be ``dL/d(w*m) * m``. The op keeps both with as few weigh
 possible:
 
 - Forward. Inactive weights are kept at exactly zero in the parameter itself, so ``w * m == w``
-  and the consumer can read ``w`` directly. The op remembers the weight's (and mask's) version
+  and the consumer can read ``w`` directly. The graph's first node, :func:`zero_dirty`,
+  remembers the weight's (and mask's) version
   counter at which it last zeroed the inactive entries; any in-place change of either since then
   (an optimizer step, a user's edit, ``load_state_dict``) makes it zero them again, in place,
   before use. An optimizer step that provably keeps zeros at zero (an elementwise optimizer fed
@@ -31,9 +32,10 @@ import functools
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
-__all__ = ["Masker", "masked_grad", "zero_inactive_", "ZERO_PRESERVING_OPTIMIZERS"]
+__all__ = ["Masker", "masked_grad", "zero_inactive_", "zero_dirty", "ZERO_PRESERVING_OPTIMIZERS"]
 
 
 class _MaskedGrad(torch.autograd.Function):
@@ -58,6 +60,20 @@ class _MaskedGrad(torch.autograd.Function):
         return result, None, None, None, None
 
 
+class _CompiledMaskedGrad(torch.autograd.Function):
+    """The traceable form for torch.compile: identity forward, ``grad * mask`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(grad.dtype), None
+
+
 def masked_grad(
     weight: torch.Tensor, mask: torch.Tensor, inplace: bool = False,
     tokens: dict | None = None, name: str = "",
@@ -75,6 +91,16 @@ def masked_grad(
 def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
     """Sets the inactive entries of ``weight`` to zero, in place (``mask`` of its dtype)."""
     weight.mul_(mask)
+
+
+@torch.fx.node.has_side_effect
+@torch.compiler.disable
+def zero_dirty(masker: Masker, names: tuple[str, ...], weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """The prologue of every SparseGraphModule forward: see :meth:`Masker.zero_dirty`.
+
+    It runs eagerly (under torch.compile it is where the graph starts), before any weight is read.
+    """
+    masker.zero_dirty(names, weights, masks)
 
 
 # Optimizers whose step is elementwise: a zero weight with zero gradient and zero state stays
@@ -114,9 +140,10 @@ class Masker(nn.Module):
     def forward(
         self, weight: torch.Tensor, mask: torch.Tensor, name: str, inplace: bool = False
     ) -> torch.Tensor:
+        # The graph's prologue (zero_dirty) has already zeroed the inactive entries of `weight`.
         if torch.compiler.is_compiling() and not self.armed:
-            # inductor fuses the multiply (and the backward's) into neighbouring kernels
-            return weight * mask.to(weight.dtype)
+            # the backward's multiply is fused by inductor; the forward reads the weight as is
+            return _CompiledMaskedGrad.apply(weight, mask)
         return self._eager(weight, mask, name, inplace)
 
     @torch.compiler.disable
@@ -124,15 +151,19 @@ class Masker(nn.Module):
         # Under torch.compile an armed forward breaks the graph here: the hook that keeps the
         # dense growth gradient runs eagerly, on update steps only (dynamo guards on `armed`).
         values = self.compute_mask(name, mask, weight)
-        if self._clean.get(name) != _versions(weight, mask):
-            zero_inactive_(weight, values)
-            self._clean[name] = _versions(weight, mask)
         armed = self.armed and torch.is_grad_enabled() and weight.requires_grad
         # when armed, a hook keeps the dense gradient, so it must not be masked in place
         out = masked_grad(weight, values, inplace and not armed, self._grad_tokens, name)
         if armed:
             out.register_hook(functools.partial(self._record, name))
         return out
+
+    def zero_dirty(self, names: tuple[str, ...], weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+        """Zeroes the inactive entries of every weight changed since they were last zeroed."""
+        for name, weight, mask in zip(names, weights, masks):
+            if self._clean.get(name) != _versions(weight, mask):
+                zero_inactive_(weight, self.compute_mask(name, mask, weight))
+                self._clean[name] = _versions(weight, mask)
 
     def mark_clean(self, name: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
         """Records that ``weight``'s inactive entries are zero now (so the forward may skip it)."""

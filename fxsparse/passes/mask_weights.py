@@ -1,8 +1,9 @@
 """Editing pass: every read of a sparsified weight goes through one masked-weight node.
 
-Invariant: for each sparsified parameter there is exactly one node
-``masker(get_attr(w), get_attr(mask), name=fqn)``, placed before the parameter's first use, and
-no other node reads the parameter: every former ``get_attr`` of it (under any of its tied names)
+Invariant: the graph starts with ``zero_dirty(masker, names, weights, masks)``, which zeroes the
+inactive entries of any weight changed since they were last zeroed; then for each sparsified
+parameter there is exactly one node ``masker(get_attr(w), get_attr(mask), name=fqn)``, placed
+before the parameter's first use, and no other node reads the parameter: every former ``get_attr`` of it (under any of its tied names)
 now reads the masked value. Uses in one forward share that node, so autograd sums their
 gradients into one dense growth gradient. The node is marked ``inplace=True`` when every user
 is a conv/linear/matmul reading it once, so its backward may mask the gradient in place. Run
@@ -17,6 +18,8 @@ from collections.abc import Mapping
 import torch
 import torch.fx
 import torch.nn.functional as F
+
+from fxsparse.masking import zero_dirty
 
 __all__ = ["mask_weights"]
 
@@ -59,11 +62,18 @@ def mask_weights(
     for node in graph.nodes:
         if node.op == "get_attr" and names.get(str(node.target)) in mask_names:
             reads.setdefault(names[str(node.target)], []).append(node)
+    # the prologue reads every weight and mask first and zeroes what changed (masking.zero_dirty)
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        masker_node = graph.get_attr(masker)
+        weights = {fqn: graph.get_attr(fqn) for fqn in reads}
+        masks = {fqn: graph.get_attr(mask_names[fqn]) for fqn in reads}
+        graph.call_function(
+            zero_dirty, (masker_node, tuple(reads), list(weights.values()), list(masks.values()))
+        )
     for fqn, nodes in reads.items():
         with graph.inserting_before(nodes[0]):
-            weight = graph.get_attr(fqn)
-            mask = graph.get_attr(mask_names[fqn])
-            masked = graph.call_module(masker, (weight, mask), {"name": fqn})
+            masked = graph.call_module(masker, (weights[fqn], masks[fqn]), {"name": fqn})
         masked.meta["fxsparse.masked"] = fqn
         for node in nodes:
             node.replace_all_uses_with(masked)
