@@ -21,9 +21,9 @@ possible:
   ordinary steps keep no dense tensor beyond autograd's own.
 
 The persistent masks are bool (the public contract); the multiplies use a cached copy in the
-weight's dtype, since float-times-bool runs about 6x slower than float-times-float on CPU
-(PyTorch's mixed-dtype loop is not vectorized). The cache is keyed by the bool mask's identity
-and version counter.
+weight's dtype, since float-times-bool runs several times slower than float-times-float on CPU
+(PyTorch's mixed-dtype loop is not vectorized; ``benchmarks/mask_dtype.py`` measures it). The
+cache is keyed by the bool mask's identity and version counter.
 """
 
 from __future__ import annotations
