@@ -328,7 +328,7 @@ class SparseGraphModule(torch.fx.GraphModule):
             grad = grads.get(fqn)
             was_clean = capture.is_clean(fqn, weight, mask)
             score = score_fn(self, fqn, weight, mask, grad, update_index)
-            # every registered score returns a fresh tensor, so the update may overwrite it
+            # a registered score is the update's to overwrite (see register_grow_score)
             result = topology.update_mask(mask, weight, score, drop_fraction, scratch=True, absolute=True)
             state = _optimizer_state(optimizer, weight)
             topology.apply_update(weight, mask, result, state)

@@ -178,10 +178,6 @@ class Masker(nn.Module):
         grad = weight.grad
         return grad is not None and self._grad_tokens.get(name) == (grad.data_ptr(), grad._version)
 
-    def forget_clean(self) -> None:
-        """Makes the next forward zero every weight's inactive entries again."""
-        self._clean.clear()
-
     def compute_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``mask`` in ``weight``'s dtype and device, rebuilt when the mask changed in place."""
         entry = self._compute_masks.get(name)

@@ -86,7 +86,7 @@ class RigLScheduler:
         self.t_end = end_step(total_steps, end_fraction)
         self.step_count = 0
         self.last_changes: dict[str, LayerChange] | None = None
-        self._trusted: list[str] = []
+        self._trusted: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         if type(optimizer) in ZERO_PRESERVING_OPTIMIZERS:  # exact: a subclass may step differently
             optimizer.register_step_pre_hook(self._before_optimizer_step)
             optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -111,16 +111,18 @@ class RigLScheduler:
         # A weight whose inactive entries are zero, with a gradient exactly as the masked op
         # left it (zero there) and state zeroed at every topology change, keeps them zero
         # through an elementwise optimizer step: the next forward need not zero them again.
-        masker, self._trusted = self.sparse.growth_capture, []
-        for fqn, (weight, mask) in self.sparse._weights_and_masks():
-            if masker.is_clean(fqn, weight, mask) and (weight.grad is None or masker.grad_is_masked(fqn, weight)):
-                self._trusted.append(fqn)
+        masker = self.sparse.growth_capture
+        self._trusted = [
+            (fqn, weight, mask)
+            for fqn, (weight, mask) in self.sparse._weights_and_masks()
+            if masker.is_clean(fqn, weight, mask)
+            and (weight.grad is None or masker.grad_is_masked(fqn, weight))
+        ]
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        masker, trusted = self.sparse.growth_capture, set(self._trusted)
-        for fqn, (weight, mask) in self.sparse._weights_and_masks():
-            if fqn in trusted:
-                masker.mark_clean(fqn, weight, mask)
+        masker = self.sparse.growth_capture
+        for fqn, weight, mask in self._trusted:
+            masker.mark_clean(fqn, weight, mask)
         self._trusted = []
 
     def step(self) -> bool:

@@ -29,7 +29,8 @@ class TopologyUpdate:
     """The outcome of one drop-and-grow on one layer, as flat indices into the weight.
 
     Attributes:
-        before: the mask the update started from (not modified).
+        before: the mask the update started from, by reference: :func:`apply_update` changes
+            it in place, so read ``mask``/``dropped``/``grown``/``changed`` before applying.
         dropped_idx: connections removed (active before, inactive after).
         grown_idx: new connections (inactive before, active after).
         regrown: connections dropped and grown back in this same update (they keep their value).

@@ -3,9 +3,9 @@
 Invariant: the graph starts with ``zero_dirty(masker, names, weights, masks)``, which zeroes the
 inactive entries of any weight changed since they were last zeroed; then for each sparsified
 parameter there is exactly one node ``masker(get_attr(w), get_attr(mask), name=fqn)``, placed
-before the parameter's first use, and no other node reads the parameter: every former ``get_attr`` of it (under any of its tied names)
-now reads the masked value. Uses in one forward share that node, so autograd sums their
-gradients into one dense growth gradient. The node is marked ``inplace=True`` when every user
+before the parameter's first use, and no other node reads the parameter: every former
+``get_attr`` of it (under any of its tied names) now reads the masked value. Uses in one
+forward share that node, so autograd sums their gradients into one dense growth gradient. The node is marked ``inplace=True`` when every user
 is a conv/linear/matmul reading it once, so its backward may mask the gradient in place. Run
 after ``functionalize``.
 """
