@@ -7,15 +7,18 @@ inactive after the drop are added. A connection dropped and regrown in the same 
 value; every layer keeps its active count. RigL scores drops by ``|w|`` and growth by
 ``|dL/d(w*m)|``; SET (Mocanu et al. 2018) grows uniformly at random, i.e. by a random score.
 
-Selection touches only what it must: the drop is a topk over the active entries alone; the
-growth a topk over candidates pre-filtered by a threshold read off a strided sample (see
-:func:`top_indices`); no sort, no full topk. Ties are broken by topk's deterministic order on
-equal inputs, so identical inputs (the same seed, every DDP rank) give identical masks.
+Selection touches only what it must: the drop is a selection over the active entries alone;
+the growth a selection over candidates pre-filtered by a threshold read off a spread sample
+(see :func:`top_indices`); no sort. On CPU the selection is numpy's introselect, elsewhere
+``torch.topk``. Both are deterministic, so identical inputs (the same seed, every DDP rank)
+give identical masks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +80,7 @@ def drop_count(n_active: int, drop_fraction: float) -> int:
     return math.floor(drop_fraction * n_active)
 
 
-_EXACT_BELOW = 1 << 16  # below this many candidates a plain topk is as fast as anything
+_EXACT_BELOW = 1 << 16  # below this many candidates a plain selection is as fast as anything
 
 
 def flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
@@ -94,34 +97,214 @@ def flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
 def top_indices(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     """Indices of the ``k`` largest (or smallest) entries of the 1-D ``values``, unordered.
 
-    Exactly ``torch.topk``'s selection, faster when ``k`` is a small part of a large input (RigL
-    grows a few percent of a layer): a threshold read off an evenly strided sample keeps a
-    candidate set a little larger than ``k`` (one compare pass), and the exact topk runs on the
-    candidates alone; ties at the threshold are taken in index order. If the sample misjudged
-    and too few entries reach the threshold, it falls back to a full topk. Deterministic: no
-    random sampling.
+    Exactly ``torch.topk``'s selection (up to which of equal values at the edge are taken),
+    faster when ``k`` is a small part of a large input: a threshold read off a spread
+    sample keeps a candidate set a little larger than ``k`` (one compare pass), and the exact
+    topk runs on the candidates alone; ties at the threshold are taken in index order. If the
+    sample misjudged, it falls back to a full topk. Deterministic: no random sampling. The
+    device-agnostic path of :func:`update_mask`; on CPU it uses :func:`_extreme` instead.
     """
     n = values.numel()
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
     if n <= _EXACT_BELOW or 8 * k >= n:
         return torch.topk(values, k, largest=largest, sorted=False).indices
-    stride = n // _EXACT_BELOW
-    sample = values[::stride]
-    # aim for about 1.5 k candidates, plus a floor against sampling noise
-    wanted = min(sample.numel(), math.ceil(1.5 * k * sample.numel() / n) + 64)
+    sample = values[_sample_positions(n, values.device)]
+    wanted = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / n) + 32)
     edge = torch.topk(sample, wanted, largest=largest, sorted=False).values
     threshold = edge.min() if largest else edge.max()
     beyond = flat_nonzero(values > threshold if largest else values < threshold)
     if beyond.numel() >= k:
-        chosen = torch.topk(values[beyond], k, largest=largest, sorted=False).indices
-        return beyond[chosen]
+        return beyond[torch.topk(values[beyond], k, largest=largest, sorted=False).indices]
     # Fewer than k strictly beyond the threshold: all of them are in, and the rest are ties at
     # the threshold (many exact zeros in a gradient, say), taken in index order.
     ties = flat_nonzero(values == threshold)[: k - beyond.numel()]
     if beyond.numel() + ties.numel() == k:
         return torch.cat([beyond, ties])
     return torch.topk(values, k, largest=largest, sorted=False).indices
+
+
+def _sample_positions(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``min(n, 16384)`` distinct ascending positions spread over ``range(n)`` with no period.
+
+    One position per stratum of ``n / 16384`` entries, at an offset that a Weyl sequence
+    ``i * P`` moves around the stratum. A plain stride keeps landing on the same kernel tap or
+    channel of a conv weight (a stride of 36 over a 3x3 kernel reads one tap only, and at 1x1
+    feature maps the corner taps get no gradient), which biases the threshold; ascending
+    positions keep the gathers sequential.
+    """
+    return torch.tensor(_positions(n), device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(n: int) -> np.ndarray:
+    if n <= _SAMPLE:
+        return np.arange(n)
+    i = np.arange(_SAMPLE, dtype=np.int64)
+    starts = (i * n) // _SAMPLE
+    widths = ((i + 1) * n) // _SAMPLE - starts
+    offsets = ((i * _WEYL_PRIME) % _SAMPLE * widths) // _SAMPLE
+    positions = starts + offsets
+    positions.flags.writeable = False  # cached: shared by every caller
+    return positions
+
+
+_SAMPLE = 1 << 14  # sample size for a threshold: a few hundred entries beyond it suffice
+_WEYL_PRIME = 2_654_435_761
+_CHUNK = 1 << 17  # scan chunk: its key and flag buffers stay in cache and are reused
+_buffers = threading.local()
+
+
+def _scratch(dtype: np.dtype) -> np.ndarray:
+    """A per-thread reusable chunk buffer: scans allocate no weight-sized temporaries.
+
+    Fresh memory is expensive (every new page faults in; measured here at about 3 ns per
+    byte, far more than reading it), so a weight-sized temporary costs more than a pass.
+    """
+    cache = getattr(_buffers, "arrays", None)
+    if cache is None:
+        cache = _buffers.arrays = {}
+    if dtype not in cache:
+        cache[dtype] = np.empty(_CHUNK, dtype=dtype)
+    return cache[dtype]
+
+
+def _scan(
+    values: np.ndarray,
+    compare: np.ufunc,
+    threshold: float,
+    where: np.ndarray,
+    inside: bool,
+    absolute: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending flat indices ``i`` with ``where[i] == inside`` and ``compare(key_i, threshold)``,
+    and their keys.
+
+    ``key_i`` is ``|values[i]|`` if ``absolute`` else ``values[i]``. One pass, chunk by chunk;
+    the keys are taken while the chunk is in cache (a later gather would miss it).
+    """
+    keys, flags = _scratch(values.dtype), _scratch(np.dtype(bool))
+    found, found_keys = [], []
+    for start in range(0, values.size, _CHUNK):
+        stop = min(values.size, start + _CHUNK)
+        key = values[start:stop]
+        if absolute:
+            key = np.abs(key, out=keys[: stop - start])
+        hit = compare(key, threshold, out=flags[: stop - start])
+        # keep the domain: hit & where, or hit & ~where (True > False)
+        (np.logical_and if inside else np.greater)(hit, where[start:stop], out=hit)
+        index = np.flatnonzero(hit)
+        if index.size:
+            found_keys.append(key[index])
+            found.append(index + start)
+    if not found:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=values.dtype)
+    return np.concatenate(found), np.concatenate(found_keys)
+
+
+def _keys(values: np.ndarray, index: np.ndarray, absolute: bool) -> np.ndarray:
+    gathered = values[index]
+    return np.abs(gathered, out=gathered) if absolute else gathered
+
+
+def _partition(keys: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Positions of the ``k`` largest (smallest) ``keys``: numpy's introselect, deterministic."""
+    if k >= keys.size:
+        return np.arange(keys.size)
+    if largest:
+        return np.argpartition(keys, keys.size - k)[keys.size - k :]
+    return np.argpartition(keys, k - 1)[:k]
+
+
+def _pick(index: np.ndarray, keys: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """The ``index`` entries of the ``k`` largest (smallest) ``keys``; ties in ``index``'s order.
+
+    Finds the k-th key by partitioning a copy of the keys (moving 4-byte values, not 8-byte
+    indices as ``argpartition`` does), then keeps what lies beyond it and the first ties.
+    """
+    if k >= keys.size:
+        return index
+    rank = keys.size - k if largest else k - 1
+    edge = keys.copy()
+    edge.partition(rank)
+    kth = edge[rank]
+    reached = keys >= kth if largest else keys <= kth
+    if np.count_nonzero(reached) == k:  # no ties at the k-th key: the common case
+        return np.compress(reached, index)
+    chosen = np.compress(keys > kth if largest else keys < kth, index)
+    chosen = np.concatenate([chosen, np.compress(keys == kth, index)[: k - chosen.size]])
+    if chosen.size != k:  # a NaN k-th key compares false with everything
+        return index[_partition(keys, k, largest)]
+    return chosen
+
+
+def _extreme(
+    values: np.ndarray,
+    k: int,
+    largest: bool,
+    where: np.ndarray,
+    inside: bool,
+    *,
+    absolute: bool = False,
+    extra: np.ndarray | None = None,
+) -> np.ndarray:
+    """Flat indices of the ``k`` largest (smallest) keys in a domain, exactly, on CPU.
+
+    The domain is every ``i`` with ``where[i] == inside``, plus the indices ``extra`` (which
+    must lie outside it); keys are ``values`` or ``|values|``. A threshold read off a spread
+    sample of the domain keeps a little more than ``k`` candidates in one chunked pass (no
+    weight-sized temporary: no sort, no mask copy, no index list of the whole domain), and the
+    exact selection runs on those. Every entry beyond the threshold is a candidate, so the
+    result is exact. Ties at the k-th key are broken deterministically (domain entries in index
+    order, then ``extra`` in its order); a misjudged sample falls back to the whole domain.
+    """
+    extra = np.empty(0, dtype=np.int64) if extra is None else extra
+    in_where = int(np.count_nonzero(where))
+    domain = (in_where if inside else where.size - in_where) + extra.size
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if domain <= _EXACT_BELOW or values.size <= 2 * _EXACT_BELOW:
+        return _extreme_exact(values, k, largest, where, inside, absolute, extra)
+    positions = _positions(values.size)
+    positions = positions[where[positions] == inside]
+    if positions.size == 0:
+        return _extreme_exact(values, k, largest, where, inside, absolute, extra)
+    sample = _keys(values, positions, absolute)
+    wanted = min(sample.size, math.ceil(1.15 * k * sample.size / domain) + 32)
+    rank = sample.size - wanted if largest else wanted - 1
+    sample.partition(rank)  # in place: the sample is a copy of ours
+    threshold = sample[rank]
+    beyond, equal = (np.greater if largest else np.less), np.equal
+    extra_keys = _keys(values, extra, absolute)
+    found, found_keys = _scan(values, beyond, threshold, where, inside, absolute)
+    if extra.size:
+        extra_beyond = beyond(extra_keys, threshold)
+        found = np.concatenate([found, extra[extra_beyond]])
+        found_keys = np.concatenate([found_keys, extra_keys[extra_beyond]])
+    if found.size >= k:
+        return _pick(found, found_keys, k, largest)
+    # fewer than k strictly beyond: all of them are in, the rest are ties at the threshold
+    tied, _ = _scan(values, equal, threshold, where, inside, absolute)
+    ties = np.sort(np.concatenate([tied, extra[equal(extra_keys, threshold)]]))
+    if found.size + ties.size >= k:
+        return np.concatenate([found, ties[: k - found.size]])
+    return _extreme_exact(values, k, largest, where, inside, absolute, extra)
+
+
+def _extreme_exact(
+    values: np.ndarray, k: int, largest: bool, where: np.ndarray, inside: bool, absolute: bool, extra: np.ndarray
+) -> np.ndarray:
+    domain = np.flatnonzero(where if inside else ~where)
+    if extra.size:
+        domain = np.concatenate([domain, extra])
+    return _pick(domain, _keys(values, domain, absolute), k, largest)
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16
+        flat = flat.float()
+    return flat.numpy()
 
 
 def update_mask(
@@ -142,7 +325,7 @@ def update_mask(
             the drop are grown (a just-dropped one may be chosen again).
         drop_fraction: fraction of the active count replaced, in [0, 1].
         scratch: ``grow_score`` is a temporary the caller owns and may be overwritten, which
-            saves a weight-sized copy.
+            saves a weight-sized copy off CPU (on CPU no copy is made either way).
         absolute: drop by ``|drop_score|`` (RigL's magnitude), taken on the active entries only.
 
     Returns:
@@ -155,13 +338,46 @@ def update_mask(
             f"expected scores of the mask's shape {tuple(mask.shape)}, got drop "
             f"{tuple(drop_score.shape)} and grow {tuple(grow_score.shape)}"
         )
+    on_cpu = mask.device.type == drop_score.device.type == grow_score.device.type == "cpu"
+    numeric = drop_score.is_floating_point() and grow_score.is_floating_point()
+    if on_cpu and numeric:
+        return _update_mask_cpu(mask, drop_score, grow_score, drop_fraction, absolute)
+    return _update_mask_torch(mask, drop_score, grow_score, drop_fraction, scratch, absolute)
+
+
+def _update_mask_cpu(
+    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, drop_fraction: float, absolute: bool
+) -> TopologyUpdate:
+    flat = mask.reshape(-1).numpy()
+    k = drop_count(int(np.count_nonzero(flat)), drop_fraction)
+    if k == 0:
+        none = torch.empty(0, dtype=torch.long)
+        return TopologyUpdate(mask, none, none.clone(), 0)
+    drop = _extreme(_as_numpy(drop_score), k, False, flat, True, absolute=absolute)
+    # grow among the inactive entries and those just dropped (which may come back)
+    grow = _extreme(_as_numpy(grow_score), k, True, flat, False, extra=drop)
+    new = ~flat[grow]
+    grown = grow[new]
+    dropped = drop
+    if grown.size < k:  # some dropped entries came back: they are not dropped after all
+        regrown = grow[~new]
+        # Mark them by clearing their mask bits for a moment (through numpy, which leaves the
+        # tensor's version counter alone): cheaper than a set difference (a sort) of k indices.
+        flat[regrown] = False
+        dropped = drop[flat[drop]]
+        flat[regrown] = True
+    return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grown), k - grown.size)
+
+
+def _update_mask_torch(
+    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, drop_fraction: float, scratch: bool, absolute: bool
+) -> TopologyUpdate:
     flat = mask.reshape(-1)
     active = flat_nonzero(flat)
     k = drop_count(active.numel(), drop_fraction)
     if k == 0:
         none = torch.empty(0, dtype=torch.long, device=mask.device)
         return TopologyUpdate(mask, none, none.clone(), 0)
-
     # drop: the k smallest scores among the active entries only
     candidates = drop_score.detach().reshape(-1)[active]
     if absolute:
@@ -173,14 +389,11 @@ def update_mask(
     scores = grow_score.detach().reshape(-1)
     scores = scores.masked_fill_(after, -math.inf) if scratch else scores.masked_fill(after, -math.inf)
     grow = top_indices(scores, k, largest=True)
-
     new = ~flat[grow]  # grown entries that were inactive before the update
     grown = grow[new]
-    regrown = k - grown.numel()
-    kept_back = torch.zeros_like(flat)
-    kept_back[grow] = True
-    dropped = drop[~kept_back[drop]]
-    return TopologyUpdate(mask, dropped, grown, regrown)
+    after[grow] = True  # now the new mask: a dropped entry still inactive stayed dropped
+    dropped = drop[~after[drop]]
+    return TopologyUpdate(mask, dropped, grown, k - grown.numel())
 
 
 @torch.no_grad()
@@ -212,8 +425,8 @@ def apply_update(
     zeroed so an inactive weight holds 0 and its momentum cannot move it.
     """
     flat = mask.view(-1)
-    flat[update.dropped_idx] = False
-    flat[update.grown_idx] = True
-    changed = torch.cat([update.dropped_idx, update.grown_idx])
-    _zero_at(weight, changed)
-    zero_state_at([t for t in state if t.shape == weight.shape], changed)
+    flat.index_fill_(0, update.dropped_idx.to(flat.device), False)
+    flat.index_fill_(0, update.grown_idx.to(flat.device), True)
+    for changed in (update.dropped_idx, update.grown_idx):
+        _zero_at(weight, changed)
+        zero_state_at([t for t in state if t.shape == weight.shape], changed)

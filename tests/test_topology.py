@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxsparse import topology
@@ -128,3 +128,69 @@ def test_update_steps():
         end_step(100, 1.5)
     with pytest.raises(ValueError, match="alpha"):
         cosine_drop_fraction(1, 2.0, 10)
+
+
+def sorted_reference(mask, drop, grow, fraction):
+    """The reference rule with vectorized sorts, for layers too large for the loop above."""
+    flat, d, g = mask.flatten().clone(), drop.flatten(), grow.flatten()
+    k = math.floor(fraction * int(flat.sum()))
+    active = flat.nonzero().flatten()
+    flat[active[torch.sort(d[active], stable=True).indices[:k]]] = False
+    inactive = (~flat).nonzero().flatten()
+    flat[inactive[torch.sort(g[inactive], descending=True, stable=True).indices[:k]]] = True
+    return flat.view_as(mask)
+
+
+@st.composite
+def large_layers(draw: st.DrawFn):
+    """Layers big enough for the sampled-threshold path, with conv-like structure in the
+    growth scores (whole kernel taps with zero gradient, as at 1x1 feature maps)."""
+    out_ch, in_ch = draw(st.sampled_from([(256, 128), (512, 64), (96, 160)]))
+    n = out_ch * in_ch * 9
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**20)))
+    density = draw(st.sampled_from([0.01, 0.05, 0.1, 0.5, 0.9]))
+    mask = torch.rand(n, generator=gen) < density
+    drop = torch.randperm(n, generator=gen).float() - n / 2  # distinct, signed: |.| may tie
+    drop = drop + 0.25  # ... but not after abs: x + 0.25 != -(y + 0.25) for integers x, y
+    grow = torch.randperm(n, generator=gen).float()
+    if draw(st.booleans()):
+        taps = grow.view(out_ch, in_ch, 3, 3)
+        taps[:, :, 0, :] = -1.0 - torch.arange(out_ch * in_ch * 3).float().view(out_ch, in_ch, 3)  # distinct, lowest
+    shape = (out_ch, in_ch, 3, 3)
+    return mask.view(shape), drop.view(shape), grow.view(shape)
+
+
+@settings(max_examples=25, deadline=None)
+@given(large_layers(), st.sampled_from([0.05, 0.3, 0.5, 1.0]), st.booleans())
+def test_update_mask_on_large_layers_matches_the_reference(layer, fraction, absolute):
+    mask, drop, grow = layer
+    drop_key = drop.abs() if absolute else drop
+    want = sorted_reference(mask, drop_key, grow, fraction)
+    got = topology.update_mask(mask, drop, grow.clone(), fraction, absolute=absolute)
+    assert torch.equal(got.mask, want)
+    assert torch.equal(got.dropped, mask & ~want) and torch.equal(got.grown, want & ~mask)
+    # the device-agnostic path agrees
+    other = topology._update_mask_torch(mask, drop, grow.clone(), fraction, False, absolute)
+    assert torch.equal(other.mask, want)
+
+
+@pytest.mark.parametrize("zeros", [0.5, 0.97, 1.0])
+def test_update_mask_with_mostly_zero_gradients_grows_the_largest_and_keeps_counts(zeros):
+    gen = torch.Generator().manual_seed(3)
+    n = 400_000
+    mask = torch.rand(n, generator=gen) < 0.1
+    grow = torch.rand(n, generator=gen)
+    grow[torch.rand(n, generator=gen) < zeros] = 0.0  # massive ties at zero
+    weight = torch.randn(n, generator=gen)
+    result = topology.update_mask(mask, weight, grow, 0.3, absolute=True)
+    new = result.mask
+    assert int(new.sum()) == int(mask.sum())
+    k = math.floor(0.3 * int(mask.sum()))
+    assert result.grown_idx.numel() + result.regrown == k
+    after_drop = mask & ~result.dropped
+    grown_scores = grow[new & ~after_drop]
+    left_scores = grow[~new]
+    assert float(grown_scores.min()) >= float(left_scores.max())  # nothing better was left out
+    kept = weight.abs()[mask & new]
+    gone = weight.abs()[mask & ~new]
+    assert float(gone.max()) <= float(kept.min()) or result.regrown > 0
