@@ -3,22 +3,25 @@
 Invariant 3 of docs/DESIGN.md needs two things of every sparsified weight ``w`` with mask ``m``:
 the forward must compute with ``w * m`` whatever values the inactive entries hold, and the
 weight's gradient must be ``dL/d(w*m) * m``. The op keeps both with as few weight-sized passes as
-possible:
+possible, and with no per-weight work in the forward of an ordinary step:
 
 - Forward. Inactive weights are kept at exactly zero in the parameter itself, so ``w * m == w``
-  and the consumer can read ``w`` directly. The graph's first node, :func:`zero_dirty`,
-  remembers the weight's (and mask's) version
-  counter at which it last zeroed the inactive entries; any in-place change of either since then
-  (an optimizer step, a user's edit, ``load_state_dict``) makes it zero them again, in place,
-  before use. An optimizer step that provably keeps zeros at zero (an elementwise optimizer fed
-  masked gradients from zeroed state, see :func:`fxsparse.RigLScheduler`) may mark the weights
-  clean, and then ordinary steps pay no forward pass at all.
-- Backward. ``grad * m``, in place when the graph guarantees the gradient is a fresh tensor only
-  this op reads (conv/linear/matmul consumers, see passes/mask_weights.py), so the weight
-  receives the same tensor the consumer allocated, with no extra allocation.
-- Growth. RigL grows by ``|dL/d(w*m)|``, dense over inactive entries too. The op hooks that
-  gradient only while :attr:`Masker.armed` was set at forward time (the update steps), so
-  ordinary steps keep no dense tensor beyond autograd's own.
+  and the consumer reads ``w`` directly. The graph's first node, :func:`zero_dirty`, remembers
+  the weight's (and mask's) version counter at which it last zeroed the inactive entries; any
+  in-place change of either since then (an optimizer step, a user's edit, ``load_state_dict``)
+  makes it zero them again, in place, before use. An optimizer step that provably keeps zeros
+  at zero (an elementwise optimizer fed masked gradients from zeroed state, see
+  :func:`fxsparse.RigLScheduler`) may mark the weights clean, and then ordinary steps pay no
+  forward pass at all.
+- Backward. Since ``w == w * m``, autograd's ``dL/dw`` is ``dL/d(w*m)``; a hook that runs when
+  the gradient has been accumulated into ``w.grad`` (``register_post_accumulate_grad_hook``,
+  installed by the prologue) multiplies it by ``m`` in place: one pass, no allocation, the
+  total over every use of ``w`` and any loss term outside the module. ``torch.autograd.grad``
+  does not accumulate into ``.grad`` and so returns the unmasked ``dL/d(w*m)``.
+- Growth. RigL grows by ``|dL/d(w*m)|``, dense over inactive entries too. The per-weight node
+  of the graph hooks that gradient only while :attr:`Masker.armed` was set at forward time (the
+  update steps); otherwise it hands the weight through, so ordinary steps keep no dense tensor
+  beyond autograd's own.
 
 The persistent masks are bool (the public contract); the multiplies use a cached copy in the
 weight's dtype, since float-times-bool runs several times slower than float-times-float on CPU
@@ -29,62 +32,45 @@ cache is keyed by the bool mask's identity and version counter.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["Masker", "masked_grad", "zero_inactive_", "zero_dirty", "ZERO_PRESERVING_OPTIMIZERS"]
+__all__ = ["Masker", "mask_grad_", "zero_inactive_", "zero_dirty", "ZERO_PRESERVING_OPTIMIZERS"]
 
 
-class _MaskedGrad(torch.autograd.Function):
-    """Identity forward (a view of ``w``); backward gives ``grad * m``, in place when allowed."""
+@torch.no_grad()
+def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+    """Multiplies ``weight.grad`` by ``mask`` (of the weight's dtype); returns the new grad.
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, weight: torch.Tensor, mask: torch.Tensor, inplace: bool, tokens: dict | None, name: str
-    ) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        ctx.inplace, ctx.tokens, ctx.name = inplace, tokens, name
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        result = grad.mul_(mask) if ctx.inplace else grad * mask
-        if ctx.tokens is not None:
-            # which tensor, at which version, left here masked: if the weight's .grad is still
-            # exactly this at the optimizer step, its inactive entries are exactly zero
-            ctx.tokens[ctx.name] = (result.data_ptr(), result._version)
-        return result, None, None, None, None
-
-
-class _CompiledMaskedGrad(torch.autograd.Function):
-    """The traceable form for torch.compile: identity forward, ``grad * mask`` backward."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(mask)
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.dtype), None
-
-
-def masked_grad(
-    weight: torch.Tensor, mask: torch.Tensor, inplace: bool = False,
-    tokens: dict | None = None, name: str = "",
-) -> torch.Tensor:
-    """``weight`` as is, whose gradient is multiplied by ``mask`` (of the weight's dtype).
-
-    ``inplace`` lets the backward mask the incoming gradient in place; only safe when no other
-    node of the graph reads that gradient (the weight feeds conv/linear/matmul directly).
-    ``tokens[name]`` receives the masked gradient's identity and version.
+    In place unless ``inplace`` is False (then ``.grad`` is replaced by a new tensor).
     """
-    return _MaskedGrad.apply(weight, mask, inplace, tokens, name)
+    grad = weight.grad
+    if inplace:
+        return grad.mul_(mask)
+    weight.grad = grad * mask
+    return weight.grad
+
+
+class _GradMaskHook:
+    """The post-accumulate-grad hook of one sparsified parameter.
+
+    Holds its :class:`Masker` weakly and acts only while the masker still serves this very
+    parameter: a hook left on a parameter the module no longer uses (after ``.to()`` replaced
+    it, say) does nothing and keeps nothing alive.
+    """
+
+    def __init__(self, masker: Masker, name: str) -> None:
+        self.masker = weakref.ref(masker)
+        self.name = name
+
+    def __call__(self, param: torch.Tensor) -> None:
+        masker = self.masker()
+        if masker is not None and param.grad is not None and masker.serves(self.name, param):
+            masker.mask_gradient(self.name, param)
 
 
 @torch.no_grad()
@@ -136,34 +122,51 @@ class Masker(nn.Module):
         self._compute_masks: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._clean: dict[str, tuple[int, int, int, int]] = {}
         self._grad_tokens: dict[str, tuple[int, int]] = {}
+        self._masks: dict[str, torch.Tensor] = {}  # the mask the prologue last saw, by name
+        self._hooked: dict[str, weakref.ref[torch.Tensor]] = {}  # the parameter hooked, by name
 
-    def forward(
-        self, weight: torch.Tensor, mask: torch.Tensor, name: str, inplace: bool = False
-    ) -> torch.Tensor:
-        # The graph's prologue (zero_dirty) has already zeroed the inactive entries of `weight`.
-        if torch.compiler.is_compiling() and not self.armed:
-            # the backward's multiply is fused by inductor; the forward reads the weight as is
-            return _CompiledMaskedGrad.apply(weight, mask)
-        return self._eager(weight, mask, name, inplace)
+    def forward(self, weight: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+        # The graph's prologue (zero_dirty) has already zeroed the inactive entries of `weight`
+        # and hooked its gradient; an ordinary step hands the weight through untouched.
+        if not (self.armed and torch.is_grad_enabled() and weight.requires_grad):
+            return weight
+        return self._capture(weight, name)
 
     @torch.compiler.disable
-    def _eager(self, weight: torch.Tensor, mask: torch.Tensor, name: str, inplace: bool) -> torch.Tensor:
+    def _capture(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         # Under torch.compile an armed forward breaks the graph here: the hook that keeps the
         # dense growth gradient runs eagerly, on update steps only (dynamo guards on `armed`).
-        values = self.compute_mask(name, mask, weight)
-        armed = self.armed and torch.is_grad_enabled() and weight.requires_grad
-        # when armed, a hook keeps the dense gradient, so it must not be masked in place
-        out = masked_grad(weight, values, inplace and not armed, self._grad_tokens, name)
-        if armed:
-            out.register_hook(functools.partial(self._record, name))
+        out = weight.view_as(weight)
+        out.register_hook(functools.partial(self._record, name))
         return out
 
     def zero_dirty(self, names: tuple[str, ...], weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
-        """Zeroes the inactive entries of every weight changed since they were last zeroed."""
+        """Zeroes the inactive entries of every weight changed since they were last zeroed, and
+        makes sure each weight's gradient is masked when it is accumulated."""
         for name, weight, mask in zip(names, weights, masks):
             if self._clean.get(name) != _versions(weight, mask):
                 zero_inactive_(weight, self.compute_mask(name, mask, weight))
                 self._clean[name] = _versions(weight, mask)
+            self._masks[name] = mask
+            if not self.serves(name, weight) and weight.requires_grad:
+                weight.register_post_accumulate_grad_hook(_GradMaskHook(self, name))
+                self._hooked[name] = weakref.ref(weight)
+
+    def serves(self, name: str, weight: torch.Tensor) -> bool:
+        """True when ``weight`` is the parameter this masker masks the gradient of as ``name``."""
+        ref = self._hooked.get(name)
+        return ref is not None and ref() is weight
+
+    def mask_gradient(self, name: str, weight: torch.Tensor) -> None:
+        """Multiplies ``weight.grad`` by its mask (the post-accumulate-grad hook's work).
+
+        In place, except while armed: then the captured dense gradient may share its storage.
+        """
+        values = self.compute_mask(name, self._masks[name], weight)
+        grad = mask_grad_(weight, values, inplace=not self.armed)
+        # which tensor, at which version, left here masked: if the weight's .grad is still
+        # exactly this at the optimizer step, its inactive entries are exactly zero
+        self._grad_tokens[name] = (grad.data_ptr(), grad._version)
 
     def mark_clean(self, name: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
         """Records that ``weight``'s inactive entries are zero now (so the forward may skip it)."""
@@ -213,6 +216,8 @@ class Masker(nn.Module):
         state["_compute_masks"] = {}
         state["_clean"] = {}
         state["_grad_tokens"] = {}
+        state["_masks"] = {}
+        state["_hooked"] = {}  # the copy's prologue hooks the copy's own parameters
         return state
 
     def extra_repr(self) -> str:

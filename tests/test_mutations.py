@@ -83,8 +83,8 @@ def _forgets_optimizer_state(weight, mask, update, state=()):
     _apply_update(weight, mask, update, [])
 
 
-def _grad_not_masked(weight, mask, inplace=False, tokens=None, name=""):
-    return weight.view_as(weight)  # the bug: inactive weights get gradient
+def _grad_not_masked(weight, mask, inplace=True):
+    return weight.grad  # the bug: inactive weights get gradient
 
 
 def _forward_not_masked(weight, mask):
@@ -98,7 +98,7 @@ MUTATIONS = {
     "dropped weights keep their value": (topology, "apply_update", _keeps_dropped_values),
     "new connections start random": (topology, "apply_update", _random_init_for_new),
     "optimizer state not zeroed": (topology, "apply_update", _forgets_optimizer_state),
-    "inactive weights get gradient": (masking, "masked_grad", _grad_not_masked),
+    "inactive weights get gradient": (masking, "mask_grad_", _grad_not_masked),
     "forward ignores the mask": (masking, "zero_inactive_", _forward_not_masked),
 }
 

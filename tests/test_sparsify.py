@@ -399,7 +399,7 @@ def test_capture_keeps_last_backward_or_accumulates_micro_batches():
     assert sparse.growth_capture.grads == {}
 
 
-def test_gradient_masked_in_place_only_where_nothing_else_reads_it():
+def test_gradient_is_masked_on_every_path_and_the_growth_gradient_stays_dense():
     class Mixed(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -407,25 +407,33 @@ def test_gradient_masked_in_place_only_where_nothing_else_reads_it():
             self.lin = torch.nn.Linear(6, 6)
 
         def forward(self, x):
-            # w also feeds a sum, whose backward hands out an expanded view: no in-place there
+            # w also feeds a sum, whose backward hands out an expanded view
             return self.lin(torch.nn.functional.linear(x, self.w)) + self.w.sum()
 
     sparse = fxsparse.sparsify(Mixed(), 0.5, "uniform", dense=[])
-    flags = {n.kwargs["name"]: n.kwargs.get("inplace", False) for n in sparse.graph.nodes if n.op == "call_module" and n.target == "fxsparse_masker"}
-    assert flags == {"w": False, "lin.weight": True}
     x = torch.randn(5, 6)
     for armed in (False, True):
         sparse.zero_grad()
         sparse.arm_growth(armed)
-        sparse(x).square().sum().backward()
-        # reference: the same computation by hand
+        # a loss term on the parameter outside the module, and two accumulated backward passes
+        for _ in range(2):
+            (sparse(x).square().sum() + sparse.get_parameter("w").abs().sum()).backward()
+        # reference: the same computation by hand on w * m
         w = sparse.get_parameter("w").detach().requires_grad_()
         lw = sparse.get_parameter("lin.weight").detach().requires_grad_()
         mw, ml = sparse.masks["w"].float(), sparse.masks["lin.weight"].float()
-        wm = w * mw
-        out = torch.nn.functional.linear(torch.nn.functional.linear(x, wm), lw * ml, sparse.get_parameter("lin.bias")) + wm.sum()
-        out.square().sum().backward()
+        for _ in range(2):
+            wm = w * mw
+            out = torch.nn.functional.linear(torch.nn.functional.linear(x, wm), lw * ml, sparse.get_parameter("lin.bias")) + wm.sum()
+            (out.square().sum() + wm.abs().sum()).backward()
         torch.testing.assert_close(sparse.get_parameter("w").grad, w.grad)
         torch.testing.assert_close(sparse.get_parameter("lin.weight").grad, lw.grad)
-        if armed:  # the dense growth gradient is intact: the in-place masking left it alone
+        if armed:  # the dense growth gradient is intact: masking .grad left it alone
             assert bool((sparse.growth_capture.grads["lin.weight"] * ~sparse.masks["lin.weight"]).ne(0).any())
+    # a copy masks its own gradients; the original keeps masking its own
+    copied = copy.deepcopy(sparse)
+    for module in (copied, sparse, copied):
+        module.zero_grad()
+        module(x).square().sum().backward()
+        for fqn, mask in module.masks.items():
+            assert bool((module.get_parameter(fqn).grad * ~mask).eq(0).all()), fqn

@@ -1,46 +1,24 @@
 """Editing pass: every read of a sparsified weight goes through one masked-weight node.
 
 Invariant: the graph starts with ``zero_dirty(masker, names, weights, masks)``, which zeroes the
-inactive entries of any weight changed since they were last zeroed; then for each sparsified
-parameter there is exactly one node ``masker(get_attr(w), get_attr(mask), name=fqn)``, placed
-before the parameter's first use, and no other node reads the parameter: every former
-``get_attr`` of it (under any of its tied names) now reads the masked value. Uses in one
-forward share that node, so autograd sums their gradients into one dense growth gradient. The node is marked ``inplace=True`` when every user
-is a conv/linear/matmul reading it once, so its backward may mask the gradient in place. Run
-after ``functionalize``.
+inactive entries of any weight changed since they were last zeroed and hooks each weight's
+gradient accumulation to mask it; then for each sparsified parameter there is exactly one node
+``masker(get_attr(w), get_attr(mask), name=fqn)``, placed before the parameter's first use, and
+no other node reads the parameter: every former ``get_attr`` of it (under any of its tied names)
+now reads that node. Uses in one forward share it, so autograd sums their gradients into one
+dense growth gradient when it captures one (armed steps); otherwise it hands the weight through.
+Run after ``functionalize``.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 
-import torch
 import torch.fx
-import torch.nn.functional as F
 
 from fxsparse.masking import zero_dirty
 
 __all__ = ["mask_weights"]
-
-
-# Consumers whose backward computes the weight operand's gradient into a fresh tensor.
-_FRESH_GRAD_FUNCTIONS = {
-    F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-    F.conv_transpose3d, torch.matmul, operator.matmul, torch.mm, torch.bmm,
-}
-
-
-def _fresh_weight_gradient(user: torch.fx.Node, masked: torch.fx.Node) -> bool:
-    """True when ``user`` reads ``masked`` once, as an operand whose gradient it allocates.
-
-    Then nothing else holds the gradient that reaches the masked op, and its backward may mask
-    it in place; anything else (an add that passes its gradient through, a view) is left alone.
-    """
-    if user.op != "call_function" or user.target not in _FRESH_GRAD_FUNCTIONS:
-        return False
-    operands = [*user.args, *user.kwargs.values()]
-    return sum(a is masked for a in operands) == 1
 
 
 def mask_weights(
@@ -78,8 +56,6 @@ def mask_weights(
         for node in nodes:
             node.replace_all_uses_with(masked)
             graph.erase_node(node)
-        if all(_fresh_weight_gradient(user, masked) for user in masked.users):
-            masked.kwargs = {**masked.kwargs, "inplace": True}
     missing = sorted(set(mask_names) - set(reads))
     if missing:
         raise AssertionError(f"fxsparse: weights {missing} have no read left in the graph to mask")
