@@ -9,6 +9,7 @@
 
 from fxsparse.api import sparsify
 from fxsparse.budgets import register_init
+from fxsparse.accounting import FlopReport, GradualPruning, flop_report, flops
 from fxsparse.graph_module import LayerChange, SparseGraphModule, register_grow_score
 from fxsparse.scheduler import RigLScheduler, register_method
 from fxsparse.tracing import register_leaf_function, register_leaf_module
@@ -19,6 +20,10 @@ __all__ = [
     "sparsify",
     "SparseGraphModule",
     "LayerChange",
+    "flops",
+    "flop_report",
+    "FlopReport",
+    "GradualPruning",
     "RigLScheduler",
     "register_init",
     "register_grow_score",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fxsparse import budgets
+from fxsparse.accounting import layer_flops
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
 from fxsparse.masking import Masker
 from fxsparse.passes.find_weights import canonical_names, find_weights
@@ -30,6 +31,7 @@ def sparsify(
     seed: int = 0,
     dense: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
+    budget: str = "params",
 ) -> SparseGraphModule:
     """Returns a sparse copy of ``model``: every conv/linear/matmul weight read through a mask.
 
@@ -46,12 +48,18 @@ def sparsify(
             (layers it does not name get ``density``). Every scheme keeps the total active count
             at ``density`` times the total; layers it would fill beyond 1 are made dense.
         example_inputs: optional inputs (a tensor or a tuple) the model is called with; they tell
-            the tracer how many positional inputs ``forward`` takes.
+            the tracer how many positional inputs ``forward`` takes, and give the shapes for
+            FLOP accounting (``budget="flops"``, the FLOP columns of ``summary()``).
         seed: seed of the initial random masks (and of random growth); same seed, same masks.
         dense: FQN patterns (``fnmatch``) of weights kept at density 1, their parameters taken out
             of the budget. ``None`` means the papers' default: the first layer dense for
             ``"uniform"``, nothing for the other schemes.
         exclude: FQN patterns of weights not sparsified at all (neither masked nor counted).
+        budget: what ``density`` is a fraction of. ``"params"``: the active weights are
+            ``density`` times the sparsified weights. ``"flops"``: the layer densities (same
+            distribution shape, same dense-overflow rule) are solved so that the sparsified
+            layers' inference FLOPs are ``density`` times their dense FLOPs, within one
+            weight's FLOPs per layer; needs ``example_inputs``.
 
     Returns:
         A :class:`SparseGraphModule` (a ``torch.fx.GraphModule``).
@@ -82,6 +90,13 @@ def sparsify(
         raise TypeError(f"expected seed to be an int, got {type(seed).__name__} {seed!r}")
     dense_patterns = None if dense is None else _patterns(dense, "dense")
     exclude_patterns = _patterns(exclude, "exclude")
+    if budget not in ("params", "flops"):
+        raise ValueError(f"expected budget to be 'params' or 'flops', got {budget!r}")
+    if budget == "flops" and example_inputs is None:
+        raise ValueError(
+            "expected example_inputs with budget='flops': FLOPs depend on the input size; pass "
+            "e.g. example_inputs=torch.randn(1, 3, 32, 32)"
+        )
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     n_inputs = len(example_inputs) if example_inputs is not None else 1
@@ -118,7 +133,11 @@ def sparsify(
     else:
         _check_patterns_match(dense_patterns, list(shapes), "dense")
         dense_names = [fqn for fqn in shapes if _match(fqn, dense_patterns)]
-    densities = budgets.layer_densities(shapes, density, init, dense=dense_names)
+    costs = None
+    if budget == "flops":
+        per_layer = layer_flops(gm, example_inputs)
+        costs = {fqn: float(per_layer.get(fqn, 0)) for fqn in shapes}
+    densities = budgets.layer_densities(shapes, density, init, dense=dense_names, costs=costs)
     counts = budgets.active_counts(shapes, densities)
 
     try:
@@ -127,7 +146,10 @@ def sparsify(
         _copy_unreferenced(work, sparse)
         sparse.add_module(MASKER, Masker())
         sparse.register_buffer(UPDATES, torch.zeros((), dtype=torch.int64))
-        state = _State(skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom")
+        state = _State(
+            skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom",
+            input_spec=_input_spec(example_inputs),
+        )
         for fqn in shapes:
             mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
             state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn])
@@ -137,6 +159,16 @@ def sparsify(
     except Exception as e:
         raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
     return sparse
+
+
+def _input_spec(example_inputs: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """Shapes and dtypes of the example inputs (not the data), to rebuild inputs for FLOPs."""
+    if example_inputs is None:
+        return None
+    return tuple(
+        ("tensor", tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("value", x)
+        for x in example_inputs
+    )
 
 
 def _patterns(patterns: Iterable[str], what: str) -> list[str]:

@@ -101,8 +101,9 @@ def layer_densities(
     init: str | Mapping[str, float] = "erk",
     *,
     dense: Collection[str] = (),
+    costs: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Per-layer densities whose parameter-weighted mean is ``density``.
+    """Per-layer densities whose parameter-weighted (or cost-weighted) mean is ``density``.
 
     Args:
         shapes: weight shapes by FQN, in graph order (the first entry is "the first layer").
@@ -110,6 +111,9 @@ def layer_densities(
         init: a registered scheme name ("uniform", "er", "erk", ...) or explicit
             ``{fqn: density}``; layers an explicit mapping does not name get ``density``.
         dense: FQNs kept at density 1. Their parameters come out of the budget.
+        costs: per-layer cost of the dense layer (e.g. its inference FLOPs) to weight the
+            budget by instead of the parameter count: then ``sum d_l c_l = density * sum c_l``
+            (a FLOP budget). A layer of zero cost takes no budget and is made dense.
 
     Returns:
         ``{fqn: d_l}`` with ``0 < d_l <= 1`` for every FQN of ``shapes``.
@@ -146,12 +150,23 @@ def layer_densities(
         )
     raw_fn = _INITS[init]
     raw = {name: float(raw_fn(shape)) for name, shape in shapes.items()}
-    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    if costs is None:
+        sizes: dict[str, float] = {name: math.prod(shape) for name, shape in shapes.items()}
+    else:
+        missing = [name for name in shapes if name not in costs]
+        bad = {name: c for name, c in costs.items() if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0)}
+        if missing or bad:
+            raise ValueError(
+                f"expected a finite cost >= 0 for every layer, got missing {missing} and bad {bad}"
+            )
+        sizes = {name: float(costs[name]) for name in shapes}
+        if sum(sizes.values()) <= 0:
+            raise ValueError("expected some layer to have a positive cost, got all zero")
     return _solve(raw, sizes, density, set(dense))
 
 
 def _solve(
-    raw: Mapping[str, float], sizes: Mapping[str, int], density: float, dense: set[str]
+    raw: Mapping[str, float], sizes: Mapping[str, float], density: float, dense: set[str]
 ) -> dict[str, float]:
     total = sum(sizes.values())
     budget = density * total
@@ -176,6 +191,9 @@ def _solve(
                 f"init='uniform' unless dense=[])"
             )
         weighted = sum(raw[name] * sizes[name] for name in free)
+        if weighted <= 0:  # only costless layers left (a cost budget): they take no budget
+            dense |= set(free)
+            continue
         eps = left / weighted
         # The ERK loop: a layer asked to be denser than 1 becomes dense and leaves the budget.
         # eps only grows as layers leave, so taking every overflowing layer at once reaches the

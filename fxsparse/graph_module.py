@@ -44,6 +44,7 @@ class _State:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seed: int = 0
     init: str = "erk"
+    input_spec: tuple[Any, ...] | None = None  # shapes/dtypes of sparsify's example_inputs
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def _random_score(
 
 
 class SparsitySummary:
-    """Per-layer table of a SparseGraphModule: name, shape, density, active/total."""
+    """Per-layer table of a SparseGraphModule: name, shape, density, active/total, and the
+    dense and sparse inference FLOPs per sample when the input shape is known."""
 
     def __init__(self, rows: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> None:
         self.rows = rows
@@ -131,14 +133,27 @@ class SparsitySummary:
     def total(self) -> int:
         return sum(row["total"] for row in self.rows)
 
+    @property
+    def has_flops(self) -> bool:
+        return bool(self.rows) and all("dense_flops" in row for row in self.rows)
+
     def __str__(self) -> str:
-        header = ("layer", "shape", "density", "active", "total")
+        header = ["layer", "shape", "density", "active", "total"]
         body = [
-            (r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.4f}", str(r["active"]), str(r["total"]))
+            [r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.4f}", str(r["active"]), str(r["total"])]
             for r in self.rows
         ]
         density = self.active / self.total if self.total else float("nan")
-        body.append(("total", "", f"{density:.4f}", str(self.active), str(self.total)))
+        totals = ["total", "", f"{density:.4f}", str(self.active), str(self.total)]
+        if self.has_flops:
+            header += ["dense FLOPs", "sparse FLOPs"]
+            for row, r in zip(body, self.rows):
+                row += [f"{r['dense_flops']:.4g}", f"{r['sparse_flops']:.4g}"]
+            totals += [
+                f"{sum(r['dense_flops'] for r in self.rows):.4g}",
+                f"{sum(r['sparse_flops'] for r in self.rows):.4g}",
+            ]
+        body.append(totals)
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = [
             "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -221,15 +236,37 @@ class SparseGraphModule(torch.fx.GraphModule):
         capture.accumulate = bool(accumulate)
 
     def summary(self) -> SparsitySummary:
-        """A per-layer table (name, shape, density, active/total); ``print`` it."""
+        """A per-layer table (name, shape, density, active/total; dense and sparse inference
+        FLOPs per sample when ``sparsify`` was given ``example_inputs``); ``print`` it."""
+        per_layer = {}
+        inputs = self.example_inputs()
+        if inputs is not None:
+            from fxsparse.accounting import _batch_size, flop_report
+
+            batch = _batch_size(inputs)
+            per_layer = {r.name: r for r in flop_report(self, inputs).rows if r.kind == "weight"}
         rows = []
         for fqn, mask in self.masks.items():
             active = int(mask.sum())
-            rows.append(
-                {"name": fqn, "shape": tuple(mask.shape), "density": active / mask.numel(),
-                 "active": active, "total": mask.numel()}
-            )
+            row = {"name": fqn, "shape": tuple(mask.shape), "density": active / mask.numel(),
+                   "active": active, "total": mask.numel()}
+            if inputs is not None:
+                found = per_layer.get(fqn)
+                row["dense_flops"] = found.dense_flops / batch if found else 0.0
+                row["sparse_flops"] = found.sparse_flops / batch if found else 0.0
+            rows.append(row)
         return SparsitySummary(rows, self.skipped)
+
+    def example_inputs(self) -> tuple[Any, ...] | None:
+        """Inputs of the shapes and dtypes ``sparsify`` was given (zeros), or None."""
+        spec = self._fxsparse.input_spec
+        if spec is None:
+            return None
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        return tuple(
+            torch.zeros(item[1], dtype=item[2], device=device) if item[0] == "tensor" else item[1]
+            for item in spec
+        )
 
     def named_masks(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.masks.items()

@@ -160,10 +160,11 @@ class Masker(nn.Module):
     def mask_gradient(self, name: str, weight: torch.Tensor) -> None:
         """Multiplies ``weight.grad`` by its mask (the post-accumulate-grad hook's work).
 
-        In place, except while armed: then the captured dense gradient may share its storage.
+        In place, except while a captured dense gradient of this weight is held: it may share
+        the storage that autograd accumulated into ``.grad``.
         """
         values = self.compute_mask(name, self._masks[name], weight)
-        grad = mask_grad_(weight, values, inplace=not self.armed)
+        grad = mask_grad_(weight, values, inplace=name not in self.grads)
         # which tensor, at which version, left here masked: if the weight's .grad is still
         # exactly this at the optimizer step, its inactive entries are exactly zero
         self._grad_tokens[name] = (grad.data_ptr(), grad._version)

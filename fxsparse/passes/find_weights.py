@@ -110,24 +110,23 @@ def _is_rewritable(module: nn.Module) -> bool:
     return False
 
 
+def _view_source(node: torch.fx.Node) -> Any:
+    """The tensor a shape-only node (``w.t()``, ``w.T``, ``reshape`` ...) views; None otherwise."""
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        return node.args[0]
+    if node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+        return node.args[0]
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in _VIEW_ATTRS:
+        return node.args[0]
+    return None
+
+
 def _param_of(gm: torch.fx.GraphModule, node: Any, names: dict[str, str]) -> str | None:
     """The canonical FQN of the parameter ``node`` reads, following views; else None."""
     while isinstance(node, torch.fx.Node):
         if node.op == "get_attr":
             return names.get(str(node.target))
-        if node.op == "call_method" and node.target in _VIEW_METHODS:
-            node = node.args[0]
-        elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
-            node = node.args[0]
-        elif (
-            node.op == "call_function"
-            and node.target is getattr
-            and len(node.args) == 2
-            and node.args[1] in _VIEW_ATTRS
-        ):
-            node = node.args[0]
-        else:
-            return None
+        node = _view_source(node)
     return None
 
 
