@@ -10,6 +10,7 @@
 from fxsparse.api import sparsify
 from fxsparse.budgets import register_init
 from fxsparse.accounting import FlopReport, GradualPruning, flop_report, flops
+from fxsparse.passes.find_weights import register_leaf_weights
 from fxsparse.graph_module import LayerChange, SparseGraphModule, register_grow_score
 from fxsparse.scheduler import RigLScheduler, register_method
 from fxsparse.tracing import register_leaf_function, register_leaf_module
@@ -30,4 +31,5 @@ __all__ = [
     "register_method",
     "register_leaf_module",
     "register_leaf_function",
+    "register_leaf_weights",
 ]

@@ -153,7 +153,14 @@ def sparsify(
         for fqn in shapes:
             mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
             state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn])
-        mask_weights(sparse, {f: s.mask for f, s in state.sites.items()}, names, MASKER)
+        opaque = {s.fqn for s in kept if s.opaque}
+        mask_weights(
+            sparse,
+            {f: site.mask for f, site in state.sites.items() if f not in opaque},
+            names,
+            MASKER,
+            hooked={f: site.mask for f, site in state.sites.items() if f in opaque},
+        )
         sparse.recompile()
         sparse._set_state(state)
     except Exception as e:

@@ -73,6 +73,17 @@ class _GradMaskHook:
             masker.mask_gradient(self.name, param)
 
 
+class _CaptureHook(_GradMaskHook):
+    """The growth-gradient hook of a weight used inside an opaque leaf: the parameter's total
+    gradient of one backward, before it is accumulated and masked (``dL/d(w*m)``, as ``w`` holds
+    zeros where ``m`` does), recorded while the masker is armed."""
+
+    def __call__(self, grad: torch.Tensor) -> None:  # type: ignore[override]
+        masker = self.masker()
+        if masker is not None and masker.armed:
+            masker._record(self.name, grad)
+
+
 @torch.no_grad()
 def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
     """Sets the inactive entries of ``weight`` to zero, in place (``mask`` of its dtype)."""
@@ -81,12 +92,15 @@ def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
 
 @torch.fx.node.has_side_effect
 @torch.compiler.disable
-def zero_dirty(masker: Masker, names: tuple[str, ...], weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+def zero_dirty(
+    masker: Masker, names: tuple[str, ...], weights: list[torch.Tensor], masks: list[torch.Tensor],
+    hooked: tuple[str, ...] = (),
+) -> None:
     """The prologue of every SparseGraphModule forward: see :meth:`Masker.zero_dirty`.
 
     It runs eagerly (under torch.compile it is where the graph starts), before any weight is read.
     """
-    masker.zero_dirty(names, weights, masks)
+    masker.zero_dirty(names, weights, masks, hooked)
 
 
 # Optimizers whose step is elementwise: a zero weight with zero gradient and zero state stays
@@ -140,9 +154,14 @@ class Masker(nn.Module):
         out.register_hook(functools.partial(self._record, name))
         return out
 
-    def zero_dirty(self, names: tuple[str, ...], weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    def zero_dirty(
+        self, names: tuple[str, ...], weights: list[torch.Tensor], masks: list[torch.Tensor],
+        hooked: tuple[str, ...] = (),
+    ) -> None:
         """Zeroes the inactive entries of every weight changed since they were last zeroed, and
-        makes sure each weight's gradient is masked when it is accumulated."""
+        makes sure each weight's gradient is masked when it is accumulated. Weights named in
+        ``hooked`` (used inside opaque leaf modules, where no masked-weight node sees them) also
+        get their dense growth gradient captured by a hook on the parameter."""
         for name, weight, mask in zip(names, weights, masks):
             if self._clean.get(name) != _versions(weight, mask):
                 zero_inactive_(weight, self.compute_mask(name, mask, weight))
@@ -150,6 +169,8 @@ class Masker(nn.Module):
             self._masks[name] = mask
             if not self.serves(name, weight) and weight.requires_grad:
                 weight.register_post_accumulate_grad_hook(_GradMaskHook(self, name))
+                if name in hooked:
+                    weight.register_hook(_CaptureHook(self, name))
                 self._hooked[name] = weakref.ref(weight)
 
     def serves(self, name: str, weight: torch.Tensor) -> bool:

@@ -33,7 +33,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def register_leaf_module(cls: M) -> M:
     """Keeps modules of ``cls`` as opaque ``call_module`` nodes when tracing (usable as a decorator).
 
-    Their own weights are then invisible to the graph; see ``SparseGraphModule.skipped``.
+    The graph cannot see their weights; those of conv/linear submodules, MultiheadAttention and
+    RNNs inside are still sparsified (the module-level fallback), others can be declared with
+    :func:`fxsparse.register_leaf_weights` and are otherwise listed in ``SparseGraphModule.skipped``.
 
     Example:
         >>> @register_leaf_module

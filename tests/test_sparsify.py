@@ -347,20 +347,77 @@ def test_untraceable_model_names_the_module_and_the_fix():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_registered_leaf_module_is_traced_around_and_its_weights_listed_as_skipped():
+def test_registered_leaf_module_is_traced_around_and_unknown_weights_inside_listed_as_skipped():
     @fxsparse.register_leaf_module
     class Opaque(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = torch.nn.Linear(4, 4)
+            self.lin = torch.nn.Linear(4, 4)  # a Linear inside: the module-level fallback masks it
+            self.raw = torch.nn.Parameter(torch.randn(4, 4))  # used somehow: left dense, said why
 
         def forward(self, x):
-            return self.lin(x) if x.sum() > 0 else -x
+            return self.lin(x) @ self.raw if x.sum() > 0 else -x
 
     model = torch.nn.Sequential(Opaque(), torch.nn.Linear(4, 2))
     sparse = fxsparse.sparsify(model, 0.5)
-    assert list(sparse.masks) == ["1.weight"]
-    assert sparse.skipped[0][0] == "0.lin.weight" and "opaque leaf" in sparse.skipped[0][1]
+    assert list(sparse.masks) == ["0.lin.weight", "1.weight"]
+    assert sparse.skipped[0][0] == "0.raw" and "opaque leaf" in sparse.skipped[0][1]
+    assert "register_leaf_weights" in sparse.skipped[0][1]
+    fxsparse.register_leaf_weights(Opaque, ["raw"])
+    assert sorted(fxsparse.sparsify(model, 0.5).masks) == ["0.lin.weight", "0.raw", "1.weight"]
+
+
+class _Leafy(torch.nn.Module):
+    """Weights the graph cannot see: MultiheadAttention's projections and an LSTM's matrices."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.rnn = torch.nn.LSTM(8, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).transpose(1, 2)
+        h, _ = self.attn(h, h, h)
+        h, _ = self.rnn(h)
+        return self.head(h.mean(1))
+
+
+def test_weights_inside_opaque_leaves_get_the_same_invariants():
+    torch.manual_seed(0)
+    model = _Leafy()
+    sparse = fxsparse.sparsify(model, 0.3)
+    inside = ["attn.in_proj_weight", "attn.out_proj.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+    assert set(inside) <= set(sparse.masks) and sparse.skipped == []
+    x = torch.randn(2, 3, 6, 6)
+    assert_budget(sparse, 0.3, "erk")
+    assert_inactive_no_influence(sparse, x)
+    sparse.zero_grad()
+    sparse(x).square().sum().backward()
+    assert_inactive_zero_grad(sparse)
+    # the captured growth gradient is dL/d(w*m), dense: autograd on a copy holding w*m
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for fqn, mask in sparse.masks.items():
+            reference.get_parameter(fqn).copy_(sparse.get_parameter(fqn) * mask)
+    reference(x).square().sum().backward()
+    for fqn in inside:
+        torch.testing.assert_close(sparse.growth_capture.grads[fqn], reference.get_parameter(fqn).grad)
+        assert bool((sparse.growth_capture.grads[fqn] * ~sparse.masks[fqn]).ne(0).any())
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.1, momentum=0.9)
+    opt.step()
+    sparse.rigl_step(0.3, opt)
+    sparse.verify()
+    # masks persist through state_dict and deepcopy like any other
+    copied = copy.deepcopy(sparse)
+    assert all(torch.equal(copied.masks[f], m) for f, m in sparse.masks.items())
+    state = sparse.state_dict()
+    assert all(f"{fqn}_mask" in state for fqn in inside)
+    fresh = fxsparse.sparsify(model, 0.3, seed=1)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.masks[f], m) for f, m in sparse.masks.items())
+    torch.testing.assert_close(fresh(x), sparse(x))
 
 
 def test_rigl_step_without_backward_is_a_clear_error():

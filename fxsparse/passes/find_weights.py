@@ -4,9 +4,12 @@ Invariant: a parameter is reported when, and only when, one of its uses in the g
 weight operand of a conv / linear / matrix-product node (a ``call_module`` on an ``nn.Conv*`` /
 ``nn.Linear`` leaf, or a ``call_function`` / ``call_method`` whose operand is a ``get_attr`` of the
 parameter, possibly through views such as ``.t()``), has two or more dims, is floating point and
-trainable, and every one of its uses can be rewritten to the masked value. Parameters are named
-by their canonical FQN (the first name ``named_parameters()`` gives), so a tied weight is one
-entry however many names and uses it has. Consumer nodes get ``node.meta["fxsparse.weight"]``.
+trainable, and every one of its uses can be rewritten to the masked value. A weight an opaque
+leaf module uses inside (a conv/linear submodule's weight, ``nn.MultiheadAttention``'s and RNNs'
+matrices, what ``register_leaf_weights`` declares) is reported too, with the leaf in
+``WeightSite.opaque``: it is masked by the module-level fallback. Parameters are named by their
+canonical FQN (the first name ``named_parameters()`` gives), so a tied weight is one entry however
+many names and uses it has. Consumer nodes get ``node.meta["fxsparse.weight"]``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from torch import nn
 
 from fxsparse.passes.functionalize import plain_call
 
-__all__ = ["WeightUse", "WeightSite", "find_weights", "canonical_names", "REWRITABLE_MODULES"]
+__all__ = [
+    "WeightUse", "WeightSite", "find_weights", "canonical_names", "REWRITABLE_MODULES",
+    "register_leaf_weights", "leaf_product_weights",
+]
 
 # Functional consumers and the positions of their weight operands.
 _FUNCTION_WEIGHT_ARGS: dict[Callable[..., Any], tuple[int, ...]] = {
@@ -82,12 +88,74 @@ class WeightUse:
 
 @dataclass
 class WeightSite:
-    """A sparsifiable parameter and every place the graph uses it."""
+    """A sparsifiable parameter and every place the graph uses it.
+
+    ``opaque`` names the leaf module(s) that use it out of the graph's sight (the module-level
+    fallback: masked in the parameter itself, its growth gradient hooked on the parameter).
+    """
 
     fqn: str
     shape: tuple[int, ...]
     uses: list[WeightUse] = field(default_factory=list)
     consumers: list[torch.fx.Node] = field(default_factory=list)
+    opaque: list[str] = field(default_factory=list)
+
+
+# Product weights of opaque leaves, by leaf type: names relative to the module of that type.
+_LEAF_WEIGHTS: dict[type[nn.Module], tuple[str, ...]] = {}
+
+
+def register_leaf_weights(cls: type[nn.Module], names: Iterable[str]) -> None:
+    """Declares the conv/linear/matmul weights (``names``) that modules of ``cls`` use inside.
+
+    When such a module is an opaque leaf of the graph, those weights are sparsified by the
+    module-level fallback instead of being left dense.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"expected an nn.Module subclass, got {cls!r}")
+    names = tuple(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"expected parameter names of {cls.__name__}, got {names!r}")
+    _LEAF_WEIGHTS[cls] = names
+
+
+def _timm_leaf_weights() -> None:
+    try:
+        from timm.layers import CondConv2d
+    except ImportError:  # pragma: no cover - timm is a dependency, but stay importable without
+        return
+    # per-sample kernels: routing weights (batch x experts) @ weight (experts x kernel)
+    _LEAF_WEIGHTS.setdefault(CondConv2d, ("weight",))
+
+
+_timm_leaf_weights()
+
+
+def leaf_product_weights(module: nn.Module) -> dict[str, str]:
+    """The conv/linear/matmul weights used inside ``module``, by name relative to it, with what
+    uses them: weights of conv/linear submodules (of any subclass), the projections of
+    ``nn.MultiheadAttention``, the input and hidden matrices of ``nn.RNN``/``LSTM``/``GRU``, and
+    what :func:`register_leaf_weights` declared."""
+    found: dict[str, str] = {}
+    for sub_name, sub in module.named_modules():
+        prefix = f"{sub_name}." if sub_name else ""
+        kind = type(sub).__name__
+        if isinstance(sub, REWRITABLE_MODULES) and isinstance(getattr(sub, "weight", None), nn.Parameter):
+            found[prefix + "weight"] = kind
+        if isinstance(sub, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if isinstance(getattr(sub, name, None), nn.Parameter):
+                    found[prefix + name] = kind
+        if isinstance(sub, nn.RNNBase):
+            for name, _ in sub.named_parameters(recurse=False):
+                if name.startswith(("weight_ih", "weight_hh")):
+                    found[prefix + name] = kind
+        for cls, names in _LEAF_WEIGHTS.items():
+            if isinstance(sub, cls):
+                for name in names:
+                    if isinstance(getattr(sub, name, None), nn.Parameter):
+                        found[prefix + name] = kind
+    return found
 
 
 def canonical_names(module: nn.Module) -> dict[str, str]:
@@ -190,12 +258,21 @@ def find_weights(
                 owned = [(n, p) for n, p in owned if not n.endswith(".weight") or names[n] != weight_fqn]
                 # Its bias is read inside the rewritten call; it stays dense.
                 owned = [(n, p) for n, p in owned if not n.endswith(".bias")]
+            inside = leaf_product_weights(module)
             for pname, p in owned:
+                relative = pname[len(f"{node.target}.") :]
+                if p.dim() >= 2 and relative in inside:
+                    # the module-level fallback: masked in the parameter, hooked for growth
+                    leaf = site(names[pname])
+                    leaf.opaque.append(f"{node.target} ({type(module).__name__})")
+                    continue
                 if p.dim() >= 2:
                     fqn = names[pname]
                     blocked[fqn] = (
                         f"used inside the opaque leaf module {node.target!r} "
-                        f"({type(module).__name__}), which the graph cannot see into"
+                        f"({type(module).__name__}), which the graph cannot see into; if it is a "
+                        f"conv/linear/matmul weight there, declare it with "
+                        f"fxsparse.register_leaf_weights({type(module).__name__}, [...])"
                     )
                     if isinstance(module, _NOT_MATMUL_LEAVES):
                         # A lookup table is no product weight: worth a word only when tied

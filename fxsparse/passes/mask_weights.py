@@ -26,6 +26,7 @@ def mask_weights(
     mask_names: Mapping[str, str],
     names: Mapping[str, str],
     masker: str,
+    hooked: Mapping[str, str] | None = None,
 ) -> None:
     """Inserts the masked-weight subgraphs in place.
 
@@ -34,7 +35,10 @@ def mask_weights(
         mask_names: canonical weight FQN -> qualified name of its mask buffer.
         names: every parameter name -> its canonical FQN (tied weights share one).
         masker: qualified name of the :class:`fxsparse.masking.Masker` submodule.
+        hooked: weights an opaque leaf uses (FQN -> mask name): the prologue zeroes them and
+            hooks their gradient on the parameter; any graph reads of them stay as they are.
     """
+    hooked = dict(hooked or {})
     graph = gm.graph
     reads: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
@@ -42,12 +46,14 @@ def mask_weights(
             reads.setdefault(names[str(node.target)], []).append(node)
     # the prologue reads every weight and mask first and zeroes what changed (masking.zero_dirty)
     first = next(n for n in graph.nodes if n.op != "placeholder")
+    everything = {**{fqn: mask_names[fqn] for fqn in reads}, **hooked}
     with graph.inserting_before(first):
         masker_node = graph.get_attr(masker)
-        weights = {fqn: graph.get_attr(fqn) for fqn in reads}
-        masks = {fqn: graph.get_attr(mask_names[fqn]) for fqn in reads}
+        weights = {fqn: graph.get_attr(fqn) for fqn in everything}
+        masks = {fqn: graph.get_attr(mask) for fqn, mask in everything.items()}
         graph.call_function(
-            zero_dirty, (masker_node, tuple(reads), list(weights.values()), list(masks.values()))
+            zero_dirty,
+            (masker_node, tuple(everything), list(weights.values()), list(masks.values()), tuple(hooked)),
         )
     for fqn, nodes in reads.items():
         with graph.inserting_before(nodes[0]):
