@@ -494,3 +494,21 @@ def test_gradient_is_masked_on_every_path_and_the_growth_gradient_stays_dense():
         module(x).square().sum().backward()
         for fqn, mask in module.masks.items():
             assert bool((module.get_parameter(fqn).grad * ~mask).eq(0).all()), fqn
+
+
+def test_check_model_reports_the_first_failing_check(monkeypatch):
+    from fxsparse import checks
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    report = checks.check_model(net, torch.randn(3, 8))
+    assert report.ok and report.coverage == 1.0 and set(report.passed) == set(checks.CHECKS)
+    # a broken update that loses a connection is caught by the counts after rigl_step
+    real = fxsparse.topology.apply_update
+
+    def loses_one(weight, mask, update, state=()):
+        real(weight, mask, update, state)
+        mask.view(-1)[mask.view(-1).nonzero()[0]] = False
+
+    monkeypatch.setattr(fxsparse.topology, "apply_update", loses_one)
+    report = checks.check_model(net, torch.randn(3, 8))
+    assert not report.ok and report.failure.startswith("rigl_step:")

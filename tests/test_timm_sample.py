@@ -1,4 +1,5 @@
-"""A fixed, diverse sample of timm architectures: every check of benchmarks/timm_coverage.py.
+"""A fixed, diverse sample of timm architectures: every check of benchmarks/timm_coverage.py
+(fxsparse.checks.check_model).
 
 The full registry sweep is benchmarks/timm_coverage.py (hours); this sample runs in CI. Each
 model is built with ``pretrained=False`` at a small input it accepts.
@@ -10,8 +11,7 @@ import pytest
 import timm
 import torch
 
-import fxsparse
-from invariants import assert_budget
+from fxsparse.checks import CHECKS, check_model
 
 # (name, input size, extra create_model kwargs): one per family the issue names
 SAMPLE = [
@@ -33,42 +33,11 @@ SAMPLE = [
 ]
 
 
-def coverage(sparse: fxsparse.SparseGraphModule) -> float:
-    """Fraction (by parameter count) of conv/linear/matmul weights that were sparsified."""
-    masked = sum(m.numel() for m in sparse.masks.values())
-    left = sum(sparse.get_parameter(fqn).numel() for fqn, reason in sparse.skipped if "excluded" not in reason)
-    return masked / (masked + left)
-
-
 @pytest.mark.parametrize("name,size,kwargs", SAMPLE, ids=[s[0] for s in SAMPLE])
 def test_timm_model_sparsifies_with_every_check(name, size, kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    x = torch.randn(2, 3, size, size)
-
-    # density 1.0 computes what the model computes (eval: no dropout or drop-path noise)
-    model.eval()
-    full = fxsparse.sparsify(model, 1.0, example_inputs=x).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(full(x), model(x), rtol=1e-5, atol=1e-5)
-
-    # density 0.1 ERK: exact budgets, nearly every product weight covered
-    model.train()
-    sparse = fxsparse.sparsify(model, 0.1, "erk", example_inputs=x)
-    assert_budget(sparse, 0.1, "erk")
-    assert coverage(sparse) >= 0.99, sparse.skipped
-
-    # one backward: every parameter the dense model trains gets a gradient, masked where inactive
-    model(x).sum().backward()
-    trained = {n for n, p in model.named_parameters() if p.grad is not None}
-    sparse(x).sum().backward()
-    got = {n for n, p in sparse.named_parameters() if p.grad is not None}
-    assert trained <= got, sorted(trained - got)
-    for fqn, mask in sparse.masks.items():
-        grad = sparse.get_parameter(fqn).grad
-        assert grad is None or bool((grad * ~mask).eq(0).all()), fqn
-
-    # one topology update keeps every count
-    sparse.rigl_step(0.3)
-    assert_budget(sparse, 0.1, "erk")
-    sparse.verify()
+    report = check_model(model, torch.randn(2, 3, size, size))
+    assert report.ok, report.failure
+    assert set(report.passed) == set(CHECKS)
+    assert report.coverage >= 0.99, report.skipped

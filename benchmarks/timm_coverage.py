@@ -1,0 +1,249 @@
+"""Coverage sweep: does ``sparsify`` keep its guarantees on every timm architecture?
+
+For every name of ``timm.list_models()`` (sorted; ``--every K`` keeps every K-th, ``--models``
+names some), in its own subprocess with a time limit (``--timeout``) and one thread:
+
+1. build it (``pretrained=False``, 10 classes); too large (``--max-params``) is skipped, said so;
+2. pick an input: 64x64 (or the model's own size when it needs one) with the model's channels;
+   the eager forward must work, else the model is listed as not runnable;
+3. ask whether timm itself can fx-trace it (``timm.models.get_graph_node_names``, timm's
+   feature-extraction tracer with its leaf registries): the denominator of the pass rate;
+4. run :func:`fxsparse.checks.check_model`: sparsify at density 0.1 ERK, exact counts, density 1.0
+   equals eager, gradients, one ``rigl_step``, and the fraction of conv/linear/matmul weights
+   sparsified.
+
+Results are appended to a JSON-lines file as they come (``--results``; a rerun skips the models
+already there, so a sweep can be resumed), and ``--out`` writes the Markdown report: totals,
+per-family table, failures grouped by reason.
+
+Run (the whole registry takes hours on 2 cores):
+    .venv/bin/python benchmarks/timm_coverage.py --out docs/timm_coverage.md
+    .venv/bin/python benchmarks/timm_coverage.py --every 10 --out docs/timm_coverage.md  # a sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "check_one", "write_report"]
+
+SMALL = 64
+
+
+def check_one(name: str, max_params: float) -> dict[str, Any]:
+    """All checks for one model, in this process (the child's work)."""
+    import timm
+    import torch
+
+    torch.set_num_threads(1)
+    from fxsparse.checks import check_model
+
+    result: dict[str, Any] = {"name": name}
+    start = time.perf_counter()
+    try:  # count parameters on the meta device first: a billion-parameter init takes minutes
+        with torch.device("meta"):
+            meta = timm.create_model(name, pretrained=False, num_classes=10)
+        params = sum(p.numel() for p in meta.parameters())
+        if params > max_params:
+            return {**result, "family": type(meta).__module__.rsplit(".", 1)[-1], "params": params,
+                    "status": "too large", "reason": f"{params / 1e6:.0f} M parameters > cap"}
+    except Exception:  # noqa: BLE001 - some models cannot be built on meta: build them for real
+        pass
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    except Exception as e:  # noqa: BLE001 - the report says why
+        return {**result, "status": "not constructed", "reason": _reason(e)}
+    result["family"] = type(model).__module__.rsplit(".", 1)[-1]
+    params = sum(p.numel() for p in model.parameters())
+    result["params"] = params
+    if params > max_params:
+        return {**result, "status": "too large", "reason": f"{params / 1e6:.0f} M parameters > cap"}
+    channels, *size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    x = None
+    for shape in ((channels, SMALL, SMALL), (channels, *size)):
+        try:
+            candidate = torch.randn(2, *shape)
+            model.eval()
+            with torch.no_grad():
+                model(candidate)
+            x = candidate
+            break
+        except Exception as e:  # noqa: BLE001
+            result["eager_error"] = _reason(e)
+    if x is None:
+        return {**result, "status": "not runnable", "reason": result.pop("eager_error")}
+    result["input"] = list(x.shape)
+    try:
+        from timm.models import get_graph_node_names
+
+        get_graph_node_names(model)
+        result["timm_traces"] = True
+    except Exception as e:  # noqa: BLE001
+        result["timm_traces"] = False
+        result["timm_trace_error"] = _reason(e)
+    report = check_model(model, x)
+    result.update(
+        status="pass" if report.ok else "fail",
+        reason=report.failure,
+        passed=report.passed,
+        coverage=report.coverage,
+        masked_params=report.masked_params,
+        skipped=[list(s) for s in report.skipped],
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    return result
+
+
+def _reason(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def _run_child(name: str, timeout: float, max_params: float) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", name, "--max-params", str(max_params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "status": "timeout", "reason": f"more than {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {"name": name, "status": "crashed", "reason": f"exit {done.returncode}: {tail}"}
+    result = json.loads(lines[-1])
+    result.setdefault("seconds", round(time.perf_counter() - start, 1))
+    return result
+
+
+def write_report(results: list[dict[str, Any]], path: str | None, command: str, total_registry: int) -> str:
+    """The Markdown report of a sweep's results."""
+    by_status = collections.Counter(r["status"] for r in results)
+    checked = [r for r in results if r["status"] in ("pass", "fail")]
+    traced = [r for r in checked if r.get("timm_traces")]
+    passed_traced = [r for r in traced if r["status"] == "pass"]
+    passing = [r for r in checked if r["status"] == "pass"]
+    masked = sum(r.get("masked_params", 0) for r in passing)
+    total_weights = sum(r["masked_params"] / r["coverage"] for r in passing if r.get("coverage"))
+    lines = [
+        "# timm coverage",
+        "",
+        f"{len(results)} of timm {_timm_version()}'s {total_registry} registered architectures swept "
+        f"({datetime.date.today().isoformat()}).",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        f".venv/bin/python {command}",
+        "```",
+        "",
+        "## Totals",
+        "",
+        "| outcome | models |",
+        "|---|---|",
+    ]
+    for status in ("pass", "fail", "not constructed", "not runnable", "too large", "timeout", "crashed"):
+        lines.append(f"| {status} | {by_status.get(status, 0)} |")
+    rate = len(passed_traced) / len(traced) if traced else float("nan")
+    lines += [
+        "",
+        f"Of the {len(traced)} checked models that timm itself can fx-trace, {len(passed_traced)} pass every "
+        f"check: {100 * rate:.1f}%. Of the {len(checked) - len(traced)} that timm's tracer cannot trace, "
+        f"{sum(1 for r in checked if not r.get('timm_traces') and r['status'] == 'pass')} pass anyway.",
+        f"On the passing models, {100 * masked / total_weights if total_weights else float('nan'):.2f}% of "
+        f"conv/linear/matmul weight parameters are sparsified (the rest are listed in `skipped`).",
+        "",
+        "## By family",
+        "",
+        "| family | checked | pass | fail | weights sparsified |",
+        "|---|---|---|---|---|",
+    ]
+    families: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in checked:
+        families[r.get("family", "?")].append(r)
+    for family in sorted(families):
+        rows = families[family]
+        ok = [r for r in rows if r["status"] == "pass"]
+        cov = (
+            sum(r["masked_params"] for r in ok) / sum(r["masked_params"] / r["coverage"] for r in ok if r["coverage"])
+            if ok and any(r.get("coverage") for r in ok) else float("nan")
+        )
+        lines.append(f"| {family} | {len(rows)} | {len(ok)} | {len(rows) - len(ok)} | {100 * cov:.1f}% |")
+    lines += ["", "## Failures by reason", ""]
+    reasons: dict[str, list[str]] = collections.defaultdict(list)
+    for r in results:
+        if r["status"] not in ("pass",):
+            reasons[f"{r['status']}: {(r.get('reason') or '')[:160]}"].append(r["name"])
+    if not reasons:
+        lines.append("None.")
+    for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        lines.append(f"- {len(names)} x `{reason}`: {shown}")
+    text = "\n".join(lines) + "\n"
+    if path:
+        Path(path).write_text(text)
+    return text
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="", help="comma-separated names (default: the registry)")
+    parser.add_argument("--every", type=int, default=1, help="keep every K-th name of the sorted registry")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
+    parser.add_argument("--max-params", type=float, default=150e6)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--results", default="benchmarks/results/timm_coverage.jsonl")
+    parser.add_argument("--out", default=None, help="write the Markdown report here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(check_one(args.child, args.max_params)), flush=True)
+        return
+
+    import timm
+
+    registry = sorted(timm.list_models())
+    names = [n for n in args.models.split(",") if n] or registry[:: args.every]
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[record["name"]] = record
+    # run in a fixed pseudo-random order, so that a sweep cut short is still a fair sample
+    todo = sorted((n for n in names if n not in done), key=lambda n: zlib.crc32(n.encode()))
+    print(f"{len(names)} models, {len(todo)} to run, {len(done)} already in {results_path}", flush=True)
+    with ThreadPoolExecutor(max_workers=args.workers) as pool, results_path.open("a") as sink:
+        for i, result in enumerate(pool.map(lambda n: _run_child(n, args.timeout, args.max_params), todo)):
+            sink.write(json.dumps(result) + "\n")
+            sink.flush()
+            done[result["name"]] = result
+            print(f"[{i + 1}/{len(todo)}] {result['name']}: {result['status']} {result.get('reason') or ''}"[:200], flush=True)
+    command = "benchmarks/timm_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = write_report([done[n] for n in names if n in done], args.out, command.strip(), len(registry))
+    if not args.out:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Does ``sparsify`` keep its guarantees on this model? The checks of the timm coverage sweep.
+
+:func:`check_model` runs, on a copy of any model and an input it accepts: sparsify at density 0.1
+ERK; exact per-layer counts; at density 1.0 the outputs equal the model's (eval mode); after one
+backward every parameter the dense model trains has a gradient, zero where inactive; one
+``rigl_step`` keeps the counts; and the fraction (by parameter count) of conv/linear/matmul
+weights that ended up sparsified. ``benchmarks/timm_coverage.py`` runs it over timm's registry
+and ``tests/test_timm_sample.py`` over a fixed sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsparse.api import sparsify
+from fxsparse.budgets import active_counts, layer_densities
+
+__all__ = ["CheckReport", "check_model", "CHECKS"]
+
+CHECKS = ("sparsify", "counts", "density_one", "gradients", "rigl_step")
+
+
+@dataclass
+class CheckReport:
+    """Outcome of :func:`check_model`: which checks passed, why the first failure failed."""
+
+    passed: dict[str, bool] = field(default_factory=dict)
+    failure: str | None = None  # "check: ExceptionType: message" of the first failure
+    coverage: float | None = None  # sparsified / (sparsified + left dense) product weights
+    masked_params: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and all(self.passed.get(c, False) for c in CHECKS)
+
+
+def _counts_exact(sparse: Any, density: float, init: str) -> None:
+    shapes = {fqn: tuple(mask.shape) for fqn, mask in sparse.masks.items()}
+    # sparsify's default: uniform keeps the first layer dense
+    dense = [next(iter(shapes))] if init == "uniform" and len(shapes) > 1 else []
+    want = active_counts(shapes, layer_densities(shapes, density, init, dense=dense))
+    got = {fqn: int(mask.sum()) for fqn, mask in sparse.masks.items()}
+    bad = {fqn: (got[fqn], want[fqn]) for fqn in shapes if got[fqn] != want[fqn]}
+    if bad:
+        raise AssertionError(f"active counts differ from the budget (got, want): {bad}")
+
+
+def check_model(
+    model: nn.Module, example_inputs: Any, *, density: float = 0.1, init: str = "erk",
+    rtol: float = 1e-5, atol: float = 1e-5,
+) -> CheckReport:
+    """Runs every check on copies of ``model`` (never modified); stops at the first failure."""
+    report = CheckReport()
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    stage = "sparsify"
+    try:
+        model = copy.deepcopy(model)
+        model.train()
+        sparse = sparsify(model, density, init, example_inputs=inputs)
+        report.passed["sparsify"] = True
+        report.skipped = sparse.skipped
+        masked = sum(m.numel() for m in sparse.masks.values())
+        left = sum(
+            math.prod(sparse.get_parameter(fqn).shape)
+            for fqn, reason in sparse.skipped
+            if "excluded" not in reason
+        )
+        report.masked_params = masked
+        report.coverage = masked / (masked + left) if masked + left else 1.0
+
+        stage = "counts"
+        _counts_exact(sparse, density, init)
+        report.passed["counts"] = True
+
+        stage = "density_one"
+        model.eval()
+        full = sparsify(model, 1.0, example_inputs=inputs).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(full(*inputs), model(*inputs), rtol=rtol, atol=atol)
+        report.passed["density_one"] = True
+        del full
+
+        stage = "gradients"
+        model.train()
+        _scalar(model(*inputs)).backward()
+        trained = {n for n, p in model.named_parameters() if p.grad is not None}
+        _scalar(sparse(*inputs)).backward()
+        # every name (a module reachable by two paths has its parameters under both)
+        got = {n for n, p in sparse.named_parameters(remove_duplicate=False) if p.grad is not None}
+        if not trained <= got:
+            raise AssertionError(f"no gradient for {sorted(trained - got)[:5]}")
+        for fqn, mask in sparse.masks.items():
+            grad = sparse.get_parameter(fqn).grad
+            if grad is not None and bool((grad * ~mask).ne(0).any()):
+                raise AssertionError(f"{fqn}: inactive weights have gradient")
+        report.passed["gradients"] = True
+
+        stage = "rigl_step"
+        sparse.rigl_step(0.3)
+        _counts_exact(sparse, density, init)
+        sparse.verify()
+        report.passed["rigl_step"] = True
+    except Exception as e:  # the report says which check failed and how
+        report.passed.setdefault(stage, False)
+        lines = traceback.format_exception_only(type(e), e)
+        report.failure = f"{stage}: {''.join(lines).strip().splitlines()[0][:300]}"
+    return report
+
+
+def _scalar(output: Any) -> torch.Tensor:
+    """A scalar to backward from any model output (tensor, tuple, dict)."""
+    if isinstance(output, torch.Tensor):
+        return output.float().sum()
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return sum(_scalar(o) for o in output if isinstance(o, (torch.Tensor, list, tuple, dict)))
+    raise TypeError(f"expected tensor outputs, got {type(output).__name__}")
