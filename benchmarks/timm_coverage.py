@@ -28,6 +28,7 @@ import collections
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def check_one(name: str, max_params: float) -> dict[str, Any]:
         params = sum(p.numel() for p in meta.parameters())
         if params > max_params:
             return {**result, "family": type(meta).__module__.rsplit(".", 1)[-1], "params": params,
-                    "status": "too large", "reason": f"{params / 1e6:.0f} M parameters > cap"}
+                    "status": "too large", "reason": f"{params / 1e6:.0f} M parameters > cap {max_params / 1e6:.0f} M"}
     except Exception:  # noqa: BLE001 - some models cannot be built on meta: build them for real
         pass
     try:
@@ -69,7 +70,7 @@ def check_one(name: str, max_params: float) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
     result["params"] = params
     if params > max_params:
-        return {**result, "status": "too large", "reason": f"{params / 1e6:.0f} M parameters > cap"}
+        return {**result, "status": "too large", "reason": f"{params / 1e6:.0f} M parameters > cap {max_params / 1e6:.0f} M"}
     channels, *size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x = None
     for shape in ((channels, SMALL, SMALL), (channels, *size)):
@@ -128,7 +129,11 @@ def _run_child(name: str, timeout: float, max_params: float) -> dict[str, Any]:
     return result
 
 
-def write_report(results: list[dict[str, Any]], path: str | None, command: str, total_registry: int) -> str:
+# records written before the command was recorded came from this full-registry sweep
+FIRST_SWEEP = "benchmarks/timm_coverage.py --timeout 240 --out docs/timm_coverage.md"
+
+
+def write_report(results: list[dict[str, Any]], path: str | None, total_registry: int) -> str:
     """The Markdown report of a sweep's results."""
     by_status = collections.Counter(r["status"] for r in results)
     checked = [r for r in results if r["status"] in ("pass", "fail")]
@@ -141,12 +146,14 @@ def write_report(results: list[dict[str, Any]], path: str | None, command: str, 
         "# timm coverage",
         "",
         f"{len(results)} of timm {_timm_version()}'s {total_registry} registered architectures swept "
-        f"({datetime.date.today().isoformat()}).",
+        f"({datetime.date.today().isoformat()}), in a fixed pseudo-random order (crc32 of the name), so "
+        f"that a partial sweep is a fair sample; each model in its own process, one thread, "
+        f"pretrained=False, 10 classes, a 64x64 input or the model's own size where it needs one.",
         "",
-        "Produced by:",
+        "Produced by (each command resumes from the results file and runs what is missing or asked for):",
         "",
         "```",
-        f".venv/bin/python {command}",
+        *dict.fromkeys(f".venv/bin/python {r.get('command', FIRST_SWEEP)}" for r in results),
         "```",
         "",
         "## Totals",
@@ -163,7 +170,9 @@ def write_report(results: list[dict[str, Any]], path: str | None, command: str, 
         f"check: {100 * rate:.1f}%. Of the {len(checked) - len(traced)} that timm's tracer cannot trace, "
         f"{sum(1 for r in checked if not r.get('timm_traces') and r['status'] == 'pass')} pass anyway.",
         f"On the passing models, {100 * masked / total_weights if total_weights else float('nan'):.2f}% of "
-        f"conv/linear/matmul weight parameters are sparsified (the rest are listed in `skipped`).",
+        f"conv/linear/matmul weight parameters are sparsified (the rest are listed in `skipped`). This share "
+        f"is a lower bound: every parameter in `skipped` counts as a weight left dense, although most of "
+        f"them are gains, biases and position embeddings inside untraceable leaves (listed below).",
         "",
         "## By family",
         "",
@@ -184,17 +193,62 @@ def write_report(results: list[dict[str, Any]], path: str | None, command: str, 
     lines += ["", "## Failures by reason", ""]
     reasons: dict[str, list[str]] = collections.defaultdict(list)
     for r in results:
-        if r["status"] not in ("pass",):
+        if r["status"] not in ("pass", "too large"):
             reasons[f"{r['status']}: {(r.get('reason') or '')[:160]}"].append(r["name"])
     if not reasons:
         lines.append("None.")
     for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
         shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
         lines.append(f"- {len(names)} x `{reason}`: {shown}")
+    lines += _left_dense(passing) + _too_large(results)
     text = "\n".join(lines) + "\n"
     if path:
         Path(path).write_text(text)
     return text
+
+
+def _left_dense(passing: list[dict[str, Any]]) -> list[str]:
+    """Parameters that passing models leave dense (``sparse.skipped``), grouped by reason."""
+    groups: dict[str, set[str]] = collections.defaultdict(set)
+    counts: collections.Counter[str] = collections.Counter()
+    for r in passing:
+        for fqn, reason in r.get("skipped") or []:
+            # 'used inside the opaque leaf module 'x.y' (Cls), ...' -> the class is the reason
+            key = reason.split("(", 1)[1].split(")", 1)[0] if "opaque leaf" in reason else reason[:120]
+            groups[key].add(r["name"])
+            counts[key] += 1
+    lines = ["", "## Parameters left dense on passing models", ""]
+    if not groups:
+        return lines + ["None."]
+    lines += [
+        "Listed in `sparse.skipped` with the reason; most are not conv/linear/matmul weights at all "
+        "(gains, attention biases) but parameters the graph cannot see because they live inside an "
+        "untraceable leaf.",
+        "",
+        "| inside leaf (or reason) | parameters | models |",
+        "|---|---|---|",
+    ]
+    for key, n in counts.most_common():
+        names = sorted(groups[key])
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        lines.append(f"| {key} | {n} | {shown} |")
+    return lines
+
+
+def _too_large(results: list[dict[str, Any]]) -> list[str]:
+    """Models above the parameter cap, which were built on the meta device but not checked."""
+    big = sorted((r for r in results if r["status"] == "too large"), key=lambda r: r.get("params", 0))
+    if not big:
+        return []
+    return [
+        "",
+        f"## Not checked: above the parameter cap ({len(big)})",
+        "",
+        "Counted on the meta device (no memory), not built: the sweep runs two 1-thread processes on a "
+        "2-core, 24 GiB machine. Raise `--max-params` and pass `--rerun 'too large'` to check them.",
+        "",
+        ", ".join(f"{r['name']} ({r.get('params', 0) / 1e6:.0f} M)" for r in big),
+    ]
 
 
 def _timm_version() -> str:
@@ -212,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--results", default="benchmarks/results/timm_coverage.jsonl")
     parser.add_argument("--out", default=None, help="write the Markdown report here")
+    parser.add_argument("--rerun", default="", help="comma-separated statuses to run again, e.g. 'too large,timeout'")
+    parser.add_argument("--report-only", action="store_true", help="write the report from --results, run nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -229,18 +285,24 @@ def main(argv: list[str] | None = None) -> None:
         for line in results_path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                done[record["name"]] = record
+                done[record["name"]] = record  # a later record (a rerun) replaces an earlier one
+    rerun = {status for status in args.rerun.split(",") if status and not args.report_only}
+    done = {name: record for name, record in done.items() if record["status"] not in rerun}
     # run in a fixed pseudo-random order, so that a sweep cut short is still a fair sample
     todo = sorted((n for n in names if n not in done), key=lambda n: zlib.crc32(n.encode()))
+    if args.report_only:
+        todo = []
     print(f"{len(names)} models, {len(todo)} to run, {len(done)} already in {results_path}", flush=True)
+    # the command that produced each record, shown in the report (a report-only run adds none)
+    command = "benchmarks/timm_coverage.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     with ThreadPoolExecutor(max_workers=args.workers) as pool, results_path.open("a") as sink:
         for i, result in enumerate(pool.map(lambda n: _run_child(n, args.timeout, args.max_params), todo)):
+            result["command"] = command
             sink.write(json.dumps(result) + "\n")
             sink.flush()
             done[result["name"]] = result
             print(f"[{i + 1}/{len(todo)}] {result['name']}: {result['status']} {result.get('reason') or ''}"[:200], flush=True)
-    command = "benchmarks/timm_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = write_report([done[n] for n in names if n in done], args.out, command.strip(), len(registry))
+    text = write_report([done[n] for n in names if n in done], args.out, len(registry))
     if not args.out:
         print(text)
 
