@@ -39,7 +39,7 @@ from fxsparse.passes.find_weights import (
     _weight_operands,
     canonical_names,
 )
-from fxsparse.schedules import end_step, is_update_step
+from fxsparse.schedules import GradualPruning, end_step, is_update_step
 
 __all__ = [
     "FlopRow",
@@ -53,7 +53,7 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("dense", "static", "set", "rigl", "snfs", "pruning")
+METHODS = ("dense", "static", "set", "rigl", "rigl-sg", "rigl-sm", "snfs", "pruning")
 
 
 @dataclass(frozen=True)
@@ -87,36 +87,6 @@ class FlopRow:
     def sparse_flops(self) -> float:
         """``density * dense_flops`` (the papers' convention)."""
         return self.density * self.dense_flops
-
-
-@dataclass(frozen=True)
-class GradualPruning:
-    """The schedule of gradual magnitude pruning (Zhu & Gupta 2017), in steps.
-
-    Each layer's sparsity goes from 0 to its final value as
-    ``s_t = s_f + (0 - s_f) (1 - (t - begin) / (end - begin))^3``, updated every ``frequency``
-    steps between ``begin`` and ``end``; dense before, final after.
-    """
-
-    begin: int
-    end: int
-    frequency: int = 100
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.begin < self.end) or self.frequency < 1:
-            raise ValueError(
-                f"expected 0 <= begin < end and frequency >= 1, got begin={self.begin}, "
-                f"end={self.end}, frequency={self.frequency}"
-            )
-
-    def fraction_pruned(self, step: int) -> float:
-        """How far along the cubic the sparsities are at ``step`` (0 dense, 1 final)."""
-        if step < self.begin:
-            return 0.0
-        if step >= self.end:
-            return 1.0
-        done = (step - self.begin) // self.frequency * self.frequency
-        return 1.0 - (1.0 - done / (self.end - self.begin)) ** 3
 
 
 @dataclass(frozen=True)
@@ -206,7 +176,7 @@ class FlopReport:
 
     def _run_cost(self, method: str, f_sparse: float, f_dense: float) -> float:
         assert self.total_steps is not None
-        if method != "rigl":
+        if method not in ("rigl", "rigl-sg", "rigl-sm"):
             return training_cost(method, f_sparse, f_dense) * self.total_steps
         # exact count of update steps: every delta_t until end_fraction of training
         t_end = end_step(self.total_steps, self.end_fraction)
@@ -288,7 +258,7 @@ def training_cost(method: str, f_sparse: float, f_dense: float, *, delta_t: int 
         return 3 * f_dense
     if method in ("static", "set"):
         return 3 * f_sparse
-    if method == "rigl":
+    if method in ("rigl", "rigl-sg", "rigl-sm"):  # redistribution moves f_S a little; not modelled
         if delta_t < 1:
             raise ValueError(f"expected delta_t >= 1, got {delta_t}")
         return (3 * f_sparse * delta_t + 2 * f_sparse + f_dense) / (delta_t + 1)

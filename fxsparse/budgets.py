@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 __all__ = [
+    "redistribute",
     "Shape",
     "register_init",
     "available_inits",
@@ -219,3 +220,57 @@ def count_for_density(size: int, density: float) -> int:
 def active_counts(shapes: Mapping[str, Shape], densities: Mapping[str, float]) -> dict[str, int]:
     """Exact active-weight counts per layer under :func:`count_for_density`."""
     return {name: count_for_density(math.prod(shape), densities[name]) for name, shape in shapes.items()}
+
+
+def redistribute(total: int, capacity: Mapping[str, int], scores: Mapping[str, float]) -> dict[str, int]:
+    """Shares ``total`` new connections among layers in proportion to ``scores``, exactly.
+
+    The redistribution of sparse momentum (Dettmers & Zettlemoyer 2019) and of RigL-SG/SM
+    (Sundar & Dwaraknath 2021): after each layer dropped its share, the regrowth of the whole
+    network goes to the layers by their score (mean momentum or gradient magnitude), so the total
+    count is constant while layer densities move. A layer never takes more than its
+    ``capacity`` (its inactive weights); what it cannot take is shared among the others
+    (water filling). Integer shares by largest remainder, ties by layer order: deterministic.
+
+    Args:
+        total: connections to grow, at most ``sum(capacity.values())``.
+        capacity: per layer, how many it can still take (>= 0).
+        scores: per layer, its finite score (>= 0); all zero shares by capacity.
+
+    Returns:
+        ``{layer: count}`` with ``0 <= count <= capacity`` and ``sum == total``.
+
+    Example:
+        >>> redistribute(10, {"a": 100, "b": 3}, {"a": 1.0, "b": 3.0})
+        {'a': 7, 'b': 3}
+    """
+    if set(scores) != set(capacity):
+        raise ValueError(f"expected scores for exactly the layers of capacity, got {sorted(scores)} vs {sorted(capacity)}")
+    bad = {k: v for k, v in scores.items() if not (math.isfinite(v) and v >= 0)}
+    if bad or any(c < 0 for c in capacity.values()):
+        raise ValueError(f"expected finite scores >= 0 and capacities >= 0, got scores {bad} and {dict(capacity)}")
+    if not (0 <= total <= sum(capacity.values())):
+        raise ValueError(f"expected 0 <= total <= {sum(capacity.values())} (the room left), got {total}")
+    counts = dict.fromkeys(capacity, 0)
+    open_ = [name for name in capacity if capacity[name] > 0]
+    remaining = total
+    while remaining > 0:
+        weights = {name: scores[name] for name in open_}
+        if sum(weights.values()) <= 0:  # no signal: share by room
+            weights = {name: float(capacity[name] - counts[name]) for name in open_}
+        norm = sum(weights.values())
+        ideal = {name: remaining * w / norm for name, w in weights.items()}
+        full = [name for name in open_ if ideal[name] >= capacity[name] - counts[name]]
+        if full:  # these fill up; the rest is shared again among the others
+            for name in full:
+                remaining -= capacity[name] - counts[name]
+                counts[name] = capacity[name]
+            open_ = [name for name in open_ if name not in full]
+            continue
+        floors = {name: math.floor(ideal[name]) for name in open_}
+        left = remaining - sum(floors.values())
+        order = sorted(open_, key=lambda name: (-(ideal[name] - floors[name]), open_.index(name)))
+        for i, name in enumerate(order):
+            counts[name] += floors[name] + (1 if i < left else 0)
+        remaining = 0
+    return counts

@@ -18,10 +18,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxsparse import topology
+from fxsparse import budgets, topology
 from fxsparse.masking import Masker
 
-__all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores"]
+__all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
+           "grow_score_needs_gradient"]
 
 MASKER = "fxsparse_masker"
 UPDATES = "fxsparse_updates"
@@ -52,7 +53,8 @@ class LayerChange:
     """What one topology update did to one layer.
 
     Attributes:
-        active: active weights before and after (unchanged by construction).
+        active: active weights after the update: the same as before, unless the update
+            redistributed counts between layers (SNFS, RigL-SG/SM).
         dropped: connections removed (``floor(drop_fraction * active)`` minus those regrown).
         grown: new connections, started at zero with zeroed optimizer state.
         regrown: connections dropped and grown back in the same update (they keep their value).
@@ -90,6 +92,13 @@ def register_grow_score(name: str, *, needs_gradient: bool) -> Callable[[GrowSco
 def grow_scores() -> list[str]:
     """Names accepted by ``rigl_step(grow=...)``."""
     return sorted(_GROW_SCORES)
+
+
+def grow_score_needs_gradient(name: str) -> bool:
+    """Whether the growth score ``name`` reads the dense gradient (so capture must be armed)."""
+    if name not in _GROW_SCORES:
+        raise ValueError(f"expected a growth score among {grow_scores()}, got {name!r}")
+    return _GROW_SCORES[name][1]
 
 
 @register_grow_score("gradient", needs_gradient=True)
@@ -305,6 +314,9 @@ class SparseGraphModule(torch.fx.GraphModule):
         drop_fraction: float,
         optimizer: torch.optim.Optimizer | None = None,
         grow: str = "gradient",
+        *,
+        grow_from: Mapping[str, torch.Tensor] | None = None,
+        redistribute: str | None = None,
     ) -> dict[str, LayerChange]:
         """One topology update of every sparse layer (Evci et al. 2020, section 3).
 
@@ -321,6 +333,15 @@ class SparseGraphModule(torch.fx.GraphModule):
             optimizer: the optimizer training this module, whose state is zeroed where the
                 topology changed.
             grow: a registered growth criterion (:func:`grow_scores`).
+            grow_from: tensors of the weights' shapes to score growth by instead of the
+                captured gradients (SNFS passes its dense momentum); consumed like them.
+            redistribute: ``None`` (each layer regrows what it dropped, RigL), ``"score"``
+                (the network's regrowth goes to layers in proportion to the mean growth tensor
+                magnitude over their active weights: RigL-SG with gradients, SNFS with dense
+                momentum) or ``"momentum"`` (in proportion to the mean magnitude of the
+                optimizer's momentum over active weights: RigL-SM). The total active count is
+                constant; layer counts move (:func:`fxsparse.budgets.redistribute`). Layers
+                budgeted dense stay dense.
 
         Returns:
             ``{fqn: LayerChange}`` for every sparse layer.
@@ -341,9 +362,15 @@ class SparseGraphModule(torch.fx.GraphModule):
         score_fn, needs_gradient = _GROW_SCORES[grow]
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer (or None), got {type(optimizer).__name__}")
+        if redistribute not in (None, "score", "momentum"):
+            raise ValueError(f"expected redistribute to be None, 'score' or 'momentum', got {redistribute!r}")
+        if redistribute == "score" and not needs_gradient and grow_from is None:
+            raise ValueError(f"redistribute='score' needs a growth tensor; grow={grow!r} scores without one")
+        if redistribute == "momentum" and optimizer is None:
+            raise ValueError("redistribute='momentum' reads the optimizer's momentum: pass optimizer=")
         capture = self.growth_capture
-        grads = capture.grads
-        if needs_gradient:
+        grads = capture.grads if grow_from is None else dict(grow_from)
+        if needs_gradient or grow_from is not None:
             missing = [fqn for fqn in self._fxsparse.sites if fqn not in grads]
             if missing:
                 raise ValueError(
@@ -355,28 +382,111 @@ class SparseGraphModule(torch.fx.GraphModule):
                 )
             _all_reduce_mean([grads[fqn] for fqn in self._fxsparse.sites])
 
+        sites = self._fxsparse.sites
+        if redistribute is None:
+            updated = [fqn for fqn, site in sites.items() if site.active < math.prod(site.shape)]
+            grow_counts: dict[str, int | None] = dict.fromkeys(updated)
+        else:
+            updated = [fqn for fqn, site in sites.items() if site.target_density < 1.0]
+            grow_counts = dict(self._redistribution(updated, drop_fraction, redistribute, grads, optimizer))
+
         update_index = int(self.get_buffer(UPDATES))
         changes = {}
-        for fqn, site in self._fxsparse.sites.items():
-            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
-            if site.active == mask.numel():
+        for fqn, site in sites.items():
+            if fqn not in grow_counts:
                 changes[fqn] = LayerChange(site.active, 0, 0, 0)
                 continue
+            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
             grad = grads.get(fqn)
             was_clean = capture.is_clean(fqn, weight, mask)
             score = score_fn(self, fqn, weight, mask, grad, update_index)
             # a registered score is the update's to overwrite (see register_grow_score)
-            result = topology.update_mask(mask, weight, score, drop_fraction, scratch=True, absolute=True)
+            result = topology.update_mask(
+                mask, weight, score, drop_fraction, scratch=True, absolute=True, grow_count=grow_counts[fqn]
+            )
             state = _optimizer_state(optimizer, weight)
             topology.apply_update(weight, mask, result, state)
             if was_clean:  # the update zeroed what it dropped: still no stray inactive weight
                 capture.mark_clean(fqn, weight, mask)
+            site.active += result.grown_idx.numel() - result.dropped_idx.numel()
             changes[fqn] = LayerChange(
-                site.active, result.grown_idx.numel(), result.grown_idx.numel(), result.regrown
+                site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown
             )
         self.get_buffer(UPDATES).add_(1)
         capture.clear()
         return changes
+
+
+    @torch.no_grad()
+    def prune(
+        self, counts: Mapping[str, int], optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, LayerChange]:
+        """Removes the smallest-magnitude active weights of each named layer until ``counts[fqn]``
+        remain (magnitude pruning; masks only shrink). Removed weights, their gradient and their
+        optimizer state are zeroed. Layers not named are unchanged.
+
+        Raises:
+            ValueError: an unknown layer, or a count above the layer's active count.
+        """
+        sites = self._fxsparse.sites
+        unknown = [fqn for fqn in counts if fqn not in sites]
+        if unknown:
+            raise ValueError(f"expected sparse weight FQNs, got unknown {unknown}; valid: {list(sites)}")
+        capture = self.growth_capture
+        changes = {}
+        for fqn, site in sites.items():
+            if fqn not in counts or counts[fqn] == site.active:
+                changes[fqn] = LayerChange(site.active, 0, 0, 0)
+                continue
+            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
+            was_clean = capture.is_clean(fqn, weight, mask)
+            result = topology.prune_mask(mask, weight.detach(), counts[fqn])
+            topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
+            if weight.grad is not None:
+                topology.zero_state_at([weight.grad], result.dropped_idx)
+            if was_clean:
+                capture.mark_clean(fqn, weight, mask)
+            site.active = counts[fqn]
+            changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), 0, 0)
+        return changes
+
+    def _redistribution(
+        self, names: list[str], drop_fraction: float, statistic: str,
+        grads: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
+    ) -> dict[str, int]:
+        """Per layer, how many connections it grows when the regrowth is redistributed."""
+        scores, capacity, total = {}, {}, 0
+        for fqn in names:
+            site = self._fxsparse.sites[fqn]
+            mask = self.get_buffer(site.mask)
+            k = topology.drop_count(site.active, drop_fraction)
+            total += k
+            capacity[fqn] = mask.numel() - site.active + k
+            if statistic == "score":
+                source = grads[fqn]
+            else:
+                source = _momentum(optimizer, self.get_parameter(fqn))
+                if source is None:
+                    raise ValueError(
+                        f"redistribute='momentum' needs the optimizer's momentum of {fqn!r}, but "
+                        f"{type(optimizer).__name__} holds none (yet); use SGD with momentum or "
+                        f"Adam/AdamW, and update after their first step"
+                    )
+            value = float(source.detach().abs().mul_(mask).sum()) / max(site.active, 1)
+            scores[fqn] = value if math.isfinite(value) else 0.0
+        return budgets.redistribute(total, capacity, scores)
+
+
+def _momentum(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> torch.Tensor | None:
+    """The optimizer's first-moment state of ``param``: SGD's momentum buffer, Adam's exp_avg."""
+    if optimizer is None:
+        return None
+    state = optimizer.state.get(param, {})
+    for key in ("momentum_buffer", "exp_avg"):
+        value = state.get(key)
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            return value
+    return None
 
 
 def _unpickle(body: dict[str, Any], import_block: str) -> SparseGraphModule:

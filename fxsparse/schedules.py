@@ -9,8 +9,9 @@ Steps are counted from 1: the first update happens after ``delta_t`` training it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["cosine_drop_fraction", "is_update_step", "end_step"]
+__all__ = ["cosine_drop_fraction", "is_update_step", "end_step", "GradualPruning", "pruned_density"]
 
 
 def end_step(total_steps: int, end_fraction: float) -> int:
@@ -34,3 +35,41 @@ def cosine_drop_fraction(step: int, alpha: float, t_end: int) -> float:
 def is_update_step(step: int, delta_t: int, t_end: int) -> bool:
     """True when ``step`` (counted from 1) is a multiple of ``delta_t`` no later than ``t_end``."""
     return step >= 1 and step % delta_t == 0 and step <= t_end
+
+
+@dataclass(frozen=True)
+class GradualPruning:
+    """The schedule of gradual magnitude pruning (Zhu & Gupta 2017), in steps.
+
+    Each layer's sparsity goes from 0 to its final value as
+    ``s_t = s_f + (0 - s_f) (1 - (t - begin) / (end - begin))^3``, updated every ``frequency``
+    steps between ``begin`` and ``end``; dense before, final after.
+    """
+
+    begin: int
+    end: int
+    frequency: int = 100
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.begin < self.end) or self.frequency < 1:
+            raise ValueError(
+                f"expected 0 <= begin < end and frequency >= 1, got begin={self.begin}, "
+                f"end={self.end}, frequency={self.frequency}"
+            )
+
+    def fraction_pruned(self, step: int) -> float:
+        """How far along the cubic the sparsities are at ``step`` (0 dense, 1 final)."""
+        if step < self.begin:
+            return 0.0
+        if step >= self.end:
+            return 1.0
+        done = (step - self.begin) // self.frequency * self.frequency
+        return 1.0 - (1.0 - done / (self.end - self.begin)) ** 3
+
+
+def pruned_density(initial: float, final: float, progress: float) -> float:
+    """A layer's density ``progress`` of the way along the pruning cubic (0: ``initial``,
+    1: ``final``): ``s_t = s_f + (s_i - s_f)(1 - p)^3`` is linear in ``progress = 1 - (1 - p)^3``."""
+    if progress >= 1.0:
+        return final
+    return initial + (final - initial) * max(progress, 0.0)

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["TopologyUpdate", "drop_count", "flat_nonzero", "top_indices", "update_mask", "apply_update", "zero_state_at"]
+__all__ = [
+    "TopologyUpdate", "drop_count", "flat_nonzero", "top_indices", "update_mask", "prune_mask", "apply_update",
+    "zero_state_at",
+]
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,7 @@ def update_mask(
     *,
     scratch: bool = False,
     absolute: bool = False,
+    grow_count: int | None = None,
 ) -> TopologyUpdate:
     """Drops the lowest-scored active weights and grows the highest-scored inactive ones.
 
@@ -327,9 +331,13 @@ def update_mask(
         scratch: ``grow_score`` is a temporary the caller owns and may be overwritten, which
             saves a weight-sized copy off CPU (on CPU no copy is made either way).
         absolute: drop by ``|drop_score|`` (RigL's magnitude), taken on the active entries only.
+        grow_count: how many to grow; by default as many as were dropped. A redistributing
+            method (SNFS, RigL-SG/SM) moves active weights between layers with it; 0 only drops
+            (magnitude pruning).
 
     Returns:
-        A :class:`TopologyUpdate` whose mask has exactly as many active entries as ``mask``.
+        A :class:`TopologyUpdate` whose mask has ``active - k + grow_count`` active entries
+        (``k = floor(drop_fraction * active)``): by default exactly as many as ``mask``.
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"expected a bool mask, got {mask.dtype}")
@@ -338,46 +346,72 @@ def update_mask(
             f"expected scores of the mask's shape {tuple(mask.shape)}, got drop "
             f"{tuple(drop_score.shape)} and grow {tuple(grow_score.shape)}"
         )
+    active = int(mask.count_nonzero())
+    k = drop_count(active, drop_fraction)
+    grow_count = k if grow_count is None else grow_count
+    room = mask.numel() - active + k  # inactive after the drop, just-dropped ones included
+    if isinstance(grow_count, bool) or not isinstance(grow_count, int) or not (0 <= grow_count <= room):
+        raise ValueError(
+            f"expected grow_count in [0, {room}] (the entries inactive after dropping {k} of "
+            f"{active}), got {grow_count!r}"
+        )
+    return _update(mask, drop_score, grow_score, k, grow_count, scratch, absolute)
+
+
+def _update(
+    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, k: int, g: int, scratch: bool, absolute: bool
+) -> TopologyUpdate:
     on_cpu = mask.device.type == drop_score.device.type == grow_score.device.type == "cpu"
     numeric = drop_score.is_floating_point() and grow_score.is_floating_point()
     if on_cpu and numeric:
-        return _update_mask_cpu(mask, drop_score, grow_score, drop_fraction, absolute)
-    return _update_mask_torch(mask, drop_score, grow_score, drop_fraction, scratch, absolute)
+        return _update_mask_cpu(mask, drop_score, grow_score, k, g, absolute)
+    return _update_mask_torch(mask, drop_score, grow_score, k, g, scratch, absolute)
+
+
+def prune_mask(mask: torch.Tensor, score: torch.Tensor, count: int) -> TopologyUpdate:
+    """Drops the active entries of smallest ``|score|`` until ``count`` remain (masks only
+    shrink): the step of gradual magnitude pruning (Zhu & Gupta 2017). Nothing is grown."""
+    active = int(mask.count_nonzero())
+    if isinstance(count, bool) or not isinstance(count, int) or not (0 <= count <= active):
+        raise ValueError(f"expected a count in [0, {active}] (pruning only removes), got {count!r}")
+    if score.shape != mask.shape:
+        raise ValueError(f"expected a score of the mask's shape {tuple(mask.shape)}, got {tuple(score.shape)}")
+    return _update(mask, score, score, active - count, 0, False, True)
+
+
+def _none(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=device)
 
 
 def _update_mask_cpu(
-    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, drop_fraction: float, absolute: bool
+    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, k: int, g: int, absolute: bool
 ) -> TopologyUpdate:
     flat = mask.reshape(-1).numpy()
-    k = drop_count(int(np.count_nonzero(flat)), drop_fraction)
-    if k == 0:
-        none = torch.empty(0, dtype=torch.long)
-        return TopologyUpdate(mask, none, none.clone(), 0)
+    if k == 0 and g == 0:
+        return TopologyUpdate(mask, _none(), _none(), 0)
     drop = _extreme(_as_numpy(drop_score), k, False, flat, True, absolute=absolute)
     # grow among the inactive entries and those just dropped (which may come back)
-    grow = _extreme(_as_numpy(grow_score), k, True, flat, False, extra=drop)
+    grow = _extreme(_as_numpy(grow_score), g, True, flat, False, extra=drop)
     new = ~flat[grow]
     grown = grow[new]
     dropped = drop
-    if grown.size < k:  # some dropped entries came back: they are not dropped after all
+    if grown.size < g:  # some dropped entries came back: they are not dropped after all
         regrown = grow[~new]
         # Mark them by clearing their mask bits for a moment (through numpy, which leaves the
         # tensor's version counter alone): cheaper than a set difference (a sort) of k indices.
         flat[regrown] = False
         dropped = drop[flat[drop]]
         flat[regrown] = True
-    return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grown), k - grown.size)
+    return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grown), g - grown.size)
 
 
 def _update_mask_torch(
-    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, drop_fraction: float, scratch: bool, absolute: bool
+    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, k: int, g: int, scratch: bool, absolute: bool
 ) -> TopologyUpdate:
     flat = mask.reshape(-1)
+    if k == 0 and g == 0:
+        return TopologyUpdate(mask, _none(mask.device), _none(mask.device), 0)
     active = flat_nonzero(flat)
-    k = drop_count(active.numel(), drop_fraction)
-    if k == 0:
-        none = torch.empty(0, dtype=torch.long, device=mask.device)
-        return TopologyUpdate(mask, none, none.clone(), 0)
     # drop: the k smallest scores among the active entries only
     candidates = drop_score.detach().reshape(-1)[active]
     if absolute:
@@ -385,15 +419,15 @@ def _update_mask_torch(
     drop = active[top_indices(candidates, k, largest=False)]
     after = flat.clone()
     after[drop] = False
-    # grow: the k largest scores among everything inactive now
+    # grow: the g largest scores among everything inactive now
     scores = grow_score.detach().reshape(-1)
     scores = scores.masked_fill_(after, -math.inf) if scratch else scores.masked_fill(after, -math.inf)
-    grow = top_indices(scores, k, largest=True)
+    grow = top_indices(scores, g, largest=True)
     new = ~flat[grow]  # grown entries that were inactive before the update
     grown = grow[new]
     after[grow] = True  # now the new mask: a dropped entry still inactive stayed dropped
     dropped = drop[~after[drop]]
-    return TopologyUpdate(mask, dropped, grown, k - grown.numel())
+    return TopologyUpdate(mask, dropped, grown, g - grown.numel())
 
 
 @torch.no_grad()

@@ -170,7 +170,8 @@ def test_update_mask_on_large_layers_matches_the_reference(layer, fraction, abso
     assert torch.equal(got.mask, want)
     assert torch.equal(got.dropped, mask & ~want) and torch.equal(got.grown, want & ~mask)
     # the device-agnostic path agrees
-    other = topology._update_mask_torch(mask, drop, grow.clone(), fraction, False, absolute)
+    k = topology.drop_count(int(mask.sum()), fraction)
+    other = topology._update_mask_torch(mask, drop, grow.clone(), k, k, False, absolute)
     assert torch.equal(other.mask, want)
 
 
