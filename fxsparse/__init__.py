@@ -8,11 +8,12 @@
 """
 
 from fxsparse.api import sparsify
+from fxsparse.baselines import SmallDense, lottery_ticket, small_dense
 from fxsparse.budgets import register_init
 from fxsparse.accounting import FlopReport, GradualPruning, flop_report, flops
 from fxsparse.passes.find_weights import register_leaf_weights
 from fxsparse.graph_module import LayerChange, SparseGraphModule, register_grow_score
-from fxsparse.scheduler import RigLScheduler, register_method
+from fxsparse.scheduler import RigLScheduler, available_methods, register_method
 from fxsparse.tracing import register_leaf_function, register_leaf_module
 
 __version__ = "0.1.0"
@@ -26,6 +27,10 @@ __all__ = [
     "FlopReport",
     "GradualPruning",
     "RigLScheduler",
+    "available_methods",
+    "small_dense",
+    "SmallDense",
+    "lottery_ticket",
     "register_init",
     "register_grow_score",
     "register_method",

@@ -74,6 +74,8 @@ class WideResNet(nn.Module):
         num_classes: Number of output logits.
         dropout: Dropout probability between the two convolutions of every block.
         in_chans: Number of input channels.
+        width: Multiplier of every layer's channel count (rounded, at least 1): the
+            small-dense baseline (:func:`fxsparse.small_dense`) shrinks it.
 
     Raises:
         ValueError: If ``depth`` or another argument is out of range.
@@ -91,8 +93,11 @@ class WideResNet(nn.Module):
         num_classes: int = 10,
         dropout: float = 0.0,
         in_chans: int = 3,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (width > 0):
+            raise ValueError(f"expected width (a multiplier of every layer's channels) > 0, got {width}")
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(
                 f"expected depth = 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}"
@@ -106,7 +111,7 @@ class WideResNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"expected 0 <= dropout < 1, got {dropout}")
         blocks_per_group = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        widths = [max(1, round(c * width)) for c in (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)]
         self.num_classes = num_classes
         self.num_features = widths[3]
 

@@ -300,3 +300,43 @@ def test_scheduler_state_dict_resumes_snfs_and_pruning_exactly():
         for fqn in straight.masks:
             assert torch.equal(straight.masks[fqn], resumed.masks[fqn]), (method, fqn)
             torch.testing.assert_close(straight.get_parameter(fqn), resumed.get_parameter(fqn))
+
+
+def test_small_dense_matches_the_sparse_parameter_count():
+    from fxsparse.models import WideResNet, small_cnn
+
+    base = fxsparse.small_dense(lambda w: WideResNet(22, 2, width=w), 0.1, "erk")
+    assert base.target == fxsparse.baselines.sparse_parameter_count(WideResNet(22, 2), 0.1, "erk")
+    assert base.params == sum(p.numel() for p in base.model.parameters())
+    assert abs(base.params - base.target) / base.target < 0.01, (base.params, base.target)
+    # a coarse width (whole channels of a small net): the closest count that exists
+    base = fxsparse.small_dense(lambda w: small_cnn(width=max(1, round(32 * w))), 0.2, "erk")
+    counts = [sum(p.numel() for p in small_cnn(width=c).parameters()) for c in range(1, 33)]
+    assert abs(base.params - base.target) == min(abs(c - base.target) for c in counts)
+    assert base.width < 1.0
+
+
+def test_lottery_ticket_rewinds_to_the_initial_weights_under_the_final_mask():
+    net = _two_layers()
+    initial = copy.deepcopy(net.state_dict())
+    sparse = fxsparse.sparsify(net, 0.3)
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.1, momentum=0.9)
+    scheduler = fxsparse.RigLScheduler(sparse, optimizer, 10, delta_t=2, end_fraction=1.0)
+    start = {f: m.clone() for f, m in sparse.masks.items()}
+    for _ in range(10):
+        sparse(torch.randn(4, 20)).square().mean().backward()
+        if scheduler.step():
+            optimizer.step()
+        optimizer.zero_grad()
+    assert any(not torch.equal(start[f], m) for f, m in sparse.masks.items())
+    trained = {k: v.clone() for k, v in sparse.state_dict().items()}
+    ticket = fxsparse.lottery_ticket(sparse, net)
+    for name, value in sparse.state_dict().items():  # the trained model is untouched
+        assert torch.equal(value, trained[name])
+    for fqn, mask in ticket.masks.items():
+        assert torch.equal(mask, sparse.masks[fqn])  # the final topology
+        assert torch.equal(ticket.get_parameter(fqn).detach(), initial[fqn] * mask)  # rewound
+    assert torch.equal(ticket.get_parameter("0.bias"), initial["0.bias"])
+    assert int(ticket.get_buffer("fxsparse_updates")) == 0
+    with pytest.raises(ValueError, match="missing"):
+        fxsparse.lottery_ticket(sparse, {"0.weight": initial["0.weight"]})
