@@ -56,7 +56,8 @@ from fxsparse.models import small_cnn  # noqa: E402
 
 __all__ = ["Config", "MethodResult", "main", "parse_args", "run_method"]
 
-_METHODS = ("dense", "static", "rigl")
+_METHODS = ("dense", "static", "rigl")  # the default comparison
+_ALL_METHODS = ("dense", *fxsparse.available_methods())  # what --methods accepts
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -117,16 +118,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--methods",
         default=",".join(defaults.methods),
-        help="comma-separated subset of " + ", ".join(_METHODS),
+        help="comma-separated, from " + ", ".join(_ALL_METHODS),
     )
     parser.add_argument("--limit-train", type=int, default=None, help="use the first N images")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST directory")
     parser.add_argument("--out", default=None, help="write config and results to this JSON")
     args = parser.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = sorted(set(methods) - set(_METHODS))
+    unknown = sorted(set(methods) - set(_ALL_METHODS))
     if unknown or not methods:
-        parser.error(f"expected --methods from {', '.join(_METHODS)}, got {args.methods!r}")
+        parser.error(f"expected --methods from {', '.join(_ALL_METHODS)}, got {args.methods!r}")
     if args.limit_train is not None and args.limit_train < 1:
         parser.error(f"expected --limit-train >= 1, got {args.limit_train}")
     return dataclasses.replace(
@@ -160,18 +161,24 @@ def run_method(
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
 ) -> MethodResult:
-    """Train one model with ``method`` ("dense", "static" or "rigl") and evaluate it on ``test``.
+    """Train one model with ``method`` ("dense" or a scheduler method) and evaluate it on ``test``.
 
     Every method starts from the same dense initialisation and sees the batches in the same
-    order; the two sparse methods also start from the same mask (same ``seed``).
+    order; the sparse methods also start from the same mask (same ``seed``); "pruning" starts
+    dense and prunes to ``cfg.density``. Under ``torchrun`` each of the ranks takes its share of
+    every global batch and the model is wrapped in DistributedDataParallel.
     """
     start = time.perf_counter()
+    rank, world = _rank_and_world()
     torch.manual_seed(cfg.seed)
     model: nn.Module = small_cnn(num_classes=10, width=cfg.width)
     sparse: fxsparse.SparseGraphModule | None = None
     if method != "dense":
-        sparse = fxsparse.sparsify(model, density=cfg.density, init=cfg.init, seed=cfg.seed)
+        density = 1.0 if method == "pruning" else cfg.density
+        sparse = fxsparse.sparsify(model, density=density, init=cfg.init, seed=cfg.seed)
         model = sparse
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
 
     images, labels = train
     steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
@@ -192,15 +199,17 @@ def run_method(
             alpha=cfg.alpha,
             end_fraction=cfg.end_fraction,
             method=method,
+            **({"density": cfg.density, "init": cfg.init} if method == "pruning" else {}),
         )
 
     order = torch.Generator().manual_seed(cfg.seed)
     running_loss = float("nan")
     model.train()
-    with tqdm(total=total_steps, desc=f"{method:>6}", unit="step", leave=False) as bar:
+    with tqdm(total=total_steps, desc=f"{method:>6}", unit="step", leave=False, disable=rank != 0) as bar:
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(labels), generator=order)
             for batch in perm.split(cfg.batch_size):
+                batch = batch[rank::world]  # this rank's share of the global batch
                 loss = F.cross_entropy(model(images[batch]), labels[batch])
                 loss.backward()
                 # A RigL topology update consumes this step's gradient: no weight step then.
@@ -279,9 +288,31 @@ def _hardware() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed() -> None:
+    """Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1): join the process group (gloo on
+    CPU, NCCL with GPUs; this recipe trains on CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
 def main(argv: list[str] | None = None) -> list[MethodResult]:
     """Run the demo end to end; return the per-method results."""
     cfg = parse_args(argv)
+    _init_distributed()
+    rank, world = _rank_and_world()
+    say = print if rank == 0 else (lambda *args, **kwargs: None)  # one report: other ranks are silent
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
 
@@ -292,18 +323,19 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
         sys.exit(f"error: {e}")  # the message says how to install the data
     if cfg.limit_train is not None:
         train = (train[0][: cfg.limit_train], train[1][: cfg.limit_train])
-    print(
+    say(
         f"Fashion-MNIST: {len(train[1])} train / {len(test[1])} test images; "
         f"SmallCNN(width={cfg.width}), {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"density {cfg.density} ({cfg.init}); {_hardware()}"
+        + (f"; {world} processes (torchrun), {cfg.batch_size // world} images each per step" if world > 1 else "")
     )
 
     results = [run_method(method, cfg, train, test) for method in cfg.methods]
     total = time.perf_counter() - start
-    print(_table(results))
-    print(f"total wall time {total:.1f}s")
+    say(_table(results))
+    say(f"total wall time {total:.1f}s")
 
-    if cfg.out is not None:
+    if cfg.out is not None and rank == 0:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         record = {
@@ -314,7 +346,7 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
             "hardware": _hardware(),
         }
         out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {out}")
+        say(f"wrote {out}")
     return results
 
 

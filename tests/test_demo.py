@@ -45,3 +45,24 @@ def test_demo_runs_every_method_and_writes_its_record(tmp_path):
 def test_demo_learns_on_real_fashion_mnist():
     results = demo.main(["--epochs", "1", "--limit-train", "3000", "--methods", "rigl", "--delta-t", "5"])
     assert results[0].test_accuracy > 0.6  # chance is 0.1
+
+
+def test_demo_runs_under_torchrun_with_two_processes(tmp_path):
+    import os
+    import subprocess
+
+    _fake_fashion_mnist(tmp_path)
+    out = tmp_path / "ddp.json"
+    demo_py = Path(__file__).resolve().parents[1] / "recipes" / "demo.py"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(demo_py),
+        "--data-root", str(tmp_path), "--epochs", "2", "--batch-size", "32", "--delta-t", "2",
+        "--threads", "1", "--methods", "rigl,snfs,pruning", "--out", str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("total wall time") == 1  # one report, from rank 0
+    record = json.loads(out.read_text())
+    assert [r["method"] for r in record["results"]] == ["rigl", "snfs", "pruning"]
+    for r in record["results"]:
+        assert r["density"] == pytest.approx(0.1, abs=2e-3)
