@@ -21,6 +21,9 @@ __all__ = [
     "FASHION_MNIST_ENV",
     "load_fashion_mnist",
     "write_idx",
+    "load_cifar",
+    "normalize_cifar",
+    "write_cifar",
 ]
 
 FASHION_MNIST_MEAN = 0.2860
@@ -188,3 +191,87 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
             "the file is truncated or corrupted"
         )
     return np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------- CIFAR
+
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+_CIFAR_LAYOUT = {
+    # torchvision's on-disk layout: directory, training files, test file, label key
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels"),
+}
+
+
+def load_cifar(
+    root: str | os.PathLike[str], name: str = "cifar10", train: bool = True, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of CIFAR-10 or CIFAR-100 from torchvision's on-disk layout, into memory.
+
+    Args:
+        root: The directory that holds ``cifar-10-batches-py/`` (or ``cifar-100-python/``),
+            as ``torchvision.datasets.CIFAR10(root)`` expects.
+        name: ``"cifar10"`` or ``"cifar100"`` (fine labels).
+        train: The 50,000-image training split if True, else the 10,000-image test split.
+        download: Fetch the files with torchvision first if missing (needs internet).
+
+    Returns:
+        ``(images, labels)``: uint8 ``[N, 3, 32, 32]`` (normalise after augmenting, see
+        :func:`normalize_cifar`) and int64 ``[N]``.
+
+    Raises:
+        FileNotFoundError: If the files are missing; the message says how to get them.
+        ValueError: An unknown ``name`` or a malformed file.
+    """
+    import pickle
+
+    if name not in _CIFAR_LAYOUT:
+        raise ValueError(f"expected name 'cifar10' or 'cifar100', got {name!r}")
+    folder, train_files, test_file, label_key = _CIFAR_LAYOUT[name]
+    directory = Path(root).expanduser() / folder
+    files = train_files if train else [test_file]
+    if download and not all((directory / f).is_file() for f in files):
+        import torchvision
+
+        dataset = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        dataset(str(Path(root).expanduser()), train=train, download=True)
+    missing = [str(directory / f) for f in files if not (directory / f).is_file()]
+    if missing:
+        label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+        raise FileNotFoundError(
+            f"expected {label} in torchvision's layout, but {missing[0]!r} does not exist. Fix: on a "
+            f"machine with internet run `python -c \"import torchvision; torchvision.datasets."
+            f"{'CIFAR10' if name == 'cifar10' else 'CIFAR100'}('{root}', download=True)\"` (or pass "
+            f"--download to the recipe) and copy {folder}/ into {str(root)!r}."
+        )
+    images, labels = [], []
+    for file in files:
+        with open(directory / file, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"expected rows of 3072 pixels in {str(directory / file)!r}, got shape {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def normalize_cifar(images: torch.Tensor, name: str = "cifar10") -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> float32, standardised per channel with the dataset's statistics."""
+    mean = torch.tensor(CIFAR_MEAN[name]).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD[name]).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def write_cifar(root: str | os.PathLike[str], name: str, images: np.ndarray, labels: np.ndarray, train: bool) -> None:
+    """Writes images (uint8 ``[N, 3, 32, 32]``) and labels in torchvision's layout (for tests)."""
+    import pickle
+
+    folder, train_files, test_file, label_key = _CIFAR_LAYOUT[name]
+    directory = Path(root) / folder
+    directory.mkdir(parents=True, exist_ok=True)
+    files = train_files if train else [test_file]
+    for part, (chunk, chunk_labels) in enumerate(zip(np.array_split(images, len(files)), np.array_split(labels, len(files)))):
+        with open(directory / files[part], "wb") as handle:
+            pickle.dump({b"data": chunk.reshape(len(chunk), -1), label_key: chunk_labels.tolist()}, handle)

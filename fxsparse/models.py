@@ -1,4 +1,4 @@
-"""Reference models for the recipes and tests: Wide ResNet for CIFAR and a small Fashion-MNIST CNN.
+"""Reference models for the recipes and tests: Wide ResNet and ResNet-50 for CIFAR, a small CNN.
 
 Both are plain ``nn.Module`` trees with no data-dependent control flow, so ``torch.fx`` traces
 them without leaf registrations. When timm is importable the factories are also registered with
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WideResNet", "SmallCNN", "wrn22_2", "small_cnn"]
+__all__ = ["WideResNet", "SmallCNN", "CifarResNet", "wrn22_2", "small_cnn", "cifar_resnet50"]
 
 # Keyword arguments that ``timm.create_model`` passes to every entrypoint and that only concern
 # pretrained-weight loading, which these models do not have.
@@ -235,6 +235,108 @@ def small_cnn(num_classes: int = 10, **kwargs: Any) -> SmallCNN:
     return model.to(**placement) if placement else model
 
 
+class _Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3), its last BN initialised to zero."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != out:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-50 for 32x32 inputs, as in the RigL reproduction report (Sundar & Dwaraknath 2021).
+
+    ImageNet's 7x7 stride-2 stem and max-pool are replaced by two 3x3 stride-1 convolutions
+    (BN-ReLU after each), then the four bottleneck stages of ResNet-50 (3, 4, 6, 3 blocks; widths
+    64, 128, 256, 512, expansion 4; strides 1, 2, 2, 2), global average pooling and a linear
+    classifier. The last BN of every bottleneck starts at zero, so each block starts as the
+    identity.
+
+    Args:
+        num_classes: Number of output logits.
+        width: Multiplier of every layer's channels (rounded, at least 1), for the small-dense
+            baseline.
+        layers: Blocks per stage (ResNet-50's by default).
+        in_chans: Input channels.
+
+    Example:
+        >>> CifarResNet(num_classes=100)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 100])
+    """
+
+    def __init__(
+        self, num_classes: int = 100, width: float = 1.0, layers: tuple[int, ...] = (3, 4, 6, 3), in_chans: int = 3
+    ) -> None:
+        super().__init__()
+        if not (width > 0) or num_classes < 1 or in_chans < 1 or not layers or min(layers) < 1:
+            raise ValueError(
+                f"expected width > 0, num_classes >= 1, in_chans >= 1 and blocks >= 1 per stage, got "
+                f"width={width}, num_classes={num_classes}, in_chans={in_chans}, layers={layers}"
+            )
+
+        def scaled(c: int) -> int:
+            return max(1, round(c * width))
+
+        stem = scaled(64)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+            nn.Conv2d(stem, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+        )
+        stages, in_planes = [], stem
+        for i, blocks in enumerate(layers):
+            planes = scaled(64 * 2**i)
+            stage = []
+            for j in range(blocks):
+                stage.append(_Bottleneck(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                in_planes = planes * _Bottleneck.expansion
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = (stages + [nn.Identity()] * 4)[:4]
+        self.num_classes = num_classes
+        self.num_features = in_planes
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_weights(self)
+        for module in self.modules():
+            if isinstance(module, _Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits ``[N, num_classes]`` for images ``x`` of shape ``[N, in_chans, H, W]``."""
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def cifar_resnet50(num_classes: int = 100, **kwargs: Any) -> CifarResNet:
+    """Build the CIFAR ResNet-50 of the RigL reproduction report (:class:`CifarResNet`).
+
+    Also registered with timm (``timm.create_model("cifar_resnet50", num_classes=100)``).
+
+    Example:
+        >>> sum(p.numel() for p in cifar_resnet50().parameters()) > 23_000_000
+        True
+    """
+    placement = _pop_timm_kwargs("cifar_resnet50", kwargs)
+    kwargs.pop("drop_rate", None)
+    model = CifarResNet(num_classes=num_classes, **kwargs)
+    return model.to(**placement) if placement else model
+
+
 def _make_group(
     in_planes: int, out_planes: int, num_blocks: int, stride: int, dropout: float
 ) -> nn.Sequential:
@@ -303,4 +405,4 @@ def _register_with_timm(entrypoints: tuple[Callable[..., nn.Module], ...]) -> No
             register_model(fn)
 
 
-_register_with_timm((wrn22_2, small_cnn))
+_register_with_timm((wrn22_2, small_cnn, cifar_resnet50))

@@ -96,6 +96,9 @@ class MethodResult:
     train_loss: float
     seconds: float
     steps: int
+    inference_flops: float = 1.0  # sparse / dense inference FLOPs (papers' convention)
+    training_flops: float = 1.0  # the method's training FLOPs / dense training's
+    size_mb: float = 0.0  # model size: active float32 weights + 1 bit per sparse weight + the rest
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -226,14 +229,32 @@ def run_method(
 
     accuracy = _evaluate(model, *test)
     density = 1.0 if sparse is None else float(sparse.density)
+    seconds = time.perf_counter() - start
+    costs = _costs(method, sparse if sparse is not None else model, images[:1], cfg, total_steps)
     return MethodResult(
         method=method,
         density=density,
         test_accuracy=accuracy,
         train_loss=running_loss,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         steps=total_steps,
+        **costs,
     )
+
+
+def _costs(method: str, model: nn.Module, example: torch.Tensor, cfg: Config, total_steps: int) -> dict[str, float]:
+    """FLOP multipliers and model size of the trained model (fxsparse.flop_report)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    t_end = int(cfg.end_fraction * total_steps)
+    pruning = fxsparse.GradualPruning(0, max(t_end, 1), cfg.delta_t) if method == "pruning" else None
+    report = fxsparse.flop_report(
+        model, example, delta_t=cfg.delta_t, total_steps=total_steps, end_fraction=cfg.end_fraction, pruning=pruning
+    )
+    return {
+        "inference_flops": report.inference_multiplier,
+        "training_flops": report.training(method).multiplier,
+        "size_mb": report.size_bytes / 1e6,
+    }
 
 
 @torch.no_grad()

@@ -1,0 +1,148 @@
+"""The recipes run end to end on synthetic CIFAR files (torchvision's layout) and Fashion-MNIST,
+write their records, resume exactly after a kill, and report.py aggregates the records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fxsparse.data import write_cifar, write_idx
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+import report  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    for name, classes in (("cifar10", 10), ("cifar100", 100)):
+        for is_train, n in ((True, 48), (False, 16)):
+            write_cifar(root, name, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, classes, n), is_train)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        images[np.arange(n), labels * 2, :] = 255
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def _check_record(run_dir: Path, method: str, epochs: int) -> dict:
+    record = json.loads((run_dir / "result.json").read_text())
+    result = record["results"][0]
+    assert result["method"] == method
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert 0 < result["training_flops"] <= 1.0 + 1e-9 and 0 < result["inference_flops"] <= 1.0 + 1e-9
+    assert result["size_mb"] > 0
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))
+    assert (run_dir / "metrics.csv").read_text().count("\n") == epochs + 1
+    return result
+
+
+@pytest.mark.parametrize("recipe, method", [("wrn22_2-cifar10", "rigl"), ("resnet50-cifar100", "snfs")])
+def test_cifar_recipes_run_end_to_end_on_torchvision_layout(cifar, tmp_path, recipe, method):
+    run_dir = tmp_path / "run"
+    train.main([
+        "--recipe", recipe, "--data-root", str(cifar), "--method", method, "--density", "0.1",
+        "--epochs", "2", "--batch-size", "8" if recipe.startswith("wrn") else "16", "--val-size", "16",
+        "--delta-t", "2", "--run-dir", str(run_dir), "--threads", "2",
+    ])
+    result = _check_record(run_dir, method, 2)
+    assert result["density"] == pytest.approx(0.1, abs=1e-3)
+    assert result["inference_flops"] < 0.5
+
+
+def test_cifar_recipe_says_how_to_get_missing_data(tmp_path):
+    with pytest.raises(SystemExit, match="download=True"):
+        train.main(["--recipe", "wrn22_2-cifar10", "--data-root", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+
+
+def _run(args, **kwargs):
+    command = [sys.executable, str(RECIPES / "train.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs", "pruning"])
+def test_a_killed_run_resumed_ends_with_the_uninterrupted_weights_and_masks(fashion, tmp_path, method):
+    common = [
+        "--recipe", "smallcnn-fashion_mnist", "--data-root", str(fashion), "--method", method, "--density", "0.2",
+        "--epochs", "3", "--batch-size", "16", "--delta-t", "2", "--threads", "1",
+    ]
+    straight = _run([*common, "--run-dir", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _run([*common, "--run-dir", str(tmp_path / "resumed"), "--kill-at-step", "14"])  # mid epoch 3 (6 a epoch)
+    assert killed.returncode != 0  # SIGKILL: no cleanup
+    assert json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+    resumed = _run([*common, "--run-dir", str(tmp_path / "resumed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 18
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key  # weights and masks, bit for bit
+    assert any(key.endswith("_mask") for key in a["model"])
+    ra = json.loads((tmp_path / "straight" / "result.json").read_text())["results"][0]
+    rb = json.loads((tmp_path / "resumed" / "result.json").read_text())["results"][0]
+    assert ra["test_accuracy"] == rb["test_accuracy"] and ra["density"] == rb["density"]
+
+
+def test_fashion_recipe_small_dense_and_lottery_ticket(fashion, tmp_path):
+    common = ["--recipe", "smallcnn-fashion_mnist", "--data-root", str(fashion), "--epochs", "1", "--batch-size", "32",
+              "--delta-t", "1", "--density", "0.1", "--threads", "2"]
+    train.main([*common, "--method", "pruning", "--run-dir", str(tmp_path / "pruning")])
+    pruned = _check_record(tmp_path / "pruning", "pruning", 1)
+    train.main([*common, "--method", "lottery", "--ticket-from", str(tmp_path / "pruning"), "--run-dir", str(tmp_path / "ticket")])
+    ticket = _check_record(tmp_path / "ticket", "lottery", 1)
+    assert ticket["density"] == pytest.approx(pruned["density"])
+    train.main([*common, "--method", "small_dense", "--run-dir", str(tmp_path / "small")])
+    small = _check_record(tmp_path / "small", "small_dense", 1)
+    assert small["density"] == 1.0 and small["inference_flops"] < 1.0  # a narrower dense model
+
+
+def _record(path: Path, method: str, init: str, density: float, seed: int, accuracy: float) -> None:
+    path.write_text(json.dumps({
+        "recipe": "recipes/demo.py",
+        "config": {"density": density, "init": init, "seed": seed, "epochs": 2, "width": 32},
+        "results": [{"method": method, "density": density, "test_accuracy": accuracy, "train_loss": 0.1,
+                     "seconds": 1.0, "steps": 10, "inference_flops": density, "training_flops": density,
+                     "size_mb": density}],
+    }))
+
+
+def test_report_aggregates_seeds_checks_the_ordering_and_plots(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    accuracies = {"static": [0.80, 0.82, 0.81], "set": [0.84, 0.85, 0.86], "rigl": [0.86, 0.87, 0.88]}
+    for method, values in accuracies.items():
+        for seed, acc in enumerate(values):
+            _record(records / f"{method}-{seed}.json", method, "erk", 0.1, seed, acc)
+            _record(records / f"{method}-u-{seed}.json", method, "uniform", 0.1, seed, acc if method != "set" else 0.70)
+    for seed in range(3):
+        _record(records / f"dense-{seed}.json", "dense", "erk", 0.1, seed, 0.9)
+    out = tmp_path / "docs" / "results.md"
+    text = report.main([str(records), "--out", str(out), "--plots"])
+    assert "| rigl | erk | 87.00 +- 1.00 |" in text
+    assert "| static | erk | 81.00 +- 1.00 |" in text
+    assert "It held in 1 of 2" in text and "SET 70.00 <= static 81.00" in text
+    assert (out.parent / "results_accuracy_vs_density.png").stat().st_size > 1000
+    assert (out.parent / "results_accuracy_vs_flops.png").stat().st_size > 1000
+    _record(records / "dup.json", "rigl", "erk", 0.1, 0, 0.5)
+    with pytest.raises(ValueError, match="seed 0"):
+        report.main([str(records)])
