@@ -146,3 +146,19 @@ def test_report_aggregates_seeds_checks_the_ordering_and_plots(tmp_path):
     _record(records / "dup.json", "rigl", "erk", 0.1, 0, 0.5)
     with pytest.raises(ValueError, match="seed 0"):
         report.main([str(records)])
+
+
+def test_study_writes_one_record_per_cell_resumes_and_feeds_the_report(fashion, tmp_path):
+    import study
+
+    args = ["--out-dir", str(tmp_path / "study"), "--seeds", "0,1", "--densities", "0.2", "--inits", "erk",
+            "--methods", "static,rigl", "--data-root", str(fashion), "--epochs", "1", "--batch-size", "32",
+            "--delta-t", "1", "--threads", "2"]
+    study.main(args)
+    names = sorted(p.name for p in (tmp_path / "study").iterdir())
+    assert names == ["d0.2-erk-seed0.json", "d0.2-erk-seed1.json", "dense-seed0.json", "dense-seed1.json"]
+    stamp = (tmp_path / "study" / "dense-seed0.json").stat().st_mtime_ns
+    study.main(args)  # nothing left to run: finished cells are kept as they are
+    assert (tmp_path / "study" / "dense-seed0.json").stat().st_mtime_ns == stamp
+    text = report.main([str(tmp_path / "study")])
+    assert "| static | erk |" in text and "| rigl | erk |" in text and "seeds [0, 1]" in text
