@@ -167,6 +167,11 @@ class RigLScheduler:
                 f"method {method!r} redistributes by the optimizer's momentum, but this "
                 f"{type(optimizer).__name__} has none; use SGD(momentum=0.9) or Adam/AdamW"
             )
+        if spec.redistribute == "momentum" and delta_t < 2:
+            raise ValueError(
+                f"method {method!r} reads the optimizer's momentum, which exists only after an optimizer "
+                f"step, and update steps skip it: expected delta_t >= 2, got {delta_t}"
+            )
         self.pruning: GradualPruning | None = None
         self._initial: dict[str, float] = {}
         self._final: dict[str, int] = {}

@@ -222,6 +222,8 @@ def test_rigl_sm_needs_momentum():
     sparse = fxsparse.sparsify(_two_layers(), 0.3)
     with pytest.raises(ValueError, match="momentum"):
         fxsparse.RigLScheduler(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1), 10, method="rigl-sm")
+    with pytest.raises(ValueError, match="delta_t >= 2"):
+        fxsparse.RigLScheduler(sparse, torch.optim.Adam(sparse.parameters()), 10, delta_t=1, method="rigl-sm")
 
 
 @settings(max_examples=200, deadline=None)
