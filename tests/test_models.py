@@ -129,3 +129,23 @@ def test_reimport_registers_silently() -> None:
         vars(models).update(saved)
         models._register_with_timm((models.wrn22_2, models.small_cnn))
     assert timm.models.model_entrypoint("wrn22_2") is wrn22_2
+
+
+def test_cifar_resnet50_is_the_reports_model_and_registered_with_timm():
+    import timm
+
+    from fxsparse.models import CifarResNet
+
+    model = timm.create_model("cifar_resnet50", num_classes=100, pretrained=False)
+    assert isinstance(model, CifarResNet)
+    convs = [m for m in model.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (1, 1))] * 2  # two 3x3 convs, no 7x7
+    assert [len(s) for s in (model.layer1, model.layer2, model.layer3, model.layer4)] == [3, 4, 6, 3]
+    for block in model.modules():
+        if hasattr(block, "bn3"):
+            assert bool((block.bn3.weight == 0).all())  # last BN of each bottleneck starts at zero
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    narrow = CifarResNet(num_classes=100, width=0.5)
+    assert sum(p.numel() for p in narrow.parameters()) < 0.3 * sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="pretrained"):
+        timm.create_model("cifar_resnet50", pretrained=True)
