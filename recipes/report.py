@@ -197,6 +197,16 @@ def _ordering(cells: dict[tuple[str, str, float], Cell], densities: list[float],
             out.append(f"- {init}, density {density:g}: {verdict}" + (f" ({'; '.join(detail)})" if detail else "") + significance)
     out.insert(0, f"It held in {held} of {held + failed} (init, density) columns, comparing means over seeds:")
     out.insert(1, "")
+    out += ["", "Pair by pair (columns where the first mean is higher; in brackets: by more than the larger standard deviation):", ""]
+    for first, second in (("rigl", "set"), ("set", "static"), ("rigl", "static"), ("snfs", "rigl"), ("pruning", "rigl")):
+        pairs = [
+            (cells[(first, i, d)], cells[(second, i, d)]) for i in inits for d in densities
+            if (first, i, d) in cells and (second, i, d) in cells
+        ]
+        if pairs:
+            wins = sum(a.mean > b.mean for a, b in pairs)
+            clear = sum(a.mean - b.mean > max(a.std, b.std) for a, b in pairs)
+            out.append(f"- {first} > {second}: {wins} of {len(pairs)} ({clear})")
     return out
 
 
@@ -253,8 +263,16 @@ def main(argv: list[str] | None = None) -> str:
         out_dir = Path(args.out).parent if args.out else Path(".")
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = plot(groups, out_dir, Path(args.out).stem if args.out else "results")
-    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
-    commands = [*args.command, "python recipes/report.py " + " ".join(a for a in shown if not a.startswith("--command="))]
+    shown, skip = [], False
+    for a in (argv if argv is not None else sys.argv[1:]):  # this command, without its --command texts
+        if skip or a.startswith("--command="):
+            skip = False
+            continue
+        if a == "--command":
+            skip = True
+            continue
+        shown.append(a)
+    commands = [*args.command, ".venv/bin/python recipes/report.py " + " ".join(shown)]
     text = render(groups, commands, plots)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
