@@ -129,7 +129,7 @@ def sparsify(
     shapes = {s.fqn: s.shape for s in kept}
     _check_patterns_match(exclude_patterns, [s.fqn for s in sites], "exclude")
     if dense_patterns is None:
-        dense_names = [next(iter(shapes))] if init == "uniform" and len(shapes) > 1 else []
+        dense_names = budgets.default_dense(shapes, init)
     else:
         _check_patterns_match(dense_patterns, list(shapes), "dense")
         dense_names = [fqn for fqn in shapes if _match(fqn, dense_patterns)]

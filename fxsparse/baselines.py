@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def small_dense(
     density = validate_density(density)
     target = sparse_parameter_count(model_fn(1.0), density, init)
 
+    @functools.lru_cache(maxsize=None)  # the bisection asks again for the widths it ends between
     def count(width: float) -> int:
         return sum(p.numel() for p in model_fn(width).parameters())
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 __all__ = [
     "redistribute",
+    "default_dense",
     "Shape",
     "register_init",
     "available_inits",
@@ -204,6 +205,12 @@ def _solve(
             break
         dense |= overflow
     return {name: 1.0 if name in dense else min(1.0, eps * raw[name]) for name in raw}
+
+
+def default_dense(shapes: Mapping[str, Shape], init: object) -> list[str]:
+    """The layers kept dense when the user names none: with ``"uniform"`` the first layer (the
+    papers' convention), with every other scheme none."""
+    return [next(iter(shapes))] if init == "uniform" and len(shapes) > 1 else []
 
 
 def count_for_density(size: int, density: float) -> int:

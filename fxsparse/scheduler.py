@@ -175,7 +175,6 @@ class RigLScheduler:
         self.pruning: GradualPruning | None = None
         self._initial: dict[str, float] = {}
         self._final: dict[str, int] = {}
-        self._progress = 0.0
         if spec.prune:
             self._setup_pruning(density, init, begin_step)
         elif density is not None:
@@ -196,9 +195,7 @@ class RigLScheduler:
             )
         sites = self.sparse._fxsparse.sites
         shapes = {fqn: site.shape for fqn, site in sites.items()}
-        # as sparsify: "uniform" keeps the first layer dense (the papers' convention)
-        dense = [next(iter(shapes))] if init == "uniform" and len(shapes) > 1 else []
-        finals = budgets.layer_densities(shapes, density, init, dense=dense)
+        finals = budgets.layer_densities(shapes, density, init, dense=budgets.default_dense(shapes, init))
         self._final = {fqn: budgets.count_for_density(math.prod(site.shape), finals[fqn]) for fqn, site in sites.items()}
         too_sparse = [fqn for fqn, site in sites.items() if site.active < self._final[fqn]]
         if too_sparse:
@@ -304,7 +301,6 @@ class RigLScheduler:
                 size, pruned_density(self._initial[fqn], final / size, progress)
             )
             counts[fqn] = min(site.active, max(final, want))  # masks only shrink, never past the target
-        self._progress = progress
         return self.sparse.prune(counts, self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
