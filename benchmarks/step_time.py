@@ -9,8 +9,10 @@ vit_tiny_patch16_224 at 224x224; 10 classes, batch 32, one fixed random batch):
    an ordinary step between topology updates); ``rigl-torch`` (the peer library's RigLScheduler at
    dense_allocation 0.1, timed on its non-update steps only); ``dense+compile`` and
    ``fxsparse+compile`` (``torch.compile``, inductor; compile time reported, not timed).
-   The variants are timed interleaved, one step of each in turn, so that the machine's drift
-   hits them all alike; every figure is a ratio to dense eager measured in the same run.
+   The variants are timed interleaved, one step of each in turn (a round), so that the
+   machine's drift hits them all alike; the headline figures are per-round ratios of two
+   variants (fxsparse / dense, fxsparse / rigl-torch, compiled / compiled dense), their median
+   and a distribution-free 95% confidence interval, judged against the performance targets.
 2. The cost of one topology update (fxsparse ``rigl_step(0.3)``, rigl-torch ``_rigl_step()``),
    each after an untimed backward that captured the dense gradient, as a multiple of the dense
    eager step and amortized over delta_t = 100 steps.
@@ -18,7 +20,9 @@ vit_tiny_patch16_224 at 224x224; 10 classes, batch 32, one fixed random batch):
 4. Peak resident memory (``ru_maxrss``) of 5 training steps of each variant, each in a fresh
    subprocess (``--child MODEL VARIANT``).
 
-Run (from the repository root; the full run took 14 minutes on 2 cores):
+The peer library goes into the same environment first (``pip install -e .[bench]`` installs
+``rigl-torch==0.5.2``; ``--no-peer`` leaves it out). Run (from the repository root; the full
+run takes about 30 minutes on 2 cores):
 
     python benchmarks/step_time.py --out docs/performance.md          # everything
     python benchmarks/step_time.py --models wrn22_2 --steps 5 --no-compile --no-memory  # smoke
@@ -33,7 +37,9 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import importlib.util
 import json
+import math
 import os
 import platform
 import resource
@@ -84,9 +90,11 @@ class Config:
     """Everything that determines a run; every field has a command-line override."""
 
     models: tuple[str, ...] = tuple(MODELS)
-    steps: int = 20  # timed steps per variant
+    steps: int = 60  # timed rounds (one step of each variant) per model at 32x32
+    large_steps: int = 20  # ... per model at 224x224 (about ten times slower a step)
     warmup: int = 3  # untimed steps per variant (the first one compiles the compiled variants)
     update_reps: int = 5
+    library_steps: int = 10  # instrumented steps per library (time inside its own code)
     sparsify_reps: int = 3
     memory_steps: int = 5
     max_other_load: float = 0.15  # a repeat is redone when other processes took more CPU
@@ -108,6 +116,9 @@ class Config:
     out: str | None = None
     json: str | None = "benchmarks/results/step_time.json"
 
+    def steps_for(self, model: str) -> int:
+        return self.large_steps if MODELS[model] >= 224 else self.steps
+
     def variants(self, model: str) -> tuple[str, ...]:
         compiled = self.compile and model not in self.no_compile_models
         return tuple(
@@ -126,9 +137,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, tuple[str, str] |
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(defaults.models),
                         help="comma-separated subset of " + ", ".join(MODELS))
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="timed rounds per model at 32x32")
+    parser.add_argument("--large-steps", type=int, default=defaults.large_steps,
+                        help="timed rounds per model at 224x224")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--update-reps", type=int, default=defaults.update_reps)
+    parser.add_argument("--library-steps", type=int, default=defaults.library_steps,
+                        help="instrumented steps per library (time inside its own code)")
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--density", type=float, default=defaults.density)
     parser.add_argument("--threads", type=int, default=defaults.threads)
@@ -150,16 +166,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, tuple[str, str] |
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
         parser.error(f"expected --models from {', '.join(MODELS)}, got {args.models!r}")
-    if args.steps < 1 or args.warmup < 1 or args.update_reps < 1:
-        parser.error("expected --steps, --warmup and --update-reps >= 1")
+    if min(args.steps, args.large_steps, args.warmup, args.update_reps, args.library_steps) < 1:
+        parser.error("expected --steps, --large-steps, --warmup, --update-reps and "
+                     "--library-steps >= 1")
     if args.child and (args.child[0] not in MODELS or args.child[1] not in VARIANTS):
         parser.error(f"expected --child MODEL VARIANT from {list(MODELS)} x {list(VARIANTS)}")
     cfg = dataclasses.replace(
         defaults,
         models=models,
         steps=args.steps,
+        large_steps=args.large_steps,
         warmup=args.warmup,
         update_reps=args.update_reps,
+        library_steps=args.library_steps,
         batch=args.batch,
         density=args.density,
         threads=args.threads,
@@ -290,10 +309,13 @@ class ModelResult:
     image_size: int
     params: int
     steps_ms: dict[str, list[float]] = field(default_factory=dict)
+    rounds: list[dict[str, float]] = field(default_factory=list)  # one step of each variant
     compile_s: dict[str, float] = field(default_factory=dict)
     graphs: dict[str, tuple[int, int]] = field(default_factory=dict)  # (graphs, graph breaks)
     masked_fraction: dict[str, float] = field(default_factory=dict)
     update_ms: dict[str, list[float]] = field(default_factory=dict)
+    # variant -> part -> ms inside the library's own code, one value per instrumented step
+    library_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     sparsify_ms: list[float] = field(default_factory=list)
     baseline_mb: dict[str, float] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)
@@ -303,6 +325,33 @@ class ModelResult:
     def median_step(self, variant: str) -> float | None:
         times = self.steps_ms.get(variant)
         return statistics.median(times) if times else None
+
+    def paired(self, variant: str, reference: str) -> list[float]:
+        """Per-round ratios ``variant / reference`` over the rounds where both ran: the two
+        steps of a round are seconds apart, so the machine's drift cancels in each ratio."""
+        return [r[variant] / r[reference] for r in self.rounds if variant in r and reference in r]
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free confidence interval for it.
+
+    The interval is the order statistics ``x_(j) .. x_(n+1-j)`` with ``j`` the largest rank
+    for which ``P(Binomial(n, 1/2) <= j - 1) <= (1 - confidence) / 2``: it covers the true
+    median with at least ``confidence`` whatever the distribution. With too few values for
+    that confidence the interval is the whole range.
+    """
+    xs = sorted(values)
+    n = len(xs)
+    tail = (1.0 - confidence) / 2
+    j, cdf = 0, 0.0
+    for k in range(n):
+        cdf += math.comb(n, k) / 2**n
+        if cdf > tail:
+            break
+        j = k + 1
+    if j == 0:
+        return statistics.median(xs), xs[0], xs[-1]
+    return statistics.median(xs), xs[j - 1], xs[n - j]
 
 
 def _timed(fn: Any, *args: Any) -> float:
@@ -433,7 +482,10 @@ def time_interleaved(
                 result.errors[variant] = _short(error)
         return times
 
-    rounds, result.discarded["steps"] = quiet_repeats(one_round, cfg.steps, cfg, f"{name} steps")
+    rounds, result.discarded["steps"] = quiet_repeats(
+        one_round, cfg.steps_for(name), cfg, f"{name} steps"
+    )
+    result.rounds = rounds
     for variant in order:
         if variant not in result.errors:
             result.steps_ms[variant] = [r[variant] for r in rounds if variant in r]
@@ -492,6 +544,109 @@ def measure_updates(
     for variant in jobs:
         if f"update:{variant}" not in result.errors:
             result.update_ms[variant] = [r[variant] for r in reps if variant in r]
+
+
+class LibraryClock:
+    """Wall time spent inside a library's own per-step code, by wrapping its entry points.
+
+    Each entry is ``(owner, attribute, part)``: while the clock is entered, ``owner.attribute``
+    is replaced by a wrapper that adds its wall time to ``part``. Calls made inside another
+    timed call are not counted again. Optimizer step hooks are wrapped where the optimizer
+    keeps them (they are bound methods captured at registration).
+    """
+
+    def __init__(self, entries: list[tuple[Any, str, str]], optimizer: torch.optim.Optimizer,
+                 hook_part: str | None) -> None:
+        self.entries = entries
+        self.optimizer = optimizer
+        self.hook_part = hook_part
+        self.parts: dict[str, float] = {part: 0.0 for _, _, part in entries}
+        if hook_part:
+            self.parts[hook_part] = 0.0
+        self._depth = 0
+        self._saved: list[tuple[Any, str, Any, bool]] = []
+
+    def _wrap(self, fn: Any, part: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.parts[part] += (time.perf_counter() - start) * 1e3
+                self._depth -= 1
+        return timed
+
+    def __enter__(self) -> LibraryClock:
+        for owner, attribute, part in self.entries:
+            had = attribute in vars(owner)
+            original = getattr(owner, attribute)
+            self._saved.append((owner, attribute, vars(owner).get(attribute), had))
+            setattr(owner, attribute, self._wrap(original, part))
+        if self.hook_part:
+            for hooks in (self.optimizer._optimizer_step_pre_hooks,
+                          self.optimizer._optimizer_step_post_hooks):
+                for key, hook in list(hooks.items()):
+                    self._saved.append((hooks, key, hook, True))
+                    hooks[key] = self._wrap(hook, self.hook_part)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, attribute, original, had in reversed(self._saved):
+            if isinstance(owner, dict):
+                owner[attribute] = original
+            elif had:
+                setattr(owner, attribute, original)
+            else:
+                delattr(owner, attribute)
+        self._saved.clear()
+
+    def reset(self) -> None:
+        self.parts = dict.fromkeys(self.parts, 0.0)
+
+
+def library_entries(trainer: Trainer) -> tuple[list[tuple[Any, str, str]], str | None]:
+    """What each library runs on an ordinary step, by part of the step."""
+    if trainer.sparse is not None:
+        from fxsparse import masking, scheduler
+
+        return [
+            (masking.Masker, "zero_dirty", "forward prologue"),
+            (masking.Masker, "__call__", "masked-weight nodes"),
+            (masking._GradMaskHook, "__call__", "gradient mask"),
+            (scheduler.RigLScheduler, "step", "scheduler"),
+        ], "optimizer hooks"
+    from rigl_torch import RigL
+
+    return [
+        (RigL.IndexMaskHook, "__call__", "gradient mask"),
+        (RigL.RigLScheduler, "__call__", "scheduler"),
+        (RigL.RigLScheduler, "reset_momentum", "optimizer hooks"),
+        (RigL.RigLScheduler, "apply_mask_to_weights", "optimizer hooks"),
+    ], None
+
+
+def measure_library_time(
+    trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Tensor], cfg: Config,
+    result: ModelResult,
+) -> None:
+    """``cfg.library_steps`` ordinary eager steps per library with its entry points timed."""
+    for variant in ("fxsparse", "rigl-torch"):
+        trainer = trainers.get(variant)
+        if trainer is None or variant in result.errors:
+            continue
+        entries, hook_part = library_entries(trainer)
+        samples: dict[str, list[float]] = {}
+        with LibraryClock(entries, trainer.optimizer, hook_part) as clock:
+            for _ in range(cfg.library_steps):
+                clock.reset()
+                trainer.step(*batch)
+                for part, ms in clock.parts.items():
+                    samples.setdefault(part, []).append(ms)
+        samples["total"] = [sum(ms) for ms in zip(*samples.values())]
+        result.library_ms[variant] = samples
 
 
 def measure_memory(name: str, cfg: Config, result: ModelResult) -> None:
@@ -563,6 +718,7 @@ def run_model(name: str, cfg: Config) -> ModelResult:
     if "dense" not in trainers:
         raise RuntimeError(f"{name}: the dense baseline failed: {result.errors.get('dense')}")
     time_interleaved(name, trainers, batch, cfg, result)
+    measure_library_time(trainers, batch, cfg, result)
     measure_updates(trainers, batch, cfg, result)
     del trainers
     return result
@@ -603,6 +759,104 @@ def step_table(results: list[ModelResult]) -> str:
             *[_cell(r, v, dense) for v in VARIANTS[1:]],
             _ratio(r.median_step("fxsparse+compile"), r.median_step("dense+compile")),
         ])
+    return _table(header, rows)
+
+
+# (variant, reference) pairs whose per-round ratios the report gives
+PAIRS = (
+    ("fxsparse", "dense"), ("rigl-torch", "dense"), ("fxsparse", "rigl-torch"),
+    ("fxsparse+compile", "dense+compile"),
+)
+
+# The performance targets (issue 3): the eager step over dense by model, the compiled step
+# over the compiled dense step, the update in dense steps, sparsify(resnet50) in ms.
+EAGER_TARGETS = {"wrn22_2": 1.03, "resnet18": 1.08, "resnet50": 1.08}
+COMPILE_TARGET = 1.05
+UPDATE_TARGET = 1.0
+SPARSIFY_TARGET_MS = {"resnet50": 2000.0}
+
+
+def _paired_cell(result: ModelResult, variant: str, reference: str) -> str:
+    ratios = result.paired(variant, reference)
+    if not ratios:
+        return "-"
+    median, low, high = median_ci(ratios)
+    return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def paired_table(results: list[ModelResult]) -> str:
+    header = ["model", "rounds", *[f"{v} / {ref}" for v, ref in PAIRS]]
+    rows = [[r.model, str(len(r.rounds)), *[_paired_cell(r, v, ref) for v, ref in PAIRS]]
+            for r in results]
+    return _table(header, rows)
+
+
+def _verdict(median: float, high: float, target: float, strict: bool = False) -> str:
+    """'met' when the whole confidence interval is within the target, 'met (median only)'
+    when the median is but the interval reaches past it, else 'not met'."""
+    within = (lambda x: x < target) if strict else (lambda x: x <= target)
+    if within(high):
+        return "met"
+    return "met (median only)" if within(median) else "not met"
+
+
+def target_rows(results: list[ModelResult]) -> list[list[str]]:
+    """One row per target and model: what was measured, the target, the verdict."""
+    rows = []
+
+    def paired_row(what: str, r: ModelResult, variant: str, reference: str, target: float,
+                   strict: bool = False) -> None:
+        ratios = r.paired(variant, reference)
+        if not ratios:
+            rows.append([what, r.model, "not measured", f"{target:.2f}", "-"])
+            return
+        median, low, high = median_ci(ratios)
+        rows.append([what, r.model, f"{median:.3f} [{low:.3f}, {high:.3f}]",
+                     f"{'<' if strict else '<='} {target:.2f}",
+                     _verdict(median, high, target, strict)])
+
+    for r in results:
+        if r.model in EAGER_TARGETS:
+            paired_row("fxsparse / dense, eager", r, "fxsparse", "dense", EAGER_TARGETS[r.model])
+    for r in results:
+        paired_row("fxsparse / rigl-torch, eager", r, "fxsparse", "rigl-torch", 1.0, strict=True)
+    for r in results:
+        if "fxsparse+compile" in r.steps_ms:
+            paired_row("fxsparse+compile / dense+compile", r, "fxsparse+compile",
+                       "dense+compile", COMPILE_TARGET)
+    for r in results:
+        dense = r.median_step("dense")
+        if "fxsparse" in r.update_ms and dense:
+            cost = statistics.median(r.update_ms["fxsparse"]) / dense
+            rows.append(["one update, in dense steps", r.model, f"{cost:.2f}",
+                         f"<= {UPDATE_TARGET:.2f}", "met" if cost <= UPDATE_TARGET else "not met"])
+    for r in results:
+        if r.model in SPARSIFY_TARGET_MS and r.sparsify_ms:
+            ms = statistics.median(r.sparsify_ms)
+            target = SPARSIFY_TARGET_MS[r.model]
+            rows.append(["sparsify() ms", r.model, f"{ms:.0f}", f"< {target:.0f}",
+                         "met" if ms < target else "not met"])
+    return rows
+
+
+def targets_table(results: list[ModelResult]) -> str:
+    return _table(["target", "model", "measured", "target", "verdict"], target_rows(results))
+
+
+LIBRARY_PARTS = ("forward prologue", "masked-weight nodes", "gradient mask", "scheduler",
+                 "optimizer hooks", "total")
+
+
+def library_table(results: list[ModelResult]) -> str:
+    header = ["model", "library", *[f"{part} ms" for part in LIBRARY_PARTS], "total / dense step"]
+    rows = []
+    for r in results:
+        dense = r.median_step("dense")
+        for variant, parts in r.library_ms.items():
+            cells = [f"{statistics.median(parts[p]):.2f}" if p in parts else "-"
+                     for p in LIBRARY_PARTS]
+            total = statistics.median(parts["total"])
+            rows.append([r.model, variant, *cells, f"{100 * total / dense:.2f}%" if dense else "-"])
     return _table(header, rows)
 
 
@@ -722,16 +976,19 @@ def render_report(
         "",
         "Training-step cost of fxsparse against the dense model and the peer library rigl-torch "
         f"{_peer_version()}, eager and under `torch.compile`. Measured on {cpu_name()} "
-        f"({os.cpu_count()} cores visible), torch {torch.__version__}, timm {timm.__version__}, "
+        f"({os.cpu_count()} cores visible, {torch.backends.cpu.get_cpu_capability()} kernels), torch {torch.__version__}, timm {timm.__version__}, "
         f"`torch.set_num_threads({cfg.threads})`, batch {cfg.batch}, density {cfg.density} "
         f"({cfg.init.upper()} for fxsparse), SGD(lr {cfg.lr}, momentum {cfg.momentum}, "
         f"weight decay {cfg.weight_decay}); {now}; the whole run took {minutes:.1f} min.",
         "",
         f"Each variant had {cfg.warmup} untimed warm-up steps (the first one compiles the "
-        f"`+compile` variants), then {cfg.steps} timed steps, interleaved one step of each "
-        "variant in turn (the starting variant rotating each round), so machine drift hits all "
-        "variants alike. Figures are medians; ratios are to dense eager in the same run. This "
-        "machine is shared and noisy: ratios move by about +-0.1 between runs. A round (and a "
+        f"`+compile` variants), then {cfg.steps} timed rounds ({cfg.large_steps} for the "
+        "models at 224x224), a round being one step of each variant in turn (the starting "
+        "variant rotating each round). This machine is shared and noisy: one step's time "
+        "scatters by about +-5% and drifts by 20% over minutes. The headline figures are "
+        "therefore paired: the ratio of two variants' steps within each round (seconds apart, "
+        "so drift cancels), their median over the rounds and a distribution-free 95% "
+        "confidence interval for that median (order statistics). A round (and a "
         "sparsify or update repeat) during which other processes used more than "
         f"{100 * cfg.max_other_load:.0f}% of the CPU (read from /proc/stat) was run again, "
         f"up to {cfg.max_attempts}x the wanted count: two programs sharing 2 cores make OpenMP "
@@ -746,7 +1003,34 @@ def render_report(
         f"{command_line()}",
         "```",
         "",
-        "## Step time (ms per step, ratio to dense eager)",
+        "## Targets",
+        "",
+        "Each performance target, judged on the paired median; 'met' means the whole 95% "
+        "interval is within the target, 'met (median only)' that the median is but the "
+        "interval reaches past it. `fxsparse / rigl-torch` below 1 is 'fxsparse's step ratio "
+        "to dense is below rigl-torch's' measured directly, round by round.",
+        "",
+        targets_table(results),
+        "",
+        "## Step time: paired ratios (median over rounds [95% CI])",
+        "",
+        paired_table(results),
+        "",
+        "## Time inside each library's own code",
+        "",
+        f"Median over {cfg.library_steps} ordinary eager steps per library, run after the "
+        "timed rounds, of the wall time spent inside the library's per-step code, timed by "
+        "wrapping its entry points (the nested calls they make included): fxsparse's forward "
+        "prologue (`Masker.zero_dirty`), its masked-weight nodes (`Masker.__call__`), its "
+        "post-accumulate-grad hooks (`_GradMaskHook`), `RigLScheduler.step` and its optimizer "
+        "step hooks; rigl-torch's gradient hooks (`IndexMaskHook`), its `scheduler()` and the "
+        "`reset_momentum` / `apply_mask_to_weights` its wrapped `optimizer.step` runs. This is "
+        "the step-time overhead without the noise of whole steps: everything else in a step "
+        "(forward and backward kernels, the optimizer's own update) is the dense model's work.",
+        "",
+        library_table(results),
+        "",
+        "## Step time (median ms per step, ratio of medians to dense eager)",
         "",
         step_table(results),
         "",
@@ -848,13 +1132,19 @@ def main(argv: list[str] | None = None) -> None:
         run_child(*child, cfg)
         return
 
+    if cfg.peer and importlib.util.find_spec("rigl_torch") is None:
+        raise SystemExit(
+            "the peer library rigl-torch is not installed in this environment: install it with "
+            "`pip install -e .[bench]` (or `pip install rigl-torch==0.5.2`), or pass --no-peer"
+        )
     start = time.perf_counter()
     # A fresh inductor cache, so the compile times are cold ones; the memory children inherit it
     # through the environment and reuse what the timing run compiled.
-    cache = tempfile.mkdtemp(prefix="fxsparse-step-time-inductor-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    cache = None
     startup_s = None
     if cfg.compile:
+        cache = tempfile.mkdtemp(prefix="fxsparse-step-time-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         startup_s = start_inductor()
         print(f"inductor start-up: {startup_s:.1f} s", file=sys.stderr, flush=True)
     results: list[ModelResult] = []
@@ -869,7 +1159,8 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr, flush=True)
     minutes = (time.perf_counter() - start) / 60
     save_json(results, cfg, minutes, startup_s)
-    shutil.rmtree(cache, ignore_errors=True)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
 
     report = render_report(results, cfg, minutes, startup_s)
     print(report)

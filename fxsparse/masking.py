@@ -198,6 +198,23 @@ class Masker(nn.Module):
         """True when nothing changed ``weight`` or ``mask`` since its inactive entries were zeroed."""
         return self._clean.get(name) == _versions(weight, mask)
 
+    def trusted_weights(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(name, weight, mask)`` of every weight the last forward's prologue hooked whose
+        inactive entries are still zero and whose ``.grad`` is absent or exactly as the
+        gradient hook left it: an elementwise optimizer step keeps those entries zero.
+
+        Reads the prologue's own records (no module lookups): a parameter replaced since that
+        forward is simply not listed, and so is zeroed again by the next forward.
+        """
+        trusted = []
+        for name, ref in self._hooked.items():
+            weight, mask = ref(), self._masks.get(name)
+            if weight is None or mask is None or not self.is_clean(name, weight, mask):
+                continue
+            if weight.grad is None or self.grad_is_masked(name, weight):
+                trusted.append((name, weight, mask))
+        return trusted
+
     def grad_is_masked(self, name: str, weight: torch.Tensor) -> bool:
         """True when ``weight.grad`` is untouched since this op's backward masked it."""
         grad = weight.grad

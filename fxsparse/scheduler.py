@@ -237,13 +237,7 @@ class RigLScheduler:
         # A weight whose inactive entries are zero, with a gradient exactly as the masked op
         # left it (zero there) and state zeroed at every topology change, keeps them zero
         # through an elementwise optimizer step: the next forward need not zero them again.
-        masker = self.sparse.growth_capture
-        self._trusted = [
-            (fqn, weight, mask)
-            for fqn, (weight, mask) in self.sparse._weights_and_masks()
-            if masker.is_clean(fqn, weight, mask)
-            and (weight.grad is None or masker.grad_is_masked(fqn, weight))
-        ]
+        self._trusted = self.sparse.growth_capture.trusted_weights()
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         masker = self.sparse.growth_capture
