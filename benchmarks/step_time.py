@@ -115,6 +115,7 @@ class Config:
     memory: bool = True
     out: str | None = None
     json: str | None = "benchmarks/results/step_time.json"
+    report_from: str | None = None  # render the report from this JSON instead of measuring
 
     def steps_for(self, model: str) -> int:
         return self.large_steps if MODELS[model] >= 224 else self.steps
@@ -158,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, tuple[str, str] |
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--out", default=None, help="write the Markdown report here")
     parser.add_argument("--json", default=defaults.json, help="raw results ('' to skip)")
+    parser.add_argument("--report-from", default=None, metavar="JSON",
+                        help="measure nothing: render the report from a --json file of a run")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"),
                         help="internal: train one variant and print its peak RSS")
     args = parser.parse_args(argv)
@@ -190,6 +193,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, tuple[str, str] |
         memory=not args.no_memory,
         out=args.out,
         json=args.json or None,
+        report_from=args.report_from,
     )
     return cfg, (tuple(args.child) if args.child else None)  # type: ignore[return-value]
 
@@ -928,6 +932,22 @@ def memory_table(results: list[ModelResult]) -> str:
     return _table(header, rows)
 
 
+def mask_memory_note(results: list[ModelResult]) -> str:
+    """Where fxsparse's memory above dense goes: its two masks per sparse weight."""
+    sizes = [
+        f"{r.model} {5 * r.params * r.masked_fraction['fxsparse'] / 2**20:.0f} MB"
+        for r in results if "fxsparse" in r.masked_fraction
+    ]
+    return (
+        "fxsparse keeps two masks per sparse weight: the bool buffer of the state_dict (1 byte "
+        "a weight) and a copy in the weight's dtype that the gradient multiply reads (4 bytes: "
+        "a float x bool multiply is several times slower on CPU, `benchmarks/mask_dtype.py`), "
+        f"5 bytes per masked weight in all ({', '.join(sizes)}), which is most of its peak "
+        "above dense. rigl-torch keeps bool masks only, and pays for it in time: three "
+        "float x bool passes a step (gradient, momentum, weight)."
+    )
+
+
 def peer_caveats(results: list[ModelResult]) -> list[str]:
     """Models where rigl-torch masks so little that its figures are those of a dense model."""
     notes = []
@@ -967,19 +987,40 @@ def command_line() -> str:
     return shlex.join([str(python), *sys.argv])
 
 
-def render_report(
-    results: list[ModelResult], cfg: Config, minutes: float, startup_s: float | None
-) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+@dataclass
+class RunInfo:
+    """Where, with what and how a run was made: stored with the raw results, so that
+    ``--report-from`` renders a report that still names the machine and command measured."""
+
+    command: str
+    finished: str  # UTC
+    minutes: float
+    inductor_startup_s: float | None
+    cpu: str = field(default_factory=cpu_name)
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    isa: str = field(default_factory=lambda: torch.backends.cpu.get_cpu_capability())
+    torch: str = torch.__version__
+    timm: str = timm.__version__
+    peer: str = field(default_factory=lambda: _peer_version())
+
+    @classmethod
+    def now(cls, minutes: float, startup_s: float | None) -> RunInfo:
+        finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return cls(command_line(), finished, minutes, startup_s)
+
+
+def render_report(results: list[ModelResult], cfg: Config, info: RunInfo) -> str:
+    minutes, startup_s = info.minutes, info.inductor_startup_s
     sections = [
         "# Performance: step time, update cost and memory on CPU",
         "",
         "Training-step cost of fxsparse against the dense model and the peer library rigl-torch "
-        f"{_peer_version()}, eager and under `torch.compile`. Measured on {cpu_name()} "
-        f"({os.cpu_count()} cores visible, {torch.backends.cpu.get_cpu_capability()} kernels), torch {torch.__version__}, timm {timm.__version__}, "
+        f"{info.peer}, eager and under `torch.compile`. Measured on {info.cpu} "
+        f"({info.cores} cores visible, {info.isa} kernels), torch {info.torch}, timm {info.timm}, "
         f"`torch.set_num_threads({cfg.threads})`, batch {cfg.batch}, density {cfg.density} "
         f"({cfg.init.upper()} for fxsparse), SGD(lr {cfg.lr}, momentum {cfg.momentum}, "
-        f"weight decay {cfg.weight_decay}); {now}; the whole run took {minutes:.1f} min.",
+        f"weight decay {cfg.weight_decay}); {info.finished}; the whole run took {minutes:.1f} "
+        "min.",
         "",
         f"Each variant had {cfg.warmup} untimed warm-up steps (the first one compiles the "
         f"`+compile` variants), then {cfg.steps} timed rounds ({cfg.large_steps} for the "
@@ -1000,7 +1041,7 @@ def render_report(
         "Produced by:",
         "",
         "```",
-        f"{command_line()}",
+        info.command,
         "```",
         "",
         "## Targets",
@@ -1087,6 +1128,8 @@ def render_report(
             "",
             memory_table(results),
             "",
+            mask_memory_note(results),
+            "",
         ]
     notes = failure_notes(results)
     sections += ["## Failures", "", *(notes or ["None."]), ""]
@@ -1108,21 +1151,35 @@ def _peer_version() -> str:
 # --- main --------------------------------------------------------------------------------------
 
 
-def save_json(
-    results: list[ModelResult], cfg: Config, minutes: float, startup_s: float | None
-) -> None:
-    """Raw timings and config; rewritten after every model so a crash keeps what was done."""
+def save_json(results: list[ModelResult], cfg: Config, info: RunInfo) -> None:
+    """Raw timings, config and run info; rewritten after every model so a crash keeps what was
+    done. ``--report-from`` renders the report again from this file."""
     if not cfg.json:
         return
     path = Path(cfg.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "config": dataclasses.asdict(cfg), "minutes": minutes, "command": command_line(),
-        "inductor_startup_s": startup_s,
-        "torch": torch.__version__, "timm": timm.__version__, "cpu": cpu_name(),
+        "config": dataclasses.asdict(cfg), "run": dataclasses.asdict(info),
         "results": [dataclasses.asdict(r) for r in results],
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def load_json(path: str) -> tuple[list[ModelResult], Config, RunInfo]:
+    """The results, config and run info that :func:`save_json` wrote."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
+        known = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{k: v for k, v in config.items() if k in known})
+        info = RunInfo(**payload["run"])
+        results = [ModelResult(**r) for r in payload["results"]]
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise SystemExit(
+            f"--report-from {path}: expected the JSON that step_time.py --json writes "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    return results, cfg, info
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1130,6 +1187,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     if child is not None:
         run_child(*child, cfg)
+        return
+    if cfg.report_from:
+        results, measured, info = load_json(cfg.report_from)
+        write_report(render_report(results, measured, info), cfg.out)
         return
 
     if cfg.peer and importlib.util.find_spec("rigl_torch") is None:
@@ -1154,21 +1215,23 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.memory:
             measure_memory(name, cfg, result)
         results.append(result)
-        save_json(results, cfg, (time.perf_counter() - start) / 60, startup_s)
+        save_json(results, cfg, RunInfo.now((time.perf_counter() - start) / 60, startup_s))
         print(f"[{name}] done in {(time.perf_counter() - model_start) / 60:.1f} min",
               file=sys.stderr, flush=True)
-    minutes = (time.perf_counter() - start) / 60
-    save_json(results, cfg, minutes, startup_s)
+    info = RunInfo.now((time.perf_counter() - start) / 60, startup_s)
+    save_json(results, cfg, info)
     if cache is not None:
         shutil.rmtree(cache, ignore_errors=True)
-
-    report = render_report(results, cfg, minutes, startup_s)
-    print(report)
-    if cfg.out:
-        Path(cfg.out).write_text(report)
-        print(f"wrote {cfg.out}", file=sys.stderr)
+    write_report(render_report(results, cfg, info), cfg.out)
     if cfg.json:
         print(f"wrote {cfg.json}", file=sys.stderr)
+
+
+def write_report(report: str, out: str | None) -> None:
+    print(report)
+    if out:
+        Path(out).write_text(report)
+        print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -122,4 +122,13 @@ def test_a_short_run_writes_every_section(bench, tmp_path, monkeypatch):
         assert section in report
     assert "| fxsparse / dense, eager | wrn22_2 |" in report
     assert "| wrn22_2 | fxsparse |" in report  # the library-time row
-    assert raw.exists()
+    again = tmp_path / "again.md"
+    bench.main(["--report-from", str(raw), "--out", str(again)])
+    assert again.read_text() == report  # the raw results hold everything the report says
+
+
+def test_report_from_a_file_that_is_not_a_run_says_what_it_expected(bench, tmp_path):
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"results": []}')
+    with pytest.raises(SystemExit, match="expected the JSON that step_time.py --json writes"):
+        bench.main(["--report-from", str(wrong)])
