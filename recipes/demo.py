@@ -230,7 +230,8 @@ def run_method(
     accuracy = _evaluate(model, *test)
     density = 1.0 if sparse is None else float(sparse.density)
     seconds = time.perf_counter() - start
-    costs = _costs(method, sparse if sparse is not None else model, images[:1], cfg, total_steps)
+    pruning = topology.pruning if topology is not None else None
+    costs = _costs(method, sparse if sparse is not None else model, images[:1], cfg, total_steps, pruning)
     return MethodResult(
         method=method,
         density=density,
@@ -242,11 +243,13 @@ def run_method(
     )
 
 
-def _costs(method: str, model: nn.Module, example: torch.Tensor, cfg: Config, total_steps: int) -> dict[str, float]:
-    """FLOP multipliers and model size of the trained model (fxsparse.flop_report)."""
+def _costs(
+    method: str, model: nn.Module, example: torch.Tensor, cfg: Config, total_steps: int,
+    pruning: fxsparse.GradualPruning | None,
+) -> dict[str, float]:
+    """FLOP multipliers and model size of the trained model (fxsparse.flop_report); ``pruning``
+    is the schedule the run's RigLScheduler followed (None unless it pruned)."""
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    t_end = int(cfg.end_fraction * total_steps)
-    pruning = fxsparse.GradualPruning(0, max(t_end, 1), cfg.delta_t) if method == "pruning" else None
     report = fxsparse.flop_report(
         model, example, delta_t=cfg.delta_t, total_steps=total_steps, end_fraction=cfg.end_fraction, pruning=pruning
     )

@@ -333,7 +333,8 @@ def train(cfg: Config) -> dict[str, Any]:
         "test_accuracy": evaluate(cfg, model, *data["test"], device),
         "val_accuracy": evaluate(cfg, model, *data["val"], device) if len(data["val"][1]) else None,
         "train_loss": running, "seconds": elapsed, "steps": total_steps,
-        **_costs(cfg, model, dense_init, data["test"][0][:1], total_steps),
+        **_costs(cfg, model, dense_init, data["test"][0][:1], total_steps,
+                 topology.pruning if topology is not None else None),
     }
     record = {
         "recipe": "recipes/train.py", "dataset": cfg.dataset, "model": cfg.model,
@@ -357,12 +358,14 @@ def evaluate(cfg: Config, model: nn.Module, images: torch.Tensor, labels: torch.
     return correct / max(1, len(labels))
 
 
-def _costs(cfg: Config, model: nn.Module, dense: nn.Module, example: torch.Tensor, total_steps: int) -> dict[str, float]:
-    """Training and inference FLOPs relative to the full dense model, and model size (MB)."""
+def _costs(
+    cfg: Config, model: nn.Module, dense: nn.Module, example: torch.Tensor, total_steps: int,
+    pruning: fxsparse.GradualPruning | None,
+) -> dict[str, float]:
+    """Training and inference FLOPs relative to the full dense model, and model size (MB);
+    ``pruning`` is the schedule the run's RigLScheduler followed (None unless it pruned)."""
     example = _prepare(cfg, example, None)
     full = fxsparse.flop_report(dense, example)
-    t_end = int(cfg.end_fraction * total_steps)
-    pruning = fxsparse.GradualPruning(0, max(1, t_end), cfg.delta_t) if cfg.method == "pruning" else None
     model = model.cpu()
     report = fxsparse.flop_report(
         model, example, delta_t=cfg.delta_t, total_steps=total_steps, end_fraction=cfg.end_fraction, pruning=pruning
