@@ -617,11 +617,11 @@ def library_entries(trainer: Trainer) -> tuple[list[tuple[Any, str, str]], str |
         from fxsparse import masking, scheduler
 
         return [
-            (masking.Masker, "zero_dirty", "forward prologue"),
+            (masking.Masker, "prologue", "forward prologue"),
             (masking.Masker, "__call__", "masked-weight nodes"),
             (masking._GradMaskHook, "__call__", "gradient mask"),
             (scheduler.RigLScheduler, "step", "scheduler"),
-        ], "optimizer hooks"
+        ], None
     from rigl_torch import RigL
 
     return [
@@ -1062,9 +1062,9 @@ def render_report(results: list[ModelResult], cfg: Config, info: RunInfo) -> str
         f"Median over {cfg.library_steps} ordinary eager steps per library, run after the "
         "timed rounds, of the wall time spent inside the library's per-step code, timed by "
         "wrapping its entry points (the nested calls they make included): fxsparse's forward "
-        "prologue (`Masker.zero_dirty`), its masked-weight nodes (`Masker.__call__`), its "
-        "post-accumulate-grad hooks (`_GradMaskHook`), `RigLScheduler.step` and its optimizer "
-        "step hooks; rigl-torch's gradient hooks (`IndexMaskHook`), its `scheduler()` and the "
+        "prologue (`Masker.prologue`: it zeroes every inactive weight, every forward), its "
+        "masked-weight nodes (`Masker.__call__`), its post-accumulate-grad hooks "
+        "(`_GradMaskHook`) and `RigLScheduler.step` (fxsparse hooks no optimizer); rigl-torch's gradient hooks (`IndexMaskHook`), its `scheduler()` and the "
         "`reset_momentum` / `apply_mask_to_weights` its wrapped `optimizer.step` runs. This is "
         "the step-time overhead without the noise of whole steps: everything else in a step "
         "(forward and backward kernels, the optimizer's own update) is the dense model's work.",

@@ -444,7 +444,7 @@ class _Counter(torch.fx.Interpreter):
             self.run(*fake_inputs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        if n.op == "call_function" and getattr(n.target, "__name__", "") == "zero_dirty":
+        if n.op == "call_function" and getattr(n.target, "__name__", "") in ("mask_prologue", "zero_dirty"):
             return None  # the masked module's prologue: bookkeeping on real weights, no compute
         if n.op == "call_module" and self.masker is not None and n.target == self.masker:
             args, _ = self.fetch_args_kwargs_from_env(n)

@@ -126,6 +126,9 @@ def sparsify(
             + (f" (left dense: {dict(skipped)})" if skipped else "")
             + "; sparsify a model with such layers, or loosen exclude="
         )
+    # the original's parameter order, so that masks list layers as named_parameters() does
+    position = {name: i for i, (name, _) in enumerate(work.named_parameters())}
+    kept.sort(key=lambda s: position.get(s.fqn, len(position)))
     shapes = {s.fqn: s.shape for s in kept}
     _check_patterns_match(exclude_patterns, [s.fqn for s in sites], "exclude")
     if dense_patterns is None:
@@ -144,6 +147,7 @@ def sparsify(
         functionalize(gm, set(shapes))
         sparse = SparseGraphModule(work, gm.graph, class_name=f"Sparse{type(model).__name__}")
         _copy_unreferenced(work, sparse)
+        _follow_module_order(work, sparse)
         sparse.add_module(MASKER, Masker())
         sparse.register_buffer(UPDATES, torch.zeros((), dtype=torch.int64))
         state = _State(
@@ -224,6 +228,29 @@ def _copy_unreferenced(source: nn.Module, target: nn.Module) -> None:
             dst.register_parameter(field, tensor)
         else:
             dst.register_buffer(field, tensor, persistent=field not in src._non_persistent_buffers_set)
+
+
+def _follow_module_order(source: nn.Module, target: nn.Module) -> None:
+    """Orders every submodule's children, parameters and buffers of ``target`` as in ``source``.
+
+    GraphModule creates its submodules in the order the graph first uses them, so a parameter
+    reachable under several paths (a module shared by two parents) would be yielded first
+    under another name than the original's; ``named_parameters()`` of the sparse module must
+    give every mask key, the original's first name, for its weight.
+    """
+    for path, src in source.named_modules(remove_duplicate=False):
+        try:
+            dst = target.get_submodule(path) if path else target
+        except AttributeError:
+            continue
+        if dst is src:
+            continue
+        for attr in ("_modules", "_parameters", "_buffers"):
+            table, known = getattr(dst, attr), getattr(src, attr)
+            order = [k for k in known if k in table] + [k for k in table if k not in known]
+            items = [(k, table[k]) for k in order]
+            table.clear()
+            table.update(items)
 
 
 def _add_mask(sparse: SparseGraphModule, fqn: str, active: int, seed: int) -> str:

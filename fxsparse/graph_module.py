@@ -17,12 +17,13 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fxsparse import budgets, topology
-from fxsparse.masking import Masker
+from fxsparse.masking import Masker, bit_mask, zero_inactive_
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
-           "grow_score_needs_gradient"]
+           "grow_score_needs_gradient", "StateDictError", "finite"]
 
 MASKER = "fxsparse_masker"
 UPDATES = "fxsparse_updates"
@@ -206,12 +207,22 @@ class SparseGraphModule(torch.fx.GraphModule):
 
     def _weights_and_masks(self) -> Iterator[tuple[str, tuple[nn.Parameter, torch.Tensor]]]:
         for fqn, site in self._fxsparse.sites.items():
-            yield fqn, (self.get_parameter(fqn), self.get_buffer(site.mask))
+            yield fqn, (self._leaf_weight(fqn), self.get_buffer(site.mask))
+
+    def _leaf_weight(self, fqn: str) -> nn.Parameter:
+        """The parameter the mask of ``fqn`` applies to: ``get_parameter(fqn)``, or, where
+        ``torch.nn.utils.parametrize`` computes that weight, the parametrization's ``original``
+        (the forward masks what the parametrization computes)."""
+        owner_name, _, name = fqn.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        if parametrize.is_parametrized(owner, name):
+            return owner.parametrizations[name].original
+        return self.get_parameter(fqn)
 
     @property
     def sparse_weights(self) -> dict[str, nn.Parameter]:
         """The sparsified parameters, by FQN."""
-        return {fqn: self.get_parameter(fqn) for fqn in self._fxsparse.sites}
+        return {fqn: self._leaf_weight(fqn) for fqn in self._fxsparse.sites}
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -289,7 +300,7 @@ class SparseGraphModule(torch.fx.GraphModule):
         """
         problems = []
         for fqn, site in self._fxsparse.sites.items():
-            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
+            weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
             if mask.dtype != torch.bool or mask.shape != weight.shape:
                 problems.append(f"{fqn}: mask {mask.dtype} {tuple(mask.shape)} vs weight {tuple(weight.shape)}")
                 continue
@@ -301,11 +312,119 @@ class SparseGraphModule(torch.fx.GraphModule):
         if problems:
             raise RuntimeError("fxsparse invariant violated:\n  " + "\n  ".join(problems))
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        for site in self._fxsparse.sites.values():  # the loaded topology defines the budgets
-            site.active = int(self.get_buffer(site.mask).sum())
-        return result
+    @torch.no_grad()
+    def rezero(self) -> None:
+        """Sets every inactive weight to exactly zero now.
+
+        Never needed for correctness: every forward does it first, whatever edited the weights
+        (``.data`` included), so inactive weights cannot reach an output or a gradient. Use it
+        before reading the parameters outside a forward after such an edit (``state_dict()``
+        calls it itself) and :meth:`verify` then passes.
+        """
+        for fqn, (weight, mask) in self._weights_and_masks():
+            zero_inactive_(weight, bit_mask(mask, weight))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.rezero()  # a checkpoint holds exact zeros at inactive entries, whatever edited them
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False, *, budget: str = "keep",
+    ) -> Any:
+        """``nn.Module.load_state_dict``, checked first: nothing changes unless all of it loads.
+
+        Each mask must be of its weight's shape, bool (or 0/1 values, converted), and with
+        ``budget="keep"`` (the default) the masks must hold this module's parameter budget:
+        the same total active count (drop-and-grow methods keep it; SNFS and RigL-SG/SM move
+        weights between layers), and layers budgeted dense stay dense. ``budget="adopt"`` takes
+        the checkpoint's topology, whatever its counts (resuming gradual pruning on
+        ``sparsify(model, 1.0)``, another density's checkpoint).
+
+        Raises:
+            StateDictError (a ValueError and a RuntimeError): the keys and what is wrong with
+                each; the module is unchanged.
+        """
+        if budget not in ("keep", "adopt"):
+            raise ValueError(f"expected budget='keep' or 'adopt', got {budget!r}")
+        problems = []
+        own = super().state_dict(keep_vars=True)
+        if strict:
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            problems += [f"{k}: missing from the state_dict" for k in missing]
+            problems += [f"{k}: not a key of this module" for k in unexpected]
+        for key, value in state_dict.items():
+            mine = own.get(key)
+            if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != mine.shape:
+                problems.append(f"{key}: shape {tuple(value.shape)}, this module's is {tuple(mine.shape)}")
+        if problems:
+            raise StateDictError(_state_dict_message(problems))
+        self._load_budget = budget
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._load_budget = "keep"
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        # Runs before any of this module's own tensors or submodules are loaded (also when a
+        # parent module loads), so a bad mask leaves the module untouched.
+        budget = getattr(self, "_load_budget", "keep")
+        counts = self._check_masks(state_dict, prefix, budget)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for fqn, count in counts.items():  # the loaded topology
+            site = self._fxsparse.sites[fqn]
+            if budget == "adopt" and count != site.active:  # the checkpoint's budget is the layer's now
+                site.target_density = count / math.prod(site.shape)
+            site.active = count
+
+    def _check_masks(self, state_dict: dict[str, Any], prefix: str, budget: str) -> dict[str, int]:
+        """The active count of every mask in ``state_dict``; converts 0/1 masks to bool in it
+        (torch's own copy of the caller's dict). Raises StateDictError on a bad mask."""
+        problems, counts, over_budget = [], {}, False
+        sites = self._fxsparse.sites
+        for fqn, site in sites.items():
+            key = prefix + site.mask
+            if key not in state_dict:
+                continue
+            value, shape = state_dict[key], site.shape
+            if not isinstance(value, torch.Tensor):
+                problems.append(f"{key}: expected a bool tensor, got {type(value).__name__}")
+            elif tuple(value.shape) != tuple(shape):
+                problems.append(f"{key}: shape {tuple(value.shape)}, but the weight {fqn} is {tuple(shape)}")
+            elif value.dtype != torch.bool and not bool(((value == 0) | (value == 1)).all()):
+                problems.append(f"{key}: expected a bool mask (or 0/1 values), got {value.dtype} with other values")
+            else:
+                state_dict[key] = value.to(torch.bool)
+                counts[fqn] = int(state_dict[key].count_nonzero())
+                if budget == "keep" and site.target_density >= 1.0 and counts[fqn] != math.prod(shape):
+                    over_budget = True
+                    problems.append(
+                        f"{key}: {counts[fqn]} of {math.prod(shape)} active, but this layer is budgeted dense"
+                    )
+        if budget == "keep" and not problems and counts:
+            have = sum(site.active for site in sites.values())
+            loaded = sum(counts.get(fqn, site.active) for fqn, site in sites.items())
+            if loaded != have:
+                over_budget = True
+                differ = [prefix + sites[f].mask for f, c in counts.items() if c != sites[f].active]
+                problems.append(
+                    f"the masks hold {loaded} active weights, this module's budget is {have} "
+                    f"(density {have / sum(math.prod(s.shape) for s in sites.values()):.4f}); masks whose "
+                    f"count differs: {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}"
+                )
+        if over_budget:
+            problems.append(
+                "to take the checkpoint's topology as it is (resuming gradual pruning on sparsify(model, "
+                "1.0), another density's masks), pass load_state_dict(..., budget='adopt')"
+            )
+        if problems:
+            raise StateDictError(_state_dict_message(problems))
+        return counts
 
     # -------------------------------------------------------------------------------- updates
     @torch.no_grad()
@@ -348,6 +467,8 @@ class SparseGraphModule(torch.fx.GraphModule):
 
         Raises:
             ValueError: bad ``drop_fraction`` or ``grow``, or no gradient captured for growth.
+            FloatingPointError: a layer's active weights or growth tensor hold NaN or inf (a
+                NaN loss, an fp16 overflow); raised before any mask changes, naming the layers.
 
         Example:
             >>> loss = model(x).sum(); loss.backward()          # doctest: +SKIP
@@ -381,6 +502,7 @@ class SparseGraphModule(torch.fx.GraphModule):
                     f"for you), or use grow='random' (SET), which needs no gradient."
                 )
             _all_reduce_mean([grads[fqn] for fqn in self._fxsparse.sites])
+        _refuse_nonfinite(self, list(self._fxsparse.sites), grads if (needs_gradient or grow_from is not None) else {}, "rigl_step")
 
         sites = self._fxsparse.sites
         if redistribute is None:
@@ -396,9 +518,8 @@ class SparseGraphModule(torch.fx.GraphModule):
             if fqn not in grow_counts:
                 changes[fqn] = LayerChange(site.active, 0, 0, 0)
                 continue
-            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
+            weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
             grad = grads.get(fqn)
-            was_clean = capture.is_clean(fqn, weight, mask)
             score = score_fn(self, fqn, weight, mask, grad, update_index)
             # a registered score is the update's to overwrite (see register_grow_score)
             result = topology.update_mask(
@@ -406,8 +527,6 @@ class SparseGraphModule(torch.fx.GraphModule):
             )
             state = _optimizer_state(optimizer, weight)
             topology.apply_update(weight, mask, result, state)
-            if was_clean:  # the update zeroed what it dropped: still no stray inactive weight
-                capture.mark_clean(fqn, weight, mask)
             site.active += result.grown_idx.numel() - result.dropped_idx.numel()
             changes[fqn] = LayerChange(
                 site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown
@@ -432,21 +551,19 @@ class SparseGraphModule(torch.fx.GraphModule):
         unknown = [fqn for fqn in counts if fqn not in sites]
         if unknown:
             raise ValueError(f"expected sparse weight FQNs, got unknown {unknown}; valid: {list(sites)}")
-        capture = self.growth_capture
+        _refuse_nonfinite(self, [f for f in counts if f in sites], {}, "prune")
         changes = {}
         for fqn, site in sites.items():
             if fqn not in counts or counts[fqn] == site.active:
                 changes[fqn] = LayerChange(site.active, 0, 0, 0)
                 continue
-            weight, mask = self.get_parameter(fqn), self.get_buffer(site.mask)
-            was_clean = capture.is_clean(fqn, weight, mask)
+            weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
             result = topology.prune_mask(mask, weight.detach(), counts[fqn])
             topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
             if weight.grad is not None:
                 topology.zero_state_at([weight.grad], result.dropped_idx)
-            if was_clean:
-                capture.mark_clean(fqn, weight, mask)
             site.active = counts[fqn]
+            site.target_density = site.active / math.prod(site.shape)  # what it is budgeted now
             changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), 0, 0)
         return changes
 
@@ -465,7 +582,7 @@ class SparseGraphModule(torch.fx.GraphModule):
             if statistic == "score":
                 source = grads[fqn]
             else:
-                source = _momentum(optimizer, self.get_parameter(fqn))
+                source = _momentum(optimizer, self._leaf_weight(fqn))
                 if source is None:
                     raise ValueError(
                         f"redistribute='momentum' needs the optimizer's momentum of {fqn!r}, but "
@@ -475,6 +592,25 @@ class SparseGraphModule(torch.fx.GraphModule):
             value = float(source.detach().abs().mul_(mask).sum()) / max(site.active, 1)
             scores[fqn] = value if math.isfinite(value) else 0.0
         return budgets.redistribute(total, capacity, scores)
+
+
+class StateDictError(ValueError, RuntimeError):
+    """A state_dict that cannot be loaded into a SparseGraphModule; nothing was changed."""
+
+
+def _state_dict_message(problems: list[str]) -> str:
+    return (
+        "fxsparse: cannot load this state_dict into the sparse module; nothing was changed:\n  "
+        + "\n  ".join(problems)
+    )
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` holds no NaN or inf: one float64 sum (NaN and inf survive a sum, and
+    float32 values cannot overflow float64), and the exact elementwise check only if it did."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64))) or bool(torch.isfinite(tensor).all())
 
 
 def _momentum(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> torch.Tensor | None:
@@ -501,6 +637,31 @@ def _optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tenso
         return []
     state = optimizer.state.get(param, {})
     return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+
+
+def _refuse_nonfinite(
+    module: SparseGraphModule, names: list[str], growth: Mapping[str, torch.Tensor], what: str,
+) -> None:
+    """Raises FloatingPointError, before any mask changes, when a layer's weights (dropped by
+    magnitude) or growth tensor (grown by magnitude) hold NaN or inf: ranking them would corrupt
+    the topology. Inactive weights are zeroed first (as every forward does), so only what the
+    model computes with counts."""
+    bad = []
+    for fqn in names:
+        weight, mask = module._leaf_weight(fqn), module.get_buffer(module._fxsparse.sites[fqn].mask)
+        zero_inactive_(weight, bit_mask(mask, weight))
+        if not finite(weight):
+            bad.append(f"{fqn} (weights)")
+        if fqn in growth and not finite(growth[fqn]):
+            bad.append(f"{fqn} (growth gradient)" if what == "rigl_step" else fqn)
+    if bad:
+        raise FloatingPointError(
+            f"fxsparse {what}: NaN or inf in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            + f" ({', '.join(bad[1:6])}{' ...' if len(bad) > 6 else ''})" * (len(bad) > 1)
+            + "; no mask was changed. A NaN/inf loss or an overflowing fp16 backward causes this: "
+            "check the loss, lower the learning rate, or under fp16 autocast pass "
+            "scaler=torch.amp.GradScaler() to fxsparse.RigLScheduler, which skips such steps"
+        )
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:

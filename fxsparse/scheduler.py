@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from fxsparse import budgets
-from fxsparse.graph_module import LayerChange, SparseGraphModule, grow_score_needs_gradient
-from fxsparse.masking import ZERO_PRESERVING_OPTIMIZERS
+from fxsparse.distributed import assert_in_sync
+from fxsparse.graph_module import LayerChange, SparseGraphModule, finite, grow_score_needs_gradient
 from fxsparse.schedules import GradualPruning, cosine_drop_fraction, end_step, is_update_step, pruned_density
 
 __all__ = ["RigLScheduler", "Method", "register_method", "available_methods"]
@@ -98,10 +98,14 @@ class RigLScheduler:
     redistributing as ``method`` says (:func:`available_methods`; :class:`Method`). It arms the
     capture of dense growth gradients only for the update steps (every step for SNFS), so other
     steps keep no dense tensor; captured gradients are summed over every backward of a step, so
-    with gradient accumulation the growth gradient is that of the whole optimizer step. With an
-    elementwise optimizer (SGD, Adam, AdamW, ...; see ``ZERO_PRESERVING_OPTIMIZERS``) it also
-    tells the masked op after each optimizer step which weights provably still hold zeros at
-    their inactive entries, so ordinary forwards skip re-zeroing them.
+    with gradient accumulation the growth gradient is that of the whole optimizer step.
+
+    Mixed precision: pass the ``torch.amp.GradScaler`` as ``scaler``. The captured gradients
+    are then divided by its scale before they are ranked, redistributed or folded into SNFS's
+    momentum, and a step whose captured gradients are not finite (the scaler will skip that
+    optimizer step) is not counted: no update, no momentum, and the step is run again as the same
+    step number. Without a scaler, an update whose growth gradient or weights are not finite
+    raises ``FloatingPointError`` naming the layers, before any mask changes.
 
     ``method="pruning"`` is dense-to-sparse: start from ``fxsparse.sparsify(model, 1.0)`` (or
     any denser topology) and give the target ``density`` and ``init``; every ``delta_t`` steps
@@ -135,6 +139,7 @@ class RigLScheduler:
         density: float | None = None,
         init: str = "erk",
         begin_step: int = 0,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(sparse, SparseGraphModule):
             raise TypeError(
@@ -160,7 +165,8 @@ class RigLScheduler:
         self.step_count = 0
         self.last_changes: dict[str, LayerChange] | None = None
         self.momentum: dict[str, torch.Tensor] = {}  # SNFS's dense momentum, by weight FQN
-        self._trusted: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.scaler = scaler
+        self.skipped_steps = 0  # steps not counted: non-finite gradients under a GradScaler
         spec = _METHODS[method]
         if spec.redistribute == "momentum" and not _has_momentum(optimizer):
             raise ValueError(
@@ -182,9 +188,8 @@ class RigLScheduler:
                 f"density= is the target of method='pruning'; method {method!r} keeps the density "
                 f"sparsify gave ({sparse.density:.4f})"
             )
-        if type(optimizer) in ZERO_PRESERVING_OPTIMIZERS:  # exact: a subclass may step differently
-            optimizer.register_step_pre_hook(self._before_optimizer_step)
-            optimizer.register_step_post_hook(self._after_optimizer_step)
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"expected scaler to be a torch.amp.GradScaler (or None), got {type(scaler).__name__}")
         self._arm_for(1)
 
     def _setup_pruning(self, density: float | None, init: str, begin_step: int) -> None:
@@ -233,49 +238,70 @@ class RigLScheduler:
         # accumulate: every backward of the step counts (micro-batches of gradient accumulation)
         self.sparse.arm_growth(needs, accumulate=True)
 
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # A weight whose inactive entries are zero, with a gradient exactly as the masked op
-        # left it (zero there) and state zeroed at every topology change, keeps them zero
-        # through an elementwise optimizer step: the next forward need not zero them again.
-        self._trusted = self.sparse.growth_capture.trusted_weights()
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        masker = self.sparse.growth_capture
-        for fqn, weight, mask in self._trusted:
-            masker.mark_clean(fqn, weight, mask)
-        self._trusted = []
-
     def step(self) -> bool:
         """Call once per optimizer step after the ``backward()`` calls; False: skip ``optimizer.step()``.
 
         On a drop-and-grow iteration the topology is updated from this iteration's gradients
         and, as in the official implementation, the optimizer does not step. Pruning steps and
-        all others return True.
+        all others return True. Under a ``scaler``, a step whose captured gradients are not
+        finite returns True (``scaler.step`` skips it) and is not counted.
+
+        Raises:
+            FloatingPointError: without a scaler, the growth gradients or weights of an update
+                (or SNFS's gradients on any step) hold NaN or inf; no mask was changed.
+            RuntimeError: under torch.distributed, the ranks' masks differ before an update.
         """
-        self.step_count += 1
         spec = self.spec
-        updated = self.is_update_step(self.step_count)
+        step = self.step_count + 1
+        capture = self.sparse.growth_capture
+        if capture.grads and self.scaler is not None and not self._unscale(capture.grads):
+            capture.clear()  # the scaler skips this optimizer step: it did not happen
+            self.skipped_steps += 1
+            self._arm_for(step)
+            return True
+        self.step_count = step
+        updated = self.is_update_step(step)
         if spec.dense_momentum:
             self._fold_momentum()
+        if updated:
+            _ranks_in_sync(self.sparse)
         if updated and spec.prune:
-            self.last_changes = self._prune(self.step_count)
+            self.last_changes = self._prune(step)
         elif updated:
             grow_from = None
             if spec.dense_momentum:  # rigl_step consumes what it grows from: hand it copies
                 grow_from = {fqn: m.clone() for fqn, m in self.momentum.items()}
             self.last_changes = self.sparse.rigl_step(
-                self.drop_fraction(self.step_count), self.optimizer, grow=spec.grow,  # type: ignore[arg-type]
+                self.drop_fraction(step), self.optimizer, grow=spec.grow,  # type: ignore[arg-type]
                 grow_from=grow_from, redistribute=spec.redistribute,
             )
-        if spec.dense_momentum and self.step_count >= self.t_end:
+        if spec.dense_momentum and step >= self.t_end:
             self.momentum = {}  # the topology is frozen: nothing grows any more
-        self._arm_for(self.step_count + 1)
+        self._arm_for(step + 1)
         return not updated or spec.prune
+
+    def _unscale(self, grads: dict[str, torch.Tensor]) -> bool:
+        """Divides the captured gradients by the scaler's scale, in place; False if any of them
+        is not finite (as GradScaler itself decides to skip a step)."""
+        assert self.scaler is not None
+        tensors = list(grads.values())
+        found_inf = torch.zeros(1, device=tensors[0].device)
+        inv_scale = torch.full((1,), 1.0 / float(self.scaler.get_scale()), device=tensors[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found_inf, inv_scale)
+        return not bool(found_inf.item())
 
     def _fold_momentum(self) -> None:
         """SNFS: ``m <- beta * m + g`` with this step's dense gradient (beta: the optimizer's)."""
         grads = self.sparse.growth_capture.grads
         beta = _beta(self.optimizer)
+        bad = [fqn for fqn, grad in grads.items() if not finite(grad)]
+        if bad:
+            raise FloatingPointError(
+                f"fxsparse: the dense gradient of {bad[0]!r}" + (f" and {len(bad) - 1} more layer(s)" if len(bad) > 1 else "")
+                + " holds NaN or inf, and SNFS would fold it into its momentum for good; nothing was "
+                "changed. Check the loss for NaN/inf; with fp16 autocast pass scaler=GradScaler(...) "
+                "to RigLScheduler, which skips such steps as the scaler does"
+            )
         for fqn in self.sparse._fxsparse.sites:
             grad = grads.get(fqn)
             if grad is None:
@@ -305,6 +331,7 @@ class RigLScheduler:
             "alpha": self.alpha, "end_fraction": self.end_fraction, "method": self.method,
             "momentum": dict(self.momentum), "initial": dict(self._initial), "final": dict(self._final),
             "pruning": None if self.pruning is None else (self.pruning.begin, self.pruning.end, self.pruning.frequency),
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -312,6 +339,7 @@ class RigLScheduler:
             setattr(self, key, state[key])
         self.t_end = end_step(self.total_steps, self.end_fraction)
         self.step_count = int(state["step_count"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.momentum = dict(state.get("momentum", {}))
         self._initial = dict(state.get("initial", {}))
         self._final = dict(state.get("final", {}))
@@ -324,6 +352,12 @@ class RigLScheduler:
             f"RigLScheduler(method={self.method!r}, step={self.step_count}, delta_t={self.delta_t}, "
             f"alpha={self.alpha}, t_end={self.t_end})"
         )
+
+
+def _ranks_in_sync(sparse: SparseGraphModule) -> None:
+    """Under torch.distributed, stops an update unless every rank holds the same masks: a rank
+    that diverged (a different checkpoint, an edit on one rank) would update differently."""
+    assert_in_sync(sparse, weights=False)
 
 
 def _has_momentum(optimizer: torch.optim.Optimizer) -> bool:

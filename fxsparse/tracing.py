@@ -17,14 +17,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxsparse.masking import zero_dirty
+from fxsparse.masking import mask_prologue, zero_dirty
 
 __all__ = ["register_leaf_module", "register_leaf_function", "trace", "leaf_modules", "leaf_functions"]
 
 _LEAF_MODULES: set[type[nn.Module]] = set()
-# zero_dirty is the prologue of every SparseGraphModule: re-tracing its code (torch.save, a
+# mask_prologue is the prologue of every SparseGraphModule: re-tracing its code (torch.save, a
 # second sparsify attempt) must record it, not run it on proxies.
-_LEAF_FUNCTIONS: set[Callable[..., Any]] = {zero_dirty}
+_LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty}
 
 M = TypeVar("M", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])

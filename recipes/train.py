@@ -210,7 +210,7 @@ def build(cfg: Config) -> tuple[nn.Module, fxsparse.SparseGraphModule | None, nn
         source = Path(cfg.ticket_from)  # type: ignore[arg-type]
         final = torch.load(source / "checkpoint.pt", weights_only=False)
         trained = fxsparse.sparsify(dense, 1.0)
-        trained.load_state_dict(final["model"])
+        trained.load_state_dict(final["model"], budget="adopt")  # the run's final topology
         initial = torch.load(source / "init.pt", weights_only=False)
         ticket = fxsparse.lottery_ticket(trained, initial)
         return ticket, ticket, dense
@@ -275,7 +275,10 @@ def train(cfg: Config) -> dict[str, Any]:
     checkpoint = run_dir / "checkpoint.pt"
     if cfg.resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        if sparse is not None:  # a pruning run's masks have shrunk below sparsify's density
+            sparse.load_state_dict(state["model"], budget="adopt")
+        else:
+            model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         if topology is not None:

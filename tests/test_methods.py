@@ -289,7 +289,7 @@ def test_scheduler_state_dict_resumes_snfs_and_pruning_exactly():
                     sparse = fxsparse.sparsify(_two_layers(seed=5), density)
                     optimizer = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
                     scheduler = fxsparse.RigLScheduler(sparse, optimizer, 12, delta_t=3, end_fraction=1.0, method=method, **kwargs)
-                    sparse.load_state_dict(saved[0])
+                    sparse.load_state_dict(saved[0], budget="adopt" if method == "pruning" else "keep")
                     optimizer.load_state_dict(saved[1])
                     scheduler.load_state_dict(saved[2])
                 sparse(torch.randn(4, 20, generator=gen)).square().mean().backward()

@@ -1,8 +1,8 @@
 """Editing pass: every read of a sparsified weight goes through one masked-weight node.
 
-Invariant: the graph starts with ``zero_dirty(masker, names, weights, masks)``, which zeroes the
-inactive entries of any weight changed since they were last zeroed and hooks each weight's
-gradient accumulation to mask it; then for each sparsified parameter there is exactly one node
+Invariant: the graph starts with ``mask_prologue(masker, names, weights, masks)``, which sets the
+inactive entries of every weight to zero and hooks each weight's gradient accumulation to mask
+it; then for each sparsified parameter there is exactly one node
 ``masker(get_attr(w), get_attr(mask), name=fqn)``, placed before the parameter's first use, and
 no other node reads the parameter: every former ``get_attr`` of it (under any of its tied names)
 now reads that node. Uses in one forward share it, so autograd sums their gradients into one
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch.fx
 
-from fxsparse.masking import zero_dirty
+from fxsparse.masking import mask_prologue
 
 __all__ = ["mask_weights"]
 
@@ -44,7 +44,7 @@ def mask_weights(
     for node in graph.nodes:
         if node.op == "get_attr" and names.get(str(node.target)) in mask_names:
             reads.setdefault(names[str(node.target)], []).append(node)
-    # the prologue reads every weight and mask first and zeroes what changed (masking.zero_dirty)
+    # the prologue reads every weight and mask first and zeroes the inactive entries (masking.mask_prologue)
     first = next(n for n in graph.nodes if n.op != "placeholder")
     everything = {**{fqn: mask_names[fqn] for fqn in reads}, **hooked}
     with graph.inserting_before(first):
@@ -52,7 +52,7 @@ def mask_weights(
         weights = {fqn: graph.get_attr(fqn) for fqn in everything}
         masks = {fqn: graph.get_attr(mask) for fqn, mask in everything.items()}
         graph.call_function(
-            zero_dirty,
+            mask_prologue,
             (masker_node, tuple(everything), list(weights.values()), list(masks.values()), tuple(hooked)),
         )
     for fqn, nodes in reads.items():
