@@ -158,6 +158,8 @@ def sparsify(
             mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
             state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn])
         opaque = {s.fqn for s in kept if s.opaque}
+        for fqn in shapes:
+            state.sites[fqn].opaque = fqn in opaque
         mask_weights(
             sparse,
             {f: site.mask for f, site in state.sites.items() if f not in opaque},

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxsparse import budgets, topology
-from fxsparse.masking import Masker, bit_mask, zero_inactive_
+from fxsparse.masking import Masker, zero_inactive_
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
            "grow_score_needs_gradient", "StateDictError", "finite"]
@@ -38,6 +38,7 @@ class _Site:
     shape: tuple[int, ...]
     target_density: float
     active: int  # the layer's exact active count, kept by every topology update
+    opaque: bool = False  # used inside an opaque leaf module (the module-level fallback)
 
 
 @dataclass
@@ -307,8 +308,21 @@ class SparseGraphModule(torch.fx.GraphModule):
             active = int(mask.sum())
             if active != site.active:
                 problems.append(f"{fqn}: {active} active weights, budget {site.active}")
-            if bool((weight.detach() * ~mask).ne(0).any()):
-                problems.append(f"{fqn}: inactive weights are not zero")
+            owner, _, name = fqn.rpartition(".")
+            if site.opaque and parametrize.is_parametrized(self.get_submodule(owner), name):
+                with torch.no_grad():
+                    computed = getattr(self.get_submodule(owner), name)
+                if bool(computed[~mask].ne(0).any()):
+                    problems.append(
+                        f"{fqn}: a parametrization computes this weight, which an opaque leaf module "
+                        f"reads itself, so its inactive entries reach the output; remove the "
+                        f"parametrization or register the leaf's code for tracing"
+                    )
+            if bool(weight.detach()[~mask].ne(0).any()):
+                problems.append(
+                    f"{fqn}: inactive weights are not zero (edited since the last forward, which "
+                    f"would zero them before use; sparse.rezero() zeroes them now)"
+                )
         if problems:
             raise RuntimeError("fxsparse invariant violated:\n  " + "\n  ".join(problems))
 
@@ -321,8 +335,9 @@ class SparseGraphModule(torch.fx.GraphModule):
         before reading the parameters outside a forward after such an edit (``state_dict()``
         calls it itself) and :meth:`verify` then passes.
         """
+        capture = self.growth_capture
         for fqn, (weight, mask) in self._weights_and_masks():
-            zero_inactive_(weight, bit_mask(mask, weight))
+            zero_inactive_(weight, capture.bit_mask(fqn, mask, weight))
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.rezero()  # a checkpoint holds exact zeros at inactive entries, whatever edited them
@@ -346,24 +361,19 @@ class SparseGraphModule(torch.fx.GraphModule):
         """
         if budget not in ("keep", "adopt"):
             raise ValueError(f"expected budget='keep' or 'adopt', got {budget!r}")
-        problems = []
-        own = super().state_dict(keep_vars=True)
         if strict:
-            missing = [k for k in own if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in own]
-            problems += [f"{k}: missing from the state_dict" for k in missing]
-            problems += [f"{k}: not a key of this module" for k in unexpected]
-        for key, value in state_dict.items():
-            mine = own.get(key)
-            if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != mine.shape:
-                problems.append(f"{key}: shape {tuple(value.shape)}, this module's is {tuple(mine.shape)}")
-        if problems:
-            raise StateDictError(_state_dict_message(problems))
+            own = super().state_dict(keep_vars=True)
+            problems = [f"{k}: missing from the state_dict" for k in own if k not in state_dict]
+            problems += [f"{k}: not a key of this module" for k in state_dict if k not in own]
+            if problems:
+                raise StateDictError(_state_dict_message(problems))
         self._load_budget = budget
         try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:
             self._load_budget = "keep"
+        self.rezero()  # weights the loaded masks made inactive
+        return result
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
@@ -387,6 +397,11 @@ class SparseGraphModule(torch.fx.GraphModule):
         (torch's own copy of the caller's dict). Raises StateDictError on a bad mask."""
         problems, counts, over_budget = [], {}, False
         sites = self._fxsparse.sites
+        mask_keys = {site.mask for site in sites.values()}
+        for key, mine in nn.Module.state_dict(self, keep_vars=True).items():  # torch would load the rest
+            value = None if key in mask_keys else state_dict.get(prefix + key)
+            if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != mine.shape:
+                problems.append(f"{prefix + key}: shape {tuple(value.shape)}, this module's is {tuple(mine.shape)}")
         for fqn, site in sites.items():
             key = prefix + site.mask
             if key not in state_dict:
@@ -606,11 +621,11 @@ def _state_dict_message(problems: list[str]) -> str:
 
 
 def finite(tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` holds no NaN or inf: one float64 sum (NaN and inf survive a sum, and
-    float32 values cannot overflow float64), and the exact elementwise check only if it did."""
+    """True when ``tensor`` holds no NaN or inf: one sum (NaN and inf survive a sum), and the
+    exact elementwise check only when the sum is not finite (it may have overflowed)."""
     if not tensor.is_floating_point():
         return True
-    return bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64))) or bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(tensor.detach().sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _momentum(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> torch.Tensor | None:
@@ -647,9 +662,10 @@ def _refuse_nonfinite(
     the topology. Inactive weights are zeroed first (as every forward does), so only what the
     model computes with counts."""
     bad = []
+    capture = module.growth_capture
     for fqn in names:
         weight, mask = module._leaf_weight(fqn), module.get_buffer(module._fxsparse.sites[fqn].mask)
-        zero_inactive_(weight, bit_mask(mask, weight))
+        zero_inactive_(weight, capture.bit_mask(fqn, mask, weight))
         if not finite(weight):
             bad.append(f"{fqn} (weights)")
         if fqn in growth and not finite(growth[fqn]):

@@ -64,7 +64,6 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.data.view(_BITS[tensor.element_size()])
 
 
-@torch.no_grad()
 def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -> torch.Tensor:
     """Sets the inactive entries of ``weight.grad`` to zero (``mask`` from :func:`bit_mask`);
     returns the new grad. In place unless ``inplace`` is False (then ``.grad`` is replaced)."""
@@ -75,7 +74,6 @@ def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -
     return grad
 
 
-@torch.no_grad()
 def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
     """Sets the inactive entries of ``weight`` to exactly zero, in place, without bumping its
     version counter (``mask`` from :func:`bit_mask`)."""

@@ -259,7 +259,6 @@ class RigLScheduler:
             self.skipped_steps += 1
             self._arm_for(step)
             return True
-        self.step_count = step
         updated = self.is_update_step(step)
         if spec.dense_momentum:
             self._fold_momentum()
@@ -277,6 +276,7 @@ class RigLScheduler:
             )
         if spec.dense_momentum and step >= self.t_end:
             self.momentum = {}  # the topology is frozen: nothing grows any more
+        self.step_count = step  # counted once done: a step that raised can be run again
         self._arm_for(step + 1)
         return not updated or spec.prune
 

@@ -86,6 +86,7 @@ class Config:
     download: bool = False
     run_dir: str = "runs/default"
     resume: bool = False
+    resume_from: str | None = None  # a checkpoint file to resume from (default: the run's newest)
     ticket_from: str | None = None
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
@@ -272,9 +273,9 @@ def train(cfg: Config) -> dict[str, Any]:
         )
 
     start_epoch, step, elapsed, running = 0, 0, 0.0, float("nan")
-    checkpoint = run_dir / "checkpoint.pt"
-    if cfg.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    source = resume_source(cfg, run_dir)
+    if source is not None:
+        state = load_checkpoint(source, cfg, device)
         if sparse is not None:  # a pruning run's masks have shrunk below sparsify's density
             sparse.load_state_dict(state["model"], budget="adopt")
         else:
@@ -328,8 +329,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 "epoch": epoch + 1, "step": step, "seconds": elapsed, "config": dataclasses.asdict(cfg),
                 "train_loss": running, "rng": torch.get_rng_state(),
             }
-            torch.save(state, run_dir / "checkpoint.pt.tmp")
-            os.replace(run_dir / "checkpoint.pt.tmp", checkpoint)  # never a half-written checkpoint
+            save_checkpoint(state, run_dir)
     result = {
         "method": cfg.method,
         "density": float(sparse.density) if sparse is not None else 1.0,
@@ -348,6 +348,69 @@ def train(cfg: Config) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     return record
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+CHECKPOINT, PREVIOUS, PARTIAL = "checkpoint.pt", "checkpoint.prev.pt", "checkpoint.pt.tmp"
+_CHECKPOINT_KEYS = ("model", "optimizer", "lr_schedule", "topology", "epoch", "step", "seconds", "config", "train_loss", "rng")
+
+
+class CheckpointError(SystemExit):
+    """A checkpoint that cannot be resumed from, with what to do instead (exits with the message)."""
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: Path) -> None:
+    """Write-then-rename, keeping the last two: a crash at any moment leaves a complete
+    ``checkpoint.pt`` or ``checkpoint.prev.pt``, never only a half-written file."""
+    partial = run_dir / PARTIAL
+    with open(partial, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if (run_dir / CHECKPOINT).exists():
+        os.replace(run_dir / CHECKPOINT, run_dir / PREVIOUS)
+    os.replace(partial, run_dir / CHECKPOINT)
+
+
+def resume_source(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: ``--resume-from``, else the run's newest;
+    None to start afresh (no ``--resume``, or nothing saved yet)."""
+    if cfg.resume_from:
+        path = Path(cfg.resume_from)
+        if not path.is_file():
+            raise CheckpointError(f"--resume-from {path}: no such file")
+        return path
+    if not cfg.resume:
+        return None
+    for name in (CHECKPOINT, PREVIOUS):  # no newest: killed between the two renames of a save
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def load_checkpoint(path: Path, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``, or a CheckpointError that says what is wrong and which
+    checkpoint to resume from instead (the previous one is never overwritten by a failed save)."""
+    previous = path.parent / PREVIOUS
+    fallback = (
+        f"; the previous checkpoint is kept: resume from it with --resume-from {previous}"
+        if previous.is_file() and previous.resolve() != path.resolve() else "; no previous checkpoint is kept"
+    )
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, corrupted, not a torch file
+        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(e).__name__}: {e}){fallback}") from e
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} is not a recipes/train.py checkpoint (missing {missing}){fallback}")
+    saved = state["config"]
+    differ = [k for k in ("recipe", "model", "method", "density", "init", "seed") if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise CheckpointError(
+            f"cannot resume: {path} was saved by another run ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}, "
+            f"this run has {', '.join(f'{k}={getattr(cfg, k)!r}' for k in differ)}); pass the same options or another --run-dir"
+        )
+    return state
 
 
 @torch.no_grad()

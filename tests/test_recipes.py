@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fxsparse.data import write_cifar, write_idx
+from fxsparse.data import write_cifar
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -27,19 +27,6 @@ def cifar(tmp_path_factory):
     for name, classes in (("cifar10", 10), ("cifar100", 100)):
         for is_train, n in ((True, 48), (False, 16)):
             write_cifar(root, name, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, classes, n), is_train)
-    return root
-
-
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 96), ("t10k", 32)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        images[np.arange(n), labels * 2, :] = 255
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
 
 

@@ -229,7 +229,9 @@ def find_weights(
         ``(sites, skipped)``: the sparsifiable weights, and ``(fqn, reason)`` for every
         conv/linear/matmul weight, or weight of an opaque leaf module, left dense.
     """
-    params = dict(gm.named_parameters(remove_duplicate=False))
+    params: dict[str, torch.nn.Parameter] = {}  # by canonical name (the graph may not use that path)
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        params.setdefault(names.get(name, name), param)
     sites: dict[str, WeightSite] = {}
     blocked: dict[str, str] = {}
     quiet: set[str] = set()
