@@ -940,8 +940,9 @@ def mask_memory_note(results: list[ModelResult]) -> str:
     ]
     return (
         "fxsparse keeps two masks per sparse weight: the bool buffer of the state_dict (1 byte "
-        "a weight) and a copy in the weight's dtype that the gradient multiply reads (4 bytes: "
-        "a float x bool multiply is several times slower on CPU, `benchmarks/mask_dtype.py`), "
+        "a weight) and an integer copy of the weight's element width that the forward's zeroing "
+        "and the gradient mask read (a bitwise `and`, 4 bytes for float32: a float x bool "
+        "multiply is several times slower on CPU, `benchmarks/mask_dtype.py`), "
         f"5 bytes per masked weight in all ({', '.join(sizes)}), which is most of its peak "
         "above dense. rigl-torch keeps bool masks only, and pays for it in time: three "
         "float x bool passes a step (gradient, momentum, weight)."

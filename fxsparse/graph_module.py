@@ -659,13 +659,14 @@ def _refuse_nonfinite(
 ) -> None:
     """Raises FloatingPointError, before any mask changes, when a layer's weights (dropped by
     magnitude) or growth tensor (grown by magnitude) hold NaN or inf: ranking them would corrupt
-    the topology. Inactive weights are zeroed first (as every forward does), so only what the
-    model computes with counts."""
+    the topology. Only what the model computes with counts: inactive entries are zeroed (as
+    every forward does) before a second look."""
     bad = []
     capture = module.growth_capture
     for fqn in names:
         weight, mask = module._leaf_weight(fqn), module.get_buffer(module._fxsparse.sites[fqn].mask)
-        zero_inactive_(weight, capture.bit_mask(fqn, mask, weight))
+        if not finite(weight):  # inactive entries may hold an edit's NaN: they do not count
+            zero_inactive_(weight, capture.bit_mask(fqn, mask, weight))
         if not finite(weight):
             bad.append(f"{fqn} (weights)")
         if fqn in growth and not finite(growth[fqn]):
