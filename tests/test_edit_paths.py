@@ -172,10 +172,17 @@ def _load_state_dict(run: Run, fqn: str) -> None:
 
 @edit("load_state_dict(assign=True)")
 def _load_state_dict_assign(run: Run, fqn: str) -> None:
-    state = {k: v.clone() for k, v in _state_with_noise(run, fqn).items()}
+    clones: dict[int, torch.Tensor] = {}  # one new tensor per storage: tied names stay tied
+    state = {k: clones.setdefault(v.data_ptr(), v.clone()) for k, v in _state_with_noise(run, fqn).items()}
+    old = dict(run.sparse.named_parameters())
     run.sparse.load_state_dict(state, assign=True)
-    # the optimizer keeps training the parameters it was given: rebuild it, as users must
-    run.optimizer.param_groups[0]["params"] = list(run.sparse.parameters())
+    # the optimizer holds the replaced parameters: hand it the new ones with their state
+    new = dict(run.sparse.named_parameters())
+    for group in run.optimizer.param_groups:
+        group["params"] = [new[name] for name, p in old.items() if any(p is q for q in group["params"])]
+    for name, p in old.items():
+        if p in run.optimizer.state:
+            run.optimizer.state[new[name]] = run.optimizer.state.pop(p)
 
 
 class _AddNoise(nn.Module):
