@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +64,17 @@ class Run:
 
 
 EDITS: dict[str, Callable[[Run, str], None]] = {}
+PASSED: Counter[str] = Counter()  # examples that passed, by property
+
+
+def _passed(name: str) -> None:
+    """Counts a passing example; with FXSPARSE_SOAK_PROGRESS=file, writes the counts there
+    every 100 examples (a soak run's progress)."""
+    PASSED[name] += 1
+    path = os.environ.get("FXSPARSE_SOAK_PROGRESS")
+    if path and PASSED[name] % 100 == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps({name: PASSED[name]}) + "\n")
 
 
 def edit(name: str) -> Callable[[Callable[[Run, str], None]], Callable[[Run, str], None]]:
@@ -317,6 +331,7 @@ def test_inactive_weights_stay_inert_whatever_edits_them(spec, method, opt, path
         assert_inert(run, module, x, not train)
     run.sparse.rezero()
     run.sparse.verify()
+    _passed("inert")
 
 
 # torch refuses to pickle parametrized modules and to deepcopy a GraphModule whose root holds a
@@ -339,3 +354,4 @@ def test_copies_of_an_edited_module_stay_inert(spec, path, layer, train):
         loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
         for copied in (copy.deepcopy(module), loaded, copy.deepcopy(module).to(torch.float64)):
             assert_inert(run, copied, x.to(next(copied.parameters()).dtype), train)
+    _passed("copies")

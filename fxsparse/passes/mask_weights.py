@@ -3,10 +3,11 @@
 Invariant: the graph starts with ``mask_prologue(masker, names, weights, masks)``, which sets the
 inactive entries of every weight to zero and hooks each weight's gradient accumulation to mask
 it; then for each sparsified parameter there is exactly one node
-``masker(get_attr(w), get_attr(mask), name=fqn)``, placed before the parameter's first use, and
-no other node reads the parameter: every former ``get_attr`` of it (under any of its tied names)
-now reads that node. Uses in one forward share it, so autograd sums their gradients into one
-dense growth gradient when it captures one (armed steps); otherwise it hands the weight through.
+``masker(get_attr(w), get_attr(mask), name=fqn)`` per name the parameter is read under (tied
+names read the same parameter, unless a parametrization on one owner computes it), placed before
+the first read under that name, and no other node reads the parameter: every former ``get_attr``
+of it now reads one of those nodes. Their captured gradients are summed into one dense growth
+gradient per weight (armed steps); otherwise they hand the weight through.
 Run after ``functionalize``.
 """
 
@@ -56,12 +57,19 @@ def mask_weights(
             (masker_node, tuple(everything), list(weights.values()), list(masks.values()), tuple(hooked)),
         )
     for fqn, nodes in reads.items():
-        with graph.inserting_before(nodes[0]):
-            masked = graph.call_module(masker, (weights[fqn], masks[fqn]), {"name": fqn})
-        masked.meta["fxsparse.masked"] = fqn
+        # one masked node per name the weight is read under: a tied weight that one of its
+        # owners parametrizes is P(w) under that owner's name and w under the other's
+        by_name: dict[str, list[torch.fx.Node]] = {}
         for node in nodes:
-            node.replace_all_uses_with(masked)
-            graph.erase_node(node)
+            by_name.setdefault(str(node.target), []).append(node)
+        for name, group in by_name.items():
+            with graph.inserting_before(group[0]):
+                source = weights[fqn] if name == fqn else graph.get_attr(name)
+                masked = graph.call_module(masker, (source, masks[fqn]), {"name": fqn})
+            masked.meta["fxsparse.masked"] = fqn
+            for node in group:
+                node.replace_all_uses_with(masked)
+                graph.erase_node(node)
     missing = sorted(set(mask_names) - set(reads))
     if missing:
         raise AssertionError(f"fxsparse: weights {missing} have no read left in the graph to mask")
