@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import NetSpec, build, net_specs
 from torch import nn
@@ -297,7 +297,13 @@ def _train_step(run: Run, scheduler: fxsparse.RigLScheduler, x: torch.Tensor) ->
         run.ema.update_parameters(sparse)
 
 
-def _start(spec: NetSpec, method: str, opt: str, density: float) -> tuple[Run, fxsparse.RigLScheduler]:
+def _start(spec: NetSpec, method: str, opt: str, density: float, path: str) -> tuple[Run, fxsparse.RigLScheduler]:
+    # torch's load_state_dict(assign=True) makes one Parameter per name: it unties tied weights
+    # in the model itself, so the tied reference architecture no longer describes it
+    assume(not (spec.tied and path == "load_state_dict(assign=True)"))
+    # a parametrization on one owner of a tied weight makes the owners compute with different
+    # values (P(w) and w): the tied reference architecture cannot hold both
+    assume(not (spec.tied and path == "torch.nn.utils.parametrize"))
     model = build(spec)
     sparse = fxsparse.sparsify(model, 1.0 if method == "pruning" else density, "erk", seed=spec.seed)
     optimizer = OPTIMIZERS[opt](sparse.parameters())
@@ -314,7 +320,7 @@ def _start(spec: NetSpec, method: str, opt: str, density: float) -> tuple[Run, f
     st.integers(0, 100), st.integers(0, STEPS), st.booleans(), st.floats(0.1, 0.6),
 )
 def test_inactive_weights_stay_inert_whatever_edits_them(spec, method, opt, path, layer, when, train, density):
-    run, scheduler = _start(spec, method, opt, density)
+    run, scheduler = _start(spec, method, opt, density, path)
     if path.startswith("AveragedModel"):
         run.ema = AveragedModel(run.sparse, multi_avg_fn=get_ema_multi_avg_fn(0.5))
     x = spec.input()
@@ -342,7 +348,7 @@ COPYABLE = sorted(set(EDITS) - {"torch.nn.utils.parametrize"})
 @given(net_specs(), st.sampled_from(COPYABLE), st.integers(0, 100), st.booleans())
 def test_copies_of_an_edited_module_stay_inert(spec, path, layer, train):
     """deepcopy, a whole-module torch.save round trip and .to(float64) of an edited module."""
-    run, _ = _start(spec, "rigl", "sgd", 0.3)
+    run, _ = _start(spec, "rigl", "sgd", 0.3, path)
     if path.startswith("AveragedModel"):
         run.ema = AveragedModel(run.sparse, multi_avg_fn=get_ema_multi_avg_fn(0.5))
     names = list(run.sparse.masks)

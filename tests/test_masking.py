@@ -124,3 +124,26 @@ def test_a_copy_masks_its_own_gradients_and_the_original_its_own():
         module.zero_grad()
         module(x).square().sum().backward()
         assert _inactive_grads_zero(module)
+
+
+def test_a_parametrization_on_one_owner_of_a_tied_weight_computes_as_in_eager():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 6, bias=False), torch.nn.Linear(6, 6, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    class Shift(torch.nn.Module):
+        def forward(self, w):
+            return w + 1.0
+
+    torch.manual_seed(0)
+    sparse = fxsparse.sparsify(Tied(), 0.5)
+    parametrize.register_parametrization(sparse.get_submodule("a"), "weight", Shift())
+    x = torch.randn(3, 6)
+    mask, w = sparse.masks["a.weight"], sparse.sparse_weights["a.weight"].detach()
+    expected = torch.tanh(x @ torch.where(mask, w + 1.0, 0.0).T) @ torch.where(mask, w, 0.0).T
+    torch.testing.assert_close(sparse(x), expected)  # `a` computes with P(w), `b` with w
