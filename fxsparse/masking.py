@@ -13,7 +13,7 @@ The op therefore trusts nothing and costs one weight-sized pass per forward:
   sparsified weight to exactly zero, in place, before anything reads them. It clears their bits
   (``bitwise_and`` with an integer mask of all-ones where active), so NaN and inf become zero
   too, at the speed of a float multiply; it writes through ``.data``, so the weight's version
-  counter does not move (the values a earlier forward saved for its backward are unchanged
+  counter does not move (the values an earlier forward saved for its backward are unchanged
   unless an edit had already changed them). The consumer then reads ``w`` directly
   (``w * m == w``). A weight that is not a leaf (``torch.nn.utils.parametrize`` computes it
   each forward) is never written: the per-weight node computes ``where(m, w, 0)`` out of place
