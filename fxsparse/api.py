@@ -154,12 +154,10 @@ def sparsify(
             skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom",
             input_spec=_input_spec(example_inputs),
         )
-        for fqn in shapes:
-            mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
-            state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn])
         opaque = {s.fqn for s in kept if s.opaque}
         for fqn in shapes:
-            state.sites[fqn].opaque = fqn in opaque
+            mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
+            state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn], fqn in opaque)
         mask_weights(
             sparse,
             {f: site.mask for f, site in state.sites.items() if f not in opaque},

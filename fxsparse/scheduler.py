@@ -262,8 +262,8 @@ class RigLScheduler:
         updated = self.is_update_step(step)
         if spec.dense_momentum:
             self._fold_momentum()
-        if updated:
-            _ranks_in_sync(self.sparse)
+        if updated:  # a rank whose masks diverged would update differently: stop it first
+            assert_in_sync(self.sparse, weights=False)
         if updated and spec.prune:
             self.last_changes = self._prune(step)
         elif updated:
@@ -352,12 +352,6 @@ class RigLScheduler:
             f"RigLScheduler(method={self.method!r}, step={self.step_count}, delta_t={self.delta_t}, "
             f"alpha={self.alpha}, t_end={self.t_end})"
         )
-
-
-def _ranks_in_sync(sparse: SparseGraphModule) -> None:
-    """Under torch.distributed, stops an update unless every rank holds the same masks: a rank
-    that diverged (a different checkpoint, an edit on one rank) would update differently."""
-    assert_in_sync(sparse, weights=False)
 
 
 def _has_momentum(optimizer: torch.optim.Optimizer) -> bool:
