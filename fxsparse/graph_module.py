@@ -69,23 +69,27 @@ class LayerChange:
 
 
 GrowScore = Callable[["SparseGraphModule", str, torch.Tensor, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
-_GROW_SCORES: dict[str, tuple[GrowScore, bool]] = {}
+_GROW_SCORES: dict[str, tuple[GrowScore, bool, bool]] = {}
 
 
-def register_grow_score(name: str, *, needs_gradient: bool) -> Callable[[GrowScore], GrowScore]:
+def register_grow_score(
+    name: str, *, needs_gradient: bool, threadsafe: bool = False
+) -> Callable[[GrowScore], GrowScore]:
     """Registers a growth criterion for ``rigl_step(grow=name)``.
 
     The function gets ``(module, fqn, weight, mask, dense_grad, update_index)`` and returns a
     tensor of the weight's shape that the update may overwrite (a new one, or ``dense_grad``'s
     own storage: rigl_step consumes the captured gradients); the largest-scored inactive
     positions are grown. RigL is SET
-    with one override, the score (as in jaxpruner).
+    with one override, the score (as in jaxpruner). With ``threadsafe=True`` (the function
+    reads only its arguments) the layers of an update on CPU are scored and selected on
+    several threads at once.
     """
 
     def decorator(fn: GrowScore) -> GrowScore:
         if name in _GROW_SCORES:
             raise ValueError(f"grow score {name!r} is already registered")
-        _GROW_SCORES[name] = (fn, needs_gradient)
+        _GROW_SCORES[name] = (fn, needs_gradient, threadsafe)
         return fn
 
     return decorator
@@ -103,7 +107,7 @@ def grow_score_needs_gradient(name: str) -> bool:
     return _GROW_SCORES[name][1]
 
 
-@register_grow_score("gradient", needs_gradient=True)
+@register_grow_score("gradient", needs_gradient=True, threadsafe=True)
 def _gradient_score(
     module: SparseGraphModule, fqn: str, weight: torch.Tensor, mask: torch.Tensor,
     grad: torch.Tensor | None, update: int,
@@ -118,7 +122,7 @@ def derived_seed(*parts: object) -> int:
     return (zlib.crc32(data) | zlib.adler32(data) << 32) & (2**63 - 1)
 
 
-@register_grow_score("random", needs_gradient=False)
+@register_grow_score("random", needs_gradient=False, threadsafe=True)
 def _random_score(
     module: SparseGraphModule, fqn: str, weight: torch.Tensor, mask: torch.Tensor,
     grad: torch.Tensor | None, update: int,
@@ -495,7 +499,7 @@ class SparseGraphModule(torch.fx.GraphModule):
             raise ValueError(f"expected drop_fraction in [0, 1], got {drop_fraction!r}; RigL uses 0.3 (cosine-annealed)")
         if grow not in _GROW_SCORES:
             raise ValueError(f"expected grow to be one of {grow_scores()}, got {grow!r}")
-        score_fn, needs_gradient = _GROW_SCORES[grow]
+        score_fn, needs_gradient, threadsafe = _GROW_SCORES[grow]
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer (or None), got {type(optimizer).__name__}")
         if redistribute not in (None, "score", "momentum"):
@@ -528,20 +532,28 @@ class SparseGraphModule(torch.fx.GraphModule):
             grow_counts = dict(self._redistribution(updated, drop_fraction, redistribute, grads, optimizer))
 
         update_index = int(self.get_buffer(UPDATES))
+
+        @torch.no_grad()  # grad mode is per thread
+        def select(fqn: str) -> topology.TopologyUpdate:  # reads only: every layer, then apply
+            weight, mask = self._leaf_weight(fqn), self.get_buffer(sites[fqn].mask)
+            score = score_fn(self, fqn, weight, mask, grads.get(fqn), update_index)
+            # a registered score is the update's to overwrite (see register_grow_score)
+            return topology.update_mask(
+                mask, weight, score, drop_fraction, scratch=True, absolute=True, grow_count=grow_counts[fqn]
+            )
+
+        todo = [fqn for fqn in sites if fqn in grow_counts]
+        results = dict(zip(todo, topology.map_layers(
+            select, todo, [math.prod(sites[fqn].shape) for fqn in todo], parallel=threadsafe and self._on_cpu(todo),
+        )))
         changes = {}
         for fqn, site in sites.items():
-            if fqn not in grow_counts:
+            result = results.get(fqn)
+            if result is None:
                 changes[fqn] = LayerChange(site.active, 0, 0, 0)
                 continue
             weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
-            grad = grads.get(fqn)
-            score = score_fn(self, fqn, weight, mask, grad, update_index)
-            # a registered score is the update's to overwrite (see register_grow_score)
-            result = topology.update_mask(
-                mask, weight, score, drop_fraction, scratch=True, absolute=True, grow_count=grow_counts[fqn]
-            )
-            state = _optimizer_state(optimizer, weight)
-            topology.apply_update(weight, mask, result, state)
+            topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
             site.active += result.grown_idx.numel() - result.dropped_idx.numel()
             changes[fqn] = LayerChange(
                 site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown
@@ -549,7 +561,6 @@ class SparseGraphModule(torch.fx.GraphModule):
         self.get_buffer(UPDATES).add_(1)
         capture.clear()
         return changes
-
 
     @torch.no_grad()
     def prune(
@@ -567,13 +578,22 @@ class SparseGraphModule(torch.fx.GraphModule):
         if unknown:
             raise ValueError(f"expected sparse weight FQNs, got unknown {unknown}; valid: {list(sites)}")
         _refuse_nonfinite(self, [f for f in counts if f in sites], {}, "prune")
+        todo = [fqn for fqn, site in sites.items() if fqn in counts and counts[fqn] != site.active]
+
+        @torch.no_grad()  # grad mode is per thread
+        def select(fqn: str) -> topology.TopologyUpdate:
+            return topology.prune_mask(self.get_buffer(sites[fqn].mask), self._leaf_weight(fqn).detach(), counts[fqn])
+
+        results = dict(zip(todo, topology.map_layers(
+            select, todo, [math.prod(sites[fqn].shape) for fqn in todo], parallel=self._on_cpu(todo)
+        )))
         changes = {}
         for fqn, site in sites.items():
-            if fqn not in counts or counts[fqn] == site.active:
+            result = results.get(fqn)
+            if result is None:
                 changes[fqn] = LayerChange(site.active, 0, 0, 0)
                 continue
             weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
-            result = topology.prune_mask(mask, weight.detach(), counts[fqn])
             topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
             if weight.grad is not None:
                 topology.zero_state_at([weight.grad], result.dropped_idx)
@@ -581,6 +601,13 @@ class SparseGraphModule(torch.fx.GraphModule):
             site.target_density = site.active / math.prod(site.shape)  # what it is budgeted now
             changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), 0, 0)
         return changes
+
+    def _on_cpu(self, names: list[str]) -> bool:
+        """Whether every named layer's weight and mask live on the CPU (threaded selection)."""
+        return all(
+            self._leaf_weight(fqn).device.type == "cpu" == self.get_buffer(self._fxsparse.sites[fqn].mask).device.type
+            for fqn in names
+        )
 
     def _redistribution(
         self, names: list[str], drop_fraction: float, statistic: str,

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 __all__ = [
     "TopologyUpdate", "drop_count", "flat_nonzero", "top_indices", "update_mask", "prune_mask", "apply_update",
-    "zero_state_at",
+    "zero_state_at", "map_layers",
 ]
 
 
@@ -428,6 +432,37 @@ def _update_mask_torch(
     after[grow] = True  # now the new mask: a dropped entry still inactive stayed dropped
     dropped = drop[~after[drop]]
     return TopologyUpdate(mask, dropped, grown, g - grown.numel())
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_PARALLEL_FROM = 1 << 18  # elements: a smaller layer's selection is not worth a thread hand-off
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def map_layers(fn: Callable[[_T], _R], items: Sequence[_T], sizes: Sequence[int], *, parallel: bool = True) -> list[_R]:
+    """``[fn(item) for item in items]``, the large items (by ``sizes``) spread over threads.
+
+    The CPU selection is numpy (introselect, ufuncs, nonzero), which releases the GIL, so the
+    layers of one update run concurrently on as many threads as torch uses
+    (``torch.get_num_threads()``). The results are in ``items``' order; an item's exception is
+    raised once every item has finished. ``fn`` must be safe to call from several threads.
+    """
+    workers = min(torch.get_num_threads(), os.cpu_count() or 1)
+    large = sorted((i for i, n in enumerate(sizes) if n >= _PARALLEL_FROM), key=lambda i: -sizes[i])
+    if not parallel or workers < 2 or len(large) < 2:
+        return [fn(item) for item in items]
+    key = (os.getpid(), workers)  # a pool made before a fork has no threads in the child
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="fxsparse-topology")
+    futures = {i: pool.submit(fn, items[i]) for i in large}
+    try:  # the small items here, while the pool runs the large ones
+        done = {i: fn(item) for i, item in enumerate(items) if i not in futures}
+    finally:
+        wait(futures.values())  # nothing runs on after this returns or raises
+    done.update((i, future.result()) for i, future in futures.items())
+    return [done[i] for i in range(len(items))]
 
 
 @torch.no_grad()

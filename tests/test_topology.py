@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fxsparse
 from fxsparse import topology
 from fxsparse.schedules import cosine_drop_fraction, end_step, is_update_step
 
@@ -195,3 +197,42 @@ def test_update_mask_with_mostly_zero_gradients_grows_the_largest_and_keeps_coun
     kept = weight.abs()[mask & new]
     gone = weight.abs()[mask & ~new]
     assert float(gone.max()) <= float(kept.min()) or result.regrown > 0
+
+
+def test_map_layers_runs_large_items_on_threads_in_order_and_raises_their_errors(monkeypatch):
+    monkeypatch.setattr(topology, "_PARALLEL_FROM", 10)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    threads = set()
+
+    def square(x):
+        threads.add(threading.get_ident())
+        if x == 7:
+            raise KeyError(x)
+        return x * x
+
+    items, sizes = [1, 2, 3, 4, 5], [100, 1, 50, 200, 2]
+    assert topology.map_layers(square, items, sizes) == [1, 4, 9, 16, 25]
+    assert len(threads) > 1  # the large items ran beside the caller
+    assert topology.map_layers(square, items, sizes, parallel=False) == [1, 4, 9, 16, 25]
+    with pytest.raises(KeyError):
+        topology.map_layers(square, [1, 7, 3], [100, 100, 100])
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+def test_threaded_update_equals_the_serial_one(grow):
+    def run(threads):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(700, 600), torch.nn.ReLU(), torch.nn.Linear(600, 500))
+        sparse = fxsparse.sparsify(model, density=0.2, seed=3)
+        sparse(torch.randn(8, 700)).square().sum().backward()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            sparse.rigl_step(0.3, grow=grow)
+            sparse.prune({name: int(mask.sum()) // 2 for name, mask in sparse.masks.items()})
+        finally:
+            torch.set_num_threads(previous)
+        return {name: mask.clone() for name, mask in sparse.masks.items()}
+
+    serial, threaded = run(1), run(2)
+    assert all(torch.equal(serial[name], threaded[name]) for name in serial)
