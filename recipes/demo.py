@@ -74,6 +74,7 @@ class Config:
     weight_decay: float = 5e-4
     density: float = 0.1
     init: str = "erk"
+    budget: str = "params"
     delta_t: int = 100
     alpha: float = 0.3
     end_fraction: float = 0.75
@@ -112,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--density", type=float, default=defaults.density)
     parser.add_argument("--init", default=defaults.init, help="layer-wise density distribution")
+    parser.add_argument(
+        "--budget", default=defaults.budget, choices=("params", "flops"),
+        help="what --density fixes: the parameter count (params) or the inference FLOPs (flops)",
+    )
     parser.add_argument("--delta-t", type=int, default=defaults.delta_t)
     parser.add_argument("--alpha", type=float, default=defaults.alpha)
     parser.add_argument("--end-fraction", type=float, default=defaults.end_fraction)
@@ -131,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     unknown = sorted(set(methods) - set(_ALL_METHODS))
     if unknown or not methods:
         parser.error(f"expected --methods from {', '.join(_ALL_METHODS)}, got {args.methods!r}")
+    if args.budget == "flops" and "pruning" in methods:
+        parser.error("--budget flops sizes the sparse start; pruning starts dense (use --budget params)")
     if args.limit_train is not None and args.limit_train < 1:
         parser.error(f"expected --limit-train >= 1, got {args.limit_train}")
     return dataclasses.replace(
@@ -142,6 +149,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         weight_decay=args.weight_decay,
         density=args.density,
         init=args.init,
+        budget=args.budget,
         delta_t=args.delta_t,
         alpha=args.alpha,
         end_fraction=args.end_fraction,
@@ -178,7 +186,11 @@ def run_method(
     sparse: fxsparse.SparseGraphModule | None = None
     if method != "dense":
         density = 1.0 if method == "pruning" else cfg.density
-        sparse = fxsparse.sparsify(model, density=density, init=cfg.init, seed=cfg.seed)
+        budget = "params" if method == "pruning" else cfg.budget
+        example = train[0][:1] if budget == "flops" else None  # FLOPs depend on the input size
+        sparse = fxsparse.sparsify(
+            model, density=density, init=cfg.init, seed=cfg.seed, budget=budget, example_inputs=example
+        )
         model = sparse
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)

@@ -9,6 +9,20 @@ seed (it depends on neither density nor init). ``recipes/report.py`` turns the r
 Run (about a minute per trained model; the default grid trains 93):
     python recipes/study.py --out-dir results/fashion_mnist --workers 2
     python recipes/report.py results/fashion_mnist --out docs/results.md
+
+``--grid extended`` is the extended-training study (docs/extended_training.md), one method per
+record: the base schedule is 2 epochs with a topology update every 20 steps (35 updates), and
+    1. static, SET, RigL at 1x, 2x and 5x that schedule (ERK, densities 0.05 and 0.02; delta_t
+       stays 20, so longer runs make more updates), SNFS and gradual pruning at 1x, dense at 1x
+       and 5x;
+    2. RigL with uniform and ERK layer densities at a fixed parameter count and at fixed
+       inference FLOPs (``--budget params|flops``), densities 0.2 and 0.1 (uniform keeps the first
+       layer dense, which alone holds 5% of SmallCNN's FLOPs);
+    3. RigL's alpha in {0.1, 0.3, 0.5} x delta_t in {10, 20, 40} at density 0.05;
+    4. RigL-SG and RigL-SM against RigL at 0.05 and 0.02,
+over seeds 0, 1, 2 (seed 0 of every cell first). About 2.5 hours on 2 cores:
+    python recipes/study.py --grid extended --out-dir results/extended --workers 2
+    python recipes/report.py results/extended --extended --out docs/extended_training.md --plots
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
 
-__all__ = ["main", "cells"]
+__all__ = ["main", "cells", "extended_cells"]
 
 
 def cells(seeds: list[int], densities: list[float], inits: list[str], methods: list[str]) -> list[tuple[str, list[str]]]:
@@ -38,9 +52,51 @@ def cells(seeds: list[int], densities: list[float], inits: list[str], methods: l
     return out
 
 
+def _run_name(method: str, init: str, budget: str, density: float, epochs: int, delta_t: int, alpha: float, seed: int) -> str:
+    if method == "dense":
+        return f"dense-e{epochs}-seed{seed}"
+    return f"{method}-{init}-{budget}-d{density:g}-e{epochs}-dt{delta_t}-a{alpha:g}-seed{seed}"
+
+
+def extended_cells(seeds: list[int], base_epochs: int = 2, base_delta_t: int = 20) -> list[tuple[str, list[str]]]:
+    """The extended study's runs (see the module docstring), one method each, no duplicates:
+    a run that serves several questions (RigL, ERK, 1x, density 0.05) is trained once."""
+    runs: list[tuple[str, str, str, float, int, int, float]] = []  # method, init, budget, density, epochs, dt, alpha
+    for density in (0.05, 0.02):  # 1. extended training
+        for multiple in (1, 2, 5):
+            runs += [(m, "erk", "params", density, base_epochs * multiple, base_delta_t, 0.3) for m in ("static", "set", "rigl")]
+        runs += [(m, "erk", "params", density, base_epochs, base_delta_t, 0.3) for m in ("snfs", "pruning")]
+    runs += [("dense", "-", "-", 1.0, base_epochs * multiple, base_delta_t, 0.3) for multiple in (1, 5)]
+    for density in (0.2, 0.1):  # 2. fixed parameters vs fixed FLOPs
+        runs += [("rigl", init, budget, density, base_epochs, base_delta_t, 0.3)
+                 for init in ("uniform", "erk") for budget in ("params", "flops")]
+    for alpha in (0.1, 0.3, 0.5):  # 3. RigL's hyperparameters
+        runs += [("rigl", "erk", "params", 0.05, base_epochs, max(1, round(base_delta_t * f)), alpha) for f in (0.5, 1, 2)]
+    for density in (0.05, 0.02):  # 4. redistribution
+        runs += [(m, "erk", "params", density, base_epochs, base_delta_t, 0.3) for m in ("rigl", "rigl-sg", "rigl-sm")]
+    out, seen = [], set()
+    for seed in seeds:
+        for method, init, budget, density, epochs, delta_t, alpha in runs:
+            name = _run_name(method, init, budget, density, epochs, delta_t, alpha, seed)
+            if name in seen:
+                continue
+            seen.add(name)
+            args = ["--methods", method, "--epochs", str(epochs), "--seed", str(seed)]
+            if method != "dense":
+                args += ["--init", init, "--budget", budget, "--density", str(density),
+                         "--delta-t", str(delta_t), "--alpha", str(alpha)]
+            out.append((name, args))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default="results/fashion_mnist")
+    parser.add_argument("--grid", choices=("main", "extended"), default="main",
+                        help="main: every method x density x init (docs/results.md); extended: the "
+                        "extended-training study (docs/extended_training.md)")
+    parser.add_argument("--out-dir", default=None, help="default results/fashion_mnist (main), results/extended")
+    parser.add_argument("--base-epochs", type=int, default=2, help="extended grid: epochs of the 1x schedule")
+    parser.add_argument("--base-delta-t", type=int, default=20, help="extended grid: delta_t of the 1x schedule")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--densities", default="0.02,0.05,0.1")
     parser.add_argument("--inits", default="uniform,erk")
@@ -49,16 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker: run one cell
     args, extra = parser.parse_known_args(argv)  # anything else goes to demo.py (e.g. --epochs 1)
+    out_dir = Path(args.out_dir or ("results/extended" if args.grid == "extended" else "results/fashion_mnist"))
     if args.only:
-        _run_cell(Path(args.out_dir), args.only, [a for a in extra if a != "--"])
+        _run_cell(out_dir, args.only, [a for a in extra if a != "--"])
         return
-    grid = cells(
-        [int(s) for s in args.seeds.split(",")],
-        [float(d) for d in args.densities.split(",")],
-        args.inits.split(","),
-        args.methods.split(","),
-    )
-    out_dir = Path(args.out_dir)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.grid == "extended":
+        grid = extended_cells(seeds, args.base_epochs, args.base_delta_t)
+    else:
+        grid = cells(seeds, [float(d) for d in args.densities.split(",")], args.inits.split(","), args.methods.split(","))
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [(name, cell) for name, cell in grid if not (out_dir / f"{name}.json").exists()]
     print(f"{len(grid)} cells, {len(todo)} to run, records in {out_dir}", flush=True)
@@ -69,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers <= 1:
         for i, (name, cell) in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {name}", flush=True)
-            _run_cell(out_dir, name, [*cell, *extra])
+            _run_cell(out_dir, name, [*extra, *cell])
         return
     # several cells at once, each in its own process with one thread (a small CNN uses two
     # threads poorly); records are the same whatever runs beside them
@@ -79,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     def work(item: tuple[int, tuple[str, list[str]]]) -> None:
         i, (name, cell) = item
         print(f"[{i}/{len(todo)}] {name} started", flush=True)
-        command = [sys.executable, __file__, "--out-dir", str(out_dir), "--only", name, "--", *cell, *extra, "--threads", "1"]
+        command = [sys.executable, __file__, "--out-dir", str(out_dir), "--only", name, "--", *extra, *cell, "--threads", "1"]
         done = subprocess.run(command, capture_output=True, text=True)
         print(f"[{i}/{len(todo)}] {name} " + ("done" if done.returncode == 0 else f"FAILED: {done.stderr[-500:]}"), flush=True)
 

@@ -149,3 +149,87 @@ def test_study_writes_one_record_per_cell_resumes_and_feeds_the_report(fashion, 
     assert (tmp_path / "study" / "dense-seed0.json").stat().st_mtime_ns == stamp
     text = report.main([str(tmp_path / "study")])
     assert "| static | erk |" in text and "| rigl | erk |" in text and "seeds [0, 1]" in text
+
+
+def test_extended_grid_trains_each_configuration_once_and_covers_the_four_questions():
+    import study
+
+    grid = study.extended_cells([0, 1, 2])
+    names = [name for name, _ in grid]
+    assert len(names) == len(set(names)) == 132 and len(grid) >= 54
+    parsed = [study.demo.parse_args(args) for _, args in grid]
+    assert all(len(cfg.methods) == 1 for cfg in parsed)  # one run per record
+    configs = {(c.methods[0], c.init, c.budget, c.density, c.epochs, c.delta_t, c.alpha, c.seed) for c in parsed}
+    assert len(configs) == len(parsed)  # no configuration trained twice
+    for method in ("static", "set", "rigl"):  # 1. every method at 1x, 2x, 5x, both densities
+        for density in (0.05, 0.02):
+            assert {c.epochs for c in parsed if c.methods[0] == method and c.density == density and c.init == "erk"
+                    and c.delta_t == 20 and c.alpha == 0.3} == {2, 4, 10}
+    assert {(c.init, c.budget) for c in parsed if c.methods[0] == "rigl" and c.density == 0.1} == {
+        ("uniform", "params"), ("uniform", "flops"), ("erk", "params"), ("erk", "flops")}
+    assert {(c.alpha, c.delta_t) for c in parsed if c.methods[0] == "rigl" and c.density == 0.05 and c.epochs == 2} == {
+        (a, dt) for a in (0.1, 0.3, 0.5) for dt in (10, 20, 40)}
+    assert {c.methods[0] for c in parsed if c.density == 0.02 and c.epochs == 2} >= {"rigl-sg", "rigl-sm", "snfs", "pruning"}
+    # the 1x schedule has at least 30 topology updates
+    from fxsparse.schedules import end_step, is_update_step
+
+    assert sum(is_update_step(t, 20, end_step(938, 0.75)) for t in range(938)) >= 30
+    assert [n for n in names if n.endswith("seed0")] == names[: len(names) // 3]  # seed 0 of everything first
+
+
+def test_flops_budget_runs_record_their_budget_and_fix_flops_not_parameters(fashion, tmp_path):
+    import study
+
+    density = {}
+    for init in ("uniform", "erk"):
+        name = f"rigl-{init}-flops-d0.2-e1-dt1-a0.3-seed0"
+        study.main(["--grid", "extended", "--out-dir", str(tmp_path), "--only", name, "--", "--methods", "rigl",
+                    "--init", init, "--budget", "flops", "--density", "0.2", "--epochs", "1", "--delta-t", "1",
+                    "--data-root", str(fashion), "--limit-train", "64", "--batch-size", "32", "--threads", "2"])
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["config"]["budget"] == "flops"
+        assert record["results"][0]["inference_flops"] == pytest.approx(0.2, abs=0.01)
+        density[init] = record["results"][0]["density"]
+    # equal FLOPs, but not equal parameter counts: the two spread their weights over layers whose
+    # weights cost different FLOPs each (SmallCNN's ERK favours fc1, which costs 2 FLOPs a weight)
+    assert abs(density["uniform"] - density["erk"]) > 0.02 and abs(density["uniform"] - 0.2) > 0.02
+
+
+def _ext_record(path: Path, method: str, seed: int, accuracy: float, *, density: float = 0.05, epochs: int = 2,
+                init: str = "erk", budget: str = "params", delta_t: int = 20, alpha: float = 0.3) -> None:
+    path.write_text(json.dumps({
+        "recipe": "recipes/demo.py",
+        "config": {"density": density, "init": init, "budget": budget, "seed": seed, "epochs": epochs,
+                   "delta_t": delta_t, "alpha": alpha, "width": 32},
+        "results": [{"method": method, "density": density, "test_accuracy": accuracy, "train_loss": 0.1,
+                     "seconds": 60.0, "steps": 469 * epochs, "inference_flops": density,
+                     "training_flops": density, "size_mb": density}],
+    }))
+
+
+def test_extended_report_states_each_verdict_with_its_significance(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    for seed, jitter in enumerate((-0.001, 0.0, 0.001)):
+        for epochs, lead in ((2, 0.0), (4, 0.01), (10, 0.03)):
+            _ext_record(records / f"rigl-{epochs}-{seed}.json", "rigl", seed, 0.85 + lead + jitter, epochs=epochs)
+            _ext_record(records / f"set-{epochs}-{seed}.json", "set", seed, 0.85 + jitter, epochs=epochs)
+            _ext_record(records / f"static-{epochs}-{seed}.json", "static", seed, 0.84 + jitter, epochs=epochs)
+        _ext_record(records / f"pruning-{seed}.json", "pruning", seed, 0.87 + jitter)
+        _ext_record(records / f"uniform-flops-{seed}.json", "rigl", seed, 0.86 + jitter, init="uniform", budget="flops", density=0.1)
+        _ext_record(records / f"erk-flops-{seed}.json", "rigl", seed, 0.85 + jitter, budget="flops", density=0.1)
+        _ext_record(records / f"alpha-{seed}.json", "rigl", seed, 0.90 + jitter, alpha=0.5, delta_t=40)
+    out = tmp_path / "docs" / "extended_training.md"
+    text = report.main([str(records), "--extended", "--out", str(out), "--plots"])
+    for section in ("## 1. Extended training", "## 2. Fixed parameters vs fixed FLOPs", "## 3. Sensitivity", "## 4. Redistribution"):
+        assert section in text
+    assert "| rigl | 85.00 +- 0.10 | 86.00 +- 0.10 | 88.00 +- 0.10 |" in text
+    assert "density 0.05, 1x: RigL 85.00 leads SET 85.00 by 0.00 points, less than one standard deviation" in text
+    assert "density 0.05, 5x: RigL 88.00 leads SET 85.00 by 3.00 points, more than one standard deviation" in text
+    assert "RigL's lead over SET went from +0.00 to +3.00 points (grew)" in text
+    assert "RigL 5x 88.00 leads pruning 1x 87.00 by 1.00 points" in text and "RigL 5x matches pruning" in text
+    assert "fixed flops, density 0.1: ERK 85.00 trails uniform 86.00 by 1.00 points, more than one standard deviation (0.10) - as the report found" in text
+    assert "the best cell is alpha 0.5, delta_t 40" in text
+    assert "39 runs" in text and "0.7 h of single-threaded compute" in text  # 39 runs of 60 s
+    assert (out.parent / "extended_training_accuracy_vs_training_flops.png").stat().st_size > 1000
+    assert (out.parent / "extended_training_accuracy_vs_density.png").stat().st_size > 1000
