@@ -620,6 +620,7 @@ def library_entries(trainer: Trainer) -> tuple[list[tuple[Any, str, str]], str |
             (masking.Masker, "prologue", "forward prologue"),
             (masking.Masker, "__call__", "masked-weight nodes"),
             (masking._GradMaskHook, "__call__", "gradient mask"),
+            (masking.Masker, "flush_gradients", "gradient mask"),
             (scheduler.RigLScheduler, "step", "scheduler"),
         ], None
     from rigl_torch import RigL
@@ -1065,7 +1066,8 @@ def render_report(results: list[ModelResult], cfg: Config, info: RunInfo) -> str
         "wrapping its entry points (the nested calls they make included): fxsparse's forward "
         "prologue (`Masker.prologue`: it zeroes every inactive weight, every forward), its "
         "masked-weight nodes (`Masker.__call__`), its post-accumulate-grad hooks "
-        "(`_GradMaskHook`) and `RigLScheduler.step` (fxsparse hooks no optimizer); rigl-torch's gradient hooks (`IndexMaskHook`), its `scheduler()` and the "
+        "(`_GradMaskHook`: they note each weight) with the pass that masks the gradients when the backward ends "
+        "(`Masker.flush_gradients`) and `RigLScheduler.step` (fxsparse hooks no optimizer); rigl-torch's gradient hooks (`IndexMaskHook`), its `scheduler()` and the "
         "`reset_momentum` / `apply_mask_to_weights` its wrapped `optimizer.step` runs. This is "
         "the step-time overhead without the noise of whole steps: everything else in a step "
         "(forward and backward kernels, the optimizer's own update) is the dense model's work.",

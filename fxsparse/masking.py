@@ -18,12 +18,17 @@ The op therefore trusts nothing and costs one weight-sized pass per forward:
   (``w * m == w``). A weight that is not a leaf (``torch.nn.utils.parametrize`` computes it
   each forward) is never written: the per-weight node computes ``where(m, w, 0)`` out of place
   instead, and autograd masks its gradient.
-- Backward. Since ``w == w * m``, autograd's ``dL/dw`` is ``dL/d(w*m)``; a hook that runs when
-  the gradient has been accumulated into ``w.grad`` (``register_post_accumulate_grad_hook``,
-  installed by the prologue on any parameter that lacks it) clears its inactive bits in place:
+- Backward. Since ``w == w * m``, autograd's ``dL/dw`` is ``dL/d(w*m)``; when the backward pass
+  has finished, the inactive bits of every ``w.grad`` it accumulated into are cleared in place:
   one pass, no allocation, the total over every use of ``w`` and any loss term outside the
-  module. ``torch.autograd.grad`` does not accumulate into ``.grad`` and so returns the unmasked
-  ``dL/d(w*m)``.
+  module. A hook that runs when a gradient has been accumulated into ``w.grad``
+  (``register_post_accumulate_grad_hook``, installed by the prologue on any parameter that
+  lacks it) notes the weight and, for the first one of a backward, queues the masking pass as
+  one of autograd's final callbacks, which re-queues itself once so that it runs after every
+  callback queued during the backward (DistributedDataParallel's copy of its averaged buckets
+  into ``.grad`` among them). One pass at the end costs less than a pass in each hook, in the
+  middle of the backward's own traffic. ``torch.autograd.grad`` does not accumulate into
+  ``.grad`` and so returns the unmasked ``dL/d(w*m)``.
 - Growth. RigL grows by ``|dL/d(w*m)|``, dense over inactive entries too. The per-weight node
   of the graph hooks that gradient only while :attr:`Masker.armed` was set at forward time (the
   update steps); otherwise it hands the weight through, so ordinary steps keep no dense tensor
@@ -95,7 +100,7 @@ class _GradMaskHook:
     def __call__(self, param: torch.Tensor) -> None:
         masker = self.masker()
         if masker is not None and param.grad is not None and masker.serves(self.name, param):
-            masker.mask_gradient(self.name, param)
+            masker.mask_after_backward(self.name, param)
 
 
 class _CaptureHook(_GradMaskHook):
@@ -150,6 +155,8 @@ class Masker(nn.Module):
         self._masks: dict[str, torch.Tensor] = {}  # the mask the prologue last saw, by name
         # by name: the parameter whose gradient is masked, as (id, tensor implementation)
         self._served: dict[str, tuple[int, int]] = {}
+        self._due: dict[str, torch.Tensor] = {}  # gradients accumulated, masked when backward ends
+        self._queued: int | None = None  # the backward (graph task) the masking pass is queued on
 
     def forward(self, weight: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
         if weight.grad_fn is not None:
@@ -206,6 +213,29 @@ class Masker(nn.Module):
         """True when ``weight`` is the parameter this masker masks the gradient of as ``name``."""
         return self._served.get(name) == (id(weight), weight._cdata)
 
+    def mask_after_backward(self, name: str, weight: torch.Tensor) -> None:
+        """Masks ``weight.grad`` once the running backward pass has finished (see the module
+        docstring); called by the post-accumulate-grad hook."""
+        task = torch._C._current_graph_task_id()
+        if task < 0:  # not inside autograd's engine: nothing to wait for
+            self.mask_gradient(name, weight)
+            return
+        self._due[name] = weight
+        if self._queued != task:  # the first of this backward (or one that failed before its end)
+            self._queued = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_last)
+
+    def _queue_last(self) -> None:
+        # runs among the final callbacks; re-queued, it runs after those queued before it
+        torch.autograd.Variable._execution_engine.queue_callback(self.flush_gradients)
+
+    def flush_gradients(self) -> None:
+        """Masks every gradient accumulated since the last flush (the end of a backward)."""
+        due, self._due, self._queued = self._due, {}, None
+        for name, weight in due.items():
+            if weight.grad is not None and self.serves(name, weight):
+                self.mask_gradient(name, weight)
+
     def mask_gradient(self, name: str, weight: torch.Tensor) -> None:
         """Zeroes the inactive entries of ``weight.grad`` (the post-accumulate-grad hook's work).
 
@@ -250,7 +280,13 @@ class Masker(nn.Module):
         state["_bit_masks"] = {}
         state["_masks"] = {}
         state["_served"] = {}  # the copy's prologue hooks the copy's own parameters
+        state["_due"], state["_queued"] = {}, None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_due", {})  # pickled by fxsparse <= 0.2
+        self.__dict__.setdefault("_queued", None)
 
     def extra_repr(self) -> str:
         return f"armed={self.armed}, accumulate={self.accumulate}, captured={len(self.grads)}"

@@ -147,3 +147,58 @@ def test_a_parametrization_on_one_owner_of_a_tied_weight_computes_as_in_eager():
     mask, w = sparse.masks["a.weight"], sparse.sparse_weights["a.weight"].detach()
     expected = torch.tanh(x @ torch.where(mask, w + 1.0, 0.0).T) @ torch.where(mask, w, 0.0).T
     torch.testing.assert_close(sparse(x), expected)  # `a` computes with P(w), `b` with w
+
+
+def test_gradients_are_masked_once_per_backward_when_it_ends(monkeypatch):
+    sparse = _sparse()
+    x = torch.randn(5, 16)
+    flushes = []
+    original = masking.Masker.flush_gradients
+    monkeypatch.setattr(masking.Masker, "flush_gradients", lambda self: (flushes.append(len(self._due)), original(self))[1])
+    seen_in_hook = []
+
+    def peek(param):  # a user's hook, registered after fxsparse's: the mask has not run yet
+        seen_in_hook.append(param.grad.clone())
+
+    sparse(x)  # the prologue hooks the parameters
+    weight = sparse.sparse_weights["0.weight"]
+    weight.register_post_accumulate_grad_hook(peek)
+    sparse(x).square().sum().backward()
+    assert flushes == [2] and _inactive_grads_zero(sparse)  # one pass for both weights
+    assert bool(seen_in_hook[0][~sparse.masks["0.weight"]].ne(0).any())
+    sparse(x).square().sum().backward()  # accumulation: the sum is masked again
+    assert flushes == [2, 2] and _inactive_grads_zero(sparse)
+
+
+def test_a_backward_that_fails_midway_does_not_stop_later_ones_from_masking():
+    sparse = _sparse()
+    x = torch.randn(5, 16)
+
+    def fail(grad):
+        raise RuntimeError("boom")
+
+    out = sparse(x)
+    handle = out.register_hook(lambda g: g)
+    inner = sparse.sparse_weights["0.weight"]
+    h = inner.register_hook(fail)  # raises during the backward, after the second layer accumulated
+    with pytest.raises(RuntimeError, match="boom"):
+        out.square().sum().backward()
+    h.remove()
+    handle.remove()
+    for p in sparse.parameters():
+        p.grad = None
+    sparse(x).square().sum().backward()
+    assert _inactive_grads_zero(sparse)
+
+
+def test_gradients_are_masked_under_reentrant_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    sparse = _sparse()
+    x = torch.randn(5, 16, requires_grad=True)
+    checkpoint(sparse, x, use_reentrant=True).square().sum().backward()
+    assert _inactive_grads_zero(sparse)
+    for p in sparse.parameters():
+        p.grad = None
+    checkpoint(sparse, x, use_reentrant=False).square().sum().backward()
+    assert _inactive_grads_zero(sparse)
