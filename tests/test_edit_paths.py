@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, reject
 from hypothesis import strategies as st
 from strategies import NetSpec, build, net_specs
 from torch import nn
@@ -264,12 +264,12 @@ def assert_inert(run: Run, module: fxsparse.SparseGraphModule, x: torch.Tensor, 
     if not train:
         with torch.no_grad():
             out, expected = module(x), reference(x)
-        assert torch.equal(out, expected), float((out - expected).abs().max())
+        _assert_same(out, expected)
         return
     for p in module.parameters():
         p.grad = None
     out, expected = module(x), reference(x)
-    assert torch.equal(out.detach(), expected.detach()), float((out - expected).abs().max())
+    _assert_same(out.detach(), expected.detach())
     out.square().mean().backward()
     expected.square().mean().backward()
     grads = dict(reference.named_parameters())
@@ -277,16 +277,26 @@ def assert_inert(run: Run, module: fxsparse.SparseGraphModule, x: torch.Tensor, 
         grad = module._leaf_weight(fqn).grad
         assert grad is not None, f"{fqn}: no gradient"
         assert bool(grad[~mask].eq(0).all()), f"{fqn}: inactive weights got gradient"
-        torch.testing.assert_close(grad[mask], grads[fqn].grad[mask], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad[mask], grads[fqn].grad[mask], rtol=1e-5, atol=1e-6, equal_nan=True)
     for p in module.parameters():
         p.grad = None
     module.growth_capture.clear()  # the check's backward is not a training step's
 
 
+def _assert_same(out: torch.Tensor, expected: torch.Tensor) -> None:
+    # exactly equal; a model that an edit made diverge is NaN where its reference is NaN too
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def _train_step(run: Run, scheduler: fxsparse.RigLScheduler, x: torch.Tensor) -> None:
     sparse = run.sparse
     sparse.train()
-    sparse(x).square().mean().backward()
+    loss = sparse(x).square().mean()
+    if not bool(torch.isfinite(loss)):
+        # an edit (a foreign optimizer's big step) made training diverge: the fault tests cover
+        # what an update does then; here there is no training left to check inertness on
+        reject()
+    loss.backward()
     for fqn, mask in sparse.masks.items():
         grad = sparse._leaf_weight(fqn).grad
         assert grad is None or bool(grad[~mask].eq(0).all()), f"{fqn}: inactive weights got gradient"
