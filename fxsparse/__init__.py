@@ -13,6 +13,7 @@ from fxsparse.budgets import register_init
 from fxsparse.accounting import FlopReport, GradualPruning, flop_report, flops
 from fxsparse.passes.find_weights import register_leaf_weights
 from fxsparse.graph_module import LayerChange, SparseGraphModule, register_grow_score
+from fxsparse.export import export_inference
 from fxsparse.scheduler import RigLScheduler, available_methods, register_method
 from fxsparse.tracing import register_leaf_function, register_leaf_module
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sparsify",
+    "export_inference",
     "SparseGraphModule",
     "LayerChange",
     "flops",

@@ -1,0 +1,592 @@
+"""Real sparse inference: a trained SparseGraphModule as an eval-only module that stores and runs
+only its active weights.
+
+:func:`export_inference` is a short pipeline of passes over a copy of the sparse module's fx
+graph, each a small function:
+
+1. :func:`_materialize`: the masked weight every masked-weight node hands its consumer (the
+   mask applied, parametrizations computed) becomes a constant of the graph; the prologue and the
+   masker go, and with them the trainable parameters and masks.
+2. :func:`_fold_batchnorm`: an eval-mode BatchNorm that is a convolution's only user folds into
+   that convolution's constant weight and bias (a per-output-channel scale keeps zeros zero).
+3. :func:`_lower`: every linear layer, 2-D convolution and matrix product by a constant weight is
+   replaced by a module that holds the weight compressed (CSR: the active values, their int32
+   column indices and row offsets) and runs the kernel that the export measured fastest on the
+   layer's own example input: a sparse matrix product (``torch.sparse`` CSR; a convolution as a
+   sparse matmul over its unfolded input, a 1x1 one without unfolding), the dense kernel, or the
+   dense kernel on the rows that hold any active weight (filters or neurons that training left
+   empty are dropped; their outputs are the bias). A sparse kernel is chosen only when it beat
+   the dense one, so the export is never slower than dense by its own measurement.
+
+Weights inside opaque leaf modules (nn.MultiheadAttention, RNNs) stay in those modules, dense,
+with their inactive entries zero. The file a ``torch.save`` writes holds the compressed weights
+only (the dense copy a dense-kernel layer computes with is rebuilt on first use), so its size
+follows the model-size accounting: 4 bytes per active value, 4 per column index.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["export_inference", "LayerChoice", "SparseLinear", "SparseConv2d", "SparseMatmul", "ExportError"]
+
+
+class ExportError(ValueError):
+    """The module or the example inputs cannot be exported."""
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the export decided for one layer, and the measurements it decided by.
+
+    Attributes:
+        node: the graph node the layer replaced.
+        weight: the FQN of the sparse weight (as in ``sparse.masks``), or "" for a dense one.
+        kind: "linear", "conv2d" or "matmul".
+        shape: the weight's shape.
+        density: active fraction of the weight.
+        kernel: "csr" (sparse matmul), "dense" or "dense-rows" (dense on the non-empty rows).
+        ms: the median milliseconds of each kernel tried on the layer's example input.
+    """
+
+    node: str
+    weight: str
+    kind: str
+    shape: tuple[int, ...]
+    density: float
+    kernel: str
+    ms: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- the compressed weight and the layer modules -----------------------------------------------
+
+
+class _Compressed(nn.Module):
+    """A 2-D matrix stored as CSR (int32 indices) in buffers; the dense copy is a cache that is
+    neither saved nor pickled."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # "CSR support is in beta": it is what we measured
+            warnings.simplefilter("ignore", UserWarning)
+            csr = matrix.detach().to_sparse_csr()
+        self.register_buffer("values", csr.values().clone())
+        self.register_buffer("crow", csr.crow_indices().to(torch.int32))
+        self.register_buffer("col", csr.col_indices().to(torch.int32))
+        self.rows, self.cols = matrix.shape
+        self._csr: torch.Tensor | None = None
+        self._dense: torch.Tensor | None = None
+        rows = self.crow[1:] != self.crow[:-1]
+        self.register_buffer("nonempty", torch.nonzero(rows).flatten().to(torch.int64))
+
+    def csr(self) -> torch.Tensor:
+        if self._csr is None or self._csr.device != self.values.device:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = torch.sparse_csr_tensor(
+                    self.crow, self.col, self.values, (self.rows, self.cols), check_invariants=False
+                )
+        return self._csr
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None or self._dense.device != self.values.device:
+            self._dense = self.csr().to_dense()
+        return self._dense
+
+    def nonempty_rows(self) -> torch.Tensor:
+        return self.dense().index_select(0, self.nonempty)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _Compressed:
+        self._csr = self._dense = None  # .to()/.half(): rebuilt from the moved buffers
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_csr"] = state["_dense"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{self.rows}x{self.cols}, {self.values.numel()} active"
+
+
+def _scatter_rows(partial: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None, total: int, dim: int) -> torch.Tensor:
+    """The full output from the outputs of the non-empty rows: the empty ones are the bias."""
+    shape = list(partial.shape)
+    shape[dim] = total
+    out = partial.new_zeros(shape)
+    if bias is not None:
+        view = [1] * len(shape)
+        view[dim] = total
+        out += bias.view(view)
+    return out.index_copy_(dim, rows, partial)
+
+
+class SparseLinear(nn.Module):
+    """``F.linear(x, weight, bias)`` with a compressed weight and a chosen kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "dense") -> None:
+        super().__init__()
+        self.weight = _Compressed(weight)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.shape[-1] != w.cols:
+            raise ExportError(f"expected an input whose last dimension is {w.cols}, got shape {tuple(x.shape)}")
+        if self.kernel == "csr":
+            flat = x.reshape(-1, w.cols)
+            out = torch.mm(w.csr(), flat.t()).t()
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], w.rows)
+        if self.kernel == "dense-rows":
+            bias = None if self.bias is None else self.bias.index_select(0, w.nonempty)
+            return _scatter_rows(F.linear(x, w.nonempty_rows(), bias), w.nonempty, self.bias, w.rows, -1 % x.dim())
+        return F.linear(x, w.dense(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}"
+
+
+class SparseMatmul(nn.Module):
+    """``x @ weight`` for a constant 2-D ``weight`` (stored transposed, compressed)."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str = "dense") -> None:
+        super().__init__()
+        self.weight_t = _Compressed(weight.t())
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_t
+        if x.shape[-1] != w.cols:
+            raise ExportError(f"expected an input whose last dimension is {w.cols}, got shape {tuple(x.shape)}")
+        if self.kernel == "csr":
+            flat = x.reshape(-1, w.cols)
+            return torch.mm(w.csr(), flat.t()).t().reshape(*x.shape[:-1], w.rows)
+        return torch.matmul(x, w.dense().t())
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}"
+
+
+class SparseConv2d(nn.Module):
+    """``torch.conv2d`` with a compressed weight: dense, dense on the non-empty filters, or (for
+    ungrouped convolutions) a CSR matmul over the unfolded input (1x1 stride-1 ones need no
+    unfolding)."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any, dilation: Any,
+        groups: int, kernel: str = "dense",
+    ) -> None:
+        super().__init__()
+        self.out_channels, in_per_group, kh, kw = weight.shape
+        self.weight_shape = tuple(weight.shape)
+        self.weight = _Compressed(weight.reshape(self.out_channels, -1))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.stride, self.padding, self.dilation = _pair(stride), padding if isinstance(padding, str) else _pair(padding), _pair(dilation)
+        self.groups = groups
+        self.kernel = kernel
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def sparse_possible(self) -> bool:
+        return self.groups == 1 and not isinstance(self.padding, str)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = self.weight_shape[1] * self.groups
+        if x.dim() != 4 or x.shape[1] != expected:
+            raise ExportError(f"expected an (N, {expected}, H, W) input, got shape {tuple(x.shape)}")
+        w = self.weight
+        if self.kernel == "csr":
+            return self._csr_forward(x)
+        if self.kernel == "dense-rows":
+            rows = w.nonempty_rows().reshape(-1, *self.weight_shape[1:])
+            bias = None if self.bias is None else self.bias.index_select(0, w.nonempty)
+            return _scatter_rows(self._conv(x, rows, bias), w.nonempty, self.bias, self.out_channels, 1)
+        return self._conv(x, w.dense().reshape(self.weight_shape), self.bias)
+
+    def _csr_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, width = x.shape
+        _, _, kh, kw = self.weight_shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            cols = x.reshape(n, c, h * width)
+        else:
+            cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))  # (N, C*kh*kw, L)
+        if n == 1:
+            out = torch.mm(self.weight.csr(), cols[0]).unsqueeze(0)
+        else:
+            flat = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*kh*kw, N*L)
+            out = torch.mm(self.weight.csr(), flat).reshape(self.out_channels, n, -1).transpose(0, 1)
+        out = out.reshape(n, self.out_channels, ho, wo)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_shape}, stride={self.stride}, padding={self.padding}, groups={self.groups}, kernel={self.kernel}"
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+
+
+# --- the passes ---------------------------------------------------------------------------------
+
+
+_LINEAR = (torch._C._nn.linear, F.linear)
+_CONV2D = (torch.conv2d, F.conv2d)
+_MATMUL = (torch.matmul, operator.matmul, torch.mm)
+
+
+def _materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Replaces each masked-weight node by a constant holding the weight it computed with
+    (``used``, by weight FQN); drops the prologue. Returns ``{constant attribute: weight FQN}``."""
+    from fxsparse.graph_module import MASKER
+
+    graph, constants = gm.graph, {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in ("mask_prologue", "zero_dirty"):
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == MASKER:
+            fqn = node.kwargs.get("name", node.args[2] if len(node.args) > 2 else None)
+            attribute = "fxsparse_w_" + fqn.replace(".", "_")
+            if not hasattr(gm, attribute):
+                gm.register_buffer(attribute, used[fqn].detach().clone())
+                constants[attribute] = fqn
+            with graph.inserting_before(node):
+                constant = graph.get_attr(attribute)
+            node.replace_all_uses_with(constant)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return constants
+
+
+def _constant(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor ``node`` reads when it is a get_attr of a buffer (not a parameter)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value = gm.get_buffer(node.target) if _is_buffer(gm, node.target) else None
+    return value
+
+
+def _is_buffer(gm: torch.fx.GraphModule, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    return name in module._buffers
+
+
+def _conv_args(node: torch.fx.Node) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    values = list(node.args) + [None] * (7 - len(node.args))
+    return tuple(node.kwargs.get(n, v if i < len(node.args) else defaults[i]) for i, (n, v) in enumerate(zip(names, values)))  # type: ignore[return-value]
+
+
+def _fold_batchnorm(gm: torch.fx.GraphModule, constants: dict[str, str]) -> int:
+    """Folds eval-mode BatchNorm2d modules that are a constant-weight convolution's only user
+    (``constants`` learns which weight FQN each folded constant came from)."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.BatchNorm2d):
+            continue
+        bn = gm.get_submodule(node.target)
+        conv = node.args[0]
+        if not (isinstance(conv, torch.fx.Node) and conv.op == "call_function" and conv.target in _CONV2D
+                and len(conv.users) == 1 and bn.running_mean is not None and bn.running_var is not None):
+            continue
+        x, weight_node, bias_node, *rest = _conv_args(conv)
+        weight = _constant(gm, weight_node)
+        if weight is None or (bias_node is not None and _bias_value(gm, bias_node) is None):
+            continue
+        bias = _bias_value(gm, bias_node) if bias_node is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        scale = (bn.weight.detach() if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias.detach() if bn.bias is not None else 0.0
+        new_weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
+        new_bias = ((bias - bn.running_mean) * scale + shift).to(weight.dtype)
+        stem = f"fxsparse_fold_{folded}"
+        gm.register_buffer(stem + "_weight", new_weight)
+        if weight_node.target in constants:
+            constants[stem + "_weight"] = constants[weight_node.target]
+        gm.register_buffer(stem + "_bias", new_bias)
+        with gm.graph.inserting_before(conv):
+            w_node, b_node = gm.graph.get_attr(stem + "_weight"), gm.graph.get_attr(stem + "_bias")
+        conv.args = (x, w_node, b_node, *rest)
+        conv.kwargs = {}
+        node.replace_all_uses_with(conv)
+        gm.graph.erase_node(node)
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    return folded
+
+
+def _bias_value(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """A bias read from the graph: a buffer or a (frozen, eval-only) parameter."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    return gm.get_buffer(node.target) if _is_buffer(gm, node.target) else gm.get_parameter(node.target).detach()
+
+
+def _inputs_of(gm: torch.fx.GraphModule, nodes: set[torch.fx.Node], example: tuple[Any, ...]) -> dict[torch.fx.Node, torch.Tensor]:
+    """The first tensor argument each of ``nodes`` receives when the graph runs ``example``."""
+    seen: dict[torch.fx.Node, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            if n in nodes:
+                value = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else None
+                if isinstance(value, torch.Tensor):
+                    seen[n] = value
+            return super().run_node(n)
+
+    with torch.no_grad():
+        Recorder(gm).run(*example)
+    return seen
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    with torch.no_grad():
+        fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _choose(module: nn.Module, x: torch.Tensor, kernels: list[str], repeats: int, margin: float) -> tuple[str, dict[str, float]]:
+    """The fastest of ``kernels`` on ``x``; a kernel other than "dense" must beat dense by
+    ``margin`` (relative) to be chosen."""
+    ms = {}
+    for kernel in kernels:
+        module.kernel = kernel
+        ms[kernel] = _time(lambda: module(x), repeats)
+    best = min(ms, key=ms.get)
+    if best != "dense" and ms[best] > ms["dense"] * (1 - margin):
+        best = "dense"
+    module.kernel = best
+    return best, ms
+
+
+def _lower(
+    gm: torch.fx.GraphModule, example: tuple[Any, ...], constants: dict[str, str], autotune: bool, repeats: int,
+    margin: float,
+) -> list[LayerChoice]:
+    """Replaces linear, conv2d and matmul nodes with a constant weight by measured modules."""
+    graph = gm.graph
+    candidates = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _LINEAR or node.target in _CONV2D:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        elif node.target in _MATMUL and len(node.args) == 2:
+            weight = node.args[1]
+        else:
+            continue
+        value = _constant(gm, weight)
+        if value is None or value.dim() not in (2, 4) or (node.target in _CONV2D) != (value.dim() == 4):
+            continue
+        candidates.append((node, weight, value))
+    inputs = _inputs_of(gm, {n for n, _, _ in candidates}, example)
+    choices = []
+    for index, (node, weight_node, weight) in enumerate(candidates):
+        x = inputs.get(node)
+        if x is None:
+            continue  # not reached by the example (a branch not taken): left as it is
+        if node.target in _LINEAR:
+            bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            bias = _bias_value(gm, bias_node) if bias_node is not None else None
+            if bias_node is not None and bias is None:
+                continue
+            module: nn.Module = SparseLinear(weight, bias)
+            kind, kernels = "linear", ["dense", "csr"]
+        elif node.target in _CONV2D:
+            _, _, bias_node, stride, padding, dilation, groups = _conv_args(node)
+            bias = _bias_value(gm, bias_node) if bias_node is not None else None
+            if bias_node is not None and bias is None:
+                continue
+            module = SparseConv2d(weight, bias, stride, padding, dilation, groups)
+            kind = "conv2d"
+            kernels = ["dense"] + (["csr"] if module.sparse_possible() else [])
+        else:
+            module = SparseMatmul(weight)
+            kind, kernels = "matmul", ["dense", "csr"]
+        rows = getattr(module, "weight", getattr(module, "weight_t", None))
+        if kind != "matmul" and 0 < rows.nonempty.numel() < rows.rows and getattr(module, "groups", 1) == 1:
+            kernels.append("dense-rows")
+        module.kernels = tuple(kernels)  # what this layer can run (tests try each)
+        if autotune:
+            kernel, ms = _choose(module, x, kernels, repeats, margin)
+        else:
+            kernel, ms = "dense", {}
+            module.kernel = "dense"
+        name = f"fxsparse_layer_{index}"
+        gm.add_submodule(name, module)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        density = float(weight.count_nonzero()) / max(weight.numel(), 1)
+        choices.append(LayerChoice(
+            node=node.name, weight=constants.get(getattr(weight_node, "target", ""), ""), kind=kind,
+            shape=tuple(weight.shape), density=density, kernel=kernel, ms=ms,
+        ))
+    graph.eliminate_dead_code()
+    for attribute in dict.fromkeys([*constants, *(n for n, _ in gm.named_buffers() if n.startswith("fxsparse_fold_"))]):
+        if hasattr(gm, attribute) and not any(n.op == "get_attr" and n.target == attribute for n in graph.nodes):
+            delattr(gm, attribute)  # compressed into a layer module now
+    return choices
+
+
+# --- the entry point ----------------------------------------------------------------------------
+
+
+def export_inference(
+    sparse: nn.Module,
+    example_inputs: Any,
+    *,
+    autotune: bool = True,
+    repeats: int = 7,
+    margin: float = 0.05,
+) -> torch.fx.GraphModule:
+    """An eval-only module computing what ``sparse`` computes in eval mode, from compressed
+    active weights with the fastest measured kernel per layer (see the module docstring).
+
+    Args:
+        sparse: a trained :class:`fxsparse.SparseGraphModule` (not modified).
+        example_inputs: a tensor or a tuple of positional inputs of the shape the exported
+            module will see (batch size included): each layer is timed on what it receives.
+        autotune: measure the kernels (otherwise every layer computes densely).
+        repeats: timed runs per kernel and layer (median).
+        margin: a sparse kernel must beat the dense one by this fraction to be chosen.
+
+    Returns:
+        A ``torch.fx.GraphModule`` in eval mode, without parameters; ``exported.fxsparse_choices``
+        lists a :class:`LayerChoice` per lowered layer.
+
+    Raises:
+        TypeError: ``sparse`` is not a SparseGraphModule.
+        ExportError: ``example_inputs`` are not inputs ``sparse`` accepts.
+    """
+    from fxsparse.graph_module import MASKER, SparseGraphModule
+
+    if not isinstance(sparse, SparseGraphModule):
+        raise TypeError(
+            f"expected a SparseGraphModule (what fxsparse.sparsify returns), got {type(sparse).__name__}; "
+            f"sparsify and train the model first: sparse = fxsparse.sparsify(model, density=...)"
+        )
+    example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    used: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> None:
+        name = kwargs.get("name", args[2] if len(args) > 2 else None)
+        used[name] = output.detach()
+
+    was_training = sparse.training
+    masker = sparse.get_submodule(MASKER)
+    handle = masker.register_forward_hook(record, with_kwargs=True)
+    try:
+        sparse.eval()
+        with torch.no_grad():
+            reference = sparse(*example)
+    except Exception as error:  # noqa: BLE001 - any failure of the forward is the input's
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in example]
+        raise ExportError(
+            f"expected example_inputs that the sparse module accepts, but its forward failed on inputs of "
+            f"shape {shapes}: {type(error).__name__}: {error}"
+        ) from error
+    finally:
+        handle.remove()
+        sparse.train(was_training)
+
+    work = copy.deepcopy(sparse)  # nothing the export changes is shared with the user's module
+    gm = torch.fx.GraphModule(work, work.graph, class_name="SparseInference")
+    constants = _materialize(gm, used)
+    gm.eval()
+    _fold_batchnorm(gm, constants)
+    choices = _lower(gm, example, constants, autotune, repeats, margin)
+    _freeze(gm)
+    gm.recompile()
+    gm.fxsparse_choices = choices
+    with torch.no_grad():
+        out = gm(*example)
+    _check_close(out, reference)
+    return gm
+
+
+def _freeze(gm: torch.fx.GraphModule) -> None:
+    """Drops what no node reads (the masker, the sparse weights), and turns the parameters left
+    (biases, norms, opaque leaves) into frozen tensors: the module is for inference."""
+    from fxsparse.graph_module import MASKER
+
+    if hasattr(gm, MASKER):
+        delattr(gm, MASKER)
+    gm.delete_all_unused_submodules()
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for fqn, _ in list(gm.named_buffers()):
+        owner, _, name = fqn.rpartition(".")
+        called = any(n.op == "call_module" and (n.target == owner or owner.startswith(n.target + ".")) for n in gm.graph.nodes)
+        if fqn not in read and not called and not fqn.startswith("fxsparse_layer_"):
+            delattr(gm.get_submodule(owner) if owner else gm, name)  # a mask, the update counter
+    for fqn, parameter in list(gm.named_parameters()):
+        owner, _, name = fqn.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        called = any(n.op == "call_module" and (n.target == owner or owner.startswith(n.target + ".")) for n in gm.graph.nodes)
+        if fqn not in read and not called:
+            delattr(module, name)  # a weight now held compressed by a layer module
+        else:
+            parameter.requires_grad_(False)
+
+
+def _check_close(out: Any, reference: Any) -> None:
+    outs, refs = _flatten(out), _flatten(reference)
+    for a, b in zip(outs, refs):
+        if a.is_floating_point():
+            scale = float(b.abs().max()) if b.numel() else 1.0
+            if not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+                error = float((a - b).abs().max())
+                raise ExportError(
+                    f"fxsparse: the exported module's output differs from the sparse module's by {error:.3g} "
+                    f"(max |output| {scale:.3g}); please report this with the model"
+                )
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    return []
+
+
+def file_size_bytes(module: nn.Module) -> int:
+    """Bytes ``torch.save(module.state_dict())`` holds in tensor data (what the file mostly is)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
