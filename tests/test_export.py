@@ -126,6 +126,7 @@ def test_save_and_load_round_trip_with_a_file_that_holds_only_active_weights():
         assert torch.allclose(loaded(x), sparse(x), atol=1e-5)
     assert [m.kernel for m in loaded.modules() if isinstance(m, LOWERED)] == [
         m.kernel for m in exported.modules() if isinstance(m, LOWERED)]
+    assert [c.kernel for c in loaded.fxsparse_choices] == [c.kernel for c in exported.fxsparse_choices]
     assert len(_saved(exported.state_dict())) < 0.15 * dense_bytes  # values + int32 indices
     assert len(data) < 0.15 * dense_bytes + 100_000  # the pickled code adds a little
 
@@ -149,3 +150,13 @@ def test_bad_input_gets_a_clear_error():
     exported = export_inference(conv, torch.randn(1, 3, 8, 8), repeats=1)
     with pytest.raises(ExportError, match=r"expected an \(N, 3, H, W\) input"):
         exported(torch.randn(1, 4, 8, 8))
+
+
+def test_torch_export_takes_an_export_whose_layers_run_dense_kernels():
+    sparse = fxsparse.sparsify(_conv_bn_net(), 0.3)
+    x = torch.randn(1, 3, 8, 8)
+    exported = export_inference(sparse, x, autotune=False)
+    assert {c.kernel for c in exported.fxsparse_choices} == {"dense"}
+    program = torch.export.export(exported, (x,))
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), exported(x), atol=1e-6)
