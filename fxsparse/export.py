@@ -111,6 +111,15 @@ class _Compressed(nn.Module):
     def nonempty_rows(self) -> torch.Tensor:
         return self.dense().index_select(0, self.nonempty)
 
+    def check_last_dim(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.cols:
+            raise ExportError(f"expected an input whose last dimension is {self.cols}, got shape {tuple(x.shape)}")
+
+    def csr_times_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ matrix.T`` over ``x``'s last dimension, by the CSR product ``matrix @ x.T``."""
+        flat = x.reshape(-1, self.cols)
+        return torch.mm(self.csr(), flat.t()).t().reshape(*x.shape[:-1], self.rows)
+
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _Compressed:
         self._csr = self._dense = None  # .to()/.half(): rebuilt from the moved buffers
         return super()._apply(fn, recurse)
@@ -147,14 +156,10 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.shape[-1] != w.cols:
-            raise ExportError(f"expected an input whose last dimension is {w.cols}, got shape {tuple(x.shape)}")
+        w.check_last_dim(x)
         if self.kernel == "csr":
-            flat = x.reshape(-1, w.cols)
-            out = torch.mm(w.csr(), flat.t()).t()
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], w.rows)
+            out = w.csr_times_rows(x)
+            return out if self.bias is None else out + self.bias
         if self.kernel == "dense-rows":
             bias = None if self.bias is None else self.bias.index_select(0, w.nonempty)
             return _scatter_rows(F.linear(x, w.nonempty_rows(), bias), w.nonempty, self.bias, w.rows, -1 % x.dim())
@@ -174,11 +179,9 @@ class SparseMatmul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_t
-        if x.shape[-1] != w.cols:
-            raise ExportError(f"expected an input whose last dimension is {w.cols}, got shape {tuple(x.shape)}")
+        w.check_last_dim(x)
         if self.kernel == "csr":
-            flat = x.reshape(-1, w.cols)
-            return torch.mm(w.csr(), flat.t()).t().reshape(*x.shape[:-1], w.rows)
+            return w.csr_times_rows(x)
         return torch.matmul(x, w.dense().t())
 
     def extra_repr(self) -> str:
@@ -289,8 +292,7 @@ def _constant(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The tensor ``node`` reads when it is a get_attr of a buffer (not a parameter)."""
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
         return None
-    value = gm.get_buffer(node.target) if _is_buffer(gm, node.target) else None
-    return value
+    return gm.get_buffer(node.target) if _is_buffer(gm, node.target) else None
 
 
 def _is_buffer(gm: torch.fx.GraphModule, target: str) -> bool:
@@ -320,9 +322,11 @@ def _fold_batchnorm(gm: torch.fx.GraphModule, constants: dict[str, str]) -> int:
             continue
         x, weight_node, bias_node, *rest = _conv_args(conv)
         weight = _constant(gm, weight_node)
-        if weight is None or (bias_node is not None and _bias_value(gm, bias_node) is None):
+        bias = None if bias_node is None else _bias_value(gm, bias_node)
+        if weight is None or (bias_node is not None and bias is None):
             continue
-        bias = _bias_value(gm, bias_node) if bias_node is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
         scale = (bn.weight.detach() if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias.detach() if bn.bias is not None else 0.0
         new_weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
@@ -584,9 +588,3 @@ def _flatten(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in _flatten(v)]
     return []
-
-
-def file_size_bytes(module: nn.Module) -> int:
-    """Bytes ``torch.save(module.state_dict())`` holds in tensor data (what the file mostly is)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-

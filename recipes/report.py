@@ -47,13 +47,18 @@ class Run:
     source: str
 
 
-def load_runs(paths: list[Path]) -> list[Run]:
-    """Every run of every ``*.json`` record under ``paths`` (files or directories)."""
+def _record_files(paths: list[Path]) -> list[Path]:
+    """The ``*.json`` records under ``paths`` (files or directories), in a stable order."""
     files = []
     for path in paths:
         files += sorted(path.rglob("*.json")) if path.is_dir() else [path]
+    return files
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """Every run of every ``*.json`` record under ``paths`` (files or directories)."""
     runs = []
-    for file in files:
+    for file in _record_files(paths):
         record = json.loads(file.read_text())
         config = record.get("config", {})
         dataset = record.get("dataset", "fashion_mnist" if "demo" in record.get("recipe", "") else "?")
@@ -275,21 +280,20 @@ class ExtRun:
 def load_extended(paths: list[Path]) -> list[ExtRun]:
     """Every run of the extended study's records (one method per record) under ``paths``."""
     runs = []
-    for path in paths:
-        for file in sorted(path.rglob("*.json")) if path.is_dir() else [path]:
-            record = json.loads(file.read_text())
-            config = record["config"]
-            for result in record["results"]:
-                dense = result["method"] == "dense"
-                runs.append(ExtRun(
-                    method=result["method"], init="-" if dense else config["init"],
-                    budget="-" if dense else config.get("budget", "params"),
-                    density=1.0 if dense else float(config["density"]), epochs=int(config["epochs"]),
-                    delta_t=int(config["delta_t"]), alpha=float(config["alpha"]), seed=int(config["seed"]),
-                    accuracy=float(result["test_accuracy"]), training_flops=float(result["training_flops"]),
-                    inference_flops=float(result["inference_flops"]), size_mb=float(result["size_mb"]),
-                    seconds=float(result["seconds"]), steps=int(result["steps"]),
-                ))
+    for file in _record_files(paths):
+        record = json.loads(file.read_text())
+        config = record["config"]
+        for result in record["results"]:
+            dense = result["method"] == "dense"
+            runs.append(ExtRun(
+                method=result["method"], init="-" if dense else config["init"],
+                budget="-" if dense else config.get("budget", "params"),
+                density=1.0 if dense else float(config["density"]), epochs=int(config["epochs"]),
+                delta_t=int(config["delta_t"]), alpha=float(config["alpha"]), seed=int(config["seed"]),
+                accuracy=float(result["test_accuracy"]), training_flops=float(result["training_flops"]),
+                inference_flops=float(result["inference_flops"]), size_mb=float(result["size_mb"]),
+                seconds=float(result["seconds"]), steps=int(result["steps"]),
+            ))
     return runs
 
 
