@@ -49,6 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     cases["w.mul_(mask) in place (bool)"] = lambda: scratch.mul_(bool_mask)
     cases["w.mul_(mask) in place (float32)"] = lambda: scratch.mul_(masks["float32"])
     cases["torch.where(mask, w, 0) (bool)"] = lambda: torch.where(bool_mask, weight, 0.0)
+    # the in-place zeroing passes the masked op can make (weight and gradient)
+    int_mask = torch.zeros(args.numel, dtype=torch.int32).masked_fill_(bool_mask, -1)
+    inverse = ~bool_mask
+    zero = torch.zeros(())
+    bits = scratch.view(torch.int32)
+    cases["bits(w) &= int mask, in place (int32)"] = lambda: bits.bitwise_and_(int_mask)
+    cases["w.masked_fill_(~mask, 0), in place (bool, ~mask kept)"] = lambda: scratch.masked_fill_(inverse, 0.0)
+    cases["w.masked_fill_(~mask, 0), in place (bool, ~mask made)"] = lambda: scratch.masked_fill_(~bool_mask, 0.0)
+    cases["torch.where(mask, w, 0, out=w) (bool)"] = lambda: torch.where(bool_mask, scratch, zero, out=scratch)
     times = {name: _time(fn, args.reps) for name, fn in cases.items()}
     base = times["w * mask (float32)"]
     print(f"{args.numel} float32 weights, {args.threads} threads, torch {torch.__version__}")

@@ -358,6 +358,22 @@ def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, flo
     return statistics.median(xs), xs[j - 1], xs[n - j]
 
 
+class RoundOrder:
+    """The order of the variants in each round: a new random permutation every round (seeded).
+
+    Rotating a fixed order would change only where a round starts: every variant would always
+    follow the same one, and what that one leaves behind (caches, allocator state, a compiled
+    model's threads) would bias its time. A random order lets every variant follow every other.
+    """
+
+    def __init__(self, variants: list[str], seed: int) -> None:
+        self.variants = list(variants)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> list[str]:
+        return [self.variants[i] for i in torch.randperm(len(self.variants), generator=self.generator)]
+
+
 def _timed(fn: Any, *args: Any) -> float:
     start = time.perf_counter()
     fn(*args)
@@ -467,17 +483,13 @@ def time_interleaved(
     name: str, trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Tensor],
     cfg: Config, result: ModelResult,
 ) -> None:
-    """Rounds of one step of each variant in turn (the starting variant rotates each round),
-    until ``cfg.steps`` rounds ran on a quiet machine."""
-    order = list(trainers)
-    rounds_run = 0
+    """Rounds of one step of each variant in turn (in a fresh random order each round), until
+    ``cfg.steps`` rounds ran on a quiet machine."""
+    orders = RoundOrder(list(trainers), cfg.seed)
 
     def one_round() -> dict[str, float]:
-        nonlocal rounds_run
-        shift = rounds_run % len(order)
-        rounds_run += 1
         times = {}
-        for variant in order[shift:] + order[:shift]:
+        for variant in orders.next():
             if variant in result.errors:
                 continue
             try:
@@ -490,7 +502,7 @@ def time_interleaved(
         one_round, cfg.steps_for(name), cfg, f"{name} steps"
     )
     result.rounds = rounds
-    for variant in order:
+    for variant in trainers:
         if variant not in result.errors:
             result.steps_ms[variant] = [r[variant] for r in rounds if variant in r]
 
@@ -1026,8 +1038,9 @@ def render_report(results: list[ModelResult], cfg: Config, info: RunInfo) -> str
         "",
         f"Each variant had {cfg.warmup} untimed warm-up steps (the first one compiles the "
         f"`+compile` variants), then {cfg.steps} timed rounds ({cfg.large_steps} for the "
-        "models at 224x224), a round being one step of each variant in turn (the starting "
-        "variant rotating each round). This machine is shared and noisy: one step's time "
+        "models at 224x224), a round being one step of each variant, in a new random order "
+        "each round (so that no variant always follows the same one). This machine is shared and noisy: "
+        "one step's time "
         "scatters by about +-5% and drifts by 20% over minutes. The headline figures are "
         "therefore paired: the ratio of two variants' steps within each round (seconds apart, "
         "so drift cancels), their median over the rounds and a distribution-free 95% "
