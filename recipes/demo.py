@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
             "config": dataclasses.asdict(cfg),
             "results": [dataclasses.asdict(r) for r in results],
             "total_seconds": total,
+            # CPU time of this process: what the run cost whatever else shared (or paused) the machine
+            "cpu_seconds": time.process_time(),
+            "finished_unix": time.time(),
             "hardware": _hardware(),
         }
         out.write_text(json.dumps(record, indent=2) + "\n")

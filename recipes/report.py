@@ -26,6 +26,15 @@ from pathlib import Path
 __all__ = ["Run", "load_runs", "aggregate", "render", "plot", "main", "ExtRun", "load_extended", "ExtendedStudy",
            "render_extended", "plot_extended"]
 
+SENSITIVITY_ALPHAS = (0.1, 0.3, 0.5)
+SENSITIVITY_DELTA_T_FACTORS = (0.5, 1, 2)  # times the 1x schedule's delta_t
+
+
+def sensitivity_delta_ts(base_delta_t: int) -> list[int]:
+    """The delta_t values of the extended study's section 3 (RigL's hyperparameters; recipes/study.py trains them) for a 1x schedule's delta_t."""
+    return sorted({max(1, round(base_delta_t * f)) for f in SENSITIVITY_DELTA_T_FACTORS})
+
+
 ORDER = ["dense", "small_dense", "static", "set", "rigl", "rigl-sg", "rigl-sm", "snfs", "pruning", "lottery"]
 
 
@@ -273,8 +282,17 @@ class ExtRun:
     training_flops: float  # x dense training of the same schedule
     inference_flops: float
     size_mb: float
-    seconds: float
+    seconds: float  # wall time of the training run
     steps: int
+    cpu_seconds: float = float("nan")  # CPU time of the run's process (records written since it was added)
+    finished_unix: float = float("nan")  # when its record was written
+    total_seconds: float = float("nan")  # the record's whole wall time (data loading included)
+
+    @property
+    def cost_seconds(self) -> float:
+        """The run's compute: its process's CPU time where the record has it (unaffected by
+        anything that shared or paused the machine), else its wall time."""
+        return self.seconds if math.isnan(self.cpu_seconds) else self.cpu_seconds
 
 
 def load_extended(paths: list[Path]) -> list[ExtRun]:
@@ -293,8 +311,40 @@ def load_extended(paths: list[Path]) -> list[ExtRun]:
                 accuracy=float(result["test_accuracy"]), training_flops=float(result["training_flops"]),
                 inference_flops=float(result["inference_flops"]), size_mb=float(result["size_mb"]),
                 seconds=float(result["seconds"]), steps=int(result["steps"]),
+                cpu_seconds=float(record.get("cpu_seconds", "nan")) if len(record["results"]) == 1 else float("nan"),
+                finished_unix=float(record.get("finished_unix", "nan")), total_seconds=float(record.get("total_seconds", "nan")),
             ))
     return runs
+
+
+def busy_seconds(runs: list[ExtRun], pauses: list[tuple[float, float]] = ()) -> tuple[float, int]:
+    """Wall time during which at least one run was training, less the ``pauses`` (intervals in
+    which the study's processes were stopped); and how many runs had the timestamps to count.
+
+    Each run with a finish time spans ``[finished - total_seconds, finished]``; the union of those
+    spans is the time the sweep occupied the machine, gaps between sessions excluded."""
+    spans = sorted((r.finished_unix - r.total_seconds, r.finished_unix) for r in runs
+                   if not (math.isnan(r.finished_unix) or math.isnan(r.total_seconds)))
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    total = sum(end - start for start, end in merged)
+    for p_start, p_end in pauses:
+        total -= sum(max(0.0, min(end, p_end) - max(start, p_start)) for start, end in merged)
+    return total, len(spans)
+
+
+def load_pauses(paths: list[Path]) -> list[tuple[float, float]]:
+    """The ``pauses.jsonl`` intervals (``{"paused": t0, "resumed": t1}``) beside the records."""
+    out = []
+    for path in paths:
+        file = path / "pauses.jsonl" if path.is_dir() else path.parent / "pauses.jsonl"
+        if file.exists():
+            out += [(float(d["paused"]), float(d["resumed"])) for d in map(json.loads, file.read_text().splitlines()) if d]
+    return sorted(set(out))
 
 
 class _Pick:
@@ -323,8 +373,10 @@ class _Pick:
 class ExtendedStudy:
     """The extended study's runs, looked up by configuration."""
 
-    def __init__(self, runs: list[ExtRun], base_epochs: int, base_delta_t: int) -> None:
+    def __init__(self, runs: list[ExtRun], base_epochs: int, base_delta_t: int,
+                 pauses: list[tuple[float, float]] = ()) -> None:
         self.runs, self.base_epochs, self.base_delta_t = runs, base_epochs, base_delta_t
+        self.pauses = list(pauses)
 
     def pick(self, method: str, density: float = 1.0, multiple: int = 1, init: str = "erk", budget: str = "params",
              delta_t: int | None = None, alpha: float = 0.3) -> _Pick:
@@ -373,7 +425,12 @@ def render_extended(study: ExtendedStudy, commands: list[str], plots: list[str] 
 
     s, base = study, study.base_epochs
     seeds = sorted({r.seed for r in s.runs})
-    compute = sum(r.seconds for r in s.runs)
+    compute = sum(r.cost_seconds for r in s.runs)
+    wall, timed = busy_seconds(s.runs, s.pauses)
+    wall_text = (f"the sweep occupied the machine for {wall / 3600:.1f} h of wall time with `--workers 2` "
+                 f"(measured over the {timed} runs whose records carry their finish time; the minutes in which "
+                 f"its processes were stopped to keep the machine quiet for benchmarks are not counted)"
+                 if timed else "no record carries its finish time, so the sweep's wall time is not known")
     steps = min(r.steps for r in s.runs if r.epochs == base) if any(r.epochs == base for r in s.runs) else 0
     updates = sum(is_update_step(t, s.base_delta_t, end_step(steps, 0.75)) for t in range(steps))
     lines = [
@@ -385,9 +442,9 @@ def render_extended(study: ExtendedStudy, commands: list[str], plots: list[str] 
         f"training ({updates} updates at 1x; delta_t stays "
         f"{s.base_delta_t} in the longer runs, so 2x and 5x make 2 and 5 times as many), drop fraction 0.3 "
         f"cosine-annealed. Test accuracy (%) is the mean +- standard deviation over seeds {seeds} "
-        f"('n=' marks a cell with fewer seeds so far). {len(s.runs)} runs; their wall times add up to "
-        f"{compute / 3600:.1f} h of single-threaded compute (AMD EPYC, one torch thread per run), about "
-        f"{compute / 7200:.1f} h on 2 cores with `--workers 2`.",
+        f"('n=' marks a cell with fewer seeds so far). {len(s.runs)} runs; their compute adds up to "
+        f"{compute / 3600:.1f} h of single-threaded CPU time (AMD EPYC, one torch thread per run); "
+        f"{wall_text}.",
         "",
         "Produced by:",
         "",
@@ -402,6 +459,7 @@ def render_extended(study: ExtendedStudy, commands: list[str], plots: list[str] 
     lines += _budget_section(s)
     lines += _sensitivity_section(s)
     lines += _redistribution_section(s)
+    lines += _implementation_section()
     for path in plots:
         lines += [f"![{Path(path).stem}]({Path(path).name})", ""]
     return "\n".join(lines)
@@ -515,8 +573,7 @@ def _budget_section(s: ExtendedStudy) -> list[str]:
 
 
 def _sensitivity_section(s: ExtendedStudy) -> list[str]:
-    deltas = sorted({max(1, round(s.base_delta_t * f)) for f in (0.5, 1, 2)})  # as recipes/study.py
-    alphas = (0.1, 0.3, 0.5)
+    deltas, alphas = sensitivity_delta_ts(s.base_delta_t), SENSITIVITY_ALPHAS
     rows = [[f"{a:g}"] + [str(s.pick("rigl", 0.05, delta_t=dt, alpha=a)) for dt in deltas] for a in alphas]
     out = [
         "## 3. Sensitivity to RigL's alpha and delta_t (density 0.05, ERK, 1x)",
@@ -570,6 +627,33 @@ def _redistribution_section(s: ExtendedStudy) -> list[str]:
     out += ["", "RigL-SG and RigL-SM are the reproduction report's extension; the question is whether the accuracy "
             "they add (if any) is worth the inference FLOPs they add.", ""]
     return out
+
+
+def _implementation_section() -> list[str]:
+    return [
+        "## Is our RigL the paper's RigL? The implementation, checked point by point",
+        "",
+        "`tests/test_rigl_conformance.py` trains a small CNN with `RigLScheduler` (SGD with momentum, 48 steps, "
+        "an update every 4) and, at every update, compares what fxsparse did with a reference computed in the "
+        "test from docs/RIGL_NOTES.md alone:",
+        "",
+        "- drop fraction f(t) = alpha/2 (1 + cos(pi t / t_end)) with t_end = 75% of the steps, and "
+        "k = floor(f(t) n_active) per layer;",
+        "- the k active weights of smallest |w| dropped; the k connections of largest |dL/d(w*m)| among "
+        "those inactive after the drop grown, that gradient taken on the update step's own batch from a "
+        "plain copy of the network holding the masked weights (so the growth score is the dense gradient "
+        "of the current mini-batch, not a stale or masked one);",
+        "- new connections start at exactly zero with their momentum zeroed; a connection dropped and "
+        "regrown in the same update keeps its value;",
+        "- no weight step on an update iteration (every surviving weight keeps its exact value), equal "
+        "active counts before and after, updates every delta_t steps until t_end and none after.",
+        "",
+        "It passes for every layer of every update (two seeds). It is not vacuous: the same loop with SET's "
+        "random growth or RigL-SG's redistribution in place of RigL fails it, and "
+        "`test_the_conformance_check_catches_a_wrong_update` shows that dropping the largest weights, growing "
+        "the smallest gradients, a grown weight left nonzero or a kept weight stepped each fail.",
+        "",
+    ]
 
 
 def plot_extended(study: ExtendedStudy, out_dir: Path, stem: str) -> list[str]:
@@ -680,7 +764,7 @@ def _main_extended(args: argparse.Namespace, argv: list[str] | None) -> str:
     runs = load_extended([Path(p) for p in args.paths])
     if not runs:
         sys.exit(f"error: no result records under {args.paths}; run recipes/study.py --grid extended first")
-    study = ExtendedStudy(runs, args.base_epochs, args.base_delta_t)
+    study = ExtendedStudy(runs, args.base_epochs, args.base_delta_t, load_pauses([Path(p) for p in args.paths]))
     plots = []
     if args.plots:
         out_dir = Path(args.out).parent if args.out else Path(".")

@@ -23,6 +23,10 @@ record: the base schedule is 2 epochs with a topology update every 20 steps (35 
 over seeds 0, 1, 2 (seed 0 of every cell first). About 2.5 hours on 2 cores:
     python recipes/study.py --grid extended --out-dir results/extended --workers 2
     python recipes/report.py results/extended --extended --out docs/extended_training.md --plots
+Each record carries its run's CPU time and finish time; report.py adds the runs' CPU times and
+measures the sweep's wall time as the union of the runs' spans, less the intervals listed in
+``pauses.jsonl`` beside the records (``{"paused": t0, "resumed": t1}``, unix seconds: whoever stops
+the workers with SIGSTOP to keep the machine quiet, for a benchmark say, appends one).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
+from report import SENSITIVITY_ALPHAS, sensitivity_delta_ts  # noqa: E402
 
 __all__ = ["main", "cells", "extended_cells"]
 
@@ -70,8 +75,8 @@ def extended_cells(seeds: list[int], base_epochs: int = 2, base_delta_t: int = 2
     for density in (0.2, 0.1):  # 2. fixed parameters vs fixed FLOPs
         runs += [("rigl", init, budget, density, base_epochs, base_delta_t, 0.3)
                  for init in ("uniform", "erk") for budget in ("params", "flops")]
-    for alpha in (0.1, 0.3, 0.5):  # 3. RigL's hyperparameters
-        runs += [("rigl", "erk", "params", 0.05, base_epochs, max(1, round(base_delta_t * f)), alpha) for f in (0.5, 1, 2)]
+    for alpha in SENSITIVITY_ALPHAS:  # 3. RigL's hyperparameters
+        runs += [("rigl", "erk", "params", 0.05, base_epochs, dt, alpha) for dt in sensitivity_delta_ts(base_delta_t)]
     for density in (0.05, 0.02):  # 4. redistribution
         runs += [(m, "erk", "params", density, base_epochs, base_delta_t, 0.3) for m in ("rigl", "rigl-sg", "rigl-sm")]
     out, seen = [], set()

@@ -207,6 +207,25 @@ def _ext_record(path: Path, method: str, seed: int, accuracy: float, *, density:
     }))
 
 
+def test_extended_report_counts_cpu_time_and_the_sweeps_wall_time_without_its_pauses(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    # two workers: runs [0, 100] and [50, 150] overlap, [300, 400] after a gap; paused [60, 90]
+    for i, (finished, cpu) in enumerate(((100.0, 95.0), (150.0, 97.0), (400.0, 99.0))):
+        path = records / f"static-{i}.json"
+        _ext_record(path, "static", i, 0.85)
+        record = json.loads(path.read_text())
+        record.update(total_seconds=100.0, cpu_seconds=cpu, finished_unix=finished)
+        path.write_text(json.dumps(record))
+    (records / "pauses.jsonl").write_text(json.dumps({"paused": 60.0, "resumed": 90.0}) + "\n")
+    runs = report.load_extended([records])
+    assert sorted(r.cost_seconds for r in runs) == [95.0, 97.0, 99.0]  # CPU time where recorded
+    wall, counted = report.busy_seconds(runs, report.load_pauses([records]))
+    assert (wall, counted) == (150.0 + 100.0 - 30.0, 3)
+    text = report.main([str(records), "--extended"])
+    assert "0.1 h of single-threaded CPU time" in text and "0.1 h of wall time" in text
+
+
 def test_extended_report_states_each_verdict_with_its_significance(tmp_path):
     records = tmp_path / "records"
     records.mkdir()
@@ -230,6 +249,8 @@ def test_extended_report_states_each_verdict_with_its_significance(tmp_path):
     assert "RigL 5x 88.00 leads pruning 1x 87.00 by 1.00 points" in text and "RigL 5x matches pruning" in text
     assert "fixed flops, density 0.1: ERK 85.00 trails uniform 86.00 by 1.00 points, more than one standard deviation (0.10) - as the report found" in text
     assert "the best cell is alpha 0.5, delta_t 40" in text
-    assert "39 runs" in text and "0.7 h of single-threaded compute" in text  # 39 runs of 60 s
+    assert "39 runs" in text and "0.7 h of single-threaded CPU time" in text  # 39 runs of 60 s
+    assert "the sweep's wall time is not known" in text  # these records carry no finish time
+    assert "## Is our RigL the paper's RigL?" in text and "tests/test_rigl_conformance.py" in text
     assert (out.parent / "extended_training_accuracy_vs_training_flops.png").stat().st_size > 1000
     assert (out.parent / "extended_training_accuracy_vs_density.png").stat().st_size > 1000
