@@ -6,8 +6,8 @@ masks at random, as sparsify draws them), three variants of the same weights in 
 ``torch.no_grad()``: ``dense`` (the model with the masked weights, computing every zero),
 ``masked`` (the SparseGraphModule) and ``exported`` (``export_inference`` for that batch size,
 which measured each layer's kernels on it). Latency at batch 1 and throughput at batch 32 are
-timed interleaved: a round is one timed call of each variant in turn (the starting one
-rotating), a call being several forwards when one takes under 10 ms; the headline is the
+timed interleaved: a round is one timed call of each variant, in a new random order each
+round, a call being several forwards when one takes under 10 ms; the headline is the
 per-round ratio exported / dense, its median and a distribution-free 95% interval. Rounds
 during which other processes used more than 15% of the CPU are run again (up to 3x). File size:
 ``torch.save`` of the dense state_dict, of the SparseGraphModule's state_dict (weights, masks),
@@ -46,7 +46,7 @@ import timm  # noqa: E402
 import fxsparse  # noqa: E402
 import fxsparse.models  # noqa: E402
 from fxsparse.export import export_inference  # noqa: E402
-from step_time import OtherLoad, cpu_name, median_ci  # noqa: E402
+from step_time import OtherLoad, RoundOrder, cpu_name, median_ci  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR.*")
 
@@ -94,6 +94,7 @@ class Result:
     ms: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     export_s: float = 0.0
     kernels: dict[str, int] = field(default_factory=dict)
+    kept: str = "chosen"
     bytes: dict[str, int] = field(default_factory=dict)
 
     def ratio(self, variant: str) -> tuple[float, float, float]:
@@ -116,6 +117,7 @@ def measure(name: str, density: float, batch: int, rounds: int) -> Result:
     exported = export_inference(sparse, x)
     result = Result(name, density, batch, export_s=time.perf_counter() - start)
     result.kernels = dict(collections.Counter(f"{c.kind}:{c.kernel}" for c in exported.fxsparse_choices))
+    result.kept = exported.fxsparse_kept
     result.bytes = {"dense": saved_bytes(dense.state_dict()), "masked": saved_bytes(sparse.state_dict()),
                     "exported": saved_bytes(exported)}
     modules = {"dense": dense, "masked": sparse, "exported": exported}
@@ -128,14 +130,13 @@ def measure(name: str, density: float, batch: int, rounds: int) -> Result:
         result.calls = max(1, int(0.010 / max(once, 1e-6)))
         for module in modules.values():  # warm-up
             module(x)
-        monitor = OtherLoad()
+        monitor, orders = OtherLoad(), RoundOrder(list(VARIANTS), 0)
         for index in range(3 * rounds):
             if result.rounds == rounds:
                 break
-            order = VARIANTS[index % 3:] + VARIANTS[: index % 3]
             monitor.start()
             times = {}
-            for variant in order:
+            for variant in orders.next():
                 module = modules[variant]
                 start = time.perf_counter()
                 for _ in range(result.calls):
@@ -167,7 +168,8 @@ def render(results: list[Result], args: argparse.Namespace, minutes: float) -> s
         "may differ: it can leave whole filters empty, which the export also exploits). `dense` is the model "
         "holding the same masked weights and computing every zero; `masked` the SparseGraphModule; `exported` "
         "the module `export_inference(sparse, x)` built for that batch size (each layer's kernel measured on "
-        "it). A round is one timed call of each variant in turn; a call is several forwards when one takes "
+        "it, then the whole module timed with those choices, with only their clear wins and all dense; the kept "
+        "configuration in parentheses). A round is one timed call of each variant, in a new random order each round; a call is several forwards when one takes "
         "under 10 ms. Ratios are per round, median [95% interval]; below 1 the export is faster.",
         "",
         "Produced by:",
@@ -188,7 +190,7 @@ def render(results: list[Result], args: argparse.Namespace, minutes: float) -> s
             def shown(variant: str) -> str:
                 ms = r.median(variant)
                 return f"{ms:.3f}" if batch == 1 else f"{batch / ms * 1e3:.1f}"
-            kernels = ", ".join(f"{k} {v}" for k, v in sorted(r.kernels.items()))
+            kernels = ", ".join(f"{k} {v}" for k, v in sorted(r.kernels.items())) + f" ({r.kept})"
             lines.append(f"| {r.model} | {r.density:g} | {r.rounds} | {shown('dense')} | {shown('masked')} | "
                          f"{shown('exported')} | {_ci(r.ratio('exported'))} | {_ci(r.ratio('masked'))} | {kernels} |")
         lines.append("")

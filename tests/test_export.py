@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxsparse
+import fxsparse.export as export_mod
 from fxsparse.export import ExportError, LayerChoice, SparseConv2d, SparseLinear, SparseMatmul, export_inference
 from strategies import build, net_specs, sparsify
 
@@ -110,6 +112,31 @@ def test_choices_are_recorded_and_empty_rows_can_be_skipped():
     assert first.shape == (128, 64) and first.density == pytest.approx(0.1, abs=0.01)
     assert set(first.ms) == {"dense", "csr", "dense-rows"} and first.kernel in first.ms
     _assert_every_kernel_matches(exported, sparse, x)
+
+
+def test_the_whole_module_check_reverts_per_layer_wins_that_make_the_whole_slower(monkeypatch):
+    torch.manual_seed(0)
+    sparse = fxsparse.sparsify(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)), 0.2, init="uniform", dense=[])
+    x = torch.randn(2, 32)
+
+    def fooled(module, x, kernels, repeats, margin):  # per-layer timing that favoured csr wrongly
+        module.kernel = "csr"
+        return "csr", {"dense": 1.0, "csr": 0.5}
+
+    real_product = export_mod._Compressed.csr_times_rows
+
+    def slow_product(self, x):
+        time.sleep(0.002)
+        return real_product(self, x)
+
+    monkeypatch.setattr(export_mod, "_choose", fooled)
+    monkeypatch.setattr(export_mod._Compressed, "csr_times_rows", slow_product)
+    exported = export_inference(sparse, x, repeats=3)
+    assert exported.fxsparse_kept == "dense"
+    assert set(exported.fxsparse_whole_ms) == {"chosen", "dense"}
+    assert exported.fxsparse_whole_ms["chosen"] > exported.fxsparse_whole_ms["dense"]
+    assert [c.kernel for c in exported.fxsparse_choices] == ["dense", "dense"]
+    assert [m.kernel for m in exported.modules() if isinstance(m, LOWERED)] == ["dense", "dense"]
 
 
 def test_save_and_load_round_trip_with_a_file_that_holds_only_active_weights():
