@@ -376,13 +376,21 @@ def _inputs_of(gm: torch.fx.GraphModule, nodes: set[torch.fx.Node], example: tup
     return seen
 
 
+def _finished(out: Any) -> Any:
+    """Waits until the kernels that computed ``out`` have run: on an accelerator a call returns
+    once they are queued, so a clock read right after it would time the launch, not the work."""
+    for device in {t.device for t in _flatten(out) if t.device.type not in ("cpu", "meta")}:
+        torch.accelerator.synchronize(device)
+    return out
+
+
 def _time(fn: Callable[[], Any], repeats: int) -> float:
     with torch.no_grad():
-        fn()
+        _finished(fn())
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
-            fn()
+            _finished(fn())
             samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 
@@ -582,7 +590,7 @@ def _check_whole(
                 for node, kernel in configs[name].items():
                     layers[node].kernel = kernel
                 start = time.perf_counter()
-                gm(*example)
+                _finished(gm(*example))
                 if round_:  # the first round warms each configuration up
                     samples[name].append((time.perf_counter() - start) * 1e3)
     whole = {name: statistics.median(values) for name, values in samples.items()}

@@ -187,3 +187,23 @@ def test_torch_export_takes_an_export_whose_layers_run_dense_kernels():
     program = torch.export.export(exported, (x,))
     with torch.no_grad():
         assert torch.allclose(program.module()(x), exported(x), atol=1e-6)
+
+
+def test_kernel_timing_waits_for_accelerator_work_before_reading_the_clock(monkeypatch):
+    """On CUDA a call returns once its kernels are queued: the export's timer must synchronize the
+    output's device, or it would time launches. Simulated here (no accelerator on this machine):
+    an output that reports a cuda device must be synchronized once per timed call."""
+    import fxsparse.export as export
+
+    waited = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: waited.append(str(device)))
+
+    class OnCuda:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(export, "_flatten", lambda value: [OnCuda()] if value == "queued" else [])
+    export._time(lambda: "queued", repeats=3)
+    assert waited == ["cuda:0"] * 4  # the warm-up call and 3 timed ones
+    waited.clear()
+    export._time(lambda: "on cpu", repeats=3)
+    assert waited == []
