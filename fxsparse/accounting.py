@@ -39,7 +39,9 @@ from fxsparse.passes.find_weights import (
     _weight_operands,
     canonical_names,
 )
+from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
+from fxsparse.tracing import trace
 
 __all__ = [
     "FlopRow",
@@ -352,22 +354,23 @@ def _model_size(module: nn.Module) -> tuple[int, int]:
     return size, dense
 
 
-def _masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    from fxsparse.graph_module import SparseGraphModule
+def _is_sparse(module: nn.Module) -> bool:
+    """True for a SparseGraphModule (told by its masker: this module does not import the class,
+    which imports it for ``summary()``)."""
+    return isinstance(module, torch.fx.GraphModule) and isinstance(getattr(module, MASKER, None), Masker)
 
-    return dict(module.masks) if isinstance(module, SparseGraphModule) else {}
+
+def _masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.masks) if _is_sparse(module) else {}
 
 
 def _count(module: nn.Module, inputs: tuple[Any, ...]) -> list[FlopRow]:
-    from fxsparse.graph_module import MASKER, SparseGraphModule
-    from fxsparse.tracing import trace
-
     names = canonical_names(module)
     if isinstance(module, torch.fx.GraphModule):
         gm = module
     else:
         gm = trace(module, len(inputs))
-    masker = MASKER if isinstance(module, SparseGraphModule) else None
+    masker = MASKER if _is_sparse(module) else None
     masks = _masks_of(module)
     try:
         counter = _Counter(gm, names, masker, fake=True)

@@ -43,6 +43,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsparse.graph_module import SparseGraphModule
+from fxsparse.masking import MASKER
+
 __all__ = ["export_inference", "LayerChoice", "SparseLinear", "SparseConv2d", "SparseMatmul", "ExportError"]
 
 
@@ -272,8 +275,6 @@ _MATMUL = (torch.matmul, operator.matmul, torch.mm)
 def _materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict[str, str]:
     """Replaces each masked-weight node by a constant holding the weight it computed with
     (``used``, by weight FQN); drops the prologue. Returns ``{constant attribute: weight FQN}``."""
-    from fxsparse.graph_module import MASKER
-
     graph, constants = gm.graph, {}
     for node in list(graph.nodes):
         if node.op == "call_function" and getattr(node.target, "__name__", "") in ("mask_prologue", "zero_dirty"):
@@ -512,8 +513,6 @@ def export_inference(
         TypeError: ``sparse`` is not a SparseGraphModule.
         ExportError: ``example_inputs`` are not inputs ``sparse`` accepts.
     """
-    from fxsparse.graph_module import MASKER, SparseGraphModule
-
     if not isinstance(sparse, SparseGraphModule):
         raise TypeError(
             f"expected a SparseGraphModule (what fxsparse.sparsify returns), got {type(sparse).__name__}; "
@@ -605,8 +604,6 @@ def _check_whole(
 def _freeze(gm: torch.fx.GraphModule) -> None:
     """Drops what no node reads (the masker, the sparse weights), and turns the parameters left
     (biases, norms, opaque leaves) into frozen tensors: the module is for inference."""
-    from fxsparse.graph_module import MASKER
-
     if hasattr(gm, MASKER):
         delattr(gm, MASKER)
     gm.delete_all_unused_submodules()

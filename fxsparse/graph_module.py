@@ -20,12 +20,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxsparse import budgets, topology
-from fxsparse.masking import Masker, zero_inactive_
+from fxsparse.accounting import _batch_size, flop_report
+from fxsparse.masking import MASKER, Masker, zero_inactive_
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
            "grow_score_needs_gradient", "StateDictError", "finite"]
 
-MASKER = "fxsparse_masker"
 UPDATES = "fxsparse_updates"
 _PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ restores these attributes
 
@@ -266,8 +266,6 @@ class SparseGraphModule(torch.fx.GraphModule):
         per_layer = {}
         inputs = self.example_inputs()
         if inputs is not None:
-            from fxsparse.accounting import _batch_size, flop_report
-
             batch = _batch_size(inputs)
             per_layer = {r.name: r for r in flop_report(self, inputs).rows if r.kind == "weight"}
         rows = []

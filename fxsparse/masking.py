@@ -51,7 +51,9 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["Masker", "mask_grad_", "zero_inactive_", "mask_prologue", "bit_mask"]
+__all__ = ["Masker", "MASKER", "mask_grad_", "zero_inactive_", "mask_prologue", "bit_mask"]
+
+MASKER = "fxsparse_masker"  # the name of a SparseGraphModule's Masker submodule
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
