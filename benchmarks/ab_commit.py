@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import OtherLoad, build_dense, cpu_name, median_ci  # noqa: E402
+from measure import OtherLoad, cpu_name, median_ci  # noqa: E402
+from step_time import build_dense  # noqa: E402
 
 import fxsparse  # noqa: E402
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build_dense, median_ci  # noqa: E402
+from measure import median_ci  # noqa: E402
+from step_time import build_dense  # noqa: E402
 
 import fxsparse  # noqa: E402
 

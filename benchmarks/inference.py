@@ -46,7 +46,7 @@ import timm  # noqa: E402
 import fxsparse  # noqa: E402
 import fxsparse.models  # noqa: E402
 from fxsparse.export import export_inference  # noqa: E402
-from step_time import OtherLoad, RoundOrder, cpu_name, median_ci  # noqa: E402
+from measure import OtherLoad, RoundOrder, cpu_name, median_ci  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR.*")
 

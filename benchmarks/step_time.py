@@ -39,9 +39,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import math
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -68,6 +66,8 @@ import timm  # noqa: E402
 
 import fxsparse  # noqa: E402
 import fxsparse.models  # noqa: E402  (registers "wrn22_2" with timm)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/measure.py, however this file is loaded
+from measure import LibraryClock, OtherLoad, RoundOrder, cpu_name, median_ci, timed_ms, verdict  # noqa: E402, F401
 
 __all__ = ["Config", "ModelResult", "main", "parse_args"]
 
@@ -336,81 +336,6 @@ class ModelResult:
         return [r[variant] / r[reference] for r in self.rounds if variant in r and reference in r]
 
 
-def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """The median of ``values`` and a distribution-free confidence interval for it.
-
-    The interval is the order statistics ``x_(j) .. x_(n+1-j)`` with ``j`` the largest rank
-    for which ``P(Binomial(n, 1/2) <= j - 1) <= (1 - confidence) / 2``: it covers the true
-    median with at least ``confidence`` whatever the distribution. With too few values for
-    that confidence the interval is the whole range.
-    """
-    xs = sorted(values)
-    n = len(xs)
-    tail = (1.0 - confidence) / 2
-    j, cdf = 0, 0.0
-    for k in range(n):
-        cdf += math.comb(n, k) / 2**n
-        if cdf > tail:
-            break
-        j = k + 1
-    if j == 0:
-        return statistics.median(xs), xs[0], xs[-1]
-    return statistics.median(xs), xs[j - 1], xs[n - j]
-
-
-class RoundOrder:
-    """The order of the variants in each round: a new random permutation every round (seeded).
-
-    Rotating a fixed order would change only where a round starts: every variant would always
-    follow the same one, and what that one leaves behind (caches, allocator state, a compiled
-    model's threads) would bias its time. A random order lets every variant follow every other.
-    """
-
-    def __init__(self, variants: list[str], seed: int) -> None:
-        self.variants = list(variants)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self) -> list[str]:
-        return [self.variants[i] for i in torch.randperm(len(self.variants), generator=self.generator)]
-
-
-def _timed(fn: Any, *args: Any) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return (time.perf_counter() - start) * 1e3
-
-
-class OtherLoad:
-    """Share of the machine's CPU time that other processes used during a window.
-
-    The machine is shared: when another process (a test run, say) competes for the 2 cores,
-    the OpenMP threads of a step wait on each other and a step can take 10-20x longer. Such
-    windows are measured again rather than averaged in (see :func:`quiet_repeats`).
-    """
-
-    def __init__(self) -> None:
-        self.cpus = os.cpu_count() or 1
-        self.start()
-
-    @staticmethod
-    def _busy_ticks() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-        machine = user + nice + system + irq + softirq + steal
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return machine, int(own[11]) + int(own[12])  # utime + stime of every thread of ours
-
-    def start(self) -> None:
-        self._ticks = self._busy_ticks()
-        self._wall = time.perf_counter()
-
-    def share(self) -> float:
-        machine, own = self._busy_ticks()
-        others = (machine - self._ticks[0]) - (own - self._ticks[1])
-        elapsed_ticks = (time.perf_counter() - self._wall) * os.sysconf("SC_CLK_TCK")
-        return max(0.0, others) / max(elapsed_ticks * self.cpus, 1.0)
-
-
 def quiet_repeats(fn: Any, wanted: int, cfg: Config, desc: str) -> tuple[list[Any], int]:
     """Calls ``fn()`` until ``wanted`` calls ran while other processes used less than
     ``cfg.max_other_load`` of the CPU, or ``cfg.max_attempts`` times ``wanted`` calls were made.
@@ -440,7 +365,7 @@ def quiet_repeats(fn: Any, wanted: int, cfg: Config, desc: str) -> tuple[list[An
 
 def measure_sparsify(dense: nn.Module, cfg: Config, result: ModelResult) -> None:
     times, discarded = quiet_repeats(
-        lambda: _timed(fxsparse.sparsify, dense, cfg.density, cfg.init), cfg.sparsify_reps, cfg,
+        lambda: timed_ms(fxsparse.sparsify, dense, cfg.density, cfg.init), cfg.sparsify_reps, cfg,
         "sparsify",
     )
     result.sparsify_ms = times
@@ -458,7 +383,7 @@ def build_and_warm_up(
         try:
             counters.clear()
             trainer = make_trainer(variant, dense, cfg)
-            first_ms = _timed(trainer.step, *batch)
+            first_ms = timed_ms(trainer.step, *batch)
             for _ in range(cfg.warmup - 1):
                 trainer.step(*batch)
             if variant.endswith("+compile"):
@@ -493,7 +418,7 @@ def time_interleaved(
             if variant in result.errors:
                 continue
             try:
-                times[variant] = _timed(trainers[variant].step, *batch)
+                times[variant] = timed_ms(trainers[variant].step, *batch)
             except Exception as error:
                 result.errors[variant] = _short(error)
         return times
@@ -514,7 +439,7 @@ def _fxsparse_update_ms(
     assert sparse is not None
     sparse.arm_growth(True)  # the update step's forward/backward keeps the dense gradient
     F.cross_entropy(sparse(batch[0]), batch[1]).backward()
-    elapsed = _timed(sparse.rigl_step, cfg.drop_fraction, trainer.optimizer)
+    elapsed = timed_ms(sparse.rigl_step, cfg.drop_fraction, trainer.optimizer)
     trainer.optimizer.zero_grad(set_to_none=True)
     sparse.arm_growth(False)
     return elapsed
@@ -528,7 +453,7 @@ def _peer_update_ms(trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor]) 
         if hook is not None:
             hook.dense_grad = None
     F.cross_entropy(trainer.module(batch[0]), batch[1]).backward()
-    elapsed = _timed(scheduler._rigl_step)  # what scheduler() runs on an update step
+    elapsed = timed_ms(scheduler._rigl_step)  # what scheduler() runs on an update step
     trainer.optimizer.zero_grad(set_to_none=True)
     scheduler.step = 0
     return elapsed
@@ -560,67 +485,6 @@ def measure_updates(
     for variant in jobs:
         if f"update:{variant}" not in result.errors:
             result.update_ms[variant] = [r[variant] for r in reps if variant in r]
-
-
-class LibraryClock:
-    """Wall time spent inside a library's own per-step code, by wrapping its entry points.
-
-    Each entry is ``(owner, attribute, part)``: while the clock is entered, ``owner.attribute``
-    is replaced by a wrapper that adds its wall time to ``part``. Calls made inside another
-    timed call are not counted again. Optimizer step hooks are wrapped where the optimizer
-    keeps them (they are bound methods captured at registration).
-    """
-
-    def __init__(self, entries: list[tuple[Any, str, str]], optimizer: torch.optim.Optimizer,
-                 hook_part: str | None) -> None:
-        self.entries = entries
-        self.optimizer = optimizer
-        self.hook_part = hook_part
-        self.parts: dict[str, float] = {part: 0.0 for _, _, part in entries}
-        if hook_part:
-            self.parts[hook_part] = 0.0
-        self._depth = 0
-        self._saved: list[tuple[Any, str, Any, bool]] = []
-
-    def _wrap(self, fn: Any, part: str) -> Any:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if self._depth:
-                return fn(*args, **kwargs)
-            self._depth += 1
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.parts[part] += (time.perf_counter() - start) * 1e3
-                self._depth -= 1
-        return timed
-
-    def __enter__(self) -> LibraryClock:
-        for owner, attribute, part in self.entries:
-            had = attribute in vars(owner)
-            original = getattr(owner, attribute)
-            self._saved.append((owner, attribute, vars(owner).get(attribute), had))
-            setattr(owner, attribute, self._wrap(original, part))
-        if self.hook_part:
-            for hooks in (self.optimizer._optimizer_step_pre_hooks,
-                          self.optimizer._optimizer_step_post_hooks):
-                for key, hook in list(hooks.items()):
-                    self._saved.append((hooks, key, hook, True))
-                    hooks[key] = self._wrap(hook, self.hook_part)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for owner, attribute, original, had in reversed(self._saved):
-            if isinstance(owner, dict):
-                owner[attribute] = original
-            elif had:
-                setattr(owner, attribute, original)
-            else:
-                delattr(owner, attribute)
-        self._saved.clear()
-
-    def reset(self) -> None:
-        self.parts = dict.fromkeys(self.parts, 0.0)
 
 
 def library_entries(trainer: Trainer) -> tuple[list[tuple[Any, str, str]], str | None]:
@@ -808,15 +672,6 @@ def paired_table(results: list[ModelResult]) -> str:
     return _table(header, rows)
 
 
-def _verdict(median: float, high: float, target: float, strict: bool = False) -> str:
-    """'met' when the whole confidence interval is within the target, 'met (median only)'
-    when the median is but the interval reaches past it, else 'not met'."""
-    within = (lambda x: x < target) if strict else (lambda x: x <= target)
-    if within(high):
-        return "met"
-    return "met (median only)" if within(median) else "not met"
-
-
 def target_rows(results: list[ModelResult]) -> list[list[str]]:
     """One row per target and model: what was measured, the target, the verdict."""
     rows = []
@@ -830,7 +685,7 @@ def target_rows(results: list[ModelResult]) -> list[list[str]]:
         median, low, high = median_ci(ratios)
         rows.append([what, r.model, f"{median:.3f} [{low:.3f}, {high:.3f}]",
                      f"{'<' if strict else '<='} {target:.2f}",
-                     _verdict(median, high, target, strict)])
+                     verdict(median, high, target, strict)])
 
     for r in results:
         if r.model in EAGER_TARGETS:
@@ -980,16 +835,6 @@ def peer_caveats(results: list[ModelResult]) -> list[str]:
 
 def failure_notes(results: list[ModelResult]) -> list[str]:
     return [f"- {r.model}, {what}: `{error}`" for r in results for what, error in r.errors.items()]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def command_line() -> str:

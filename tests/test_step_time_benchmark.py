@@ -76,7 +76,7 @@ def test_paired_ratios_use_only_rounds_where_both_variants_ran(bench):
     (1.00, 1.01, True, "not met"),
 ])
 def test_verdicts(bench, median, high, strict, verdict):
-    assert bench._verdict(median, high, 1.03 if not strict else 1.0, strict) == verdict
+    assert bench.verdict(median, high, 1.03 if not strict else 1.0, strict) == verdict
 
 
 class _Thing:
