@@ -78,7 +78,7 @@ MODELS: dict[str, int] = {
     "resnet50": 32,
     "vit_tiny_patch16_224": 224,
 }
-VARIANTS = ("dense", "fxsparse", "rigl-torch", "dense+compile", "fxsparse+compile")
+VARIANTS = ("dense", "fxsparse", "fxsparse-plain", "rigl-torch", "dense+compile", "fxsparse+compile")
 NUM_CLASSES = 10
 
 
@@ -269,6 +269,9 @@ def make_trainer(variant: str, dense: nn.Module, cfg: Config, *, own: bool = Fal
         sparse.train()
         module: nn.Module = torch.compile(sparse) if variant.endswith("+compile") else sparse
         optimizer = sgd(sparse)
+        if variant == "fxsparse-plain":  # a plain loop: no scheduler, nothing hooks the optimizer
+            sparse.arm_growth(False)
+            return Trainer(variant, module, optimizer, sparse=sparse)
         # the loop users run; no update falls inside the timed window, so every timed step is
         # an ordinary one (capture disarmed: no dense growth gradient kept)
         topology = fxsparse.RigLScheduler(sparse, optimizer, total_steps=10**9, delta_t=10**8)
@@ -645,7 +648,7 @@ def step_table(results: list[ModelResult]) -> str:
 
 # (variant, reference) pairs whose per-round ratios the report gives
 PAIRS = (
-    ("fxsparse", "dense"), ("rigl-torch", "dense"), ("fxsparse", "rigl-torch"),
+    ("fxsparse", "dense"), ("fxsparse-plain", "dense"), ("rigl-torch", "dense"), ("fxsparse", "rigl-torch"),
     ("fxsparse+compile", "dense+compile"),
 )
 
@@ -690,6 +693,9 @@ def target_rows(results: list[ModelResult]) -> list[list[str]]:
     for r in results:
         if r.model in EAGER_TARGETS:
             paired_row("fxsparse / dense, eager", r, "fxsparse", "dense", EAGER_TARGETS[r.model])
+    for r in results:
+        if r.model in EAGER_TARGETS and "fxsparse-plain" in r.steps_ms:
+            paired_row("fxsparse plain loop / dense, eager", r, "fxsparse-plain", "dense", EAGER_TARGETS[r.model])
     for r in results:
         paired_row("fxsparse / rigl-torch, eager", r, "fxsparse", "rigl-torch", 1.0, strict=True)
     for r in results:
@@ -938,6 +944,9 @@ def render_report(results: list[ModelResult], cfg: Config, info: RunInfo) -> str
         "",
         "`fxsparse` is an ordinary step between topology updates, in the loop users run "
         "(`loss.backward(); if scheduler.step(): opt.step()` with `fxsparse.RigLScheduler`); "
+        "`fxsparse-plain` is the same sparse module in a plain `loss.backward(); opt.step()` loop "
+        "without any scheduler (static sparse training, or a loop calling `rigl_step` itself): "
+        "nothing in fxsparse hooks the optimizer, so it does the same work; "
         "`rigl-torch` is `loss.backward(); if scheduler(): opt.step()` on steps that are not "
         "updates.",
         "",

@@ -121,6 +121,7 @@ def test_a_short_run_writes_every_section(bench, tmp_path, monkeypatch):
                     "## Topology update cost", "## sparsify() time", "## Failures"):
         assert section in report
     assert "| fxsparse / dense, eager | wrn22_2 |" in report
+    assert "| fxsparse plain loop / dense, eager | wrn22_2 |" in report  # the loop without a scheduler
     assert "| wrn22_2 | fxsparse |" in report  # the library-time row
     again = tmp_path / "again.md"
     bench.main(["--report-from", str(raw), "--out", str(again)])
