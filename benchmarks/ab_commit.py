@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import random
 import re
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import OtherLoad, cpu_name, median_ci  # noqa: E402
+from measure import RoundOrder, ci_text, cpu_name, quiet_repeats, timed_ms  # noqa: E402
 from step_time import build_dense  # noqa: E402
 
 import fxsparse  # noqa: E402
@@ -111,29 +109,17 @@ def main(argv: list[str] | None = None) -> None:
                 for step in steps.values():  # warm-up (compiles the compiled variants)
                     for _ in range(3):
                         step()
-                times: dict[str, list[float]] = {v: [] for v in steps}
-                order, monitor, tries = random.Random(0), OtherLoad(), 0
-                while len(times["dense"]) < args.rounds and tries < 3 * args.rounds:
-                    tries += 1
-                    names = list(steps)
-                    order.shuffle(names)
-                    monitor.start()
-                    round_ = {}
-                    for variant in names:
-                        start = time.perf_counter()
-                        steps[variant]()
-                        round_[variant] = time.perf_counter() - start
-                    if monitor.share() > args.max_other_load:
-                        continue
-                    for variant, seconds in round_.items():
-                        times[variant].append(seconds)
-                cells = []
-                for a, b in pairs:
-                    median, low, high = median_ci([x / y for x, y in zip(times[a], times[b])])
-                    cells.append(f"{median:.3f} [{low:.3f}, {high:.3f}]")
+                orders = RoundOrder(list(steps), 0)
+
+                def one_round() -> dict[str, float]:
+                    return {variant: timed_ms(steps[variant]) for variant in orders.next()}
+
+                rounds, _ = quiet_repeats(one_round, args.rounds, f"{name} rounds",
+                                          max_other_load=args.max_other_load, max_attempts=3)
+                cells = [ci_text([r[a] / r[b] for r in rounds]) for a, b in pairs]
+                dense_ms = statistics.median(r["dense"] for r in rounds)
                 mode = "compile" if compiled else "eager"
-                print(f"| {name} | {mode} | {' | '.join(cells)} | {statistics.median(times['dense']) * 1e3:.1f} |",
-                      flush=True)
+                print(f"| {name} | {mode} | {' | '.join(cells)} | {dense_ms:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import socket
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import median_ci  # noqa: E402
+from measure import RoundOrder, ci_text  # noqa: E402
 from step_time import build_dense  # noqa: E402
 
 import fxsparse  # noqa: E402
@@ -68,12 +67,10 @@ def _rounds(name: str, rounds: int, batch: int, rank: int, world: int, broadcast
     for variant in variants:  # warm-up
         for _ in range(3):
             step(variant)
-    order = random.Random(0)  # the same order on every rank
+    orders = RoundOrder(list(variants), 0)  # seeded: the same order on every rank
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
-        names = list(variants)
-        order.shuffle(names)
-        for variant in names:
+        for variant in orders.next():
             times[variant].append(step(variant))
     return times
 
@@ -97,8 +94,7 @@ def _free_port() -> int:
 
 
 def _ratio(times: dict[str, list[float]]) -> str:
-    median, low, high = median_ci([s / d for s, d in zip(times["fxsparse"], times["dense"])])
-    return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+    return ci_text([s / d for s, d in zip(times["fxsparse"], times["dense"])])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,8 @@
   while the machine was busy are measured again);
 - :func:`verdict`: a target judged on the median and on the whole interval;
 - :class:`LibraryClock`: wall time spent inside a library's own per-step code;
+- :func:`quiet_repeats`: repeats a measurement until enough of them ran on a quiet machine;
+- :func:`ci_text`: "median [low, high]" of a list of ratios;
 - :func:`cpu_name`, :func:`timed_ms`.
 """
 
@@ -16,13 +18,16 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-__all__ = ["median_ci", "RoundOrder", "OtherLoad", "verdict", "LibraryClock", "cpu_name", "timed_ms"]
+__all__ = ["median_ci", "ci_text", "RoundOrder", "OtherLoad", "quiet_repeats", "verdict", "LibraryClock", "cpu_name",
+           "timed_ms"]
 
 
 def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -178,3 +183,38 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def ci_text(values: list[float]) -> str:
+    """``median [low, high]`` of ``values`` (:func:`median_ci`), three decimals, "-" when empty."""
+    if not values:
+        return "-"
+    median, low, high = median_ci(values)
+    return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def quiet_repeats(fn: Any, wanted: int, desc: str, *, max_other_load: float, max_attempts: int) -> tuple[list[Any], int]:
+    """Calls ``fn()`` until ``wanted`` calls ran while other processes used less than
+    ``max_other_load`` of the CPU, or ``max_attempts`` times ``wanted`` calls were made.
+
+    Returns the results of the quiet calls (all calls if fewer than ``wanted`` were quiet) and
+    the number of calls discarded.
+    """
+    quiet: list[Any] = []
+    noisy: list[Any] = []
+    monitor = OtherLoad()
+    with tqdm(total=wanted, desc=desc, file=sys.stderr) as bar:
+        for _ in range(max_attempts * wanted):
+            monitor.start()
+            value = fn()
+            if monitor.share() < max_other_load:
+                quiet.append(value)
+                bar.update()
+                if len(quiet) == wanted:
+                    break
+            else:
+                noisy.append(value)
+                bar.set_postfix(discarded=len(noisy))
+    if len(quiet) < wanted:
+        return quiet + noisy, 0
+    return quiet, len(noisy)

@@ -56,7 +56,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
-from tqdm import tqdm
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
@@ -67,7 +66,9 @@ import timm  # noqa: E402
 import fxsparse  # noqa: E402
 import fxsparse.models  # noqa: E402  (registers "wrn22_2" with timm)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/measure.py, however this file is loaded
-from measure import LibraryClock, OtherLoad, RoundOrder, cpu_name, median_ci, timed_ms, verdict  # noqa: E402, F401
+from measure import (  # noqa: E402, F401
+    LibraryClock, OtherLoad, RoundOrder, ci_text, cpu_name, median_ci, quiet_repeats, timed_ms, verdict,
+)
 
 __all__ = ["Config", "ModelResult", "main", "parse_args"]
 
@@ -339,37 +340,10 @@ class ModelResult:
         return [r[variant] / r[reference] for r in self.rounds if variant in r and reference in r]
 
 
-def quiet_repeats(fn: Any, wanted: int, cfg: Config, desc: str) -> tuple[list[Any], int]:
-    """Calls ``fn()`` until ``wanted`` calls ran while other processes used less than
-    ``cfg.max_other_load`` of the CPU, or ``cfg.max_attempts`` times ``wanted`` calls were made.
-
-    Returns the results of the quiet calls (all calls if fewer than ``wanted`` were quiet) and
-    the number of calls discarded.
-    """
-    quiet: list[Any] = []
-    noisy: list[Any] = []
-    monitor = OtherLoad()
-    with tqdm(total=wanted, desc=desc, file=sys.stderr) as bar:
-        for _ in range(cfg.max_attempts * wanted):
-            monitor.start()
-            value = fn()
-            if monitor.share() < cfg.max_other_load:
-                quiet.append(value)
-                bar.update()
-                if len(quiet) == wanted:
-                    break
-            else:
-                noisy.append(value)
-                bar.set_postfix(discarded=len(noisy))
-    if len(quiet) < wanted:
-        return quiet + noisy, 0
-    return quiet, len(noisy)
-
-
 def measure_sparsify(dense: nn.Module, cfg: Config, result: ModelResult) -> None:
     times, discarded = quiet_repeats(
-        lambda: timed_ms(fxsparse.sparsify, dense, cfg.density, cfg.init), cfg.sparsify_reps, cfg,
-        "sparsify",
+        lambda: timed_ms(fxsparse.sparsify, dense, cfg.density, cfg.init), cfg.sparsify_reps, "sparsify",
+        max_other_load=cfg.max_other_load, max_attempts=cfg.max_attempts,
     )
     result.sparsify_ms = times
     result.discarded["sparsify"] = discarded
@@ -427,7 +401,8 @@ def time_interleaved(
         return times
 
     rounds, result.discarded["steps"] = quiet_repeats(
-        one_round, cfg.steps_for(name), cfg, f"{name} steps"
+        one_round, cfg.steps_for(name), f"{name} steps",
+        max_other_load=cfg.max_other_load, max_attempts=cfg.max_attempts,
     )
     result.rounds = rounds
     for variant in trainers:
@@ -484,7 +459,9 @@ def measure_updates(
                 result.errors[key] = _short(error)
         return times
 
-    reps, result.discarded["updates"] = quiet_repeats(one_rep, cfg.update_reps, cfg, "updates")
+    reps, result.discarded["updates"] = quiet_repeats(
+        one_rep, cfg.update_reps, "updates", max_other_load=cfg.max_other_load, max_attempts=cfg.max_attempts
+    )
     for variant in jobs:
         if f"update:{variant}" not in result.errors:
             result.update_ms[variant] = [r[variant] for r in reps if variant in r]
@@ -661,11 +638,7 @@ SPARSIFY_TARGET_MS = {"resnet50": 2000.0}
 
 
 def _paired_cell(result: ModelResult, variant: str, reference: str) -> str:
-    ratios = result.paired(variant, reference)
-    if not ratios:
-        return "-"
-    median, low, high = median_ci(ratios)
-    return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+    return ci_text(result.paired(variant, reference))
 
 
 def paired_table(results: list[ModelResult]) -> str:
