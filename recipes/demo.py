@@ -54,7 +54,7 @@ import fxsparse  # noqa: E402
 from fxsparse.data import load_fashion_mnist  # noqa: E402
 from fxsparse.models import small_cnn  # noqa: E402
 
-__all__ = ["Config", "MethodResult", "main", "parse_args", "run_method"]
+__all__ = ["Config", "MethodResult", "main", "parse_args", "run_method", "structure"]
 
 _METHODS = ("dense", "static", "rigl")  # the default comparison
 _ALL_METHODS = ("dense", *fxsparse.available_methods())  # what --methods accepts
@@ -100,6 +100,9 @@ class MethodResult:
     inference_flops: float = 1.0  # sparse / dense inference FLOPs (papers' convention)
     training_flops: float = 1.0  # the method's training FLOPs / dense training's
     size_mb: float = 0.0  # model size: active float32 weights + 1 bit per sparse weight + the rest
+    # per masked weight at the end of training: how many output units (filters, rows) hold no
+    # active weight and how many inputs (channels, columns) no active weight reads; see structure()
+    structure: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -251,8 +254,29 @@ def run_method(
         train_loss=running_loss,
         seconds=seconds,
         steps=total_steps,
+        structure=structure(sparse) if sparse is not None else {},
         **costs,
     )
+
+
+def structure(sparse: fxsparse.SparseGraphModule) -> dict[str, dict[str, int]]:
+    """Per masked weight: ``outputs`` and ``inputs`` (its dims 0 and 1), ``empty_outputs`` (output
+    units with no active weight: a filter or row that computes only its bias) and
+    ``unread_inputs`` (input channels or columns that no active weight reads)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, mask in sparse.named_masks():
+        if mask.dim() < 2:
+            continue
+        active = mask.detach().to(torch.bool).cpu()
+        per_output = active.flatten(1).any(dim=1)
+        per_input = active.transpose(0, 1).flatten(1).any(dim=1)
+        out[name] = {
+            "outputs": int(per_output.numel()),
+            "inputs": int(per_input.numel()),
+            "empty_outputs": int((~per_output).sum()),
+            "unread_inputs": int((~per_input).sum()),
+        }
+    return out
 
 
 def _costs(

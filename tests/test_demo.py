@@ -39,6 +39,8 @@ def test_demo_runs_every_method_and_writes_its_record(tmp_path):
     for r in results:
         assert 0.0 <= r.test_accuracy <= 1.0 and r.steps == 16
         assert r.density == pytest.approx(1.0 if r.method == "dense" else 0.1, abs=1e-3)
+    assert record["results"][0]["structure"] == {}  # dense: nothing masked
+    assert set(record["results"][2]["structure"]) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
 
 
 @pytest.mark.skipif(not (REAL / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
@@ -66,3 +68,22 @@ def test_demo_runs_under_torchrun_with_two_processes(tmp_path):
     assert [r["method"] for r in record["results"]] == ["rigl", "snfs", "pruning"]
     for r in record["results"]:
         assert r["density"] == pytest.approx(0.1, abs=2e-3)
+
+
+def test_structure_counts_empty_outputs_and_unread_inputs():
+    import torch
+
+    import fxsparse
+    from fxsparse.models import small_cnn
+
+    sparse = fxsparse.sparsify(small_cnn(num_classes=10, width=8), density=0.5, init="uniform", seed=0)
+    masks = sparse.masks
+    with torch.no_grad():
+        masks["conv2.weight"].fill_(True)
+        masks["conv2.weight"][3].fill_(False)  # output filter 3: nothing active
+        masks["conv2.weight"][:, 5].fill_(False)  # input channel 5: read by nothing
+        masks["fc1.weight"].fill_(True)
+    found = demo.structure(sparse)
+    assert found["conv2.weight"] == {"outputs": 16, "inputs": 8, "empty_outputs": 1, "unread_inputs": 1}
+    assert found["fc1.weight"]["empty_outputs"] == 0 and found["fc1.weight"]["unread_inputs"] == 0
+    assert set(found) == {name for name, mask in masks.items() if mask.dim() >= 2}
