@@ -41,7 +41,7 @@ from fxsparse.passes.find_weights import (
 )
 from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
-from fxsparse.tracing import trace
+from fxsparse.capture import capture, graph_inputs, split_inputs
 
 __all__ = [
     "FlopRow",
@@ -315,7 +315,7 @@ def flop_report(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module to count, got {type(module).__name__}")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = _as_inputs(example_inputs)
     batch = _batch_size(inputs)
     rows = _count(module, inputs)
     size, dense_size = _model_size(module)
@@ -328,12 +328,23 @@ def flop_report(
 
 def layer_flops(module: nn.Module, example_inputs: Any) -> dict[str, int]:
     """Dense FLOPs per sample of every graph-visible weight, by canonical FQN (uses summed)."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = _as_inputs(example_inputs)
     batch = _batch_size(inputs)
     return {r.name: r.dense_flops // batch for r in _count(module, inputs) if r.kind == "weight"}
 
 
-def _batch_size(inputs: tuple[Any, ...]) -> int:
+def _as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)``: :func:`fxsparse.capture.split_inputs`, or already such a pair."""
+    split = split_inputs(example_inputs)
+    assert split is not None, "example_inputs must not be None"
+    return split
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
+        inputs = (*inputs[0], *inputs[1].values())
+    elif not isinstance(inputs, tuple):
+        inputs = (inputs,)
     for value in inputs:
         if isinstance(value, torch.Tensor):
             return int(value.shape[0]) if value.dim() > 0 and value.shape[0] > 0 else 1
@@ -364,12 +375,13 @@ def _masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.masks) if _is_sparse(module) else {}
 
 
-def _count(module: nn.Module, inputs: tuple[Any, ...]) -> list[FlopRow]:
+def _count(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]]) -> list[FlopRow]:
     names = canonical_names(module)
     if isinstance(module, torch.fx.GraphModule):
         gm = module
     else:
-        gm = trace(module, len(inputs))
+        gm = capture(module, example, "auto").train
+    inputs = graph_inputs(gm, *example)
     masker = MASKER if _is_sparse(module) else None
     masks = _masks_of(module)
     try:
@@ -455,7 +467,9 @@ class _Counter(torch.fx.Interpreter):
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
         count = int(counter.get_total_flops())
-        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+        if n.op == "call_function" and (
+            n.target is F.scaled_dot_product_attention or n.target is torch.ops.aten.scaled_dot_product_attention.default
+        ):
             count = _attention_flops(*self.fetch_args_kwargs_from_env(n)[0][:3])
         if count:
             self._record(n, count, result)

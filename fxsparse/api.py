@@ -12,12 +12,12 @@ from torch import nn
 
 from fxsparse import budgets
 from fxsparse.accounting import layer_flops
+from fxsparse.capture import Captured, capture as capture_graph, split_inputs
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
 from fxsparse.masking import Masker
 from fxsparse.passes.find_weights import canonical_names, find_weights
 from fxsparse.passes.functionalize import functionalize
 from fxsparse.passes.mask_weights import mask_weights
-from fxsparse.tracing import trace
 
 __all__ = ["sparsify"]
 
@@ -32,6 +32,8 @@ def sparsify(
     dense: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     budget: str = "params",
+    capture: str = "auto",
+    embeddings: bool = False,
 ) -> SparseGraphModule:
     """Returns a sparse copy of ``model``: every conv/linear/matmul weight read through a mask.
 
@@ -47,9 +49,11 @@ def sparsify(
             with :func:`fxsparse.budgets.register_init`), or an explicit ``{fqn: density}``
             (layers it does not name get ``density``). Every scheme keeps the total active count
             at ``density`` times the total; layers it would fill beyond 1 are made dense.
-        example_inputs: optional inputs (a tensor or a tuple) the model is called with; they tell
-            the tracer how many positional inputs ``forward`` takes, and give the shapes for
-            FLOP accounting (``budget="flops"``, the FLOP columns of ``summary()``).
+        example_inputs: optional inputs the model is called with: a tensor or a tuple
+            (positional), a dict (keyword: ``model(**batch)``), or ``(args_tuple, kwargs_dict)``.
+            They tell the tracer how many positional inputs ``forward`` takes, give the shapes
+            for FLOP accounting (``budget="flops"``, the FLOP columns of ``summary()``), and are
+            what torch.export runs the model on (``capture="export"``).
         seed: seed of the initial random masks (and of random growth); same seed, same masks.
         dense: FQN patterns (``fnmatch``) of weights kept at density 1, their parameters taken out
             of the budget. ``None`` means the papers' default: the first layer dense for
@@ -60,6 +64,16 @@ def sparsify(
             distribution shape, same dense-overflow rule) are solved so that the sparsified
             layers' inference FLOPs are ``density`` times their dense FLOPs, within one
             weight's FLOPs per layer; needs ``example_inputs``.
+        capture: how the model becomes a graph (:mod:`fxsparse.capture`). ``"symbolic"``:
+            torch.fx symbolic tracing. ``"export"``: ``torch.export`` on ``example_inputs``
+            (ATen-level graph, dynamic shapes where the model allows; captured in train and in
+            eval mode, the module runs the graph of its mode), for models with Python control
+            flow tracing cannot follow, such as ``transformers``' models. ``"auto"`` (default):
+            symbolic, and export when tracing fails and ``example_inputs`` were given.
+        embeddings: sparsify a product weight that an embedding lookup reads too (a tied
+            input/output embedding, e.g. a language model's head): one mask for both. By
+            default such weights stay dense (listed in ``skipped``); untied embedding tables
+            are never sparsified (they are no product weights).
 
     Returns:
         A :class:`SparseGraphModule` (a ``torch.fx.GraphModule``).
@@ -97,9 +111,9 @@ def sparsify(
             "expected example_inputs with budget='flops': FLOPs depend on the input size; pass "
             "e.g. example_inputs=torch.randn(1, 3, 32, 32)"
         )
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    n_inputs = len(example_inputs) if example_inputs is not None else 1
+    inputs = split_inputs(example_inputs)
+    if not isinstance(embeddings, bool):
+        raise TypeError(f"expected embeddings to be a bool, got {type(embeddings).__name__} {embeddings!r}")
 
     try:
         work = copy.deepcopy(model)
@@ -113,9 +127,10 @@ def sparsify(
             f"expected a model without attributes {MASKER!r}/{UPDATES!r}; it looks already "
             f"sparsified: pass the original dense model"
         )
-    gm = trace(work, n_inputs)
+    captured = capture_graph(work, inputs, capture)
+    gm = captured.train
     names = canonical_names(work)
-    sites, skipped = find_weights(gm, names)
+    sites, skipped = find_weights(gm, names, embeddings=embeddings)
 
     kept = [s for s in sites if not _match(s.fqn, exclude_patterns)]
     skipped += [(s.fqn, "excluded by exclude=") for s in sites if _match(s.fqn, exclude_patterns)]
@@ -138,48 +153,98 @@ def sparsify(
         dense_names = [fqn for fqn in shapes if _match(fqn, dense_patterns)]
     costs = None
     if budget == "flops":
-        per_layer = layer_flops(gm, example_inputs)
+        per_layer = layer_flops(gm, inputs)
         costs = {fqn: float(per_layer.get(fqn, 0)) for fqn in shapes}
     densities = budgets.layer_densities(shapes, density, init, dense=dense_names, costs=costs)
     counts = budgets.active_counts(shapes, densities)
 
     try:
         functionalize(gm, set(shapes))
-        sparse = SparseGraphModule(work, gm.graph, class_name=f"Sparse{type(model).__name__}")
+        # export: the graph module holds what the graph reads beyond the model (constants,
+        # its guard check) and the pytree specs its code reads
+        root = gm if captured.how == "export" else work
+        sparse = SparseGraphModule(root, gm.graph, class_name=f"Sparse{type(model).__name__}")
+        for spec in ("_in_spec", "_out_spec"):
+            if hasattr(root, spec) and captured.how == "export":
+                setattr(sparse, spec, getattr(root, spec))
         _copy_unreferenced(work, sparse)
         _follow_module_order(work, sparse)
         sparse.add_module(MASKER, Masker())
         sparse.register_buffer(UPDATES, torch.zeros((), dtype=torch.int64))
         state = _State(
             skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom",
-            input_spec=_input_spec(example_inputs),
+            input_spec=_input_spec(inputs), capture=captured.how,
         )
         opaque = {s.fqn for s in kept if s.opaque}
         for fqn in shapes:
             mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
             state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn], fqn in opaque)
-        mask_weights(
-            sparse,
-            {f: site.mask for f, site in state.sites.items() if f not in opaque},
-            names,
-            MASKER,
-            hooked={f: site.mask for f, site in state.sites.items() if f in opaque},
-        )
+        masked = {f: site.mask for f, site in state.sites.items() if f not in opaque}
+        hooked = {f: site.mask for f, site in state.sites.items() if f in opaque}
+        mask_weights(sparse, masked, names, MASKER, hooked=hooked)
+        if captured.eval is not None:
+            state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked)
         sparse.recompile()
         sparse._set_state(state)
+        sparse.train(model.training)
     except Exception as e:
         raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
     return sparse
 
 
-def _input_spec(example_inputs: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
-    """Shapes and dtypes of the example inputs (not the data), to rebuild inputs for FLOPs."""
-    if example_inputs is None:
+def _input_spec(inputs: tuple[tuple[Any, ...], dict[str, Any]] | None) -> Any:
+    """Shapes and dtypes of the example inputs (not the data), to rebuild inputs for FLOPs:
+    a tuple of items for positional inputs, ``(items, {name: item})`` with keyword inputs."""
+    if inputs is None:
         return None
-    return tuple(
-        ("tensor", tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("value", x)
-        for x in example_inputs
-    )
+
+    def item(x: Any) -> tuple[Any, ...]:
+        return ("tensor", tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("value", x)
+
+    args, kwargs = inputs
+    positional = tuple(item(x) for x in args)
+    return (positional, {k: item(v) for k, v in kwargs.items()}) if kwargs else positional
+
+
+def _mode_graphs(
+    sparse: SparseGraphModule, captured: Captured, work: nn.Module, masked: Mapping[str, str],
+    names: Mapping[str, str], hooked: Mapping[str, str],
+) -> dict[bool, torch.fx.Graph]:
+    """The eval-mode capture masked like the train graph, reading ``sparse``'s attributes.
+
+    Parameters and buffers are the model's own in both captures (same tensors, same names);
+    what else the eval graph reads (constants, its guard module) is adopted under new names.
+    """
+    assert captured.eval is not None
+    eval_gm = captured.eval
+    own = {name for name, _ in work.named_parameters(remove_duplicate=False)}
+    own |= {name for name, _ in work.named_buffers(remove_duplicate=False)}
+    for node in eval_gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module") or str(node.target) in own:
+            continue
+        value = eval_gm.get_submodule(str(node.target)) if node.op == "call_module" else _attr(eval_gm, str(node.target))
+        name = "fxsparse_eval_" + str(node.target).replace(".", "_")
+        if node.op == "call_module":
+            sparse.add_module(name, value)
+        elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            sparse.register_buffer(name, value, persistent=False)
+        else:
+            setattr(sparse, name, value)
+        node.target = name
+    train_graph = sparse.graph
+    eval_graph = eval_gm.graph
+    sparse.graph = eval_graph  # the pass inserts get_attr nodes: let them resolve on sparse
+    try:
+        mask_weights(sparse, masked, names, MASKER, hooked=hooked)
+    finally:
+        sparse.graph = train_graph
+    return {True: train_graph, False: eval_graph}
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    *path, field = target.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    return getattr(owner, field)
 
 
 def _patterns(patterns: Iterable[str], what: str) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from fxsparse.api import sparsify
 from fxsparse.budgets import active_counts, layer_densities
+from fxsparse.capture import split_inputs
 
 __all__ = ["CheckReport", "check_model", "CHECKS"]
 
@@ -36,6 +37,7 @@ class CheckReport:
     coverage: float | None = None  # sparsified / (sparsified + left dense) product weights
     masked_params: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    capture: str | None = None  # the front-end sparsify chose ("symbolic" | "export")
 
     @property
     def ok(self) -> bool:
@@ -55,16 +57,25 @@ def _counts_exact(sparse: Any, density: float, init: str) -> None:
 
 def check_model(
     model: nn.Module, example_inputs: Any, *, density: float = 0.1, init: str = "erk",
-    rtol: float = 1e-5, atol: float = 1e-5,
+    rtol: float = 1e-5, atol: float = 1e-5, capture: str = "auto", embeddings: bool = False,
 ) -> CheckReport:
-    """Runs every check on copies of ``model`` (never modified); stops at the first failure."""
+    """Runs every check on copies of ``model`` (never modified); stops at the first failure.
+
+    ``example_inputs`` as :func:`fxsparse.sparsify` takes them (a tensor, a tuple, a dict of
+    keyword inputs, or ``(args, kwargs)``); ``capture`` and ``embeddings`` are passed on.
+    """
     report = CheckReport()
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    split = split_inputs(example_inputs)
+    if split is None:
+        raise ValueError("expected example_inputs to run the model on, got None")
+    args, kwargs = split
+    inputs = (args, kwargs) if kwargs else args
     stage = "sparsify"
     try:
         model = copy.deepcopy(model)
         model.train()
-        sparse = sparsify(model, density, init, example_inputs=inputs)
+        sparse = sparsify(model, density, init, example_inputs=inputs, capture=capture, embeddings=embeddings)
+        report.capture = sparse.capture
         report.passed["sparsify"] = True
         report.skipped = sparse.skipped
         masked = sum(m.numel() for m in sparse.masks.values())
@@ -82,17 +93,17 @@ def check_model(
 
         stage = "density_one"
         model.eval()
-        full = sparsify(model, 1.0, example_inputs=inputs).eval()
+        full = sparsify(model, 1.0, example_inputs=inputs, capture=capture, embeddings=embeddings).eval()
         with torch.no_grad():
-            torch.testing.assert_close(full(*inputs), model(*inputs), rtol=rtol, atol=atol)
+            torch.testing.assert_close(_tensors(full(*args, **kwargs)), _tensors(model(*args, **kwargs)), rtol=rtol, atol=atol)
         report.passed["density_one"] = True
         del full
 
         stage = "gradients"
         model.train()
-        _scalar(model(*inputs)).backward()
+        _scalar(model(*args, **kwargs)).backward()
         trained = {n for n, p in model.named_parameters() if p.grad is not None}
-        _scalar(sparse(*inputs)).backward()
+        _scalar(sparse(*args, **kwargs)).backward()
         # every name (a module reachable by two paths has its parameters under both)
         got = {n for n, p in sparse.named_parameters(remove_duplicate=False) if p.grad is not None}
         if not trained <= got:
@@ -113,6 +124,15 @@ def check_model(
         lines = traceback.format_exception_only(type(e), e)
         report.failure = f"{stage}: {''.join(lines).strip().splitlines()[0][:300]}"
     return report
+
+
+def _tensors(output: Any) -> Any:
+    """The tensors of a model output (a ``transformers`` ModelOutput compares as a dict)."""
+    if isinstance(output, dict):
+        return {k: _tensors(v) for k, v in output.items()}
+    if isinstance(output, (list, tuple)):
+        return [_tensors(v) for v in output]
+    return output
 
 
 def _scalar(output: Any) -> torch.Tensor:

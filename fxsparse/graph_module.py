@@ -47,7 +47,10 @@ class _State:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seed: int = 0
     init: str = "erk"
-    input_spec: tuple[Any, ...] | None = None  # shapes/dtypes of sparsify's example_inputs
+    input_spec: Any = None  # shapes/dtypes of sparsify's example_inputs (api._input_spec)
+    capture: str = "symbolic"  # the front-end that made the graph (fxsparse.capture)
+    # export: the masked graph of each mode (True: train); the module runs its mode's graph
+    mode_graphs: dict[bool, torch.fx.Graph] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,11 +199,38 @@ class SparseGraphModule(torch.fx.GraphModule):
     def _set_state(self, state: _State) -> None:
         self._fxsparse = state
         # GraphModule.__deepcopy__ re-creates the module from its graph and then restores the
-        # attributes named here, so the python-side state survives deepcopy.
-        self.meta.setdefault(_PRESERVED, {})["_fxsparse"] = state
+        # attributes named here, so the python-side state survives deepcopy; an exported graph's
+        # code reads the pytree specs of its inputs and outputs.
+        preserved = self.meta.setdefault(_PRESERVED, {})
+        preserved["_fxsparse"] = state
+        for name in ("_in_spec", "_out_spec"):
+            if name in self.__dict__:
+                preserved[name] = self.__dict__[name]
+
+    def train(self, mode: bool = True) -> SparseGraphModule:
+        """Sets the mode as ``nn.Module.train`` does; a module captured by torch.export (which
+        bakes the mode into its graph) also switches to the graph captured in that mode."""
+        super().train(mode)
+        graphs = getattr(self, "_fxsparse", None) and self._fxsparse.mode_graphs
+        if graphs and self.graph is not graphs[bool(mode)]:
+            self.graph = graphs[bool(mode)]  # recompiles: only when the mode changes
+        return self
+
+    @property
+    def capture(self) -> str:
+        """How the model became a graph: ``"symbolic"`` (torch.fx tracing) or ``"export"``."""
+        return self._fxsparse.capture
 
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its code and re-traces it as a plain GraphModule; rebuild ours.
+        if getattr(self, "_fxsparse", None) is not None and self._fxsparse.capture == "export":
+            raise TypeError(
+                "expected a symbolically traced SparseGraphModule to pickle: one captured by "
+                "torch.export (capture='export') cannot be pickled whole (its code reads pytree "
+                "specs and guard modules torch.export made). Save sparse.state_dict() instead and "
+                "load it into fxsparse.sparsify(model, ..., capture='export') of the same model: "
+                "the masks come with the state dict"
+            )
         _, (body, import_block) = super().__reduce__()
         return (_unpickle, (body, import_block))
 
@@ -280,16 +310,20 @@ class SparseGraphModule(torch.fx.GraphModule):
             rows.append(row)
         return SparsitySummary(rows, self.skipped)
 
-    def example_inputs(self) -> tuple[Any, ...] | None:
-        """Inputs of the shapes and dtypes ``sparsify`` was given (zeros), or None."""
+    def example_inputs(self) -> Any:
+        """Inputs of the shapes and dtypes ``sparsify`` was given (zeros), or None: a tuple of
+        positional inputs, or ``(args, kwargs)`` when it was given keyword inputs."""
         spec = self._fxsparse.input_spec
         if spec is None:
             return None
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        return tuple(
-            torch.zeros(item[1], dtype=item[2], device=device) if item[0] == "tensor" else item[1]
-            for item in spec
-        )
+
+        def make(item: tuple[Any, ...]) -> Any:
+            return torch.zeros(item[1], dtype=item[2], device=device) if item[0] == "tensor" else item[1]
+
+        if len(spec) == 2 and isinstance(spec[1], dict):
+            return tuple(make(i) for i in spec[0]), {k: make(i) for k, i in spec[1].items()}
+        return tuple(make(item) for item in spec)
 
     def named_masks(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.masks.items()

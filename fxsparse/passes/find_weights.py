@@ -68,6 +68,24 @@ _VIEW_FUNCTIONS: set[Callable[..., Any]] = {
 }
 _VIEW_ATTRS = {"T", "mT", "H", "mH"}
 
+# The same at ATen level, the ops of torch.export's graphs, by overload packet (every overload).
+_ATEN = torch.ops.aten
+_ATEN_WEIGHT_ARGS: dict[Any, tuple[int, ...]] = {
+    _ATEN.linear: (1,),
+    _ATEN.conv1d: (1,), _ATEN.conv2d: (1,), _ATEN.conv3d: (1,),
+    _ATEN.conv_transpose1d: (1,), _ATEN.conv_transpose2d: (1,), _ATEN.conv_transpose3d: (1,),
+    _ATEN.convolution: (1,), _ATEN._convolution: (1,),
+    _ATEN.matmul: (0, 1), _ATEN.mm: (0, 1), _ATEN.bmm: (0, 1),
+    _ATEN.addmm: (1, 2), _ATEN.baddbmm: (1, 2), _ATEN.addbmm: (1, 2),
+}
+_ATEN_VIEWS = {
+    _ATEN.t, _ATEN.transpose, _ATEN.permute, _ATEN.view, _ATEN.reshape, _ATEN._unsafe_view,
+    _ATEN.alias, _ATEN.contiguous, _ATEN.unsqueeze, _ATEN.squeeze, _ATEN.flatten, _ATEN.expand,
+    _ATEN.to, _ATEN._to_copy, _ATEN.numpy_T, _ATEN.mT,
+}
+# Embedding lookups and the position of their table: a weight read by one is an embedding.
+_LOOKUP_ARGS: dict[Any, int] = {F.embedding: 1, _ATEN.embedding: 0}
+
 # Leaf modules whose call can be rewritten into functional form with a masked weight.
 REWRITABLE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -178,12 +196,17 @@ def _is_rewritable(module: nn.Module) -> bool:
     return False
 
 
+def _packet(target: Any) -> Any:
+    """The overload packet of an ATen op (``aten.mm.default`` -> ``aten.mm``); else the target."""
+    return getattr(target, "overloadpacket", target)
+
+
 def _view_source(node: torch.fx.Node) -> Any:
     """The tensor a shape-only node (``w.t()``, ``w.T``, ``reshape`` ...) views; None otherwise."""
     if node.op == "call_method" and node.target in _VIEW_METHODS:
         return node.args[0]
-    if node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
-        return node.args[0]
+    if node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or _packet(node.target) in _ATEN_VIEWS):
+        return node.args[0] if node.args else None
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in _VIEW_ATTRS:
         return node.args[0]
     return None
@@ -200,12 +223,16 @@ def _param_of(gm: torch.fx.GraphModule, node: Any, names: dict[str, str]) -> str
 
 def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
     if node.op == "call_function":
+        if _packet(node.target) is _ATEN.einsum:  # einsum(equation, tensors, path=None)
+            return list(node.args[1]) if len(node.args) > 1 else []
         if node.target is torch.einsum:
             operands = node.args[1:]
             if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
                 operands = operands[0]
             return list(operands)
         positions = _FUNCTION_WEIGHT_ARGS.get(node.target, ())  # type: ignore[arg-type]
+        if not positions:
+            positions = _ATEN_WEIGHT_ARGS.get(_packet(node.target), ())
         operands = [node.args[i] for i in positions if i < len(node.args)]
         if "weight" in node.kwargs and node.target in _FUNCTION_WEIGHT_ARGS:
             operands.append(node.kwargs["weight"])
@@ -216,14 +243,22 @@ def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
     return []
 
 
+def _is_plain_embedding(module: nn.Module) -> bool:
+    return type(module).forward is nn.Embedding.forward if isinstance(module, nn.Embedding) else False
+
+
 def find_weights(
-    gm: torch.fx.GraphModule, names: dict[str, str]
+    gm: torch.fx.GraphModule, names: dict[str, str], *, embeddings: bool = False
 ) -> tuple[list[WeightSite], list[tuple[str, str]]]:
     """Finds the sparsifiable weights of ``gm``, in order of first use.
 
     Args:
         gm: the traced model.
         names: :func:`canonical_names` of the model ``gm`` was traced from.
+        embeddings: also report product weights that an embedding lookup reads (a tied
+            input/output embedding): one mask then serves the lookup and the product, and a
+            plain ``nn.Embedding`` leaf reading it is marked for ``functionalize``. False (the
+            default): such weights stay dense, with the reason in ``skipped``.
 
     Returns:
         ``(sites, skipped)``: the sparsifiable weights, and ``(fqn, reason)`` for every
@@ -243,11 +278,23 @@ def find_weights(
         return sites[fqn]
 
     uses: dict[str, list[WeightUse]] = {}
+    lookups: dict[str, list[torch.fx.Node]] = {}  # embedding tables: the nodes looking them up
     for node in gm.graph.nodes:
         if node.op == "get_attr" and str(node.target) in names:
             uses.setdefault(names[str(node.target)], []).append(WeightUse(node, "get_attr"))
+        elif node.op == "call_function" and _packet(node.target) in _LOOKUP_ARGS:
+            position = _LOOKUP_ARGS[_packet(node.target)]
+            table = node.args[position] if position < len(node.args) else node.kwargs.get("weight")
+            fqn = _param_of(gm, table, names)
+            if fqn is not None:
+                lookups.setdefault(fqn, []).append(node)
         elif node.op == "call_module":
             module = gm.get_submodule(str(node.target))
+            if _is_plain_embedding(module) and plain_call(node):
+                fqn = names[f"{node.target}.weight"]
+                lookups.setdefault(fqn, []).append(node)
+                if embeddings:
+                    continue  # rewritten to F.embedding if the table turns out to be a product weight
             owned = [
                 (f"{node.target}.{pname}", p)
                 for pname, p in module.named_parameters(remove_duplicate=False)
@@ -289,7 +336,13 @@ def find_weights(
     result = []
     for fqn, s in sites.items():
         param = params[fqn]
-        if fqn in blocked:
+        if fqn in lookups and not embeddings:
+            skipped[fqn] = (
+                "an embedding table too (tied input/output embedding, read by a lookup): "
+                "embeddings stay dense by default; sparsify(..., embeddings=True) masks the "
+                "lookup and the product with one mask"
+            )
+        elif fqn in blocked:
             skipped[fqn] = blocked[fqn]
         elif not param.is_floating_point():
             skipped[fqn] = f"not floating point ({param.dtype})"
@@ -297,6 +350,10 @@ def find_weights(
             skipped[fqn] = "frozen (requires_grad=False): no gradient to grow by"
         else:
             s.uses = uses.get(fqn, [])
+            for node in lookups.get(fqn, []):
+                if node.op == "call_module":  # a plain nn.Embedding: functionalize rewrites it
+                    s.uses.append(WeightUse(node, "call_module"))
+                    node.meta["fxsparse.weight"] = fqn
             result.append(s)
     for fqn, reason in blocked.items():
         if fqn not in quiet:

@@ -1,7 +1,7 @@
 """Editing pass: conv/linear leaf calls whose weight is sparsified become functional calls.
 
 Invariant: every ``call_module`` node on an ``nn.Linear`` / ``nn.Conv*`` / ``nn.ConvTranspose*``
-whose weight FQN is in ``fqns`` is replaced by the ``torch.nn.functional`` call the module's own
+(or a plain ``nn.Embedding`` whose table is a tied, sparsified product weight) whose weight FQN is in ``fqns`` is replaced by the ``torch.nn.functional`` call the module's own
 forward makes, with its weight (and bias) read by ``get_attr`` nodes; the graph computes exactly
 what it computed before. The mask pass can then treat every use of a weight as a ``get_attr``.
 """
@@ -33,6 +33,12 @@ def _functional(
     graph: torch.fx.Graph, node: torch.fx.Node, module: nn.Module, weight: torch.fx.Node
 ) -> torch.fx.Node:
     x: Any = node.args[0] if node.args else node.kwargs["input"]
+    if isinstance(module, nn.Embedding):  # a tied table, sparsified with embeddings=True
+        return graph.call_function(
+            F.embedding,
+            (x, weight, module.padding_idx, module.max_norm, module.norm_type,
+             module.scale_grad_by_freq, module.sparse),
+        )
     bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
     if isinstance(module, nn.Linear):
         return graph.call_function(F.linear, (x, weight, bias))

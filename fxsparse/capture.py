@@ -1,0 +1,193 @@
+"""The two front-ends that turn a model into a torch.fx graph: symbolic tracing and torch.export.
+
+Symbolic tracing (:func:`fxsparse.tracing.trace`) records ``torch.nn.functional``-level calls
+and needs no inputs, but cannot follow data- or shape-dependent Python control flow (most
+``transformers`` models). ``torch.export`` runs the model on example inputs under dynamo and
+yields an ATen-level graph of what actually ran; :meth:`ExportedProgram.module` turns it back
+into a trainable GraphModule whose parameters keep the original model's FQNs (and are the very
+same tensors). Every tensor dim is captured as dynamic where the model allows it
+(``Dim.AUTO``), so other batch sizes and sequence lengths run without a new capture.
+
+An exported graph bakes the module's mode in: dropout's ``train`` flag, batch norm's
+``training``, every ``if self.training`` of the model's code. So the export front-end captures
+the model twice, in train and in eval mode, and the :class:`~fxsparse.SparseGraphModule` runs
+the graph of its current mode (``.train()`` / ``.eval()`` switch them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxsparse.tracing import trace
+
+__all__ = ["CAPTURES", "Captured", "capture", "split_inputs"]
+
+CAPTURES = ("auto", "symbolic", "export")
+
+
+@dataclass
+class Captured:
+    """A captured model: ``train`` is the graph module the passes edit; ``eval`` (export only)
+    is the eval-mode capture of the same model, its own attributes included."""
+
+    how: str  # "symbolic" | "export"
+    train: torch.fx.GraphModule
+    eval: torch.fx.GraphModule | None = None
+    dynamic: bool = False  # export: captured with dynamic shapes
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """``example_inputs`` as ``(args, kwargs)``: a tensor or tuple is positional, a mapping is
+    keyword arguments (``model(**batch)``), a pair ``(tuple, dict)`` is both; None stays None."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if (
+        isinstance(example_inputs, tuple) and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], Mapping)
+    ):
+        return example_inputs[0], dict(example_inputs[1])
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    return (example_inputs,), {}
+
+
+def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str = "auto") -> Captured:
+    """Captures ``model`` (which it may put in train/eval mode, nothing else) as a graph.
+
+    Args:
+        model: the module to capture.
+        inputs: ``(args, kwargs)`` the model is called with (:func:`split_inputs`); needed by
+            ``"export"``, optional for ``"symbolic"`` (only their number is used).
+        how: ``"symbolic"``, ``"export"``, or ``"auto"``: symbolic tracing, and torch.export
+            when that fails and inputs were given.
+
+    Raises:
+        TypeError: the model cannot be captured; the message says why and what to try.
+        ValueError: ``how`` is unknown, or ``"export"`` without inputs.
+    """
+    if how not in CAPTURES:
+        raise ValueError(f"expected capture= to be one of {CAPTURES}, got {how!r}")
+    if how == "export" and inputs is None:
+        raise ValueError(
+            "expected example_inputs with capture='export': torch.export runs the model once; pass "
+            "what you call it with, e.g. example_inputs={'input_ids': ids, 'labels': ids}"
+        )
+    if how in ("symbolic", "auto"):
+        n_inputs = 1 if inputs is None else len(inputs[0]) + len(inputs[1])
+        try:
+            if inputs is not None and inputs[1]:
+                raise TypeError(
+                    f"expected positional example_inputs for symbolic tracing, got keyword inputs "
+                    f"{sorted(inputs[1])}"
+                )
+            return Captured("symbolic", trace(model, n_inputs))
+        except TypeError as e:
+            if how == "symbolic":
+                raise
+            if inputs is None:
+                raise TypeError(
+                    f"{e}\nOr pass example_inputs (what the model is called with) and fxsparse "
+                    f"captures it with torch.export instead (capture='export')."
+                ) from e
+            symbolic_error = e
+    try:
+        return _export(model, *inputs)  # type: ignore[misc]
+    except TypeError as e:
+        if how == "auto":
+            raise TypeError(f"{e}\n(symbolic tracing failed before: {symbolic_error})") from e
+        raise
+
+
+def _dynamic_spec(value: Any) -> Any:
+    """Every dim of every tensor in ``value`` marked ``Dim.AUTO`` (export decides what stays static)."""
+    from torch.export import Dim
+
+    return torch.utils._pytree.tree_map(
+        lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None, value
+    )
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:
+    was_training = model.training
+    graphs: dict[bool, torch.fx.GraphModule] = {}
+    dynamic = True
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            program = None
+            if dynamic:
+                try:
+                    spec = (_dynamic_spec(args), _dynamic_spec(kwargs))
+                    program = torch.export.export(
+                        model, args, kwargs, dynamic_shapes={**_named(model, spec[0]), **spec[1]}, strict=False
+                    )
+                except Exception as e:  # some models only export at the example's exact shapes
+                    dynamic = False
+                    warnings.warn(
+                        f"fxsparse: torch.export could not capture {type(model).__name__} with dynamic "
+                        f"shapes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"captured at the example inputs' shapes: other shapes will be refused",
+                        stacklevel=3,
+                    )
+            if program is None:
+                program = torch.export.export(model, args, kwargs, strict=False)
+            graphs[mode] = program.module()
+    except Exception as e:
+        raise TypeError(
+            f"expected a model torch.export can capture with the example inputs given, but "
+            f"exporting {type(model).__name__} failed: {type(e).__name__}: {e}. Fix: check that "
+            f"model(*args, **kwargs) runs with those inputs; a model with data-dependent control "
+            f"flow needs torch.export's remedies (torch.cond, torch._check), see "
+            f"https://pytorch.org/docs/stable/export.html"
+        ) from e
+    finally:
+        model.train(was_training)
+    return Captured("export", graphs[True], graphs[False], dynamic)
+
+
+def _named(model: nn.Module, positional: tuple[Any, ...]) -> dict[str, Any]:
+    """Positional dynamic-shape specs by the names of ``forward``'s parameters (torch.export
+    takes one mapping for args and kwargs together)."""
+    import inspect
+
+    if not positional:
+        return {}
+    params = [
+        p.name for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) < len(positional):  # *args: export takes a tuple in order then
+        raise TypeError("positional inputs beyond forward's named parameters")
+    return dict(zip(params, positional, strict=False))
+
+
+def graph_inputs(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``.
+
+    A symbolically traced graph takes its inputs as they are; an exported graph (pytree
+    codegen) takes the leaves of ``(args, kwargs)`` with the keywords in the order it was
+    captured with (torch.fx.Interpreter runs placeholders positionally).
+    """
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None or not isinstance(gm.graph._codegen, torch.fx.graph._PyTreeCodeGen):
+        if kwargs:
+            names = [n.target for n in gm.graph.nodes if n.op == "placeholder"][len(args):]
+            return (*args, *(kwargs[name] for name in names if name in kwargs))
+        return tuple(args)
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    keys = children[1].context if len(children) > 1 else []
+    missing = [k for k in keys if k not in kwargs]
+    if missing or set(kwargs) - set(keys):
+        raise ValueError(
+            f"expected keyword inputs {list(keys)} (those the model was captured with), got {sorted(kwargs)}"
+        )
+    return tuple(torch.utils._pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys})))
