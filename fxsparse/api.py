@@ -169,6 +169,8 @@ def sparsify(
                 setattr(sparse, spec, getattr(root, spec))
         _copy_unreferenced(work, sparse)
         _follow_module_order(work, sparse)
+        if captured.how == "export":
+            _fresh_tensors(sparse)
         sparse.add_module(MASKER, Masker())
         sparse.register_buffer(UPDATES, torch.zeros((), dtype=torch.int64))
         state = _State(
@@ -239,6 +241,27 @@ def _mode_graphs(
     finally:
         sparse.graph = train_graph
     return {True: train_graph, False: eval_graph}
+
+
+def _fresh_tensors(module: nn.Module) -> None:
+    """Gives ``module`` new parameter and buffer objects (same values, ties kept).
+
+    torch.export leaves weak references to the tensors it captured (its fake-tensor memo), and
+    ``torch.utils.swap_tensors`` refuses tensors with weak references: the sparse module's own
+    tensors must be free of them, as a traced module's are.
+    """
+    fresh: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in fresh:
+                    copy_ = tensor.detach().clone()
+                    if isinstance(tensor, nn.Parameter):
+                        copy_ = nn.Parameter(copy_, requires_grad=tensor.requires_grad)
+                    fresh[id(tensor)] = copy_
+                table[name] = fresh[id(tensor)]
 
 
 def _attr(module: nn.Module, target: str) -> Any:

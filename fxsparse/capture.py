@@ -16,6 +16,7 @@ the graph of its current mode (``.train()`` / ``.eval()`` switch them).
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,15 +133,17 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
                     )
                 except Exception as e:  # some models only export at the example's exact shapes
                     dynamic = False
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    program = torch.export.export(model, args, kwargs, strict=False)
                     warnings.warn(
                         f"fxsparse: torch.export could not capture {type(model).__name__} with dynamic "
-                        f"shapes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"captured at the example inputs' shapes: other shapes will be refused",
+                        f"shapes ({why}); captured at the example inputs' shapes: other shapes will "
+                        f"be refused",
                         stacklevel=3,
                     )
             if program is None:
                 program = torch.export.export(model, args, kwargs, strict=False)
-            graphs[mode] = program.module()
+            graphs[mode] = _without_metadata_asserts(program.module())
     except Exception as e:
         raise TypeError(
             f"expected a model torch.export can capture with the example inputs given, but "
@@ -151,7 +154,24 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         ) from e
     finally:
         model.train(was_training)
+    gc.collect()  # the exported programs and their fake modes, with their weak references
     return Captured("export", graphs[True], graphs[False], dynamic)
+
+
+def _without_metadata_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drops the dtype/device assertions torch.export records (``aten._assert_tensor_metadata``):
+    the graph is trained eagerly, under autocast (bf16 activations where capture saw float32)
+    and after ``.to(dtype)``, where they would refuse what eager PyTorch computes."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+        else:
+            # the fake tensors of the capture: through their fake mode they keep weak references
+            # to the real parameters, which torch.utils.swap_tensors refuses to swap
+            for key in ("val", "example_value", "tensor_meta", "unbacked_bindings"):
+                node.meta.pop(key, None)
+    gm.recompile()
+    return gm
 
 
 def _named(model: nn.Module, positional: tuple[Any, ...]) -> dict[str, Any]:

@@ -57,3 +57,13 @@ def fashion(tmp_path_factory):
     return root
 
 
+
+
+@pytest.fixture(params=["symbolic", "export"])
+def front_end(request, monkeypatch):
+    """Runs a test under both front-ends of sparsify (tests/frontends.py)."""
+    if request.param == "export":
+        from frontends import use_export
+
+        use_export(monkeypatch)
+    return request.param

@@ -42,6 +42,13 @@ class NetSpec:
     functional: bool  # a raw parameter used by two matmuls
     bias: bool
     seed: int
+    capture: str = "symbolic"  # the front-end the property test sparsifies with (tests/frontends.py)
+
+    def capture_args(self) -> dict[str, object]:
+        """``sparsify`` keywords for this spec's front-end (export runs on an example input)."""
+        if self.capture == "export":
+            return {"capture": "export", "example_inputs": self.input(2)}
+        return {"capture": "symbolic"}
 
     def input(self, batch: int = 3) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + 1)
@@ -127,6 +134,8 @@ def net_specs(draw: st.DrawFn) -> NetSpec:
         functional=draw(st.booleans()),
         bias=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        # a quarter of the examples under torch.export: both front-ends in one example budget
+        capture=draw(st.sampled_from(["symbolic", "symbolic", "symbolic", "export"])),
     )
 
 
@@ -149,6 +158,9 @@ def sparsify(model: nn.Module, density: float, init: str = "erk", **kwargs: obje
     generated net whose first layer alone holds more than ``density`` of all weights cannot meet
     that budget (sparsify says so; test_budgets checks the error).
     """
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, NetSpec):
+        kwargs = {**spec.capture_args(), **kwargs}
     if init == "uniform" and "dense" not in kwargs:
         sizes = [m.numel() for m in fxsparse.sparsify(model, 1.0).masks.values()]
         assume(len(sizes) == 1 or sizes[0] < density * sum(sizes) * (1 - 1e-9))

@@ -21,6 +21,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 import train  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("front_end")  # every test under both front-ends (tests/frontends.py)
+
 
 def _net():
     torch.manual_seed(0)

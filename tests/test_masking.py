@@ -16,6 +16,8 @@ import fxsparse
 from fxsparse import masking
 from invariants import assert_inactive_no_influence
 
+pytestmark = pytest.mark.usefixtures("front_end")  # every test under both front-ends (tests/frontends.py)
+
 
 def _sparse(seed=0):
     torch.manual_seed(seed)
@@ -126,7 +128,13 @@ def test_a_copy_masks_its_own_gradients_and_the_original_its_own():
         assert _inactive_grads_zero(module)
 
 
-def test_a_parametrization_on_one_owner_of_a_tied_weight_computes_as_in_eager():
+def test_a_parametrization_on_one_owner_of_a_tied_weight_computes_as_in_eager(front_end):
+    if front_end == "export":
+        pytest.skip(
+            "torch.export reads a tied weight under one name for all its owners, so a "
+            "parametrization added to one owner after capture cannot apply to that owner alone "
+            "(README: limits of capture='export')"
+        )
     class Tied(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -51,7 +51,7 @@ def test_every_method_is_registered_and_an_unknown_one_lists_them():
 @given(net_specs(), st.floats(0.1, 0.8), st.sampled_from(DROP_AND_GROW), st.sampled_from(sorted(OPTIMIZERS)))
 def test_drop_and_grow_methods_keep_their_invariants(spec, density, method, opt_name):
     net = build(spec)
-    sparse = fxsparse.sparsify(net, density, "erk", seed=spec.seed)
+    sparse = fxsparse.sparsify(net, density, "erk", seed=spec.seed, **spec.capture_args())
     optimizer = OPTIMIZERS[opt_name](sparse.parameters())
     scheduler = fxsparse.RigLScheduler(sparse, optimizer, total_steps=16, delta_t=2, alpha=0.5, end_fraction=1.0, method=method)
     x = spec.input()
@@ -88,7 +88,7 @@ def test_drop_and_grow_methods_keep_their_invariants(spec, density, method, opt_
 @given(net_specs(), st.floats(0.05, 0.9), st.sampled_from(["erk", "er", "uniform"]), st.integers(0, 4), st.integers(1, 4))
 def test_pruning_only_shrinks_and_ends_exactly_at_the_target(spec, density, init, begin, frequency):
     net = build(spec)
-    sparse = fxsparse.sparsify(net, 1.0)
+    sparse = fxsparse.sparsify(net, 1.0, **spec.capture_args())
     shapes = {fqn: tuple(m.shape) for fqn, m in sparse.masks.items()}
     try:
         dense = [next(iter(shapes))] if init == "uniform" and len(shapes) > 1 else []  # as sparsify

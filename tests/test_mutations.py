@@ -20,6 +20,8 @@ from invariants import (
     train_step,
 )
 
+pytestmark = pytest.mark.usefixtures("front_end")  # every test under both front-ends (tests/frontends.py)
+
 
 def _scenario():
     """sparsify, train, then one RigL update, checked with every invariant."""

@@ -20,6 +20,8 @@ from torch import nn
 
 import fxsparse
 
+pytestmark = pytest.mark.usefixtures("front_end")  # every test under both front-ends (tests/frontends.py)
+
 TOTAL, DELTA_T, ALPHA, END = 48, 4, 0.3, 0.75
 
 

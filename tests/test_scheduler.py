@@ -10,6 +10,8 @@ import torch
 
 import fxsparse
 
+pytestmark = pytest.mark.usefixtures("front_end")  # every test under both front-ends (tests/frontends.py)
+
 
 def _setup(method="rigl", seed=0, total=40, delta_t=5):
     torch.manual_seed(seed)

@@ -14,6 +14,8 @@ from invariants import assert_inactive_no_influence, assert_inactive_zero_grad
 
 import fxsparse
 
+pytestmark = pytest.mark.usefixtures("front_end")  # every test under both front-ends (tests/frontends.py)
+
 
 def _net(seed=0):
     torch.manual_seed(seed)

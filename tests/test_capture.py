@@ -1,0 +1,248 @@
+"""The torch.export front-end: what it captures, the modes, the names, the inputs, the errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from invariants import assert_inactive_no_influence, assert_inactive_zero_grad, train_step
+
+
+class ShapeBranch(nn.Module):
+    """Shape-dependent Python control flow: symbolic tracing cannot follow it, export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if h.shape[-1] > 8:  # a Proxy cannot be a bool
+            h = h * 2
+        return self.b(h)
+
+
+class Modal(nn.Module):
+    """Everything that bakes the mode into an exported graph: dropout, batch norm, an
+    ``if self.training`` of its own and SDPA's dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        if self.training:
+            h = h + 1.0  # stands in for stochastic depth and the like
+        h = self.drop(h).flatten(2).transpose(1, 2)  # (N, HW, C)
+        h = F.scaled_dot_product_attention(self.q(h), self.k(h), h, dropout_p=0.3 if self.training else 0.0)
+        return self.head(h.mean(1))
+
+
+class Products(nn.Module):
+    """Raw parameters through every ATen product torch.export emits: addmm (GPT-2's Conv1D),
+    bmm, einsum, matmul of a transposed view, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_addmm = nn.Parameter(torch.randn(6, 12) * 0.3)
+        self.b_addmm = nn.Parameter(torch.zeros(12))
+        self.w_bmm = nn.Parameter(torch.randn(2, 6, 6) * 0.3)
+        self.w_einsum = nn.Parameter(torch.randn(6, 6) * 0.3)
+        self.w_matmul = nn.Parameter(torch.randn(6, 6) * 0.3)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 6)
+        h = torch.addmm(self.b_addmm, x, self.w_addmm)[:, :6]
+        h = torch.bmm(torch.stack([h, h]), self.w_bmm).mean(0)
+        h = torch.tanh(torch.einsum("ni,oi->no", h, self.w_einsum))
+        h = h @ self.w_matmul.t()
+        return self.out(h)
+
+
+class Keyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(torch.relu(self.proj(x)) * scale)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class TiedLM(nn.Module):
+    """A language model whose head is its input embedding (GPT-2 style)."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_export_and_symbolic_give_the_same_masks_outputs_and_gradients():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    x = torch.randn(4, 3, 8, 8)
+    symbolic = fxsparse.sparsify(net, 0.3, seed=2, capture="symbolic")
+    exported = fxsparse.sparsify(net, 0.3, seed=2, example_inputs=x, capture="export")
+    assert (symbolic.capture, exported.capture) == ("symbolic", "export")
+    assert list(exported.masks) == list(symbolic.masks) == ["0.weight", "3.weight"]  # the model's own FQNs
+    for fqn in symbolic.masks:
+        assert torch.equal(symbolic.masks[fqn], exported.masks[fqn])
+    assert [n for n, _ in exported.named_parameters()] == [n for n, _ in net.named_parameters()]
+    out_s, out_e = symbolic(x), exported(x)
+    torch.testing.assert_close(out_e, out_s)
+    out_s.square().sum().backward()
+    out_e.square().sum().backward()
+    for fqn in symbolic.masks:
+        torch.testing.assert_close(exported.get_parameter(fqn).grad, symbolic.get_parameter(fqn).grad)
+    assert_inactive_zero_grad(exported)
+    assert_inactive_no_influence(exported, x)
+
+
+def test_auto_falls_back_to_export_when_tracing_fails_and_inputs_are_given():
+    x = torch.randn(3, 8)
+    sparse = fxsparse.sparsify(ShapeBranch(), 0.5, example_inputs=x)
+    assert sparse.capture == "export"
+    assert set(sparse.masks) == {"a.weight", "b.weight"}
+    assert sparse(torch.randn(7, 8)).shape == (7, 4)  # dynamic batch size
+    with pytest.raises(TypeError, match="example_inputs"):  # without inputs: the hint
+        fxsparse.sparsify(ShapeBranch(), 0.5)
+    with pytest.raises(TypeError, match="trace symbolically"):
+        fxsparse.sparsify(ShapeBranch(), 0.5, example_inputs=x, capture="symbolic")
+
+
+def test_bad_capture_arguments_are_clear_errors_and_leave_the_model_untouched():
+    model = ShapeBranch().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="capture="):
+        fxsparse.sparsify(model, 0.5, capture="jit")
+    with pytest.raises(ValueError, match="example_inputs"):
+        fxsparse.sparsify(model, 0.5, capture="export")
+    with pytest.raises(TypeError, match="torch.export can capture"):
+        fxsparse.sparsify(model, 0.5, example_inputs=torch.randn(3, 5), capture="export")  # wrong width
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_each_mode_runs_the_graph_captured_in_that_mode():
+    torch.manual_seed(0)
+    model = Modal()
+    x = torch.randn(4, 3, 5, 5)
+    sparse = fxsparse.sparsify(model, 1.0, example_inputs=x, capture="export")
+    reference = copy.deepcopy(model)
+    # eval: deterministic, equal to the eager model in eval
+    sparse.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), reference(x))
+        torch.testing.assert_close(sparse(torch.randn(2, 3, 5, 5).mul(0)), reference(torch.randn(2, 3, 5, 5).mul(0)))
+    stats = sparse.get_buffer("bn.running_mean").clone()
+    with torch.no_grad():
+        sparse(x)
+    assert torch.equal(sparse.get_buffer("bn.running_mean"), stats)  # eval leaves the statistics alone
+    # train: the same random draws give the eager model's train-mode output (branch and dropouts)
+    sparse.train()
+    reference.train()
+    torch.manual_seed(5)
+    out = sparse(x)
+    torch.manual_seed(5)
+    expected = reference(x)
+    torch.testing.assert_close(out, expected)
+    assert not torch.equal(sparse.get_buffer("bn.running_mean"), stats)  # train updates them
+    torch.testing.assert_close(sparse.get_buffer("bn.running_mean"), reference.bn.running_mean)
+    # and back: switching twice costs one recompile each, the outputs follow
+    sparse.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), reference(x))
+
+
+def test_every_aten_product_of_a_raw_parameter_is_found_and_masked():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    sparse = fxsparse.sparsify(Products(), 0.5, example_inputs=x, capture="export")
+    assert set(sparse.masks) == {"w_addmm", "w_bmm", "w_einsum", "w_matmul", "out.weight"}
+    assert not [name for name, _ in sparse.skipped]
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    train_step(sparse, opt, x)
+    assert_inactive_zero_grad(sparse)
+    assert_inactive_no_influence(sparse, x)
+    sparse.rigl_step(0.3)
+    sparse.verify()
+
+
+def test_keyword_inputs_and_dict_outputs():
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(3, 4), "scale": torch.ones(3, 1), "labels": torch.tensor([0, 1, 1])}
+    sparse = fxsparse.sparsify(Keyword(), 0.5, example_inputs=batch)
+    assert sparse.capture == "export"  # keyword inputs: symbolic tracing takes positional ones
+    out = sparse(**batch)
+    assert set(out) == {"logits", "loss"}
+    out["loss"].backward()
+    assert_inactive_zero_grad(sparse)
+    other = {"x": torch.randn(6, 4), "scale": torch.ones(6, 1), "labels": torch.zeros(6, dtype=torch.long)}
+    assert sparse(**other)["logits"].shape == (6, 2)
+    args, kwargs = sparse.example_inputs()
+    assert args == () and kwargs["x"].shape == (3, 4)
+    assert sparse.summary().has_flops
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_a_tied_embedding_stays_dense_unless_asked_and_then_has_one_mask(capture):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (2, 5))
+    default = fxsparse.sparsify(TiedLM(), 0.5, example_inputs=ids, capture=capture)
+    assert "embed.weight" not in default.masks
+    assert "embed.weight" in dict(default.skipped) and "embeddings=True" in dict(default.skipped)["embed.weight"]
+    tied = fxsparse.sparsify(TiedLM(), 0.5, example_inputs=ids, capture=capture, embeddings=True)
+    assert set(tied.masks) == {"embed.weight", "mix.weight"}  # one mask for both names
+    mask = tied.masks["embed.weight"]
+    # the lookup reads the masked table: perturbing inactive entries changes nothing
+    assert_inactive_no_influence(tied, ids)
+    tied.train()
+    tied(ids).square().mean().backward()
+    assert bool(tied.get_parameter("embed.weight").grad[~mask].eq(0).all())
+    assert tied.get_parameter("head.weight") is tied.get_parameter("embed.weight")
+
+
+def test_copies_state_dicts_and_pickling_of_an_exported_module():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    sparse = fxsparse.sparsify(Modal(), 0.3, example_inputs=x, capture="export").eval()
+    with torch.no_grad():
+        expected = sparse(x)
+    twin = copy.deepcopy(sparse)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), expected)
+    twin.train()
+    train_step(twin, torch.optim.SGD(twin.parameters(), lr=0.1), x)
+    assert_inactive_zero_grad(twin)
+    with pytest.raises(TypeError, match="state_dict"):
+        torch.save(sparse, io.BytesIO())
+    fresh = fxsparse.sparsify(Modal(), 0.3, seed=7, example_inputs=x, capture="export")
+    fresh.load_state_dict(sparse.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), expected)
+    for fqn in sparse.masks:
+        assert torch.equal(fresh.masks[fqn], sparse.masks[fqn])
