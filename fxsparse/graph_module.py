@@ -216,6 +216,32 @@ class SparseGraphModule(torch.fx.GraphModule):
             self.graph = graphs[bool(mode)]  # recompiles: only when the mode changes
         return self
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseGraphModule:
+        # .to(device) / .cuda() / .cpu(): an exported graph names the device it was captured on
+        # (arange(..., device=cpu) and the like): follow the parameters to their new device
+        result = super()._apply(fn, recurse)
+        state = getattr(self, "_fxsparse", None)
+        if state is not None and state.mode_graphs:
+            self._follow_device()
+        return result
+
+    def _follow_device(self) -> None:
+        device = next((p.device for p in self.parameters()), None)
+        if device is None:
+            return
+        changed = False
+        for graph in self._fxsparse.mode_graphs.values():  # type: ignore[union-attr]
+            for node in graph.nodes:
+                if node.op != "call_function":
+                    continue
+                args = tuple(device if isinstance(a, torch.device) and a != device else a for a in node.args)
+                kwargs = {k: device if isinstance(v, torch.device) and v != device else v for k, v in node.kwargs.items()}
+                if args != node.args or kwargs != node.kwargs:
+                    node.args, node.kwargs = args, kwargs
+                    changed = True
+        if changed:
+            self.recompile()
+
     @property
     def capture(self) -> str:
         """How the model became a graph: ``"symbolic"`` (torch.fx tracing) or ``"export"``."""

@@ -131,3 +131,21 @@ def test_transformers_training_conventions_under_the_rigl_scheduler():
         a = sparse(**batches[0]).loss
         b = copy.deepcopy(sparse)(**batches[0]).loss
     torch.testing.assert_close(a, b)
+
+
+def test_device_constants_of_both_captured_graphs_follow_the_module():
+    """An exported graph names its device (arange(..., device=cpu)); .to() moves them along."""
+    model, inputs = build("gpt2")
+    sparse = fxsparse.sparsify(model, 0.2, example_inputs=inputs)
+
+    def devices() -> set[str]:
+        found = set()
+        for graph in sparse._fxsparse.mode_graphs.values():
+            for node in graph.nodes:
+                found |= {str(v) for v in [*node.args, *node.kwargs.values()] if isinstance(v, torch.device)}
+        return found
+
+    assert devices() == {"cpu"}
+    sparse.to("meta")
+    assert devices() == {"meta"} and next(sparse.parameters()).device.type == "meta"
+    assert "device(type='meta')" in sparse.code or "meta" in sparse.code
