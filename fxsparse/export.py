@@ -267,9 +267,10 @@ def _pair(value: Any) -> tuple[int, int]:
 # --- the passes ---------------------------------------------------------------------------------
 
 
-_LINEAR = (torch._C._nn.linear, F.linear)
-_CONV2D = (torch.conv2d, F.conv2d)
-_MATMUL = (torch.matmul, operator.matmul, torch.mm)
+# functional calls (symbolic tracing) and their ATen ops (torch.export), same arguments
+_LINEAR = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
+_CONV2D = (torch.conv2d, F.conv2d, torch.ops.aten.conv2d.default)
+_MATMUL = (torch.matmul, operator.matmul, torch.mm, torch.ops.aten.matmul.default, torch.ops.aten.mm.default)
 
 
 def _materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -542,8 +543,13 @@ def export_inference(
         handle.remove()
         sparse.train(was_training)
 
-    work = copy.deepcopy(sparse)  # nothing the export changes is shared with the user's module
+    # nothing the export changes is shared with the user's module; in eval mode, whose graph a
+    # module captured by torch.export has apart from its training graph
+    work = copy.deepcopy(sparse).eval()
     gm = torch.fx.GraphModule(work, work.graph, class_name="SparseInference")
+    for spec in ("_in_spec", "_out_spec"):  # an exported graph's code reads its pytree specs
+        if spec in work.__dict__:
+            setattr(gm, spec, work.__dict__[spec])
     constants = _materialize(gm, used)
     gm.eval()
     _fold_batchnorm(gm, constants)

@@ -246,3 +246,21 @@ def test_copies_state_dicts_and_pickling_of_an_exported_module():
         torch.testing.assert_close(fresh.eval()(x), expected)
     for fqn in sparse.masks:
         assert torch.equal(fresh.masks[fqn], sparse.masks[fqn])
+
+
+def test_export_inference_lowers_the_aten_layers_of_an_exported_module_in_eval_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+    x = torch.randn(4, 3, 8, 8)
+    sparse = fxsparse.sparsify(net, 0.1, example_inputs=x, capture="export")
+    train_step(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1), x)  # train mode: BN statistics move
+    exported = fxsparse.export_inference(sparse, x, repeats=1)
+    assert sparse.training  # the user's module keeps its mode
+    assert {c.weight for c in exported.fxsparse_choices} == {"0.weight", "5.weight", "7.weight"}
+    sparse.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), sparse(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(exported(x[:1]), sparse(x[:1]), rtol=1e-5, atol=1e-6)
