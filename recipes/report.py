@@ -287,6 +287,9 @@ class ExtRun:
     cpu_seconds: float = float("nan")  # CPU time of the run's process (records written since it was added)
     finished_unix: float = float("nan")  # when its record was written
     total_seconds: float = float("nan")  # the record's whole wall time (data loading included)
+    # per masked layer at the end of training (records written since demo.py counts it):
+    # (layer, outputs with no active weight, outputs, inputs no active weight reads, inputs)
+    structure: tuple[tuple[str, int, int, int, int], ...] = ()
 
     @property
     def cost_seconds(self) -> float:
@@ -313,6 +316,10 @@ def load_extended(paths: list[Path]) -> list[ExtRun]:
                 seconds=float(result["seconds"]), steps=int(result["steps"]),
                 cpu_seconds=float(record.get("cpu_seconds", "nan")) if len(record["results"]) == 1 else float("nan"),
                 finished_unix=float(record.get("finished_unix", "nan")), total_seconds=float(record.get("total_seconds", "nan")),
+                structure=tuple(
+                    (layer, c["empty_outputs"], c["outputs"], c["unread_inputs"], c["inputs"])
+                    for layer, c in result.get("structure", {}).items()
+                ),
             ))
     return runs
 
@@ -456,6 +463,7 @@ def render_extended(study: ExtendedStudy, commands: list[str], plots: list[str] 
         "",
     ]
     lines += _extended_section(s)
+    lines += _structure_section(s)
     lines += _budget_section(s)
     lines += _sensitivity_section(s)
     lines += _redistribution_section(s)
@@ -528,6 +536,49 @@ def _extended_section(s: ExtendedStudy) -> list[str]:
         "",
     ]
     return out
+
+
+def _structure_section(s: ExtendedStudy) -> list[str]:
+    """Where each method's connections end up: output units left empty and inputs left unread
+    per layer, mean over the runs whose records count them."""
+    layers: list[str] = []
+    for run in s.runs:
+        for layer, *_ in run.structure:
+            if layer not in layers:
+                layers.append(layer)
+    if not layers:
+        return []
+    header = ["method, density, length"] + [f"{layer} empty outputs / unread inputs" for layer in layers] + ["runs"]
+    rows = []
+    for density in EXT_DENSITIES:
+        for multiple in EXT_MULTIPLES:
+            for method in ("static", "set", "rigl", "rigl-sg", "rigl-sm", "snfs", "pruning"):
+                counted = [r for r in s.pick(method, density, multiple).runs if r.structure]
+                if not counted:
+                    continue
+                cells = [f"{method}, {density:g}, {multiple}x"]
+                for layer in layers:
+                    found = [c for r in counted for c in r.structure if c[0] == layer]
+                    if not found:
+                        cells.append("")
+                        continue
+                    empty = statistics.mean(c[1] for c in found)
+                    unread = statistics.mean(c[3] for c in found)
+                    cells.append(f"{empty:.1f} of {found[0][2]} / {unread:.1f} of {found[0][4]}")
+                cells.append(str(len(counted)))
+                rows.append(cells)
+    return [
+        "### Where the connections go",
+        "",
+        "After training, per layer: output units (filters, rows) that hold no active weight, which then compute "
+        "only their bias, and inputs (channels, features) that no active weight reads, mean over the runs whose "
+        "records count them (recipes/demo.py writes them since this session; earlier records do not have them, "
+        "the last column says how many runs each row averages). A method that concentrates its few connections "
+        "on fewer channels shows here.",
+        "",
+        *_md_table(header, rows),
+        "",
+    ]
 
 
 def _budget_section(s: ExtendedStudy) -> list[str]:
