@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", default="runs/lm_study", help="checkpoints while a run trains")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--reverse", action="store_true",
+                        help="train the missing runs last first (a second process beside a first, with its own --runs-dir)")
     parser.add_argument("--report", action="store_true", help="write the page from the records")
     parser.add_argument("--out", default="docs/language_model.md")
     args, extra = parser.parse_known_args(argv)  # anything else goes to train.py
@@ -165,10 +167,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [(n, f) for n, f in cells([int(s) for s in args.seeds.split(",")]) if not (out_dir / f"{n}.json").exists()]
+    if args.reverse:
+        todo.reverse()
     print(f"{len(todo)} runs to train, records in {out_dir}", flush=True)
 
     def work(item: tuple[str, list[str]]) -> None:
         name, flags = item
+        if (out_dir / f"{name}.json").exists():  # another process trained it meanwhile
+            return
         print(f"{name} started", flush=True)
         print(f"{name} {_run(out_dir, Path(args.runs_dir), name, flags, extra)}", flush=True)
 
