@@ -28,7 +28,7 @@ from torch import nn
 
 from fxsparse.tracing import trace
 
-__all__ = ["CAPTURES", "Captured", "capture", "split_inputs"]
+__all__ = ["CAPTURES", "Captured", "capture", "split_inputs", "graph_inputs", "graph_state", "graph_from_state"]
 
 CAPTURES = ("auto", "symbolic", "export")
 
@@ -165,11 +165,17 @@ def _without_metadata_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
+        elif node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users:
+            # torch.export's input-shape guard: a module of local functions, which pickling
+            # refuses; a wrong shape still fails, in the op that cannot take it
+            gm.graph.erase_node(node)
         else:
             # the fake tensors of the capture: through their fake mode they keep weak references
             # to the real parameters, which torch.utils.swap_tensors refuses to swap
             for key in ("val", "example_value", "tensor_meta", "unbacked_bindings"):
                 node.meta.pop(key, None)
+    if hasattr(gm, "_guards_fn") and not any(n.op == "call_module" and n.target == "_guards_fn" for n in gm.graph.nodes):
+        gm.delete_submodule("_guards_fn")
     gm.recompile()
     return gm
 
@@ -211,3 +217,71 @@ def graph_inputs(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[s
             f"expected keyword inputs {list(keys)} (those the model was captured with), got {sorted(kwargs)}"
         )
     return tuple(torch.utils._pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys})))
+
+
+# --- pickling an exported graph ------------------------------------------------------------------
+# ATen op overloads do not pickle; a graph is stored as its nodes with the ops by name.
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.fx.Node):
+        return ("__node__", value.name)
+    if isinstance(value, torch._ops.OpOverload):
+        return ("__op__", value.namespace, value._schema.name.split("::")[-1], value._overloadname)
+    if isinstance(value, torch._ops.OpOverloadPacket):
+        return ("__packet__", value._qualified_op_name)
+    if isinstance(value, tuple):
+        return ("__tuple__", [_encode(v) for v in value])
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return ("__slice__", _encode(value.start), _encode(value.stop), _encode(value.step))
+    return value
+
+
+def _decode(value: Any, nodes: dict[str, torch.fx.Node]) -> Any:
+    if isinstance(value, tuple) and value and isinstance(value[0], str) and value[0].startswith("__"):
+        kind = value[0]
+        if kind == "__node__":
+            return nodes[value[1]]
+        if kind == "__op__":
+            return getattr(getattr(getattr(torch.ops, value[1]), value[2]), value[3])
+        if kind == "__packet__":
+            namespace, name = value[1].split("::")
+            return getattr(getattr(torch.ops, namespace), name)
+        if kind == "__tuple__":
+            return tuple(_decode(v, nodes) for v in value[1])
+        if kind == "__slice__":
+            return slice(*(_decode(v, nodes) for v in value[1:]))
+    if isinstance(value, list):
+        return [_decode(v, nodes) for v in value]
+    if isinstance(value, dict):
+        return {k: _decode(v, nodes) for k, v in value.items()}
+    return value
+
+
+def graph_state(graph: torch.fx.Graph) -> dict[str, Any]:
+    """A picklable description of ``graph``: its nodes (ops by name) and its codegen (the pytree
+    specs of an exported graph)."""
+    nodes = [
+        (n.op, n.name, _encode(n.target) if n.op == "call_function" else n.target, _encode(n.args), _encode(n.kwargs),
+         {k: v for k, v in n.meta.items() if k in ("fxsparse.weight", "fxsparse.masked", "stack_trace")})
+        for n in graph.nodes
+    ]
+    return {"nodes": nodes, "codegen": graph._codegen}
+
+
+def graph_from_state(state: dict[str, Any]) -> torch.fx.Graph:
+    """The graph :func:`graph_state` described."""
+    graph = torch.fx.Graph()
+    made: dict[str, torch.fx.Node] = {}
+    for op, name, target, args, kwargs, meta in state["nodes"]:
+        target = _decode(target, made) if op == "call_function" else target
+        node = graph.create_node(op, target, _decode(args, made), _decode(kwargs, made), name=name)
+        node.meta.update(meta)
+        made[name] = node
+    graph._codegen = state["codegen"]
+    graph.lint()
+    return graph

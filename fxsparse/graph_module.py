@@ -8,6 +8,8 @@ restores the exact topology and random growth continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from fxsparse import budgets, topology
 from fxsparse.accounting import _batch_size, flop_report
+from fxsparse.capture import graph_from_state, graph_state
 from fxsparse.masking import MASKER, Masker, zero_inactive_
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
@@ -249,14 +252,15 @@ class SparseGraphModule(torch.fx.GraphModule):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its code and re-traces it as a plain GraphModule; rebuild ours.
-        if getattr(self, "_fxsparse", None) is not None and self._fxsparse.capture == "export":
-            raise TypeError(
-                "expected a symbolically traced SparseGraphModule to pickle: one captured by "
-                "torch.export (capture='export') cannot be pickled whole (its code reads pytree "
-                "specs and guard modules torch.export made). Save sparse.state_dict() instead and "
-                "load it into fxsparse.sparsify(model, ..., capture='export') of the same model: "
-                "the masks come with the state dict"
-            )
+        state = getattr(self, "_fxsparse", None)
+        if state is not None and state.mode_graphs:
+            # an exported graph's code cannot be re-traced (pytree specs, ATen ops): pickle the
+            # module's tables and each mode's graph as data (fxsparse.capture.graph_state)
+            graphs = {mode: graph_state(graph) for mode, graph in state.mode_graphs.items()}
+            tables = (dict(self._modules), dict(self._parameters), dict(self._buffers), set(self._non_persistent_buffers_set))
+            specs = {k: self.__dict__[k] for k in ("_in_spec", "_out_spec") if k in self.__dict__}
+            return (_unpickle_exported, (tables, graphs, dataclasses.replace(state, mode_graphs=None), self.training,
+                                         specs, type(self).__name__))
         _, (body, import_block) = super().__reduce__()
         return (_unpickle, (body, import_block))
 
@@ -723,6 +727,30 @@ def _momentum(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> t
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
             return value
     return None
+
+
+def _unpickle_exported(
+    tables: tuple[dict[str, Any], dict[str, Any], dict[str, Any], set[str]], graphs: dict[bool, dict[str, Any]],
+    state: _State, training: bool, specs: dict[str, Any], class_name: str,
+) -> SparseGraphModule:
+    """Rebuilds a module captured by torch.export from its tables and its graphs' data."""
+    modules, parameters, buffers, non_persistent = tables
+    root = nn.Module()
+    root._modules.update(modules)
+    root._parameters.update(parameters)
+    root._buffers.update(buffers)
+    mode_graphs = {mode: graph_from_state(data) for mode, data in graphs.items()}
+    sparse = SparseGraphModule(root, mode_graphs[training], class_name=class_name)
+    for table, items in ((sparse._modules, modules), (sparse._parameters, parameters), (sparse._buffers, buffers)):
+        table.clear()
+        table.update(items)
+    sparse._non_persistent_buffers_set = set(non_persistent)
+    for name, spec in specs.items():
+        setattr(sparse, name, spec)
+    sparse.recompile()
+    sparse._set_state(dataclasses.replace(state, mode_graphs=mode_graphs))
+    sparse.training = training
+    return sparse
 
 
 def _unpickle(body: dict[str, Any], import_block: str) -> SparseGraphModule:

@@ -226,7 +226,7 @@ def test_a_tied_embedding_stays_dense_unless_asked_and_then_has_one_mask(capture
     assert tied.get_parameter("head.weight") is tied.get_parameter("embed.weight")
 
 
-def test_copies_state_dicts_and_pickling_of_an_exported_module():
+def test_copies_pickles_and_state_dicts_of_an_exported_module():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5)
     sparse = fxsparse.sparsify(Modal(), 0.3, example_inputs=x, capture="export").eval()
@@ -238,8 +238,16 @@ def test_copies_state_dicts_and_pickling_of_an_exported_module():
     twin.train()
     train_step(twin, torch.optim.SGD(twin.parameters(), lr=0.1), x)
     assert_inactive_zero_grad(twin)
-    with pytest.raises(TypeError, match="state_dict"):
-        torch.save(sparse, io.BytesIO())
+    buffer = io.BytesIO()
+    torch.save(sparse, buffer)  # whole: the graphs of both modes travel as data
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert loaded.capture == "export" and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
+    loaded.train()
+    train_step(loaded, torch.optim.SGD(loaded.parameters(), lr=0.1), x)
+    assert_inactive_zero_grad(loaded)
+    assert all(torch.equal(loaded.masks[f], m) for f, m in sparse.masks.items())
     fresh = fxsparse.sparsify(Modal(), 0.3, seed=7, example_inputs=x, capture="export")
     fresh.load_state_dict(sparse.state_dict())
     with torch.no_grad():

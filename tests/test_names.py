@@ -71,11 +71,11 @@ def _check_names(model, sparse):
 
 
 @pytest.mark.soak
-@given(shared_nets(), st.floats(0.2, 0.9))
-def test_mask_keys_are_the_names_named_parameters_gives(model, density):
-    sparse = fxsparse.sparsify(model, density, "erk")
-    _check_names(model, sparse)
+@given(shared_nets(), st.floats(0.2, 0.9), st.sampled_from(["symbolic", "symbolic", "symbolic", "export"]))
+def test_mask_keys_are_the_names_named_parameters_gives(model, density, capture):
     x = torch.randn(3, model.width)
+    sparse = fxsparse.sparsify(model, density, "erk", capture=capture, example_inputs=x)
+    _check_names(model, sparse)
     sparse(x).sum().backward()  # every named weight is the one the graph trains
     for fqn, mask in sparse.masks.items():
         grad = dict(sparse.named_parameters())[fqn].grad

@@ -55,7 +55,7 @@ def test_sparsify_finds_every_weight_with_its_exact_budget(spec, density, init, 
 @given(net_specs())
 def test_density_one_computes_exactly_what_the_model_computes(spec):
     model = build(spec)
-    sparse = fxsparse.sparsify(model, 1.0)
+    sparse = fxsparse.sparsify(model, 1.0, **spec.capture_args())
     x = spec.input()
     model.eval(), sparse.eval()
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_state_dict_deepcopy_and_dtype_keep_masks_and_outputs(spec, density, ini
 
     buffer = io.BytesIO()
     torch.save(sparse.state_dict(), buffer)
-    fresh = fxsparse.sparsify(model, density, init, seed=seed + 1)
+    fresh = sparsify(model, density, init, seed=seed + 1)
     fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
     copied = copy.deepcopy(sparse)
     wide = copy.deepcopy(sparse).to(torch.float64)
@@ -166,7 +166,7 @@ def test_state_dict_deepcopy_and_dtype_keep_masks_and_outputs(spec, density, ini
 def test_same_seed_same_masks(spec, density, init, seed):
     model = build(spec)
     a = sparsify(model, density, init, seed=seed)
-    b = fxsparse.sparsify(model, density, init, seed=seed)
+    b = sparsify(model, density, init, seed=seed)
     assert all(torch.equal(a.masks[f], b.masks[f]) for f in a.masks)
     x = spec.input()
     for sparse in (a, b):
