@@ -4,9 +4,10 @@ Symbolic tracing (:func:`fxsparse.tracing.trace`) records ``torch.nn.functional`
 and needs no inputs, but cannot follow data- or shape-dependent Python control flow (most
 ``transformers`` models). ``torch.export`` runs the model on example inputs under dynamo and
 yields an ATen-level graph of what actually ran; :meth:`ExportedProgram.module` turns it back
-into a trainable GraphModule whose parameters keep the original model's FQNs (and are the very
-same tensors). Every tensor dim is captured as dynamic where the model allows it
-(``Dim.AUTO``), so other batch sizes and sequence lengths run without a new capture.
+into a trainable GraphModule whose parameters keep the original model's FQNs. The batch dim of
+every input and the sequence dim of integer inputs (token ids, masks) are captured as dynamic
+where the model allows it (``Dim.AUTO``), so other batch sizes and sequence lengths run without
+a new capture; a floating input's other dims (image size, audio length) are static.
 
 An exported graph bakes the module's mode in: dropout's ``train`` flag, batch norm's
 ``training``, every ``if self.training`` of the model's code. So the export front-end captures
@@ -109,12 +110,20 @@ def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | N
 
 
 def _dynamic_spec(value: Any) -> Any:
-    """Every dim of every tensor in ``value`` marked ``Dim.AUTO`` (export decides what stays static)."""
+    """The dims captured as dynamic (``Dim.AUTO``: export keeps them symbolic where the model
+    allows): the batch dim of every tensor and the sequence dim of integer and bool tensors
+    (token ids, attention masks). A floating input's other dims (image height and width, audio
+    length) stay static: symbolic image sizes send export's shape reasoning through every
+    window partition of a Swin-like model, minutes per capture."""
     from torch.export import Dim
 
-    return torch.utils._pytree.tree_map(
-        lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None, value
-    )
+    def spec(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return None
+        dynamic = 1 if x.is_floating_point() or x.is_complex() else 2
+        return {i: Dim.AUTO for i in range(min(dynamic, x.dim()))}
+
+    return torch.utils._pytree.tree_map(spec, value)
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:

@@ -574,6 +574,14 @@ class SparseGraphModule(torch.fx.GraphModule):
         grads = capture.grads if grow_from is None else dict(grow_from)
         if needs_gradient or grow_from is not None:
             missing = [fqn for fqn in self._fxsparse.sites if fqn not in grads]
+            if missing and grow_from is None and len(missing) < len(self._fxsparse.sites):
+                # a backward reached the other layers: these ones' outputs do not reach the loss
+                # (a pooler computed and dropped, a head the loss does not use), so their dense
+                # gradient is exactly zero
+                for fqn in missing:
+                    weight = self._leaf_weight(fqn)
+                    grads[fqn] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+                missing = []
             if missing:
                 raise ValueError(
                     f"expected a dense growth gradient from a preceding backward, but none was "

@@ -512,3 +512,28 @@ def test_check_model_reports_the_first_failing_check(monkeypatch):
     monkeypatch.setattr(fxsparse.topology, "apply_update", loses_one)
     report = checks.check_model(net, torch.randn(3, 8))
     assert not report.ok and report.failure.startswith("rigl_step:")
+
+
+def test_a_layer_whose_output_never_reaches_the_loss_grows_from_a_zero_gradient():
+    """A pooler computed and thrown away (LayoutLM, SigLIP's head): its dense gradient is exactly
+    zero, so an update proceeds (drop by magnitude, grow among zeros) instead of refusing."""
+
+    class Discarded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.pooler, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            pooled = torch.tanh(self.pooler(h))  # noqa: F841 - computed, not used
+            return self.head(h)
+
+    torch.manual_seed(0)
+    sparse = fxsparse.sparsify(Discarded(), 0.5)
+    assert "pooler.weight" in sparse.masks
+    sparse(torch.randn(4, 6)).sum().backward()
+    assert "pooler.weight" not in sparse.growth_capture.grads
+    counts = {f: int(m.sum()) for f, m in sparse.masks.items()}
+    sparse.rigl_step(0.5)
+    assert counts == {f: int(m.sum()) for f, m in sparse.masks.items()}
+    sparse.verify()

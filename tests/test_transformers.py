@@ -149,3 +149,19 @@ def test_device_constants_of_both_captured_graphs_follow_the_module():
     sparse.to("meta")
     assert devices() == {"meta"} and next(sparse.parameters()).device.type == "meta"
     assert "device(type='meta')" in sparse.code or "meta" in sparse.code
+
+
+def test_mixture_of_experts_weights_are_sparsified_through_the_grouped_product():
+    """transformers 5 runs the experts through a custom op (grouped_mm_fallback) on 3-D weights:
+    found by the op's schema, masked and trained like any product weight."""
+    model, inputs = build("mixtral")
+    experts = {name for name, _ in model.named_parameters() if ".experts." in name}
+    assert experts
+    sparse = fxsparse.sparsify(model, 0.2, example_inputs=inputs)
+    assert experts <= set(sparse.masks), sorted(experts - set(sparse.masks))
+    sparse(**inputs).loss.backward()
+    for fqn in experts:
+        mask, grad = sparse.masks[fqn], sparse.get_parameter(fqn).grad
+        assert grad is not None and bool(grad[~mask].eq(0).all()) and bool(grad[mask].ne(0).any()), fqn
+    sparse.rigl_step(0.3)
+    sparse.verify()

@@ -83,6 +83,26 @@ _ATEN_VIEWS = {
     _ATEN.alias, _ATEN.contiguous, _ATEN.unsqueeze, _ATEN.squeeze, _ATEN.flatten, _ATEN.expand,
     _ATEN.to, _ATEN._to_copy, _ATEN.numpy_T, _ATEN.mT,
 }
+# Other ops known by their schema: a product-named op (grouped_mm, _scaled_mm, a custom
+# linear...) reads its weight as the argument named here; a custom op (outside aten) that takes
+# an argument named "weight" reads it as one (transformers' grouped_mm_fallback for MoE experts).
+_PRODUCT_NAMES = ("mm", "conv", "linear", "matmul")
+_PRODUCT_ARGS = ("weight", "mat2", "batch2", "w")
+
+
+def _schema_weight_positions(op: Any) -> tuple[int, ...]:
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        return ()
+    namespace, _, name = schema.name.partition("::")
+    names = [a.name for a in schema.arguments]
+    if any(word in name for word in _PRODUCT_NAMES):
+        return tuple(i for i, a in enumerate(names) if a in _PRODUCT_ARGS)
+    if namespace != "aten":
+        return tuple(i for i, a in enumerate(names) if a == "weight")
+    return ()
+
+
 # Embedding lookups and the position of their table: a weight read by one is an embedding.
 _LOOKUP_ARGS: dict[Any, int] = {F.embedding: 1, _ATEN.embedding: 0}
 
@@ -233,6 +253,10 @@ def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
         positions = _FUNCTION_WEIGHT_ARGS.get(node.target, ())  # type: ignore[arg-type]
         if not positions:
             positions = _ATEN_WEIGHT_ARGS.get(_packet(node.target), ())
+        if not positions and isinstance(node.target, torch._ops.OpOverload) and _packet(node.target) not in _LOOKUP_ARGS:
+            positions = _schema_weight_positions(node.target)
+            names = [a.name for a in node.target._schema.arguments]
+            return [node.args[i] if i < len(node.args) else node.kwargs.get(names[i]) for i in positions]
         operands = [node.args[i] for i in positions if i < len(node.args)]
         if "weight" in node.kwargs and node.target in _FUNCTION_WEIGHT_ARGS:
             operands.append(node.kwargs["weight"])
