@@ -341,11 +341,9 @@ def _as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
-        inputs = (*inputs[0], *inputs[1].values())
-    elif not isinstance(inputs, tuple):
-        inputs = (inputs,)
-    for value in inputs:
+    """The leading dim of the first tensor input (``inputs`` as ``sparsify`` takes them)."""
+    args, kwargs = _as_inputs(inputs)
+    for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return int(value.shape[0]) if value.dim() > 0 and value.shape[0] > 0 else 1
     return 1
@@ -380,7 +378,7 @@ def _count(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]]) -
     if isinstance(module, torch.fx.GraphModule):
         gm = module
     else:
-        gm = capture(module, example, "auto").train
+        gm = capture(module, example, "auto", eval_too=False).train
     inputs = graph_inputs(gm, *example)
     masker = MASKER if _is_sparse(module) else None
     masks = _masks_of(module)

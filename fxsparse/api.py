@@ -12,7 +12,7 @@ from torch import nn
 
 from fxsparse import budgets
 from fxsparse.accounting import layer_flops
-from fxsparse.capture import Captured, capture as capture_graph, split_inputs
+from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, split_inputs
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
 from fxsparse.masking import Masker
 from fxsparse.passes.find_weights import canonical_names, find_weights
@@ -160,13 +160,12 @@ def sparsify(
 
     try:
         functionalize(gm, set(shapes))
-        # export: the graph module holds what the graph reads beyond the model (constants,
-        # its guard check) and the pytree specs its code reads
+        # export: the graph module holds what the graph reads beyond the model (constants)
+        # and the pytree specs its code reads
         root = gm if captured.how == "export" else work
         sparse = SparseGraphModule(root, gm.graph, class_name=f"Sparse{type(model).__name__}")
-        for spec in ("_in_spec", "_out_spec"):
-            if hasattr(root, spec) and captured.how == "export":
-                setattr(sparse, spec, getattr(root, spec))
+        for name, spec in pytree_specs(gm).items():
+            setattr(sparse, name, spec)
         _copy_unreferenced(work, sparse)
         _follow_module_order(work, sparse)
         if captured.how == "export":
@@ -215,7 +214,7 @@ def _mode_graphs(
     """The eval-mode capture masked like the train graph, reading ``sparse``'s attributes.
 
     Parameters and buffers are the model's own in both captures (same tensors, same names);
-    what else the eval graph reads (constants, its guard module) is adopted under new names.
+    what else the eval graph reads (constants) is adopted under new names.
     """
     assert captured.eval is not None
     eval_gm = captured.eval

@@ -29,9 +29,21 @@ from torch import nn
 
 from fxsparse.tracing import trace
 
-__all__ = ["CAPTURES", "Captured", "capture", "split_inputs", "graph_inputs", "graph_state", "graph_from_state"]
+__all__ = [
+    "CAPTURES", "PYTREE_SPECS", "Captured", "capture", "split_inputs", "graph_inputs", "pytree_specs",
+    "graph_state", "graph_from_state",
+]
 
 CAPTURES = ("auto", "symbolic", "export")
+# the attributes an exported graph module's code reads: how its inputs are flattened and its
+# outputs rebuilt (keyword inputs, a transformers ModelOutput)
+PYTREE_SPECS = ("_in_spec", "_out_spec")
+
+
+def pytree_specs(module: nn.Module) -> dict[str, Any]:
+    """The pytree specs ``module`` holds (none for a symbolically traced one), to give a
+    graph module built from its graph."""
+    return {name: module.__dict__[name] for name in PYTREE_SPECS if name in module.__dict__}
 
 
 @dataclass
@@ -62,7 +74,9 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] 
     return (example_inputs,), {}
 
 
-def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str = "auto") -> Captured:
+def capture(
+    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str = "auto", *, eval_too: bool = True
+) -> Captured:
     """Captures ``model`` (which it may put in train/eval mode, nothing else) as a graph.
 
     Args:
@@ -71,6 +85,8 @@ def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | N
             ``"export"``, optional for ``"symbolic"`` (only their number is used).
         how: ``"symbolic"``, ``"export"``, or ``"auto"``: symbolic tracing, and torch.export
             when that fails and inputs were given.
+        eval_too: export also captures the eval-mode graph (``Captured.eval``); False when only
+            the train graph is read (FLOP counting), which saves the second export.
 
     Raises:
         TypeError: the model cannot be captured; the message says why and what to try.
@@ -102,7 +118,7 @@ def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | N
                 ) from e
             symbolic_error = e
     try:
-        return _export(model, *inputs)  # type: ignore[misc]
+        return _export(model, *inputs, modes=(True, False) if eval_too else (True,))  # type: ignore[misc]
     except TypeError as e:
         if how == "auto":
             raise TypeError(f"{e}\n(symbolic tracing failed before: {symbolic_error})") from e
@@ -126,12 +142,12 @@ def _dynamic_spec(value: Any) -> Any:
     return torch.utils._pytree.tree_map(spec, value)
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], modes: tuple[bool, ...]) -> Captured:
     was_training = model.training
     graphs: dict[bool, torch.fx.GraphModule] = {}
     dynamic = True
     try:
-        for mode in (True, False):
+        for mode in modes:
             model.train(mode)
             program = None
             if dynamic:
@@ -152,7 +168,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
                     )
             if program is None:
                 program = torch.export.export(model, args, kwargs, strict=False)
-            graphs[mode] = _without_metadata_asserts(program.module())
+            graphs[mode] = _for_training(program.module())
     except Exception as e:
         raise TypeError(
             f"expected a model torch.export can capture with the example inputs given, but "
@@ -164,13 +180,15 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     finally:
         model.train(was_training)
     gc.collect()  # the exported programs and their fake modes, with their weak references
-    return Captured("export", graphs[True], graphs[False], dynamic)
+    return Captured("export", graphs[True], graphs.get(False), dynamic)
 
 
-def _without_metadata_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Drops the dtype/device assertions torch.export records (``aten._assert_tensor_metadata``):
-    the graph is trained eagerly, under autocast (bf16 activations where capture saw float32)
-    and after ``.to(dtype)``, where they would refuse what eager PyTorch computes."""
+def _for_training(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The exported graph module made fit to train, copy and pickle, in place: the dtype/device
+    assertions torch.export records (``aten._assert_tensor_metadata``) dropped, since the graph
+    is trained eagerly, under autocast (bf16 activations where capture saw float32) and after
+    ``.to(dtype)``, where they would refuse what eager PyTorch computes; its input guard module
+    dropped (unpicklable); the fake-tensor metadata of the capture dropped (weak references)."""
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)

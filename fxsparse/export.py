@@ -43,6 +43,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsparse.capture import pytree_specs
 from fxsparse.graph_module import SparseGraphModule
 from fxsparse.masking import MASKER
 
@@ -547,9 +548,8 @@ def export_inference(
     # module captured by torch.export has apart from its training graph
     work = copy.deepcopy(sparse).eval()
     gm = torch.fx.GraphModule(work, work.graph, class_name="SparseInference")
-    for spec in ("_in_spec", "_out_spec"):  # an exported graph's code reads its pytree specs
-        if spec in work.__dict__:
-            setattr(gm, spec, work.__dict__[spec])
+    for name, spec in pytree_specs(work).items():  # an exported graph's code reads its pytree specs
+        setattr(gm, name, spec)
     constants = _materialize(gm, used)
     gm.eval()
     _fold_batchnorm(gm, constants)

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from fxsparse import budgets, topology
 from fxsparse.accounting import _batch_size, flop_report
-from fxsparse.capture import graph_from_state, graph_state
+from fxsparse.capture import graph_from_state, graph_state, pytree_specs
 from fxsparse.masking import MASKER, Masker, zero_inactive_
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
@@ -206,9 +206,7 @@ class SparseGraphModule(torch.fx.GraphModule):
         # code reads the pytree specs of its inputs and outputs.
         preserved = self.meta.setdefault(_PRESERVED, {})
         preserved["_fxsparse"] = state
-        for name in ("_in_spec", "_out_spec"):
-            if name in self.__dict__:
-                preserved[name] = self.__dict__[name]
+        preserved.update(pytree_specs(self))
 
     def train(self, mode: bool = True) -> SparseGraphModule:
         """Sets the mode as ``nn.Module.train`` does; a module captured by torch.export (which
@@ -258,7 +256,7 @@ class SparseGraphModule(torch.fx.GraphModule):
             # module's tables and each mode's graph as data (fxsparse.capture.graph_state)
             graphs = {mode: graph_state(graph) for mode, graph in state.mode_graphs.items()}
             tables = (dict(self._modules), dict(self._parameters), dict(self._buffers), set(self._non_persistent_buffers_set))
-            specs = {k: self.__dict__[k] for k in ("_in_spec", "_out_spec") if k in self.__dict__}
+            specs = pytree_specs(self)
             return (_unpickle_exported, (tables, graphs, dataclasses.replace(state, mode_graphs=None), self.training,
                                          specs, type(self).__name__))
         _, (body, import_block) = super().__reduce__()
