@@ -26,8 +26,8 @@ already there, so a sweep can be resumed; ``--rerun timeout,crashed`` runs those
 ``--out`` writes the Markdown page: totals by outcome and by failing check, every model type with
 its result and the first line of its error, the commands, versions and time.
 
-Run (the whole registry takes hours on 2 cores):
-    .venv/bin/python benchmarks/transformers_coverage.py --out docs/transformers_coverage.md
+Run (the whole registry takes hours; ``--workers 2`` halves it on 2 cores):
+    .venv/bin/python benchmarks/transformers_coverage.py --workers 2 --out docs/transformers_coverage.md
     .venv/bin/python benchmarks/transformers_coverage.py --only bert,gpt2,t5 --results /tmp/few.jsonl
     .venv/bin/python benchmarks/transformers_coverage.py --report-only --out docs/transformers_coverage.md
 
@@ -52,6 +52,7 @@ import sys
 import time
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -751,6 +752,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the Markdown page here")
     parser.add_argument("--rerun", default="", help="comma-separated statuses to run again, e.g. 'timeout,crashed'")
     parser.add_argument("--report-only", action="store_true", help="write the page from --results, run nothing")
+    parser.add_argument("--workers", type=int, default=1, help="model types checked at once (one process each)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -786,9 +788,11 @@ def main(argv: list[str] | None = None) -> None:
     command = "benchmarks/transformers_coverage.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
-    with results.open("a") as sink:
-        for i, model_type in enumerate(todo):
-            record = _run_child(model_type, args.timeout, args.max_params)
+    with results.open("a") as sink, ThreadPoolExecutor(max(1, args.workers)) as pool:
+        running = [pool.submit(_run_child, t, args.timeout, args.max_params) for t in todo]
+        for i, future in enumerate(as_completed(running)):
+            record = future.result()
+            model_type = record["type"]
             record["command"] = command
             sink.write(json.dumps(record) + "\n")
             sink.flush()
