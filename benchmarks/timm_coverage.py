@@ -16,9 +16,15 @@ Results are appended to a JSON-lines file as they come (``--results``; a rerun s
 already there, so a sweep can be resumed), and ``--out`` writes the Markdown report: totals,
 per-family table, failures grouped by reason.
 
+``--capture export`` weighs the second front-end (``torch.export``) against symbolic tracing on the
+same models: every check runs on the exported capture, and each child also times both captures
+(``sparsify`` wall time; a training step, median of 3) and counts the weights each one masks, in
+the same process; ``--out`` then writes the weighing page (its own results file by default).
+
 Run (the whole registry takes hours on 2 cores):
     .venv/bin/python benchmarks/timm_coverage.py --out docs/timm_coverage.md
     .venv/bin/python benchmarks/timm_coverage.py --every 10 --out docs/timm_coverage.md  # a sample
+    .venv/bin/python benchmarks/timm_coverage.py --capture export --every 30 --out docs/timm_export.md
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ __all__ = ["main", "check_one", "write_report"]
 SMALL = 64
 
 
-def check_one(name: str, max_params: float) -> dict[str, Any]:
-    """All checks for one model, in this process (the child's work)."""
+def check_one(name: str, max_params: float, capture: str = "auto") -> dict[str, Any]:
+    """All checks for one model, in this process (the child's work); ``capture`` as sparsify's."""
     import timm
     import torch
 
@@ -94,8 +100,14 @@ def check_one(name: str, max_params: float) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         result["timm_traces"] = False
         result["timm_trace_error"] = _reason(e)
-    report = check_model(model, x)
+    if capture == "export":
+        try:
+            result["weighing"] = weigh_captures(model, x)
+        except Exception as e:  # noqa: BLE001 - the check below says which stage fails
+            result["weighing_error"] = _reason(e)
+    report = check_model(model, x, capture=capture)
     result.update(
+        capture=report.capture,
         status="pass" if report.ok else "fail",
         reason=report.failure,
         passed=report.passed,
@@ -107,13 +119,39 @@ def check_one(name: str, max_params: float) -> dict[str, Any]:
     return result
 
 
+def weigh_captures(model: Any, x: Any, steps: int = 3) -> dict[str, Any]:
+    """Both front-ends on one model, same process: capture time, step time, weights masked."""
+    import copy
+
+    import torch
+
+    import fxsparse
+
+    out: dict[str, Any] = {}
+    for how in ("symbolic", "export"):
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        sparse = fxsparse.sparsify(copy.deepcopy(model).train(), 0.1, "erk", example_inputs=x, capture=how)
+        out[f"{how}_sparsify_s"] = round(time.perf_counter() - start, 3)
+        out[f"{how}_masked"] = sum(m.numel() for m in sparse.masks.values())
+        out[f"{how}_layers"] = len(sparse.masks)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            sparse(x).float().sum().backward()
+            times.append(time.perf_counter() - start)
+        out[f"{how}_step_s"] = round(sorted(times[1:])[len(times[1:]) // 2], 4)
+        del sparse
+    return out
+
+
 def _reason(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()
     return text[0][:300] if text else type(e).__name__
 
 
-def _run_child(name: str, timeout: float, max_params: float) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", name, "--max-params", str(max_params)]
+def _run_child(name: str, timeout: float, max_params: float, capture: str = "auto") -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", name, "--max-params", str(max_params), "--capture", capture]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     try:
@@ -207,6 +245,75 @@ def write_report(results: list[dict[str, Any]], path: str | None, total_registry
     return text
 
 
+def write_weighing(results: list[dict[str, Any]], path: str | None, total_registry: int) -> str:
+    """The page of an export sweep (``--capture export``): does torch.export capture what
+    symbolic tracing cannot, and at what cost? Ratios are export / symbolic, same process."""
+    by_status = collections.Counter(r["status"] for r in results)
+    checked = [r for r in results if r["status"] in ("pass", "fail")]
+    weighed = [r for r in checked if r.get("weighing")]
+
+    def median(values: list[float]) -> float:
+        values, half = sorted(values), len(values) // 2
+        return (values[half] + values[~half]) / 2 if values else float("nan")
+
+    def ratios(key: str) -> list[float]:
+        return [r["weighing"][f"export_{key}"] / r["weighing"][f"symbolic_{key}"]
+                for r in weighed if r["weighing"].get(f"symbolic_{key}")]
+
+    more = [r for r in weighed if r["weighing"]["export_masked"] > r["weighing"]["symbolic_masked"]]
+    fewer = [r for r in weighed if r["weighing"]["export_masked"] < r["weighing"]["symbolic_masked"]]
+    capture_ratio, step_ratio = ratios("sparsify_s"), ratios("step_s")
+    lines = [
+        "# timm under torch.export: the second front-end weighed",
+        "",
+        f"{len(results)} of timm {_timm_version()}'s {total_registry} architectures "
+        f"({datetime.date.today().isoformat()}): every check of `fxsparse.checks.check_model` on the "
+        f"`torch.export` capture (`capture=\"export\"`), and, in the same one-thread process, both "
+        f"front-ends timed and compared: `sparsify` wall time (export captures train and eval graphs), "
+        f"one training step (forward + backward, batch 2, median of 3 after a warm-up) and the number "
+        f"of weight parameters each one masks. Symbolic tracing passes on every timm model that fits "
+        f"the cap (docs/timm_coverage.md), so the question is what export adds and what it costs.",
+        "",
+        "```",
+        *dict.fromkeys(f".venv/bin/python {r.get('command', '')}" for r in results),
+        "```",
+        "",
+        "| outcome | models |",
+        "|---|---|",
+    ]
+    for status in ("pass", "fail", "not constructed", "not runnable", "too large", "timeout", "crashed"):
+        lines.append(f"| {status} | {by_status.get(status, 0)} |")
+    lines += [
+        "",
+        f"- Checks under export: {by_status.get('pass', 0)} of {len(checked)} checked models pass.",
+        f"- Weights masked: export masks more weight parameters than symbolic tracing on {len(more)} of "
+        f"{len(weighed)} models, fewer on {len(fewer)}, the same on {len(weighed) - len(more) - len(fewer)}.",
+        f"- Capture time (`sparsify`), export / symbolic: median {median(capture_ratio):.1f}x "
+        f"(range {min(capture_ratio, default=float('nan')):.1f}-{max(capture_ratio, default=float('nan')):.1f}x).",
+        f"- Training step, export / symbolic: median {median(step_ratio):.2f}x "
+        f"(range {min(step_ratio, default=float('nan')):.2f}-{max(step_ratio, default=float('nan')):.2f}x).",
+        "",
+        "| model | checks | masked symbolic | masked export | sparsify s (sym / exp) | step s (sym / exp) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: r["name"]):
+        w = r.get("weighing")
+        if w:
+            lines.append(
+                f"| {r['name']} | {r['status']} | {w['symbolic_masked']:,} | {w['export_masked']:,} | "
+                f"{w['symbolic_sparsify_s']:.1f} / {w['export_sparsify_s']:.1f} | "
+                f"{w['symbolic_step_s']:.3f} / {w['export_step_s']:.3f} |")
+        elif r["status"] != "too large":
+            lines.append(f"| {r['name']} | {r['status']}: {(r.get('reason') or r.get('weighing_error') or '')[:120]} | | | | |")
+    big = [r["name"] for r in results if r["status"] == "too large"]
+    if big:
+        lines += ["", f"Above the parameter cap, not checked: {', '.join(big)}."]
+    text = "\n".join(lines) + "\n"
+    if path:
+        Path(path).write_text(text)
+    return text
+
+
 def _left_dense(passing: list[dict[str, Any]]) -> list[str]:
     """Parameters that passing models leave dense (``sparse.skipped``), grouped by reason."""
     groups: dict[str, set[str]] = collections.defaultdict(set)
@@ -264,15 +371,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
     parser.add_argument("--max-params", type=float, default=150e6)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--results", default="benchmarks/results/timm_coverage.jsonl")
+    parser.add_argument("--capture", default="auto", choices=("auto", "symbolic", "export"),
+                        help="sparsify's front-end; 'export' also weighs it against symbolic tracing")
+    parser.add_argument("--results", default=None,
+                        help="JSON-lines records (default benchmarks/results/timm_coverage.jsonl, "
+                        "timm_export.jsonl with --capture export)")
     parser.add_argument("--out", default=None, help="write the Markdown report here")
     parser.add_argument("--rerun", default="", help="comma-separated statuses to run again, e.g. 'too large,timeout'")
     parser.add_argument("--report-only", action="store_true", help="write the report from --results, run nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(check_one(args.child, args.max_params)), flush=True)
+        print(json.dumps(check_one(args.child, args.max_params, args.capture)), flush=True)
         return
+    if args.results is None:
+        stem = "timm_export" if args.capture == "export" else "timm_coverage"
+        args.results = f"benchmarks/results/{stem}.jsonl"
 
     import timm
 
@@ -296,13 +410,17 @@ def main(argv: list[str] | None = None) -> None:
     # the command that produced each record, shown in the report (a report-only run adds none)
     command = "benchmarks/timm_coverage.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     with ThreadPoolExecutor(max_workers=args.workers) as pool, results_path.open("a") as sink:
-        for i, result in enumerate(pool.map(lambda n: _run_child(n, args.timeout, args.max_params), todo)):
+        for i, result in enumerate(pool.map(lambda n: _run_child(n, args.timeout, args.max_params, args.capture), todo)):
             result["command"] = command
             sink.write(json.dumps(result) + "\n")
             sink.flush()
             done[result["name"]] = result
             print(f"[{i + 1}/{len(todo)}] {result['name']}: {result['status']} {result.get('reason') or ''}"[:200], flush=True)
-    text = write_report([done[n] for n in names if n in done], args.out, len(registry))
+    records = [done[n] for n in names if n in done]
+    if args.capture == "export":
+        text = write_weighing(records, args.out, len(registry))
+    else:
+        text = write_report(records, args.out, len(registry))
     if not args.out:
         print(text)
 

@@ -2,8 +2,9 @@
 
 For every model type of the installed ``transformers`` (``CONFIG_MAPPING_NAMES``; in a fixed
 pseudo-random order, crc32 of the name, so that a partial sweep is a fair sample; ``--only``
-names some, ``--limit N`` stops after N), in its own subprocess with a time limit (``--timeout``)
-and one thread, never downloading anything:
+names some, ``--limit N`` stops after N), in a process of its own (forked from a server that
+imported torch and transformers once) with a time limit (``--timeout``) and one thread, never
+downloading anything:
 
 1. config: the type's default config made tiny, generically (:func:`tiny_config`): widths 32,
    feed-forward 64, 2 heads of 16, 1-2 layers, vocabulary 256, positions 128, 4 experts, small
@@ -44,10 +45,10 @@ import datetime
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -611,32 +612,86 @@ def _reason(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. the sweep: one subprocess per model type, resumable records, the page
+# 5. the sweep: one process per model type, resumable records, the page
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_child(model_type: str, timeout: float, max_params: float) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", model_type, "--max-params", str(max_params)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    start = time.perf_counter()
+# the child's environment: one thread, nothing downloaded, quiet
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+             "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+# imported once by the fork server, so that each model type's process starts without paying
+# for them (~5-10 s of a 10-30 s check)
+PRELOAD = ["torch", "transformers", "transformers.models.auto.modeling_auto", "fxsparse", "fxsparse.checks"]
+
+
+def _context() -> Any:
+    os.environ.update(CHILD_ENV)  # before the fork server starts: its children inherit it
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    warm = context.Process(target=_nothing)  # waits for the preload: outside any model's time limit
+    warm.start()
+    warm.join()
+    return context
+
+
+def _nothing() -> None:
+    pass
+
+
+def _child(model_type: str, max_params: float, conn: Any) -> None:
+    """One model type's process: progress lines, then the record (or the error) on ``conn``."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        steps = [line[2:] for line in out.splitlines() if line.startswith("# ")]
-        last = f" (while {steps[-1]})" if steps else ""
-        return {"type": model_type, "status": "timeout", "reason": f"more than {timeout:.0f} s{last}",
-                "seconds": round(time.perf_counter() - start, 1)}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        steps = [line[2:] for line in done.stdout.splitlines() if line.startswith("# ")]
-        last = f" (while {steps[-1]})" if steps else ""
-        return {"type": model_type, "status": "crashed", "reason": f"exit {done.returncode}{last}: {tail[-1][:300]}",
-                "seconds": round(time.perf_counter() - start, 1)}
-    record = json.loads(lines[-1])
-    record["seconds"] = round(time.perf_counter() - start, 1)  # with the process start and imports
+        conn.send(("record", check_one(model_type, max_params, progress=lambda s: conn.send(("step", s)))))
+    except BaseException as e:  # noqa: BLE001 - the parent records it as crashed
+        conn.send(("error", _reason(e)))
+    finally:
+        conn.close()
+
+
+def _run_child(model_type: str, timeout: float, max_params: float, context: Any = None) -> dict[str, Any]:
+    """``check_one`` in a process of its own (forked from a server that imported torch and
+    transformers once), killed after ``timeout`` seconds."""
+    context = context or _context()
+    start = time.perf_counter()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(model_type, max_params, send), daemon=True)
+    process.start()
+    send.close()
+    steps: list[str] = []
+    record = error = None
+    while record is None and error is None:
+        left = start + timeout - time.perf_counter()
+        if left <= 0:
+            break
+        if not receive.poll(min(left, 1.0)):
+            if not process.is_alive():
+                break
+            continue
+        try:
+            kind, value = receive.recv()
+        except EOFError:  # the process ended without a record
+            break
+        if kind == "step":
+            steps.append(value)
+        elif kind == "record":
+            record = value
+        else:
+            error = value
+    timed_out = record is None and error is None and process.is_alive()
+    if timed_out or process.is_alive():
+        process.join(2 if not timed_out else 0)
+        if process.is_alive():
+            process.kill()
+    process.join()
+    receive.close()
+    seconds = round(time.perf_counter() - start, 1)
+    last = f" (while {steps[-1]})" if steps else ""
+    if timed_out:
+        return {"type": model_type, "status": "timeout", "reason": f"more than {timeout:.0f} s{last}", "seconds": seconds}
+    if record is None:
+        return {"type": model_type, "status": "crashed", "seconds": seconds,
+                "reason": f"exit {process.exitcode}{last}: {error or 'no output'}"[:400]}
+    record["seconds"] = seconds  # with the process start
     return record
 
 
@@ -788,8 +843,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "benchmarks/transformers_coverage.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
+    context = _context() if todo else None
     with results.open("a") as sink, ThreadPoolExecutor(max(1, args.workers)) as pool:
-        running = [pool.submit(_run_child, t, args.timeout, args.max_params) for t in todo]
+        running = [pool.submit(_run_child, t, args.timeout, args.max_params, context) for t in todo]
         for i, future in enumerate(as_completed(running)):
             record = future.result()
             model_type = record["type"]
