@@ -31,7 +31,7 @@ from fxsparse.tracing import trace
 
 __all__ = [
     "CAPTURES", "PYTREE_SPECS", "Captured", "capture", "split_inputs", "graph_inputs", "pytree_specs",
-    "graph_state", "graph_from_state",
+    "graph_state", "graph_from_state", "inline_wrappers",
 ]
 
 CAPTURES = ("auto", "symbolic", "export")
@@ -188,7 +188,9 @@ def _for_training(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     assertions torch.export records (``aten._assert_tensor_metadata``) dropped, since the graph
     is trained eagerly, under autocast (bf16 activations where capture saw float32) and after
     ``.to(dtype)``, where they would refuse what eager PyTorch computes; its input guard module
-    dropped (unpicklable); the fake-tensor metadata of the capture dropped (weak references)."""
+    dropped (unpicklable); the fake-tensor metadata of the capture dropped (weak references);
+    ``no_grad`` / ``enable_grad`` / ``autocast`` blocks inlined (:func:`inline_wrappers`)."""
+    inline_wrappers(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
@@ -205,6 +207,112 @@ def _for_training(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         gm.delete_submodule("_guards_fn")
     gm.recompile()
     return gm
+
+
+def _wrapper_ops() -> dict[Any, tuple[int, Any, Any]]:
+    """Higher-order ops that only run their subgraph under a mode: op -> (index of the subgraph
+    argument, enter(graph, mode args) -> token, exit(graph, token))."""
+    ops: dict[Any, tuple[int, Any, Any]] = {}
+    hop = torch.ops.higher_order
+
+    def enter_grad(graph: torch.fx.Graph, mode: tuple[Any, ...]) -> Any:
+        previous = graph.call_function(torch.is_grad_enabled)
+        graph.call_function(torch._C._set_grad_enabled, (mode[0],))
+        return previous
+
+    def exit_grad(graph: torch.fx.Graph, previous: Any) -> None:
+        graph.call_function(torch._C._set_grad_enabled, (previous,))
+
+    def enter_autocast(graph: torch.fx.Graph, mode: tuple[Any, ...]) -> Any:
+        return graph.call_function(torch.amp.autocast_mode._enter_autocast, mode)
+
+    def exit_autocast(graph: torch.fx.Graph, token: Any) -> None:
+        graph.call_function(torch.amp.autocast_mode._exit_autocast, (token,))
+
+    if hasattr(hop, "wrap_with_set_grad_enabled"):
+        ops[hop.wrap_with_set_grad_enabled] = (1, enter_grad, exit_grad)
+    if hasattr(hop, "wrap_with_autocast"):
+        ops[hop.wrap_with_autocast] = (4, enter_autocast, exit_autocast)
+    return ops
+
+
+def inline_wrappers(gm: torch.fx.GraphModule) -> int:
+    """Inlines, in place, the subgraphs torch.export wraps ``torch.no_grad()``,
+    ``torch.enable_grad()`` and ``torch.autocast(...)`` blocks in (higher-order ops
+    ``wrap_with_set_grad_enabled`` / ``wrap_with_autocast``), nested ones too: their ops are put in
+    the graph between the calls that set and restore the mode, as symbolic tracing records
+    them. Weights read inside such a block are then ordinary reads for every pass (found,
+    masked, counted). Returns the number of blocks inlined."""
+    ops = _wrapper_ops()
+    inlined = 0
+    while True:
+        node = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops), None)
+        if node is None or not _inline(gm, node, *ops[node.target]):
+            break
+        inlined += 1
+    if inlined:
+        used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, child in list(gm.named_children()):
+            if isinstance(child, torch.fx.GraphModule) and name not in used:
+                gm.delete_submodule(name)
+        gm.graph.lint()
+        gm.recompile()
+    return inlined
+
+
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, at: int, enter: Any, exit_: Any) -> bool:
+    import operator
+
+    holder = node.args[at]
+    body = getattr(gm, str(holder.target), None) if isinstance(holder, torch.fx.Node) else None
+    if not isinstance(body, torch.fx.GraphModule) or node.kwargs:
+        return False
+    if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+        return False
+    operands = list(node.args[at + 1:])
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(operands):
+        return False
+    graph = gm.graph
+    env: dict[torch.fx.Node, Any] = dict(zip(placeholders, operands))
+    outputs: Any = ()
+    with graph.inserting_before(node):
+        token = enter(graph, tuple(node.args[:at]))
+        for inner in body.graph.nodes:
+            if inner.op == "placeholder":
+                continue
+            if inner.op == "output":
+                outputs = torch.fx.map_arg(inner.args[0], lambda n: env[n])
+                continue
+            if inner.op == "get_attr":  # a nested block's subgraph or a constant: moved up
+                value = body.get_submodule(str(inner.target)) if isinstance(
+                    getattr(body, str(inner.target), None), nn.Module) else getattr(body, str(inner.target))
+                name = _free_name(gm, f"{holder.target}_{inner.target}")
+                if isinstance(value, nn.Module):
+                    gm.add_module(name, value)
+                else:
+                    setattr(gm, name, value)
+                env[inner] = graph.get_attr(name)
+                continue
+            env[inner] = graph.node_copy(inner, lambda n: env[n])
+        exit_(graph, token)
+    results = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    for user in list(node.users):
+        user.replace_all_uses_with(results[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(node)
+    if not any(n.op == "get_attr" and n.target == holder.target for n in graph.nodes if n is not holder) \
+            and not holder.users:
+        graph.erase_node(holder)
+    return True
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    name, i = base.replace(".", "_"), 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base.replace('.', '_')}_{i}"
+    return name
 
 
 def _named(model: nn.Module, positional: tuple[Any, ...]) -> dict[str, Any]:

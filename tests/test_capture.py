@@ -272,3 +272,76 @@ def test_export_inference_lowers_the_aten_layers_of_an_exported_module_in_eval_m
     with torch.no_grad():
         torch.testing.assert_close(exported(x), sparse(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(exported(x[:1]), sparse(x[:1]), rtol=1e-5, atol=1e-6)
+
+
+class Blocks(nn.Module):
+    """Weights read inside ``no_grad`` / ``enable_grad`` / ``autocast`` blocks, nested: torch.export
+    wraps each block in a higher-order op whose subgraph hides the read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen, self.inner = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.low, self.full = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.frozen(x)  # a teacher / EMA-style read: no gradient
+            with torch.enable_grad():
+                h = torch.tanh(self.inner(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = self.low(h)
+            with torch.autocast("cpu", enabled=False):
+                full = self.full(h + target)
+        return full + low.float().mean(-1, keepdim=True)
+
+
+def test_weights_inside_grad_mode_and_autocast_blocks_are_found_masked_and_counted():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = Blocks()
+    sparse = fxsparse.sparsify(model, 0.5, example_inputs=x, capture="export")
+    assert sparse.capture == "export"
+    assert set(sparse.masks) == {"frozen.weight", "inner.weight", "low.weight", "full.weight"}
+    assert not any(isinstance(m, torch.fx.GraphModule) for _, m in sparse.named_children()), "blocks inlined"
+    full = fxsparse.sparsify(model, 1.0, example_inputs=x, capture="export")
+    for mode in (True, False):
+        model.train(mode), full.train(mode)
+        torch.testing.assert_close(full(x), model(x))
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")  # the modes were restored
+    sparse.train()
+    sparse(x).sum().backward()
+    assert sparse.get_parameter("frozen.weight").grad is None  # no_grad still holds
+    assert sparse.get_parameter("inner.weight").grad is not None  # so does the enable_grad inside it
+    for fqn, mask in sparse.masks.items():
+        grad = sparse.get_parameter(fqn).grad
+        assert fqn == "frozen.weight" or grad is not None and not bool(grad[~mask].any()), fqn
+    assert_inactive_no_influence(sparse, x)
+    counts = {fqn: int(mask.sum()) for fqn, mask in sparse.masks.items()}
+    sparse.rigl_step(0.3)  # the weight without a gradient grows from zeros
+    assert {fqn: int(mask.sum()) for fqn, mask in sparse.masks.items()} == counts
+    rows = {r.name: r for r in fxsparse.flop_report(sparse, x).rows if r.kind == "weight"}
+    assert set(rows) == set(sparse.masks)  # counted as weights, not as one opaque block
+    loaded = torch.load(io.BytesIO(_saved(sparse)), weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sparse(x))
+
+
+def _saved(module: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
+def test_weights_read_inside_torch_cond_stay_dense_with_the_reason():
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.cond(x.sum() > 0, lambda x: self.a(x), lambda x: self.b(x), (x,)))
+
+    sparse = fxsparse.sparsify(Branches(), 0.5, example_inputs=torch.randn(2, 8), capture="export")
+    assert set(sparse.masks) == {"c.weight"}
+    reasons = dict(sparse.skipped)
+    assert set(reasons) >= {"a.weight", "b.weight"} and "higher_order.cond" in reasons["a.weight"]

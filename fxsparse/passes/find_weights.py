@@ -267,6 +267,12 @@ def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
     return []
 
 
+def _flat(args: Any) -> list[Any]:
+    flat: list[Any] = []
+    torch.fx.node.map_aggregate(args, flat.append)
+    return flat
+
+
 def _is_plain_embedding(module: nn.Module) -> bool:
     return type(module).forward is nn.Embedding.forward if isinstance(module, nn.Embedding) else False
 
@@ -351,6 +357,16 @@ def find_weights(
                         # A lookup table is no product weight: worth a word only when tied
                         # to one, whose mask the lookup would then ignore.
                         quiet.add(fqn)
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            # torch.cond / while_loop / map ...: the read happens in a subgraph no pass rewrites
+            # (grad-mode and autocast blocks are inlined at capture, capture.inline_wrappers)
+            for operand in _flat(node.args):
+                fqn = _param_of(gm, operand, names)
+                if fqn is not None and params[fqn].dim() >= 2:
+                    blocked.setdefault(fqn, (
+                        f"read inside torch.ops.higher_order.{node.target.name()} (a subgraph fxsparse "
+                        f"does not rewrite): left dense"
+                    ))
         for operand in _weight_operands(node) if node.op != "call_module" else ():
             fqn = _param_of(gm, operand, names)
             if fqn is not None and params[fqn].dim() >= 2:
