@@ -34,11 +34,14 @@ The op therefore trusts nothing and costs one weight-sized pass per forward:
   update steps); otherwise it hands the weight through, so ordinary steps keep no dense tensor
   beyond autograd's own.
 
-The persistent masks are bool (the public contract); the passes use a cached integer copy of the
-weight's element width (``benchmarks/mask_dtype.py``: float-times-bool is several times slower
-on CPU, since PyTorch's mixed-dtype loop is not vectorized; integer ``and`` is as fast as a
-float multiply and exact for every bit pattern). The cache is keyed by the bool mask's identity
-and version counter.
+The only persistent mask is the bool buffer (the public contract; 1 byte a weight). The passes
+``and`` the weight's bits with an integer mask of its element width (``benchmarks/mask_dtype.py``:
+float-times-bool is several times slower on CPU, since PyTorch's mixed-dtype loop is not
+vectorized; integer ``and`` is as fast as a float multiply and exact for every bit pattern),
+which each pass writes from the bool mask into one scratch buffer that the masker reuses for
+every weight (the size of the largest weight): a cached integer copy per weight would hold 4
+more bytes a float32 weight, most of fxsparse's memory above dense training, while the copy
+adds little to a pass that reads the weight from memory anyway.
 """
 
 from __future__ import annotations
@@ -66,6 +69,17 @@ def bit_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(mask.to(out.device), 0xFF if dtype is torch.uint8 else -1)
 
 
+def _dense(tensor: torch.Tensor) -> bool:
+    """True when ``tensor``'s elements fill one block of memory without gaps or overlap, in any
+    dim order (contiguous, channels-last, a transpose): its strides can describe a scratch."""
+    size = 1
+    for stride, extent in sorted((st, e) for st, e in zip(tensor.stride(), tensor.shape) if e != 1):
+        if stride != size:
+            return False
+        size *= extent
+    return True
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     # an integer view of the same memory, outside autograd (no version-counter bump on `tensor`)
     return tensor.data.view(_BITS[tensor.element_size()])
@@ -75,10 +89,14 @@ def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -
     """Sets the inactive entries of ``weight.grad`` to zero (``mask`` from :func:`bit_mask`);
     returns the new grad. In place unless ``inplace`` is False (then ``.grad`` is replaced)."""
     grad = weight.grad
-    if not inplace:
-        grad = weight.grad = grad.clone()
-    _bits(grad).bitwise_and_(mask)
-    return grad
+    if inplace:
+        _bits(grad).bitwise_and_(mask)
+        return grad
+    # a masked copy in the same pass: as much memory traffic as masking in place
+    masked = torch.empty_like(grad)
+    torch.bitwise_and(_bits(grad), mask, out=_bits(masked))
+    weight.grad = masked
+    return masked
 
 
 def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
@@ -153,7 +171,7 @@ class Masker(nn.Module):
         self.accumulate = False
         self.grads: dict[str, torch.Tensor] = {}
         self._tasks: dict[str, int] = {}
-        self._bit_masks: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # integer masks are written here
         self._masks: dict[str, torch.Tensor] = {}  # the mask the prologue last saw, by name
         # by name: the parameter whose gradient is masked, as (id, tensor implementation)
         self._served: dict[str, tuple[int, int]] = {}
@@ -247,20 +265,18 @@ class Masker(nn.Module):
         mask_grad_(weight, self.bit_mask(name, self._masks[name], weight), inplace=name not in self.grads)
 
     def bit_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``mask`` as :func:`bit_mask` of ``weight``, rebuilt when the mask changed in place or
-        the weight's width, device or layout did."""
-        entry = self._bit_masks.get(name)
-        if (
-            entry is None
-            or entry[0] is not mask
-            or entry[1] != mask._version
-            or entry[2].element_size() != weight.element_size()
-            or entry[2].device != weight.device
-            or entry[2].stride() != weight.stride()
-        ):
-            entry = (mask, mask._version, bit_mask(mask.detach(), weight))
-            self._bit_masks[name] = entry
-        return entry[2]
+        """``mask`` as :func:`bit_mask` of ``weight`` (its width, device and strides), written into
+        the masker's scratch buffer: valid until the next call, to be used at once."""
+        dtype = _BITS[weight.element_size()]
+        if not _dense(weight):  # a weight with gaps between its elements: an integer mask of its own
+            return bit_mask(mask.detach(), weight)
+        key, n = (weight.device, dtype), weight.numel()
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.numel() < n:
+            scratch = self._scratch[key] = torch.empty(n, dtype=dtype, device=weight.device)
+        out = scratch[:n].as_strided(weight.shape, weight.stride())
+        out.copy_(mask.detach())  # 1 where active, 0 where not
+        return out.neg_()  # all bits set where active
 
     def _record(self, name: str, grad: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()
@@ -279,7 +295,7 @@ class Masker(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles rebuild the caches from their own tensors.
         state = dict(super().__getstate__())
-        state["_bit_masks"] = {}
+        state["_scratch"] = {}
         state["_masks"] = {}
         state["_served"] = {}  # the copy's prologue hooks the copy's own parameters
         state["_due"], state["_queued"] = {}, None
@@ -289,6 +305,8 @@ class Masker(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_due", {})  # pickled by fxsparse <= 0.2
         self.__dict__.setdefault("_queued", None)
+        self.__dict__.setdefault("_scratch", {})  # pickled by fxsparse <= 0.3 (a per-weight cache then)
+        self.__dict__.pop("_bit_masks", None)
 
     def extra_repr(self) -> str:
         return f"armed={self.armed}, accumulate={self.accumulate}, captured={len(self.grads)}"

@@ -210,3 +210,48 @@ def test_gradients_are_masked_under_reentrant_checkpointing():
         p.grad = None
     checkpoint(sparse, x, use_reentrant=False).square().sum().backward()
     assert _inactive_grads_zero(sparse)
+
+
+def test_the_only_persistent_mask_is_the_bool_one_and_integer_masks_share_one_scratch():
+    """Memory: per sparse weight the module holds its bool mask (1 byte a weight) and nothing
+    else; the integer masks the passes `and` with are written into one scratch buffer the size
+    of the largest weight, whatever the layout of the weight (channels-last, transposed)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, 10),
+    )
+    sparse = fxsparse.sparsify(net, 0.3)
+    sparse.get_parameter("2.weight").data = sparse.get_parameter("2.weight").data.to(memory_format=torch.channels_last)
+    linear = sparse.get_parameter("4.weight")
+    linear.data = linear.data.t().contiguous().t()  # transposed strides
+    sparse.arm_growth(False)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        sparse.zero_grad(set_to_none=True)
+        sparse(x).sum().backward()
+    assert_inactive_no_influence(sparse, x)
+    for fqn, mask in sparse.masks.items():
+        weight = sparse.get_parameter(fqn)
+        assert bool(weight[~mask].eq(0).all()) and bool(weight.grad[~mask].eq(0).all()), fqn
+    assert weight.grad is not None
+    masker = sparse.growth_capture
+    held = [t for t in masker.__dict__.values() if isinstance(t, torch.Tensor)]
+    held += [t for d in masker.__dict__.values() if isinstance(d, dict) for t in d.values() if isinstance(t, torch.Tensor)]
+    buffers = {m.data_ptr() for m in sparse.masks.values()} | {p.data_ptr() for p in sparse.parameters()}
+    own = [t for t in held if t.data_ptr() not in buffers]  # beyond references to the module's own tensors
+    largest = max(m.numel() for m in sparse.masks.values())
+    assert sum(t.numel() * t.element_size() for t in own) <= 4 * largest  # the scratch alone
+    assert all(m.dtype is torch.bool for m in sparse.masks.values())
+
+
+def test_an_armed_step_masks_the_gradient_and_keeps_the_dense_one_apart():
+    torch.manual_seed(0)
+    sparse = fxsparse.sparsify(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)), 0.3)
+    x = torch.randn(5, 16)
+    sparse(x).sum().backward()  # armed: a fresh module captures
+    for fqn, mask in sparse.masks.items():
+        grad, dense = sparse.get_parameter(fqn).grad, sparse.growth_capture.grads[fqn]
+        assert grad.untyped_storage().data_ptr() != dense.untyped_storage().data_ptr(), fqn
+        assert not bool(grad[~mask].any()) and bool(dense[~mask].ne(0).any()), fqn
+        torch.testing.assert_close(grad[mask], dense[mask], rtol=0, atol=0)
