@@ -8,7 +8,8 @@ downloading anything:
 
 1. config: the type's default config made tiny, generically (:func:`tiny_config`): widths 32,
    feed-forward 64, 2 heads of 16, 1-2 layers, vocabulary 256, positions 128, 4 experts, small
-   images, in every nested sub-config (text/vision/audio/backbone...) too. When the tiny config
+   images, no key/value cache and LayerDrop off, in every nested sub-config (text/vision/audio/
+   backbone...) too. When the tiny config
    cannot be built or run, a "reduced" one (layers, vocabulary and experts only) and then the
    default config are tried, if under ``--max-params``;
 2. model: the first auto class with a loss that maps the type (CausalLM, MaskedLM, Seq2SeqLM,
@@ -133,7 +134,9 @@ _TOKEN_KEY = re.compile(r"(token_id|token_index|token_ids)$")
 def tiny_config(model_type: str, mode: str = "tiny") -> Any:
     """The default config of ``model_type`` made small: ``mode`` "tiny" (every size shrunk),
     "reduced" (layers, vocabulary, positions and experts only, token ids remapped) or "default"
-    (as it comes). Always ``use_cache=False`` (training), in every sub-config."""
+    (as it comes). Always ``use_cache=False`` (training) and LayerDrop off (``*layerdrop = 0``:
+    random layer skipping in train mode is Python control flow on a random number, which no
+    graph capture can record; ``sparsify`` names the line when it meets it), in every sub-config."""
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
@@ -180,6 +183,9 @@ def _shrink(config: Any, mode: str, tokens: dict[int, int], top: bool = False) -
     for key, value in values.items():
         if isinstance(value, PretrainedConfig):
             out[key] = _shrink(value, mode, tokens)
+            continue
+        if isinstance(value, float) and key.endswith("layerdrop"):
+            put(key, 0.0)  # LayerDrop skips layers at random in train mode: no graph captures that
             continue
         if isinstance(value, bool) or value is None or mode == "default":
             continue
@@ -714,8 +720,10 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
         f"{len(records)} of the {registry} model types of transformers ({'; '.join(versions) or 'versions not recorded'}) "
         f"swept ({datetime.date.today().isoformat()}), in a fixed pseudo-random order (crc32 of the name), so that "
         f"a partial sweep is a fair sample. Each type in its own process, one thread, random weights from a tiny "
-        f"config (widths {WIDTH}, {LAYERS} layers, {HEADS} heads, vocabulary {VOCAB}; the default config where the "
-        f"tiny one cannot be built or run and is small enough), inputs from the model's `main_input_name`, then "
+        f"config (widths {WIDTH}, {LAYERS} layers, {HEADS} heads, vocabulary {VOCAB}, no key/value cache, LayerDrop "
+        f"off: random layer skipping is control flow on a random number, which torch.export cannot record; the "
+        f"default config where the tiny one cannot be built or run and is small enough), inputs from the model's "
+        f"`main_input_name`, then "
         f"`fxsparse.checks.check_model(model, inputs, density=0.1, capture='auto')`.",
         "",
         "Produced by (each command resumes from the results file and runs what is missing or asked for):",

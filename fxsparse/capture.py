@@ -170,17 +170,37 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mod
                 program = torch.export.export(model, args, kwargs, strict=False)
             graphs[mode] = _for_training(program.module())
     except Exception as e:
+        mode = "train" if model.training else "eval"
         raise TypeError(
             f"expected a model torch.export can capture with the example inputs given, but "
-            f"exporting {type(model).__name__} failed: {type(e).__name__}: {e}. Fix: check that "
-            f"model(*args, **kwargs) runs with those inputs; a model with data-dependent control "
+            f"exporting {type(model).__name__} in {mode} mode failed: {_export_error(e)} Fix: check "
+            f"that model(*args, **kwargs) runs with those inputs; a model with data-dependent control "
             f"flow needs torch.export's remedies (torch.cond, torch._check), see "
-            f"https://pytorch.org/docs/stable/export.html"
+            f"https://pytorch.org/docs/stable/export.html (the full error is chained below)"
         ) from e
     finally:
         model.train(was_training)
     gc.collect()  # the exported programs and their fake modes, with their weak references
     return Captured("export", graphs[True], graphs.get(False), dynamic)
+
+
+def _export_error(e: BaseException) -> str:
+    """torch.export's error in a few lines: its first line, the model's line that raised it, and
+    what to do when it is a branch on a tensor's value."""
+    text = str(e).strip()
+    lines = [f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip()]
+    marker = "The following call raised this error:"
+    if marker in text:
+        call = [line.strip() for line in text.split(marker, 1)[1].strip().splitlines()[:2]]
+        lines.append(f"raised at {' : '.join(call)}")
+    if "data-dependent" in text or "DataDependent" in type(e).__name__:
+        lines.append(
+            "That is Python control flow on a tensor's value (a branch on the data, or on "
+            "torch.rand(...) such as LayerDrop's random layer skipping in train mode), which no "
+            "graph can record: turn it off for training (transformers: config.layerdrop, "
+            "encoder_layerdrop, decoder_layerdrop = 0) or express it with torch.cond."
+        )
+    return ". ".join(line.rstrip(".") for line in lines) + "."
 
 
 def _for_training(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -345,3 +345,27 @@ def test_weights_read_inside_torch_cond_stay_dense_with_the_reason():
     assert set(sparse.masks) == {"c.weight"}
     reasons = dict(sparse.skipped)
     assert set(reasons) >= {"a.weight", "b.weight"} and "higher_order.cond" in reasons["a.weight"]
+
+
+def test_random_layer_skipping_is_refused_with_the_line_and_the_remedy():
+    class LayerDrop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                if self.training and torch.rand([]) < 0.1:  # LayerDrop
+                    continue
+                x = layer(x)
+            return x
+
+    model = LayerDrop()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError) as caught:
+        fxsparse.sparsify(model, 0.5, example_inputs=torch.randn(2, 8), capture="export")
+    message = str(caught.value)
+    assert "in train mode" in message and "LayerDrop" in message and "layerdrop" in message
+    assert "torch.rand([]) < 0.1" in message  # the model's own line
+    assert len(message) < 2000  # not torch.export's whole graph dump
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
