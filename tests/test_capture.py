@@ -369,3 +369,23 @@ def test_random_layer_skipping_is_refused_with_the_line_and_the_remedy():
     assert "torch.rand([]) < 0.1" in message  # the model's own line
     assert len(message) < 2000  # not torch.export's whole graph dump
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+
+
+def test_check_model_says_when_torch_export_itself_differs_from_eager():
+    import random
+
+    class PythonRandom(nn.Module):
+        """A Python-side random number: every capture bakes in the one it drew."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x) * (1.0 + random.random())
+
+    from fxsparse.checks import check_model
+
+    report = check_model(PythonRandom(), torch.randn(2, 4), capture="export")
+    assert report.passed["sparsify"] and not report.passed["density_one"]
+    assert "torch.export's own graph of PythonRandom differs from eager already" in report.failure
