@@ -389,3 +389,29 @@ def test_check_model_says_when_torch_export_itself_differs_from_eager():
     report = check_model(PythonRandom(), torch.randn(2, 4), capture="export")
     assert report.passed["sparsify"] and not report.passed["density_one"]
     assert "torch.export's own graph of PythonRandom differs from eager already" in report.failure
+
+
+class StandardizedConv(nn.Module):
+    """A convolution whose weight is standardized in the forward (timm's StdConv2d, NF-Nets):
+    the product reads a function of the parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.gain = nn.Parameter(torch.ones(8, 1, 1, 1))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        h = F.conv2d(x, w * self.gain, padding=1)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_a_weight_the_product_reads_through_a_computation_is_left_dense_with_the_reason(capture):
+    sparse = fxsparse.sparsify(StandardizedConv(), 0.5, example_inputs=torch.randn(2, 3, 6, 6), capture=capture)
+    assert set(sparse.masks) == {"head.weight"}
+    reasons = dict(sparse.skipped)
+    assert "weight" in reasons and "computed into the weight of" in reasons["weight"], sparse.skipped
+    assert "gain" not in reasons  # a per-channel gain is no weight matrix

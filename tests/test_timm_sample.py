@@ -40,4 +40,6 @@ def test_timm_model_sparsifies_with_every_check(name, size, kwargs):
     report = check_model(model, torch.randn(2, 3, size, size))
     assert report.ok, report.failure
     assert set(report.passed) == set(CHECKS)
-    assert report.coverage >= 0.99, report.skipped
+    # NF-RegNet's stem and final convolutions standardize their weight in the graph: listed in
+    # skipped (a mask on the parameter would not make the standardized product sparse)
+    assert report.coverage >= (0.95 if name.startswith("nf_") else 0.99), report.skipped

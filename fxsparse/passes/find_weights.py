@@ -241,6 +241,28 @@ def _param_of(gm: torch.fx.GraphModule, node: Any, names: dict[str, str]) -> str
     return None
 
 
+def _label(target: Any) -> str:
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(_packet(target))
+    return getattr(target, "__name__", str(target))
+
+
+def _parameters_behind(gm: torch.fx.GraphModule, node: torch.fx.Node, names: dict[str, str]) -> list[str]:
+    """The canonical FQNs of the parameters ``node`` is computed from (it reads no input)."""
+    found, todo, seen = [], [node], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            fqn = names.get(str(current.target))
+            if fqn is not None and fqn not in found:
+                found.append(fqn)
+        todo.extend(current.all_input_nodes)
+    return found
+
+
 def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
     if node.op == "call_function":
         if _packet(node.target) is _ATEN.einsum:  # einsum(equation, tensors, path=None)
@@ -308,6 +330,8 @@ def find_weights(
         return sites[fqn]
 
     uses: dict[str, list[WeightUse]] = {}
+    fixed: set[torch.fx.Node] = set()  # nodes computed from parameters and constants alone
+    computed: dict[str, str] = {}  # parameters products read only through such a computation
     lookups: dict[str, list[torch.fx.Node]] = {}  # embedding tables: the nodes looking them up
     for node in gm.graph.nodes:
         if node.op == "get_attr" and str(node.target) in names:
@@ -367,11 +391,25 @@ def find_weights(
                         f"read inside torch.ops.higher_order.{node.target.name()} (a subgraph fxsparse "
                         f"does not rewrite): left dense"
                     ))
+        if node.op == "get_attr" or (
+            node.op in ("call_function", "call_method")
+            and all(a in fixed for a in node.all_input_nodes) and node.all_input_nodes
+        ):
+            fixed.add(node)  # a function of parameters and constants only, no input's data
         for operand in _weight_operands(node) if node.op != "call_module" else ():
             fqn = _param_of(gm, operand, names)
             if fqn is not None and params[fqn].dim() >= 2:
                 site(fqn).consumers.append(node)
                 node.meta["fxsparse.weight"] = fqn
+            elif isinstance(operand, torch.fx.Node) and operand in fixed:
+                for source in _parameters_behind(gm, operand, names):
+                    if sum(d > 1 for d in params[source].shape) >= 2:  # a matrix, not a gain
+                        computed.setdefault(source, (
+                            f"computed into the weight of {_label(node.target)} by "
+                            f"{_label(operand.target)} (weight standardization or the like): the "
+                            f"product reads a function of it, which a mask on the parameter would "
+                            f"not make sparse; left dense"
+                        ))
 
     result = []
     for fqn, s in sites.items():
@@ -397,5 +435,8 @@ def find_weights(
             result.append(s)
     for fqn, reason in blocked.items():
         if fqn not in quiet:
+            skipped.setdefault(fqn, reason)
+    for fqn, reason in computed.items():
+        if fqn not in sites:
             skipped.setdefault(fqn, reason)
     return result, sorted(skipped.items())
