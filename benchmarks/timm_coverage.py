@@ -291,7 +291,11 @@ def write_weighing(results: list[dict[str, Any]], path: str | None, total_regist
         f"- Capture time (`sparsify`), export / symbolic: median {median(capture_ratio):.1f}x "
         f"(range {min(capture_ratio, default=float('nan')):.1f}-{max(capture_ratio, default=float('nan')):.1f}x).",
         f"- Training step, export / symbolic: median {median(step_ratio):.2f}x "
-        f"(range {min(step_ratio, default=float('nan')):.2f}-{max(step_ratio, default=float('nan')):.2f}x).",
+        f"(range {min(step_ratio, default=float('nan')):.2f}-{max(step_ratio, default=float('nan')):.2f}x; "
+        f"medians of 3 one-thread steps of batch 2 on a shared machine: the spread is mostly noise, "
+        f"the median is the figure).",
+        *[f"- {r['name']}: symbolic tracing masks {r['weighing']['symbolic_masked']:,} weight parameters, "
+          f"export {r['weighing']['export_masked']:,}." for r in more + fewer],
         "",
         "| model | checks | masked symbolic | masked export | sparsify s (sym / exp) | step s (sym / exp) |",
         "|---|---|---|---|---|---|",
