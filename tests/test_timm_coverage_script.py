@@ -3,17 +3,10 @@ the page. The sweeps themselves take hours and are not run here."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py"
-
+from scripts import load_script
 
 def _script():
-    spec = importlib.util.spec_from_file_location("timm_coverage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/timm_coverage.py")
 
 
 def test_export_weighing_checks_one_model_and_compares_both_front_ends(tmp_path):

@@ -7,12 +7,13 @@ writer on made-up records, and ``--help`` without transformers installed.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from scripts import load_script
 
 pytest.importorskip("transformers")
 
@@ -20,10 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transformers_cove
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("transformers_coverage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/transformers_coverage.py")
 
 
 def test_one_model_type_passes_every_check_from_a_tiny_config():
