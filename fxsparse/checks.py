@@ -109,7 +109,12 @@ def check_model(
         model.train()
         _scalar(model(*args, **kwargs)).backward()
         trained = {n for n, p in model.named_parameters() if p.grad is not None}
-        _scalar(sparse(*args, **kwargs)).backward()
+        try:
+            _scalar(sparse(*args, **kwargs)).backward()
+        except RuntimeError as e:
+            if sparse.capture == "export":
+                _blame_export_backward(model, args, kwargs, e)
+            raise
         # every name (a module reachable by two paths has its parameters under both)
         got = {n for n, p in sparse.named_parameters(remove_duplicate=False) if p.grad is not None}
         if not trained <= got:
@@ -149,6 +154,26 @@ def _blame_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         ) from error
     except Exception:  # noqa: BLE001 - the plain export could not even run: keep the first error
         return
+
+
+def _blame_export_backward(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], error: RuntimeError) -> None:
+    """Raises a RuntimeError that says so when a backward through torch.export's own capture of
+    ``model`` (train mode, no fxsparse pass involved) fails too; returns when it does not."""
+    try:
+        plain = torch.export.export(model, args, kwargs, strict=False).module()
+    except Exception:  # noqa: BLE001 - the plain export could not even run: keep the first error
+        return
+    try:
+        _scalar(plain(*args, **kwargs)).backward()
+    except RuntimeError as failure:
+        first = str(failure).strip().splitlines()
+        raise RuntimeError(
+            f"a backward through torch.export's own graph of {type(model).__name__} fails already "
+            f"(without any fxsparse pass: {first[0][:200] if first else type(failure).__name__}); "
+            f"typically a custom autograd.Function whose backward export does not keep"
+        ) from error
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def _tensors(output: Any) -> Any:

@@ -415,3 +415,34 @@ def test_a_weight_the_product_reads_through_a_computation_is_left_dense_with_the
     reasons = dict(sparse.skipped)
     assert "weight" in reasons and "computed into the weight of" in reasons["weight"], sparse.skipped
     assert "gain" not in reasons  # a per-channel gain is no weight matrix
+
+
+def test_check_model_says_when_a_backward_through_torch_export_itself_fails():
+    class NoGradForward(torch.autograd.Function):
+        """Reversible-layer style: the forward runs without autograd, the backward is custom
+        (Reformer); torch.export keeps the forward only."""
+
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x, weight)
+            with torch.no_grad():
+                return x @ weight.t()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, weight = ctx.saved_tensors
+            return grad @ weight, grad.t() @ x
+
+    class Reversible(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return NoGradForward.apply(x, self.weight)
+
+    from fxsparse.checks import check_model
+
+    report = check_model(Reversible(), torch.randn(2, 4), capture="export")
+    assert report.passed["density_one"] and not report.passed["gradients"], report.failure
+    assert "a backward through torch.export's own graph of Reversible fails already" in report.failure
