@@ -815,12 +815,11 @@ def mask_memory_note(results: list[ModelResult]) -> str:
     ]
     return (
         "fxsparse keeps one mask per sparse weight, the bool buffer of the state_dict (1 byte a "
-        f"weight: {', '.join(sizes)}); the forward's zeroing and the gradient mask `and` the "
-        "weight's bits with an integer mask of its width (a float x bool multiply is several "
-        "times slower on CPU, `benchmarks/mask_dtype.py`), which each pass writes into one "
-        "scratch buffer the size of the largest weight. An update step also holds the dense "
-        "growth gradient of every masked weight (4 bytes a float32 weight) from the backward to "
-        "the update, as the peer does. rigl-torch keeps bool masks, and pays for them in time: "
+        f"weight: {', '.join(sizes)}); the forward's zeroing and the gradient mask multiply the "
+        "weight's bits, viewed as integers, by it in place (PyTorch vectorizes integer x bool, not "
+        "float x bool: `benchmarks/mask_dtype.py`). An update step also holds the dense growth "
+        "gradient of every masked weight (4 bytes a float32 weight) from the backward to the "
+        "update, as the peer does. rigl-torch keeps bool masks and multiplies floats by them: "
         "three float x bool passes a step (gradient, momentum, weight)."
     )
 

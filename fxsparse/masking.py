@@ -11,7 +11,7 @@ The op therefore trusts nothing and costs one weight-sized pass per forward:
 
 - Forward. The graph's first node, :func:`mask_prologue`, sets the inactive entries of every
   sparsified weight to exactly zero, in place, before anything reads them. It clears their bits
-  (``bitwise_and`` with an integer mask of all-ones where active), so NaN and inf become zero
+  (its bits, as integers, times the bool mask), so NaN and inf become zero
   too, at the speed of a float multiply; it writes through ``.data``, so the weight's version
   counter does not move (the values an earlier forward saved for its backward are unchanged
   unless an edit had already changed them). The consumer then reads ``w`` directly
@@ -34,14 +34,12 @@ The op therefore trusts nothing and costs one weight-sized pass per forward:
   update steps); otherwise it hands the weight through, so ordinary steps keep no dense tensor
   beyond autograd's own.
 
-The only persistent mask is the bool buffer (the public contract; 1 byte a weight). The passes
-``and`` the weight's bits with an integer mask of its element width (``benchmarks/mask_dtype.py``:
-float-times-bool is several times slower on CPU, since PyTorch's mixed-dtype loop is not
-vectorized; integer ``and`` is as fast as a float multiply and exact for every bit pattern),
-which each pass writes from the bool mask into one scratch buffer that the masker reuses for
-every weight (the size of the largest weight): a cached integer copy per weight would hold 4
-more bytes a float32 weight, most of fxsparse's memory above dense training, while the copy
-adds little to a pass that reads the weight from memory anyway.
+The only mask is the bool buffer (the public contract; 1 byte a weight). The passes multiply the
+weight's bits, viewed as integers of its element width, by it in place (``bits * 1`` keeps an
+active entry bit for bit, ``bits * 0`` zeroes an inactive one, NaN and inf included): PyTorch
+vectorizes an integer-times-bool multiply but not a float-times-bool one
+(``benchmarks/mask_dtype.py``), so this is as fast as an ``and`` with an integer copy of the mask,
+without the 4 bytes a float32 weight such a copy would hold.
 """
 
 from __future__ import annotations
@@ -62,22 +60,11 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def bit_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``mask`` as integers of ``like``'s element width (all bits set where active, zero where
-    not), with ``like``'s device and strides: ``bits(like) & bit_mask`` zeroes the inactive."""
-    dtype = _BITS[like.element_size()]
-    out = torch.zeros_like(like, dtype=dtype)
-    return out.masked_fill_(mask.to(out.device), 0xFF if dtype is torch.uint8 else -1)
-
-
-def _dense(tensor: torch.Tensor) -> bool:
-    """True when ``tensor``'s elements fill one block of memory without gaps or overlap, in any
-    dim order (contiguous, channels-last, a transpose): its strides can describe a scratch."""
-    size = 1
-    for stride, extent in sorted((st, e) for st, e in zip(tensor.stride(), tensor.shape) if e != 1):
-        if stride != size:
-            return False
-        size *= extent
-    return True
+    """``mask`` as the multiplier of ``like``'s bits: the bool mask itself, on ``like``'s device.
+    ``bits(like) * mask`` keeps every bit of an active entry (``x * 1``) and zeroes an inactive
+    one (``x * 0``), NaN and inf patterns included: an integer-times-bool multiply, which PyTorch
+    vectorizes (a float-times-bool one it does not)."""
+    return mask.to(device=like.device, dtype=torch.bool)
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,11 +77,11 @@ def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -
     returns the new grad. In place unless ``inplace`` is False (then ``.grad`` is replaced)."""
     grad = weight.grad
     if inplace:
-        _bits(grad).bitwise_and_(mask)
+        _bits(grad).mul_(mask)
         return grad
     # a masked copy in the same pass: as much memory traffic as masking in place
     masked = torch.empty_like(grad)
-    torch.bitwise_and(_bits(grad), mask, out=_bits(masked))
+    torch.mul(_bits(grad), mask, out=_bits(masked))
     weight.grad = masked
     return masked
 
@@ -102,7 +89,7 @@ def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -
 def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
     """Sets the inactive entries of ``weight`` to exactly zero, in place, without bumping its
     version counter (``mask`` from :func:`bit_mask`)."""
-    _bits(weight).bitwise_and_(mask)
+    _bits(weight).mul_(mask)
 
 
 class _GradMaskHook:
@@ -171,7 +158,6 @@ class Masker(nn.Module):
         self.accumulate = False
         self.grads: dict[str, torch.Tensor] = {}
         self._tasks: dict[str, int] = {}
-        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # integer masks are written here
         self._masks: dict[str, torch.Tensor] = {}  # the mask the prologue last saw, by name
         # by name: the parameter whose gradient is masked, as (id, tensor implementation)
         self._served: dict[str, tuple[int, int]] = {}
@@ -265,18 +251,8 @@ class Masker(nn.Module):
         mask_grad_(weight, self.bit_mask(name, self._masks[name], weight), inplace=name not in self.grads)
 
     def bit_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``mask`` as :func:`bit_mask` of ``weight`` (its width, device and strides), written into
-        the masker's scratch buffer: valid until the next call, to be used at once."""
-        dtype = _BITS[weight.element_size()]
-        if not _dense(weight):  # a weight with gaps between its elements: an integer mask of its own
-            return bit_mask(mask.detach(), weight)
-        key, n = (weight.device, dtype), weight.numel()
-        scratch = self._scratch.get(key)
-        if scratch is None or scratch.numel() < n:
-            scratch = self._scratch[key] = torch.empty(n, dtype=dtype, device=weight.device)
-        out = scratch[:n].as_strided(weight.shape, weight.stride())
-        out.copy_(mask.detach())  # 1 where active, 0 where not
-        return out.neg_()  # all bits set where active
+        """``mask`` as :func:`bit_mask` of ``weight``: the bool mask itself (on its device)."""
+        return bit_mask(mask.detach(), weight)
 
     def _record(self, name: str, grad: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()
@@ -295,7 +271,6 @@ class Masker(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles rebuild the caches from their own tensors.
         state = dict(super().__getstate__())
-        state["_scratch"] = {}
         state["_masks"] = {}
         state["_served"] = {}  # the copy's prologue hooks the copy's own parameters
         state["_due"], state["_queued"] = {}, None
@@ -305,8 +280,7 @@ class Masker(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_due", {})  # pickled by fxsparse <= 0.2
         self.__dict__.setdefault("_queued", None)
-        self.__dict__.setdefault("_scratch", {})  # pickled by fxsparse <= 0.3 (a per-weight cache then)
-        self.__dict__.pop("_bit_masks", None)
+        self.__dict__.pop("_bit_masks", None)  # pickled by fxsparse <= 0.3: a per-weight integer cache
 
     def extra_repr(self) -> str:
         return f"armed={self.armed}, accumulate={self.accumulate}, captured={len(self.grads)}"

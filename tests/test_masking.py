@@ -212,10 +212,10 @@ def test_gradients_are_masked_under_reentrant_checkpointing():
     assert _inactive_grads_zero(sparse)
 
 
-def test_the_only_persistent_mask_is_the_bool_one_and_integer_masks_share_one_scratch():
+def test_the_only_mask_a_module_keeps_is_the_bool_one():
     """Memory: per sparse weight the module holds its bool mask (1 byte a weight) and nothing
-    else; the integer masks the passes `and` with are written into one scratch buffer the size
-    of the largest weight, whatever the layout of the weight (channels-last, transposed)."""
+    else (the passes multiply the weight's bits by it), whatever the layout of the weight
+    (channels-last, transposed)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
@@ -240,8 +240,7 @@ def test_the_only_persistent_mask_is_the_bool_one_and_integer_masks_share_one_sc
     held += [t for d in masker.__dict__.values() if isinstance(d, dict) for t in d.values() if isinstance(t, torch.Tensor)]
     buffers = {m.data_ptr() for m in sparse.masks.values()} | {p.data_ptr() for p in sparse.parameters()}
     own = [t for t in held if t.data_ptr() not in buffers]  # beyond references to the module's own tensors
-    largest = max(m.numel() for m in sparse.masks.values())
-    assert sum(t.numel() * t.element_size() for t in own) <= 4 * largest  # the scratch alone
+    assert sum(t.numel() * t.element_size() for t in own) == 0  # no integer copy, no scratch
     assert all(m.dtype is torch.bool for m in sparse.masks.values())
 
 
