@@ -305,8 +305,7 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, at: int, enter: Any, 
                 outputs = torch.fx.map_arg(inner.args[0], lambda n: env[n])
                 continue
             if inner.op == "get_attr":  # a nested block's subgraph or a constant: moved up
-                value = body.get_submodule(str(inner.target)) if isinstance(
-                    getattr(body, str(inner.target), None), nn.Module) else getattr(body, str(inner.target))
+                value = operator.attrgetter(str(inner.target))(body)
                 name = _free_name(gm, f"{holder.target}_{inner.target}")
                 if isinstance(value, nn.Module):
                     gm.add_module(name, value)

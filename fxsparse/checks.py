@@ -141,8 +141,10 @@ def _blame_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                   rtol: float, atol: float, error: AssertionError) -> None:
     """Raises an AssertionError that says so when torch.export's own capture of ``model``
     (no fxsparse pass involved) already differs from eager; returns when it does not."""
+    plain = _plain_export(model, args, kwargs)
+    if plain is None:
+        return
     try:
-        plain = torch.export.export(model, args, kwargs, strict=False).module()
         with torch.no_grad():
             torch.testing.assert_close(_tensors(plain(*args, **kwargs)), expected, rtol=rtol, atol=atol)
     except AssertionError as mismatch:
@@ -152,16 +154,23 @@ def _blame_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             f"(without any fxsparse pass: {' '.join(first[1:3]) or first[0]}); a torch.export / "
             f"model issue, not masking"
         ) from error
-    except Exception:  # noqa: BLE001 - the plain export could not even run: keep the first error
+    except Exception:  # noqa: BLE001 - the plain graph could not even run: keep the first error
         return
+
+
+def _plain_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module | None:
+    """torch.export's own capture of ``model`` (no fxsparse pass), or None when it fails."""
+    try:
+        return torch.export.export(model, args, kwargs, strict=False).module()
+    except Exception:  # noqa: BLE001 - the caller keeps its first error
+        return None
 
 
 def _blame_export_backward(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], error: RuntimeError) -> None:
     """Raises a RuntimeError that says so when a backward through torch.export's own capture of
     ``model`` (train mode, no fxsparse pass involved) fails too; returns when it does not."""
-    try:
-        plain = torch.export.export(model, args, kwargs, strict=False).module()
-    except Exception:  # noqa: BLE001 - the plain export could not even run: keep the first error
+    plain = _plain_export(model, args, kwargs)
+    if plain is None:
         return
     try:
         _scalar(plain(*args, **kwargs)).backward()
