@@ -6,8 +6,14 @@ uses, and prints each as a multiple of the float32 out-of-place multiply. PyTorc
 mixed-dtype elementwise loop is not vectorized, so a bool mask costs several times more than a
 float one of four times the bytes.
 
+``--large`` times instead the pass fxsparse makes over a large weight (its bits times the bool
+mask, in place) whole and in the slices ``fxsparse.masking`` uses, at sizes from a ResNet
+convolution to a language model's MLP matrix, with the caches flushed before every pass (as
+in a training step, where the weights were last touched a whole forward and backward ago).
+
 Run:
     .venv/bin/python benchmarks/mask_dtype.py [--threads 2] [--reps 50]
+    .venv/bin/python benchmarks/mask_dtype.py --large [--threads 2] [--reps 10]
 """
 
 from __future__ import annotations
@@ -33,13 +39,48 @@ def _time(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(samples)
 
 
+def _time_cold(fn: Callable[[], object], reps: int, flush: torch.Tensor) -> float:
+    samples = []
+    for _ in range(reps + 1):
+        flush.add_(1.0)  # evicts the caches
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples[1:])
+
+
+def large(args: argparse.Namespace) -> None:
+    from fxsparse import masking
+
+    flush = torch.empty(64 * 2**20)  # 256 MiB, several times the last-level cache
+    print(f"bits(w) *= mask in place, caches flushed, {args.threads} threads, torch {torch.__version__}")
+    print(f"{'weights':>10}  {'whole ns/weight':>15}  {'sliced ns/weight':>16}  {'whole / sliced':>14}")
+    sliced_above = masking._SLICED_ABOVE
+    for numel in (512 * 512 * 9, 4096 * 1024, 4096 * 2304, 4096 * 4096, 4096 * 11008):
+        weight = torch.randn(numel)
+        mask = torch.rand(numel) < 0.1
+        bits = weight.view(torch.int32)
+        times = {}
+        for name, threshold in (("whole", numel), ("sliced", 0)):
+            masking._SLICED_ABOVE = threshold
+            times[name] = _time_cold(lambda: masking._mul_bits(bits, bits, mask), args.reps, flush) * 1e9 / numel
+        masking._SLICED_ABOVE = sliced_above
+        print(f"{numel:>10}  {times['whole']:>15.2f}  {times['sliced']:>16.2f}  {times['whole'] / times['sliced']:>13.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats (default 50; 10 with --large)")
     parser.add_argument("--numel", type=int, default=512 * 512 * 3 * 3)
+    parser.add_argument("--large", action="store_true", help="time the sliced pass over large weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.large:
+        args.reps = args.reps or 10
+        large(args)
+        return
+    args.reps = args.reps or 50
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(args.numel, generator=gen)
     bool_mask = torch.rand(args.numel, generator=gen) < 0.1

@@ -17,8 +17,9 @@ vit_tiny_patch16_224 at 224x224; 10 classes, batch 32, one fixed random batch):
    each after an untimed backward that captured the dense gradient, as a multiple of the dense
    eager step and amortized over delta_t = 100 steps.
 3. The wall time of ``fxsparse.sparsify()`` (median of 3).
-4. Peak resident memory (``ru_maxrss``) of 5 training steps of each variant, each in a fresh
-   subprocess (``--child MODEL VARIANT``).
+4. Peak resident memory (VmHWM) of 5 ordinary training steps of each variant and of one more
+   step that updates the topology, each variant in a fresh subprocess (``--child MODEL
+   VARIANT``) with glibc's mmap threshold fixed (see ``CHILD_MALLOC``).
 
 The peer library goes into the same environment first (``pip install -e .[bench]`` installs
 ``rigl-torch==0.5.2``; ``--no-peer`` leaves it out). Run (from the repository root; the full
@@ -514,6 +515,16 @@ def measure_library_time(
         result.library_ms[variant] = samples
 
 
+# The memory children's allocator setting. glibc returns a block above its mmap threshold to the
+# system when it is freed, and by default raises that threshold (up to 32 MiB) each time it
+# frees such a block, so which blocks later stay cached in the heap depends on the order of
+# earlier allocations: the peak RSS of one and the same run moved by +-15 MB (resnet18, dense:
+# 918-934 MB in two runs). With the threshold fixed every block of 128 KiB or more is mapped
+# when allocated and unmapped when freed, so the resident set follows the live tensors: repeats
+# agree to 1 MB. Every variant runs under the same setting.
+CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def measure_memory(name: str, cfg: Config, result: ModelResult) -> None:
     """Peak RSS of each variant, each in a fresh process running ``--child``."""
     for variant in cfg.variants(name):
@@ -523,7 +534,8 @@ def measure_memory(name: str, cfg: Config, result: ModelResult) -> None:
             "--batch", str(cfg.batch), "--density", str(cfg.density),
             "--threads", str(cfg.threads), "--seed", str(cfg.seed), "--json", "",
         ]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=_REPO_ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=_REPO_ROOT,
+                              env={**os.environ, **CHILD_MALLOC})
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -816,7 +828,7 @@ def mask_memory_note(results: list[ModelResult]) -> str:
     return (
         "fxsparse keeps one mask per sparse weight, the bool buffer of the state_dict (1 byte a "
         f"weight: {', '.join(sizes)}); the forward's zeroing and the gradient mask multiply the "
-        "weight's bits, viewed as integers, by it in place (PyTorch vectorizes integer x bool, not "
+        "weight's bits, viewed as integers, by it in place (integer x bool is about twice as fast as "
         "float x bool: `benchmarks/mask_dtype.py`). An update step also holds the dense growth "
         "gradient of every masked weight (4 bytes a float32 weight) from the backward to the "
         "update, as the peer does. rigl-torch keeps bool masks and multiplies floats by them: "
@@ -994,7 +1006,11 @@ def render_report(results: list[ModelResult], cfg: Config, info: RunInfo) -> str
             "variants with a scheduler, fxsparse's RigLScheduler and rigl-torch's, at delta_t "
             f"{cfg.memory_steps + 1}). Not `ru_maxrss`: a "
             "child started by fork + exec inherits its parent's `ru_maxrss`, which would give "
-            "every variant the parent's peak. 'after imports' is the child's resident set "
+            "every variant the parent's peak. Each child runs with glibc's mmap threshold fixed "
+            "at 128 KiB (`MALLOC_MMAP_THRESHOLD_=131072`): every block of that size or more is "
+            "unmapped when it is freed, so the resident set follows the live tensors (by default "
+            "glibc raises the threshold as blocks are freed and the same run's peak moved by "
+            "+-15 MB between repeats). 'after imports' is the child's resident set "
             "(VmRSS) just before the model is built (torch, timm and fxsparse imported, batch "
             "made). For the compiled variants the peak includes compilation in the same process "
             "(inductor's worker processes are not counted), with inductor's on-disk cache "

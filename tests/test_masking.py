@@ -41,6 +41,37 @@ def test_zeroing_clears_every_bit_pattern_and_keeps_active_bits(dtype):
     assert bool(weight[~mask].eq(0).all()) and not bool(torch.signbit(weight[~mask]).any())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced view"])
+def test_a_large_weight_is_masked_in_slices_exactly(monkeypatch, layout):
+    """Above a size the passes go slice by slice (the whole-tensor integer temporary would not
+    fit the caches); each slice must cover the same weights of the weight and of its mask, in
+    every layout, and a layout that is not one dense block must still be masked whole."""
+    monkeypatch.setattr(masking, "_SLICE", 7)  # slices that do not divide the sizes below
+    monkeypatch.setattr(masking, "_SLICED_ABOVE", 20)
+    torch.manual_seed(0)
+    weight = torch.randn(4, 6, 3, 5)
+    if layout == "channels_last":
+        weight = weight.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        weight = weight.flatten(1).t()  # (90, 4) with transposed strides
+    elif layout == "sliced view":
+        weight = weight[:, :, :, 1:4]  # gaps between rows: not one block
+    mask = torch.empty_like(weight, dtype=torch.bool).copy_(torch.rand(weight.shape) < 0.4)
+    weight[~mask & (torch.rand(weight.shape) < 0.5)] = float("nan")
+    weight.grad = torch.empty_like(weight).copy_(torch.randn(weight.shape))
+    active, active_grad = weight[mask].clone(), weight.grad[mask].clone()
+    masking.zero_inactive_(weight, masking.bit_mask(mask, weight))
+    assert torch.equal(weight[mask].view(torch.int32), active.view(torch.int32))
+    assert bool(weight[~mask].eq(0).all()) and not bool(torch.signbit(weight[~mask]).any())
+    grad = weight.grad
+    masked = masking.mask_grad_(weight, masking.bit_mask(mask, weight), inplace=False)
+    assert masked is weight.grad and masked.stride() == grad.stride()
+    assert torch.equal(masked[mask], active_grad) and bool(masked[~mask].eq(0).all())
+    assert bool(grad[~mask].ne(0).any())  # the unmasked gradient is left as it was
+    masking.mask_grad_(weight, masking.bit_mask(mask, weight))
+    assert torch.equal(weight.grad, masked)
+
+
 def test_every_forward_zeroes_without_moving_the_version_counter():
     sparse = _sparse()
     x = torch.randn(5, 16)
