@@ -1,10 +1,12 @@
-"""Why the masked op multiplies by a float copy of the mask: weight x mask, by mask dtype.
+"""Which exact kernel zeroes the inactive entries of a weight fastest on CPU: weight x mask by
+mask dtype, and the in-place forms a masked op can use.
 
-Times ``w * m`` on CPU for a float32 weight the size of a ResNet-18 layer-4 convolution
-(512 x 512 x 3 x 3) with the mask as bool, uint8 and float32, plus the in-place forms the op
-uses, and prints each as a multiple of the float32 out-of-place multiply. PyTorch's
-mixed-dtype elementwise loop is not vectorized, so a bool mask costs several times more than a
-float one of four times the bytes.
+Times each on a float32 weight the size of a ResNet-18 layer-4 convolution (512 x 512 x 3 x 3),
+repeated in the cache, as a multiple of the float32 out-of-place multiply: ``w * m`` with the
+mask as bool, uint8 and float32, ``mul_``, ``where``, ``masked_fill_``, an integer ``and`` with a
+4-byte integer copy of the mask (fxsparse before issue 17) and the integer-times-bool multiply of
+the weight's bits that fxsparse uses (no copy of the mask; PyTorch converts the bool operand on
+the fly). A bool or uint8 mask in a float multiply costs several times more.
 
 ``--large`` times instead the pass fxsparse makes over a large weight (its bits times the bool
 mask, in place) whole and in the slices ``fxsparse.masking`` uses, at sizes from a ResNet
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     zero = torch.zeros(())
     bits = scratch.view(torch.int32)
     cases["bits(w) &= int mask, in place (int32)"] = lambda: bits.bitwise_and_(int_mask)
+    cases["bits(w) *= mask, in place (int32 x bool: fxsparse)"] = lambda: bits.mul_(bool_mask)
     cases["w.masked_fill_(~mask, 0), in place (bool, ~mask kept)"] = lambda: scratch.masked_fill_(inverse, 0.0)
     cases["w.masked_fill_(~mask, 0), in place (bool, ~mask made)"] = lambda: scratch.masked_fill_(~bool_mask, 0.0)
     cases["torch.where(mask, w, 0, out=w) (bool)"] = lambda: torch.where(bool_mask, scratch, zero, out=scratch)
