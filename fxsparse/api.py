@@ -116,7 +116,7 @@ def sparsify(
         raise TypeError(f"expected embeddings to be a bool, got {type(embeddings).__name__} {embeddings!r}")
 
     try:
-        work = copy.deepcopy(model)
+        work = copy_model(model)
     except Exception as e:
         raise TypeError(
             f"expected a model that copy.deepcopy can copy (sparsify never edits yours), but "
@@ -191,6 +191,29 @@ def sparsify(
     except Exception as e:
         raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
     return sparse
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, except that tensors an earlier forward left in plain attributes
+    of its modules (a recurrent state, a cache: results of autograd, which deepcopy refuses) are
+    copied detached. The copy never shares them with ``model``, which is left as it was."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            _detached_copies(value, memo, depth=3)
+    return copy.deepcopy(model, memo)
+
+
+def _detached_copies(value: Any, memo: dict[int, Any], depth: int) -> None:
+    if isinstance(value, torch.Tensor):
+        if not value.is_leaf and id(value) not in memo:
+            memo[id(value)] = value.detach().clone()
+    elif depth and isinstance(value, (list, tuple)):
+        for item in value:
+            _detached_copies(item, memo, depth - 1)
+    elif depth and isinstance(value, dict) and not isinstance(value, nn.Module):
+        for item in value.values():
+            _detached_copies(item, memo, depth - 1)
 
 
 def _input_spec(inputs: tuple[tuple[Any, ...], dict[str, Any]] | None) -> Any:

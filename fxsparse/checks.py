@@ -10,7 +10,6 @@ and ``tests/test_timm_sample.py`` over a fixed sample.
 
 from __future__ import annotations
 
-import copy
 import math
 import traceback
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsparse.api import sparsify
+from fxsparse.api import copy_model, sparsify
 from fxsparse.budgets import active_counts, layer_densities
 from fxsparse.capture import split_inputs
 
@@ -72,7 +71,7 @@ def check_model(
     inputs = (args, kwargs) if kwargs else args
     stage = "sparsify"
     try:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
         model.train()
         sparse = sparsify(model, density, init, example_inputs=inputs, capture=capture, embeddings=embeddings)
         report.capture = sparse.capture

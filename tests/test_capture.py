@@ -446,3 +446,50 @@ def test_check_model_says_when_a_backward_through_torch_export_itself_fails():
     report = check_model(Reversible(), torch.randn(2, 4), capture="export")
     assert report.passed["density_one"] and not report.passed["gradients"], report.failure
     assert "a backward through torch.export's own graph of Reversible fails already" in report.failure
+
+
+class Stateful(torch.nn.Module):
+    """Keeps results of its last forward in plain attributes, as a recurrent model's state or
+    cache (transformers' RecurrentGemma does): autograd results that copy.deepcopy refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 4)
+        self.state = None
+        self.history: list = []
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        self.state = h
+        self.history = [h.sum(), {"last": h}]
+        return self.b(h)
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_a_model_holding_states_of_an_earlier_forward_is_copied_and_left_as_it_was(capture):
+    torch.manual_seed(0)
+    model = Stateful()
+    x = torch.randn(3, 8)
+    model(x).sum().backward()  # leaves non-leaf tensors in model.state and model.history
+    state, history = model.state, model.history
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    sparse = fxsparse.sparsify(model, 0.5, example_inputs=x, capture=capture)
+    assert set(sparse.masks) == {"a.weight", "b.weight"}
+    assert model.state is state and model.history is history and state.grad_fn is not None
+    assert history[1]["last"] is state  # the user's objects, not copies
+    sparse(x).sum().backward()
+    sparse.verify()
+
+
+def test_check_model_copies_a_model_holding_states_of_an_earlier_forward():
+    torch.manual_seed(0)
+    model = Stateful()
+    x = torch.randn(3, 8)
+    model(x).sum().backward()
+    from fxsparse.checks import check_model
+
+    report = check_model(model, x, density=0.5)
+    assert report.ok, report.failure
+    assert model.state.grad_fn is not None  # left as it was
