@@ -842,6 +842,7 @@ def main(argv: list[str] | None = None) -> None:
             if line.strip():
                 record = json.loads(line)
                 done[record["type"]] = record  # a later record (a rerun) replaces an earlier one
+    recorded = dict(done)  # the page shows every type in the results file, not only this run's
     rerun = {s for s in args.rerun.split(",") if s and not args.report_only}
     done = {t: r for t, r in done.items() if r["status"] not in rerun}
     # a fixed pseudo-random order, so that a sweep cut short is still a fair sample
@@ -860,11 +861,11 @@ def main(argv: list[str] | None = None) -> None:
             record["command"] = command
             sink.write(json.dumps(record) + "\n")
             sink.flush()
-            done[model_type] = record
+            done[model_type] = recorded[model_type] = record
             print(f"[{i + 1}/{len(todo)}] {model_type}: {record['status']} {record.get('stage') or ''} "
                   f"{record.get('seconds')} s {record.get('reason') or ''}"[:240], flush=True)
     wall = time.perf_counter() - start if todo else None
-    text = write_report([done[t] for t in types if t in done], args.out, len(registry), wall)
+    text = write_report([recorded[t] for t in registry if t in recorded], args.out, len(registry), wall)
     if not args.out:
         print(text)
 

@@ -111,3 +111,21 @@ def test_help_works_and_a_run_says_how_to_install_without_transformers():
     assert shown.returncode == 0 and "--only" in shown.stdout and "--limit" in shown.stdout
     run = subprocess.run([sys.executable, "-c", block, "--only", "bert"], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "pip install fxsparse[transformers]" in run.stderr
+
+
+def test_a_run_over_some_types_writes_the_page_of_every_recorded_type(tmp_path):
+    """``--only`` and ``--rerun`` choose what runs; the page still shows every type in the
+    results file (a run with ``--only recurrent_gemma --rerun failed`` once wrote a page of that
+    type alone)."""
+    import json
+
+    results, page = tmp_path / "results.jsonl", tmp_path / "page.md"
+    results.write_text("".join(json.dumps(r) + "\n" for r in FAKE))
+    ok = next(r["type"] for r in FAKE if r["status"] == "ok")
+    failed = [r["type"] for r in FAKE if r["status"] == "failed"]
+    # the one type named passed already, so nothing runs; the failed ones are not named
+    _script().main(["--only", ok, "--rerun", "failed", "--results", str(results), "--out", str(page)])
+    table = page.read_text().split("## Every model type", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == sorted(r["type"] for r in FAKE)
+    assert failed and all(f"| {t} |" in table for t in failed)
