@@ -183,16 +183,21 @@ def _scan(
     where: np.ndarray,
     inside: bool,
     absolute: bool,
+    limit: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ascending flat indices ``i`` with ``where[i] == inside`` and ``compare(key_i, threshold)``,
-    and their keys.
+    and their keys; with ``limit``, the scan may stop once it has found that many (the result
+    then holds at least ``limit``, the smallest indices).
 
     ``key_i`` is ``|values[i]|`` if ``absolute`` else ``values[i]``. One pass, chunk by chunk;
     the keys are taken while the chunk is in cache (a later gather would miss it).
     """
     keys, flags = _scratch(values.dtype), _scratch(np.dtype(bool))
     found, found_keys = [], []
+    count = 0
     for start in range(0, values.size, _CHUNK):
+        if limit is not None and count >= limit:
+            break
         stop = min(values.size, start + _CHUNK)
         key = values[start:stop]
         if absolute:
@@ -204,6 +209,7 @@ def _scan(
         if index.size:
             found_keys.append(key[index])
             found.append(index + start)
+            count += index.size
     if not found:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=values.dtype)
     return np.concatenate(found), np.concatenate(found_keys)
@@ -290,11 +296,14 @@ def _extreme(
         found_keys = np.concatenate([found_keys, extra_keys[extra_beyond]])
     if found.size >= k:
         return _pick(found, found_keys, k, largest)
-    # fewer than k strictly beyond: all of them are in, the rest are ties at the threshold
-    tied, _ = _scan(values, equal, threshold, where, inside, absolute)
-    ties = np.sort(np.concatenate([tied, extra[equal(extra_keys, threshold)]]))
+    # fewer than k strictly beyond: all of them are in, the rest are ties at the threshold, the
+    # lowest indices first. Only as many are needed as are missing: a layer whose gradient is
+    # zero nearly everywhere (a residual branch behind a zero-initialized norm) ties millions.
+    need = k - found.size
+    tied, _ = _scan(values, equal, threshold, where, inside, absolute, limit=need)
+    ties = np.sort(np.concatenate([tied[:need], extra[equal(extra_keys, threshold)]]))
     if found.size + ties.size >= k:
-        return np.concatenate([found, ties[: k - found.size]])
+        return np.concatenate([found, ties[:need]])
     return _extreme_exact(values, k, largest, where, inside, absolute, extra)
 
 

@@ -236,3 +236,22 @@ def test_threaded_update_equals_the_serial_one(grow):
 
     serial, threaded = run(1), run(2)
     assert all(torch.equal(serial[name], threaded[name]) for name in serial)
+
+
+@pytest.mark.parametrize("zeros", [0.5, 0.97, 1.0])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_ties_at_the_threshold_are_taken_lowest_index_first_as_a_stable_sort_does(zeros, absolute):
+    """A residual branch behind a zero-initialized norm has an all-zero gradient: the grow
+    selection then ties at zero over millions of entries, and only the missing count of them
+    (lowest indices first, just-dropped ones included) is taken, as a stable sort would."""
+    gen = torch.Generator().manual_seed(5)
+    n = 300_000
+    mask = torch.rand(n, generator=gen) < 0.1
+    grow = torch.rand(n, generator=gen)
+    grow[torch.rand(n, generator=gen) < zeros] = 0.0
+    drop = torch.randperm(n, generator=gen).float() - n / 2 + 0.25  # distinct, also after abs
+    want = sorted_reference(mask, drop.abs() if absolute else drop, grow, 0.3)
+    got = topology.update_mask(mask, drop, grow.clone(), 0.3, absolute=absolute)
+    assert torch.equal(got.mask, want)
+    k = topology.drop_count(int(mask.sum()), 0.3)
+    assert torch.equal(topology._update_mask_torch(mask, drop, grow.clone(), k, k, False, absolute).mask, want)
