@@ -91,15 +91,16 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
     if tensor.is_contiguous():
         return tensor.view(-1)
     if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-        return tensor.permute(0, 2, 3, 1).reshape(-1)  # a view: the permuted tensor is contiguous
+        return tensor.permute(0, 2, 3, 1).view(-1)  # the permuted tensor is contiguous: a view, never a copy
     return None
 
 
 def _mul_bits(out: torch.Tensor, bits: torch.Tensor, mask: torch.Tensor) -> None:
     """``out = bits * mask`` (``out`` may be ``bits``), in slices for a large weight."""
+    # the same shape and strides: one layout, so the three flatten alike (or none does)
     if bits.numel() > _SLICED_ABOVE and bits.stride() == mask.stride() == out.stride():
         flat_bits, flat_mask, flat_out = _flat(bits), _flat(mask), _flat(out)
-        if flat_bits is not None and flat_mask is not None and flat_out is not None:
+        if flat_bits is not None:
             for start in range(0, flat_bits.numel(), _SLICE):
                 end = start + _SLICE
                 torch.mul(flat_bits[start:end], flat_mask[start:end], out=flat_out[start:end])
@@ -112,7 +113,8 @@ def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -
     returns the new grad. In place unless ``inplace`` is False (then ``.grad`` is replaced)."""
     grad = weight.grad
     if inplace:
-        _mul_bits(_bits(grad), _bits(grad), mask)
+        bits = _bits(grad)
+        _mul_bits(bits, bits, mask)
         return grad
     # a masked copy in the same pass: as much memory traffic as masking in place
     masked = torch.empty_like(grad)
