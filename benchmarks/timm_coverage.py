@@ -43,13 +43,38 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "check_one", "write_report"]
+__all__ = ["main", "check_one", "create", "write_report", "write_drop_section"]
 
 SMALL = 64
 
 
-def check_one(name: str, max_params: float, capture: str = "auto") -> dict[str, Any]:
-    """All checks for one model, in this process (the child's work); ``capture`` as sparsify's."""
+def create(name: str, drop: dict[str, float], **kwargs: Any) -> Any:
+    """``timm.create_model(name, pretrained=False, num_classes=10, **kwargs)`` with the drop
+    settings it accepts (``drop`` is trimmed to them: a few architectures, densenet among them,
+    take no ``drop_path_rate`` or no ``drop_rate``)."""
+    import timm
+
+    for keys in (tuple(drop), ("drop_path_rate",), ("drop_rate",), ()):
+        taken = {k: drop[k] for k in keys if k in drop}
+        if len(taken) < len(keys):
+            continue
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=10, **taken, **kwargs)
+        except TypeError as e:  # an unexpected keyword: try with fewer
+            if not taken or "unexpected keyword" not in str(e):
+                raise
+            continue
+        for key in set(drop) - set(taken):
+            drop.pop(key)
+        return model
+    raise AssertionError("unreachable")  # the last try passes no drop keyword
+
+
+def check_one(name: str, max_params: float, capture: str = "auto", drop_path: float = 0.0,
+              drop_rate: float = 0.0) -> dict[str, Any]:
+    """All checks for one model, in this process (the child's work); ``capture`` as sparsify's;
+    ``drop_path`` / ``drop_rate``: timm's ``drop_path_rate`` / ``drop_rate`` (where the model
+    takes them), as its training recipes set them."""
     import timm
     import torch
 
@@ -67,11 +92,14 @@ def check_one(name: str, max_params: float, capture: str = "auto") -> dict[str, 
                     "status": "too large", "reason": f"{params / 1e6:.0f} M parameters > cap {max_params / 1e6:.0f} M"}
     except Exception:  # noqa: BLE001 - some models cannot be built on meta: build them for real
         pass
+    drop = {k: v for k, v in (("drop_path_rate", drop_path), ("drop_rate", drop_rate)) if v}
     try:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, num_classes=10)
+        model = create(name, drop)
     except Exception as e:  # noqa: BLE001 - the report says why
         return {**result, "status": "not constructed", "reason": _reason(e)}
+    if drop_path or drop_rate:
+        result["drop"] = drop  # the settings the model took
     result["family"] = type(model).__module__.rsplit(".", 1)[-1]
     params = sum(p.numel() for p in model.parameters())
     result["params"] = params
@@ -150,8 +178,10 @@ def _reason(e: BaseException) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
-def _run_child(name: str, timeout: float, max_params: float, capture: str = "auto") -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", name, "--max-params", str(max_params), "--capture", capture]
+def _run_child(name: str, timeout: float, max_params: float, capture: str = "auto", drop_path: float = 0.0,
+               drop_rate: float = 0.0) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", name, "--max-params", str(max_params), "--capture", capture,
+               "--drop-path", str(drop_path), "--drop-rate", str(drop_rate)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     try:
@@ -208,9 +238,15 @@ def write_report(results: list[dict[str, Any]], path: str | None, total_registry
         f"check: {100 * rate:.1f}%. Of the {len(checked) - len(traced)} that timm's tracer cannot trace, "
         f"{sum(1 for r in checked if not r.get('timm_traces') and r['status'] == 'pass')} pass anyway.",
         f"On the passing models, {100 * masked / total_weights if total_weights else float('nan'):.2f}% of "
-        f"conv/linear/matmul weight parameters are sparsified (the rest are listed in `skipped`). This share "
-        f"is a lower bound: every parameter in `skipped` counts as a weight left dense, although most of "
-        f"them are gains, biases and position embeddings inside untraceable leaves (listed below).",
+        + (
+            "conv/linear/matmul weight parameters are sparsified, counted against every `nn.Conv*`/`nn.Linear` "
+            "weight and every parameter a product kernel reads while the model runs (`covered`: each of them "
+            "is masked or listed in `skipped`)."
+            if passing and all("covered" in (r.get("passed") or {}) for r in passing) else
+            "conv/linear/matmul weight parameters are sparsified (the rest are listed in `skipped`). This share "
+            "is a lower bound: every parameter in `skipped` counts as a weight left dense, although most of "
+            "them are gains, biases and position embeddings inside untraceable leaves (listed below)."
+        ),
         "",
         "## By family",
         "",
@@ -243,6 +279,59 @@ def write_report(results: list[dict[str, Any]], path: str | None, total_registry
     if path:
         Path(path).write_text(text)
     return text
+
+
+POINTER = "<!-- pointer -->"
+DROP_BEGIN, DROP_END = "<!-- drop-path sweep: written by timm_coverage.py --drop-path -->", "<!-- end of drop-path sweep -->"
+
+
+def write_drop_section(
+    results: list[dict[str, Any]], path: str | None, total_registry: int, drop_path: float, drop_rate: float,
+) -> str:
+    """The section of a sweep with drop path and dropout on (``--drop-path``): the same totals,
+    families and failures as :func:`write_report`, under its own heading. With ``path`` it
+    replaces that section of the page (or goes right after the page's first paragraph), so the
+    full-registry report around it stays."""
+    body = write_report(results, None, total_registry).split("\n")
+    body = [("#" + line if line.startswith("## ") else line) for line in body[2:]]  # one level down
+    took = collections.Counter(tuple(sorted(r.get("drop", {}))) for r in results if r["status"] in ("pass", "fail"))
+    settings = "; ".join(f"{n} took {', '.join(k) or 'neither'}" for k, n in took.most_common())
+    section = "\n".join([
+        DROP_BEGIN,
+        f"## With drop path {drop_path:g} and dropout {drop_rate:g} (timm's training-recipe setting)",
+        "",
+        "Every check of `fxsparse.checks.check_model`, models built with `drop_path_rate` and `drop_rate` where "
+        "they take them: besides the checks below, the density-1.0 module (sparsified in train mode) equals "
+        "the model in eval mode and, under the same random seed, in train mode again (`modes`), and every "
+        "conv/linear/matmul weight (each `nn.Conv*`/`nn.Linear` weight and every parameter a product kernel "
+        f"reads while the model runs) is masked or listed in `skipped` (`covered`). Keywords: {settings or 'none'}.",
+        "",
+        *body,
+        DROP_END,
+    ])
+    if path:
+        page = Path(path).read_text() if Path(path).exists() else "# timm coverage\n"
+        if DROP_BEGIN in page and DROP_END in page:
+            before, rest = page.split(DROP_BEGIN, 1)
+            page = before + section + rest.split(DROP_END, 1)[1]
+        else:
+            page = page.rstrip("\n") + "\n\n" + section + "\n"
+        pointer = (
+            f"{POINTER} The newest sweep, with drop path and dropout on and the checks of both modes and of "
+            f"every product weight, is the last section: [with drop path](#{_anchor(section)})."
+        )
+        title, *rest = [line for line in page.split("\n") if not line.startswith(POINTER)]
+        while rest and not rest[0].strip():
+            rest.pop(0)
+        page = "\n".join([title, "", pointer, "", *rest])
+        Path(path).write_text(page)
+    return section
+
+
+def _anchor(section: str) -> str:
+    """The anchor GitHub gives the section's heading."""
+    heading = next(line for line in section.splitlines() if line.startswith("## "))[3:].lower()
+    return "".join(c for c in heading.replace(" ", "-") if c.isalnum() or c in "-_")
 
 
 def write_weighing(results: list[dict[str, Any]], path: str | None, total_registry: int) -> str:
@@ -383,14 +472,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the Markdown report here")
     parser.add_argument("--rerun", default="", help="comma-separated statuses to run again, e.g. 'too large,timeout'")
     parser.add_argument("--report-only", action="store_true", help="write the report from --results, run nothing")
+    parser.add_argument("--drop-path", type=float, default=0.0,
+                        help="timm's drop_path_rate (stochastic depth), e.g. 0.1 as its ViT/ConvNeXt/Swin recipes")
+    parser.add_argument("--drop-rate", type=float, default=None,
+                        help="timm's drop_rate (dropout before the classifier; default: the --drop-path value)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.drop_rate is None:
+        args.drop_rate = args.drop_path
     if args.child:
-        print(json.dumps(check_one(args.child, args.max_params, args.capture)), flush=True)
+        print(json.dumps(check_one(args.child, args.max_params, args.capture, args.drop_path, args.drop_rate)), flush=True)
         return
+    dropping = bool(args.drop_path or args.drop_rate)
     if args.results is None:
         stem = "timm_export" if args.capture == "export" else "timm_coverage"
-        args.results = f"benchmarks/results/{stem}.jsonl"
+        args.results = f"benchmarks/results/{stem}{'_drop' if dropping else ''}.jsonl"
 
     import timm
 
@@ -414,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     # the command that produced each record, shown in the report (a report-only run adds none)
     command = "benchmarks/timm_coverage.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     with ThreadPoolExecutor(max_workers=args.workers) as pool, results_path.open("a") as sink:
-        for i, result in enumerate(pool.map(lambda n: _run_child(n, args.timeout, args.max_params, args.capture), todo)):
+        run = lambda n: _run_child(n, args.timeout, args.max_params, args.capture, args.drop_path, args.drop_rate)  # noqa: E731
+        for i, result in enumerate(pool.map(run, todo)):
             result["command"] = command
             sink.write(json.dumps(result) + "\n")
             sink.flush()
@@ -423,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     records = [done[n] for n in names if n in done]
     if args.capture == "export":
         text = write_weighing(records, args.out, len(registry))
+    elif dropping:
+        text = write_drop_section(records, args.out, len(registry), args.drop_path, args.drop_rate)
     else:
         text = write_report(records, args.out, len(registry))
     if not args.out:

@@ -41,7 +41,7 @@ from fxsparse.passes.find_weights import (
 )
 from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
-from fxsparse.capture import capture, graph_inputs, split_inputs
+from fxsparse.capture import capture, graph_inputs, pytree_specs, split_inputs
 
 __all__ = [
     "FlopRow",
@@ -270,7 +270,7 @@ def training_cost(method: str, f_sparse: float, f_dense: float, *, delta_t: int 
 
 
 # ------------------------------------------------------------------------------ the graph walk
-def flops(module: nn.Module, example_inputs: Any, *, per_sample: bool = True) -> int:
+def flops(module: nn.Module, example_inputs: Any, *, per_sample: bool = True, mode: str = "eval") -> int:
     """Inference FLOPs of one forward pass: weight products at their density, plus dense
     activation products, plus opaque leaves (dense).
 
@@ -279,6 +279,9 @@ def flops(module: nn.Module, example_inputs: Any, *, per_sample: bool = True) ->
         example_inputs: a tensor or tuple the module is called with (fake copies are used).
         per_sample: divide by the batch size (the leading dim of the first tensor input), the
             papers' convention; False gives the whole batch's FLOPs.
+        mode: the graph counted, ``"eval"`` (inference, the default) or ``"train"`` (a head
+            computed only in training counts; dropout's mode does not change FLOPs), whatever
+            mode ``module`` is in.
 
     Example:
         >>> import torch, fxsparse
@@ -286,7 +289,7 @@ def flops(module: nn.Module, example_inputs: Any, *, per_sample: bool = True) ->
         >>> fxsparse.flops(net, torch.randn(8, 32))  # 2 * (32*64 + 64*10)
         5376
     """
-    report = flop_report(module, example_inputs)
+    report = flop_report(module, example_inputs, mode=mode)
     return round(report.sparse_flops * (1 if per_sample else report.batch))
 
 
@@ -298,6 +301,7 @@ def flop_report(
     total_steps: int | None = None,
     end_fraction: float = 0.75,
     pruning: GradualPruning | None = None,
+    mode: str = "eval",
 ) -> FlopReport:
     """Per-layer FLOPs, totals, model size and training FLOPs of ``module`` on ``example_inputs``.
 
@@ -309,15 +313,17 @@ def flop_report(
         end_fraction: RigL's last update as a fraction of training (per-run cost).
         pruning: the schedule whose cost ``report.training("pruning")`` gives; the final layer
             densities are the module's own.
+        mode: the graph counted (see :func:`flops`): ``"eval"`` (default) or ``"train"``.
 
     Raises:
         TypeError: ``module`` is not a module or cannot be traced.
+        ValueError: an unknown ``mode``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module to count, got {type(module).__name__}")
     inputs = _as_inputs(example_inputs)
     batch = _batch_size(inputs)
-    rows = _count(module, inputs)
+    rows = _count(module, inputs, _training(mode))
     size, dense_size = _model_size(module)
     report = FlopReport(
         rows, batch, size, dense_size, delta_t=delta_t, total_steps=total_steps,
@@ -326,11 +332,33 @@ def flop_report(
     return report
 
 
-def layer_flops(module: nn.Module, example_inputs: Any) -> dict[str, int]:
+def layer_flops(module: nn.Module, example_inputs: Any, *, mode: str = "eval") -> dict[str, int]:
     """Dense FLOPs per sample of every graph-visible weight, by canonical FQN (uses summed)."""
     inputs = _as_inputs(example_inputs)
     batch = _batch_size(inputs)
-    return {r.name: r.dense_flops // batch for r in _count(module, inputs) if r.kind == "weight"}
+    return {r.name: r.dense_flops // batch for r in _count(module, inputs, _training(mode)) if r.kind == "weight"}
+
+
+def _training(mode: str) -> bool:
+    if mode not in ("eval", "train"):
+        raise ValueError(f"expected mode='eval' (inference FLOPs) or 'train', got {mode!r}")
+    return mode == "train"
+
+
+def _graph_of(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], training: bool) -> torch.fx.GraphModule:
+    """The graph module of ``module`` in the given mode, without changing ``module``: a graph
+    module's own graph, or that of its mode where it holds one per mode (a SparseGraphModule
+    whose graphs differ between modes), else a capture in that mode."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return capture(module, example, "auto", modes=(training,)).train
+    state = getattr(module, "_fxsparse", None)
+    graphs = getattr(state, "mode_graphs", None)
+    if not graphs or graphs[training] is module.graph:
+        return module
+    view = torch.fx.GraphModule(module, graphs[training], class_name=type(module).__name__)
+    for name, spec in pytree_specs(module).items():
+        setattr(view, name, spec)
+    return view
 
 
 def _as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -373,12 +401,9 @@ def _masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.masks) if _is_sparse(module) else {}
 
 
-def _count(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]]) -> list[FlopRow]:
+def _count(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], training: bool = False) -> list[FlopRow]:
     names = canonical_names(module)
-    if isinstance(module, torch.fx.GraphModule):
-        gm = module
-    else:
-        gm = capture(module, example, "auto", eval_too=False).train
+    gm = _graph_of(module, example, training)
     inputs = graph_inputs(gm, *example)
     masker = MASKER if _is_sparse(module) else None
     masks = _masks_of(module)

@@ -15,7 +15,7 @@ from fxsparse.accounting import layer_flops
 from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, split_inputs
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
 from fxsparse.masking import Masker
-from fxsparse.passes.find_weights import canonical_names, find_weights
+from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_in
 from fxsparse.passes.functionalize import functionalize
 from fxsparse.passes.mask_weights import mask_weights
 
@@ -128,10 +128,12 @@ def sparsify(
             f"sparsified: pass the original dense model"
         )
     captured = capture_graph(work, inputs, capture)
-    gm = captured.train
+    graphs = captured.distinct()  # the train-mode graph first; the eval-mode one where it differs
+    gm = graphs[0]
     names = canonical_names(work)
-    sites, skipped = find_weights(gm, names, embeddings=embeddings)
+    sites, skipped = find_weights_in(graphs, names, embeddings=embeddings, inputs=inputs)
 
+    skipped += _unread_layer_weights(work, graphs, names, sites, skipped)
     kept = [s for s in sites if not _match(s.fqn, exclude_patterns)]
     skipped += [(s.fqn, "excluded by exclude=") for s in sites if _match(s.fqn, exclude_patterns)]
     if not kept:
@@ -153,13 +155,14 @@ def sparsify(
         dense_names = [fqn for fqn in shapes if _match(fqn, dense_patterns)]
     costs = None
     if budget == "flops":
-        per_layer = layer_flops(gm, inputs)
+        per_layer = layer_flops(graphs[-1], inputs)  # inference FLOPs: the eval-mode graph
         costs = {fqn: float(per_layer.get(fqn, 0)) for fqn in shapes}
     densities = budgets.layer_densities(shapes, density, init, dense=dense_names, costs=costs)
     counts = budgets.active_counts(shapes, densities)
 
     try:
-        functionalize(gm, set(shapes))
+        for graph in graphs:
+            functionalize(graph, set(shapes))
         # export: the graph module holds what the graph reads beyond the model (constants)
         # and the pytree specs its code reads
         root = gm if captured.how == "export" else work
@@ -182,8 +185,8 @@ def sparsify(
             state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn], fqn in opaque)
         masked = {f: site.mask for f, site in state.sites.items() if f not in opaque}
         hooked = {f: site.mask for f, site in state.sites.items() if f in opaque}
-        mask_weights(sparse, masked, names, MASKER, hooked=hooked)
-        if captured.eval is not None:
+        mask_weights(sparse, _read_by(sparse.graph, masked, names), names, MASKER, hooked=hooked)
+        if len(graphs) > 1:
             state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked)
         sparse.recompile()
         sparse._set_state(state)
@@ -191,6 +194,29 @@ def sparsify(
     except Exception as e:
         raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
     return sparse
+
+
+def _unread_layer_weights(
+    model: nn.Module, graphs: list[torch.fx.GraphModule], names: Mapping[str, str], sites: list[Any],
+    skipped: list[tuple[str, str]],
+) -> list[tuple[str, str]]:
+    """``(fqn, reason)`` of the conv/linear layers' weights that are neither sparsified nor
+    already listed: a layer the forward never calls, or whose weight the graphs read only outside
+    any product fxsparse recognizes. Every such weight is then masked or listed."""
+    known = {s.fqn for s in sites} | {fqn for fqn, _ in skipped}
+    read = {names.get(str(n.target)) for gm in graphs for n in gm.graph.nodes if n.op == "get_attr"}
+    found = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        name = names.get(f"{path}.weight" if path else "weight")
+        if isinstance(module, LAYERS) and isinstance(weight, nn.Parameter) and name and name not in known:
+            known.add(name)
+            where = (
+                "which the graph reads, but in no product fxsparse recognizes: left dense" if name in read
+                else "which the forward does not call (in train or in eval mode): nothing to sparsify, left as it is"
+            )
+            found.append((name, f"the weight of {type(module).__name__} {path!r}, {where}"))
+    return found
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -234,35 +260,82 @@ def _mode_graphs(
     sparse: SparseGraphModule, captured: Captured, work: nn.Module, masked: Mapping[str, str],
     names: Mapping[str, str], hooked: Mapping[str, str],
 ) -> dict[bool, torch.fx.Graph]:
-    """The eval-mode capture masked like the train graph, reading ``sparse``'s attributes.
+    """The eval-mode graph masked like the train-mode one, reading ``sparse``'s attributes.
 
-    Parameters and buffers are the model's own in both captures (same tensors, same names);
-    what else the eval graph reads (constants) is adopted under new names.
+    Parameters and buffers are the model's own in both graphs (same tensors, same names). What
+    else the eval graph reads is adopted: a symbolic trace's targets are the model's own paths
+    (the root's ``_tensor_constant<i>`` of each trace distinct), installed at the same path where
+    ``sparse`` lacks them (a module only eval mode calls); an exported graph's constants are
+    adopted under new names; tensors among them become non-persistent buffers (GraphModule makes
+    the train graph's tensor attributes buffers too), so that a copy made in one mode keeps what
+    the other mode reads.
     """
-    assert captured.eval is not None
     eval_gm = captured.eval
+    assert eval_gm is not None
     own = {name for name, _ in work.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in work.named_buffers(remove_duplicate=False)}
     for node in eval_gm.graph.nodes:
         if node.op not in ("get_attr", "call_module") or str(node.target) in own:
             continue
-        value = eval_gm.get_submodule(str(node.target)) if node.op == "call_module" else _attr(eval_gm, str(node.target))
-        name = "fxsparse_eval_" + str(node.target).replace(".", "_")
-        if node.op == "call_module":
-            sparse.add_module(name, value)
-        elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-            sparse.register_buffer(name, value, persistent=False)
+        target = str(node.target)
+        value = eval_gm.get_submodule(target) if node.op == "call_module" else _attr(eval_gm, target)
+        present = _resolve(sparse, target)
+        if present is value:
+            continue
+        if captured.how == "symbolic" and present is None:
+            name = target
         else:
-            setattr(sparse, name, value)
+            name = "fxsparse_eval_" + target.replace(".", "_")
+            while _resolve(sparse, name) is not None:
+                name += "_"
+        _install(sparse, name, value)
         node.target = name
     train_graph = sparse.graph
     eval_graph = eval_gm.graph
     sparse.graph = eval_graph  # the pass inserts get_attr nodes: let them resolve on sparse
     try:
-        mask_weights(sparse, masked, names, MASKER, hooked=hooked)
+        mask_weights(sparse, _read_by(eval_graph, masked, names), names, MASKER, hooked=hooked)
     finally:
         sparse.graph = train_graph
     return {True: train_graph, False: eval_graph}
+
+
+def _read_by(graph: torch.fx.Graph, masked: Mapping[str, str], names: Mapping[str, str]) -> dict[str, str]:
+    """The masked weights ``graph`` reads (a head computed in one mode only is not read in the
+    other's graph)."""
+    read = {names.get(str(n.target)) for n in graph.nodes if n.op == "get_attr"}
+    return {fqn: mask for fqn, mask in masked.items() if fqn in read}
+
+
+def _resolve(module: nn.Module, target: str) -> Any:
+    """The attribute or submodule at ``target`` (a dotted path), or None."""
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _install(module: nn.Module, target: str, value: Any) -> None:
+    """Puts ``value`` at the dotted path ``target`` of ``module`` (containers made as needed): a
+    submodule, a non-persistent buffer for a tensor that is no parameter, else an attribute."""
+    *path, field = target.split(".")
+    owner = module
+    for part in path:
+        child = getattr(owner, part, None)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    if isinstance(value, nn.Module):
+        owner.add_module(field, value)
+    elif isinstance(value, nn.Parameter):
+        owner.register_parameter(field, value)
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(field, value, persistent=False)
+    else:
+        setattr(owner, field, value)
 
 
 def _fresh_tensors(module: nn.Module) -> None:

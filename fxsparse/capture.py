@@ -9,10 +9,14 @@ every input and the sequence dim of integer inputs (token ids, masks) are captur
 where the model allows it (``Dim.AUTO``), so other batch sizes and sequence lengths run without
 a new capture; a floating input's other dims (image size, audio length) are static.
 
-An exported graph bakes the module's mode in: dropout's ``train`` flag, batch norm's
-``training``, every ``if self.training`` of the model's code. So the export front-end captures
-the model twice, in train and in eval mode, and the :class:`~fxsparse.SparseGraphModule` runs
-the graph of its current mode (``.train()`` / ``.eval()`` switch them).
+Both front-ends bake the module's mode into the graph: a symbolic trace evaluates
+``self.training`` while it traces (functional dropout's and drop path's ``training`` argument,
+``dropout_p=... if self.training else 0.`` of attention, a head computed only in training),
+and an exported graph also fixes batch norm's ``training``. So each front-end captures the model
+in train and in eval mode; where the two graphs are the same (most symbolic traces: dropout and
+batch norm modules stay leaves that read their mode when they run) one graph serves both, and
+otherwise the :class:`~fxsparse.SparseGraphModule` runs the graph of its current mode
+(``.train()`` / ``.eval()`` switch them).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from fxsparse.tracing import trace
 
 __all__ = [
     "CAPTURES", "PYTREE_SPECS", "Captured", "capture", "split_inputs", "graph_inputs", "pytree_specs",
-    "graph_state", "graph_from_state", "inline_wrappers",
+    "graph_state", "graph_from_state", "inline_wrappers", "same_graph",
 ]
 
 CAPTURES = ("auto", "symbolic", "export")
@@ -48,13 +52,34 @@ def pytree_specs(module: nn.Module) -> dict[str, Any]:
 
 @dataclass
 class Captured:
-    """A captured model: ``train`` is the graph module the passes edit; ``eval`` (export only)
-    is the eval-mode capture of the same model, its own attributes included."""
+    """A captured model: the graph module of each mode captured (``True``: train mode).
+
+    Where both modes were captured and gave the same graph, both keys hold one graph module.
+    """
 
     how: str  # "symbolic" | "export"
-    train: torch.fx.GraphModule
-    eval: torch.fx.GraphModule | None = None
+    graphs: dict[bool, torch.fx.GraphModule]
     dynamic: bool = False  # export: captured with dynamic shapes
+
+    @property
+    def train(self) -> torch.fx.GraphModule:
+        """The train-mode graph (the only one captured, when a single mode was asked for)."""
+        return self.graphs.get(True) or next(iter(self.graphs.values()))
+
+    @property
+    def eval(self) -> torch.fx.GraphModule | None:
+        """The eval-mode graph when it differs from the train-mode one, else None."""
+        graph = self.graphs.get(False)
+        return None if graph is None or graph is self.graphs.get(True) else graph
+
+    def distinct(self) -> list[torch.fx.GraphModule]:
+        """Each different graph once, the train-mode one first."""
+        found: list[torch.fx.GraphModule] = []
+        for mode in (True, False):
+            graph = self.graphs.get(mode)
+            if graph is not None and all(graph is not other for other in found):
+                found.append(graph)
+        return found
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -75,9 +100,10 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] 
 
 
 def capture(
-    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str = "auto", *, eval_too: bool = True
+    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str = "auto", *,
+    modes: tuple[bool, ...] = (True, False),
 ) -> Captured:
-    """Captures ``model`` (which it may put in train/eval mode, nothing else) as a graph.
+    """Captures ``model`` (which it may put in train/eval mode, nothing else) as a graph per mode.
 
     Args:
         model: the module to capture.
@@ -85,8 +111,8 @@ def capture(
             ``"export"``, optional for ``"symbolic"`` (only their number is used).
         how: ``"symbolic"``, ``"export"``, or ``"auto"``: symbolic tracing, and torch.export
             when that fails and inputs were given.
-        eval_too: export also captures the eval-mode graph (``Captured.eval``); False when only
-            the train graph is read (FLOP counting), which saves the second export.
+        modes: the modes to capture in (``True``: train mode); ``(False,)`` when only the
+            eval graph is read (inference FLOPs), which saves the second capture.
 
     Raises:
         TypeError: the model cannot be captured; the message says why and what to try.
@@ -107,7 +133,7 @@ def capture(
                     f"expected positional example_inputs for symbolic tracing, got keyword inputs "
                     f"{sorted(inputs[1])}"
                 )
-            return Captured("symbolic", trace(model, n_inputs))
+            return _symbolic(model, n_inputs, modes)
         except TypeError as e:
             if how == "symbolic":
                 raise
@@ -118,7 +144,7 @@ def capture(
                 ) from e
             symbolic_error = e
     try:
-        return _export(model, *inputs, modes=(True, False) if eval_too else (True,))  # type: ignore[misc]
+        return _export(model, *inputs, modes=modes)  # type: ignore[misc]
     except TypeError as e:
         if how == "auto":
             raise TypeError(f"{e}\n(symbolic tracing failed before: {symbolic_error})") from e
@@ -181,7 +207,82 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mod
     finally:
         model.train(was_training)
     gc.collect()  # the exported programs and their fake modes, with their weak references
-    return Captured("export", graphs[True], graphs.get(False), dynamic)
+    return Captured("export", graphs, dynamic)
+
+
+def _symbolic(model: nn.Module, n_inputs: int, modes: tuple[bool, ...]) -> Captured:
+    """Traces ``model`` in each of ``modes``; a mode whose graph equals an earlier one's shares it.
+
+    Both traces run on ``model`` itself, the train-mode one first: a model that caches values in
+    an eval forward (levit's attention biases) clears that cache when set to train mode, so the
+    eval trace records the computation, not a stale constant; and the constants each trace adds
+    to the root get names of their own (``_tensor_constant<i>``).
+    """
+    was_training = model.training
+    graphs: dict[bool, torch.fx.GraphModule] = {}
+    try:
+        for mode in modes:
+            model.train(mode)
+            try:
+                gm = trace(model, n_inputs)
+            except TypeError as e:
+                if len(modes) == 1:
+                    raise
+                raise TypeError(
+                    f"{e}\n(tracing in {'train' if mode else 'eval'} mode; fxsparse traces both modes, "
+                    f"since a trace fixes what depends on self.training)"
+                ) from e.__cause__
+            graphs[mode] = next((other for other in graphs.values() if same_graph(other, gm)), gm)
+    finally:
+        model.train(was_training)
+    return Captured("symbolic", graphs)
+
+
+def same_graph(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    """Whether two graph modules of one model compute the same thing: the same nodes, in order,
+    with the same ops, arguments and attributes (an attribute read under two names counts as the
+    same when it is one object, or equal tensors: the constants each trace names anew)."""
+    nodes_a, nodes_b = list(a.graph.nodes), list(b.graph.nodes)
+    if len(nodes_a) != len(nodes_b):
+        return False
+    index = {node: i for i, node in enumerate(nodes_a)}
+    index.update({node: i for i, node in enumerate(nodes_b)})
+
+    def normal(value: Any) -> Any:
+        return torch.fx.node.map_aggregate(value, lambda v: ("node", index[v]) if isinstance(v, torch.fx.Node) else v)
+
+    for x, y in zip(nodes_a, nodes_b):
+        if x.op != y.op:
+            return False
+        if x.op == "get_attr" and x.target != y.target:
+            if not _same_value(_resolve(a, str(x.target)), _resolve(b, str(y.target))):
+                return False
+        elif x.target != y.target:
+            return False
+        try:
+            if normal(x.args) != normal(y.args) or normal(x.kwargs) != normal(y.kwargs):
+                return False
+        except Exception:  # noqa: BLE001 - values that do not compare (tensors): not provably the same
+            return False
+    return True
+
+
+def _resolve(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if x is y:
+        return True
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return (
+            x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+            and type(x) is type(y) and bool(torch.equal(x, y))
+        )
+    return False
 
 
 def _export_error(e: BaseException) -> str:

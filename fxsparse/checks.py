@@ -10,7 +10,6 @@ and ``tests/test_timm_sample.py`` over a fixed sample.
 
 from __future__ import annotations
 
-import math
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +20,12 @@ from torch import nn
 from fxsparse.api import copy_model, sparsify
 from fxsparse.budgets import active_counts, layer_densities
 from fxsparse.capture import split_inputs
+from fxsparse.passes.find_weights import LAYERS, canonical_names
+from fxsparse.probe import ProductReads
 
-__all__ = ["CheckReport", "check_model", "CHECKS"]
+__all__ = ["CheckReport", "check_model", "product_weights", "CHECKS"]
 
-CHECKS = ("sparsify", "counts", "density_one", "gradients", "rigl_step")
+CHECKS = ("sparsify", "counts", "covered", "density_one", "modes", "gradients", "rigl_step")
 
 
 @dataclass
@@ -33,7 +34,7 @@ class CheckReport:
 
     passed: dict[str, bool] = field(default_factory=dict)
     failure: str | None = None  # "check: ExceptionType: message" of the first failure
-    coverage: float | None = None  # sparsified / (sparsified + left dense) product weights
+    coverage: float | None = None  # sparsified / all conv/linear/matmul weights (by parameter count)
     masked_params: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     capture: str | None = None  # the front-end sparsify chose ("symbolic" | "export")
@@ -78,21 +79,30 @@ def check_model(
         report.passed["sparsify"] = True
         report.skipped = sparse.skipped
         masked = sum(m.numel() for m in sparse.masks.values())
-        left = sum(
-            math.prod(sparse.get_parameter(fqn).shape)
-            for fqn, reason in sparse.skipped
-            if "excluded" not in reason
-        )
         report.masked_params = masked
-        report.coverage = masked / (masked + left) if masked + left else 1.0
 
         stage = "counts"
         _counts_exact(sparse, density, init)
         report.passed["counts"] = True
 
+        stage = "covered"
+        weights = product_weights(model, args, kwargs)
+        listed = {fqn for fqn, _ in sparse.skipped}
+        hidden = sorted(set(weights) - set(sparse.masks) - listed)
+        everything = set(weights) | set(sparse.masks)
+        total = sum(sparse.get_parameter(fqn).numel() for fqn in everything)
+        report.coverage = masked / total if total else 1.0
+        if hidden:
+            raise AssertionError(
+                f"{len(hidden)} conv/linear/matmul weight(s) neither masked nor listed in skipped: "
+                + ", ".join(f"{fqn} ({weights[fqn]})" for fqn in hidden[:5])
+            )
+        report.passed["covered"] = True
+
         stage = "density_one"
+        full = sparsify(model, 1.0, example_inputs=inputs, capture=capture, embeddings=embeddings)
         model.eval()
-        full = sparsify(model, 1.0, example_inputs=inputs, capture=capture, embeddings=embeddings).eval()
+        full.eval()
         with torch.no_grad():
             expected = _tensors(model(*args, **kwargs))
             try:
@@ -102,6 +112,24 @@ def check_model(
                     _blame_export(model, args, kwargs, expected, rtol, atol, e)
                 raise
         report.passed["density_one"] = True
+
+        stage = "modes"  # back to train mode: what depends on the mode must follow it
+        model.train()
+        full.train()
+        with torch.no_grad():
+            torch.manual_seed(0)
+            expected = _tensors(model(*args, **kwargs))
+            torch.manual_seed(0)
+            got = _tensors(full(*args, **kwargs))
+        try:
+            torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+        except AssertionError as e:
+            first = str(e).strip().splitlines()
+            raise AssertionError(
+                f"in train mode (same random seed) the density-1.0 module differs from the model, "
+                f"after it computed the same in eval mode: {' '.join(first[:3])}"
+            ) from e
+        report.passed["modes"] = True
         del full
 
         stage = "gradients"
@@ -134,6 +162,29 @@ def check_model(
         lines = traceback.format_exception_only(type(e), e)
         report.failure = f"{stage}: {''.join(lines).strip().splitlines()[0][:300]}"
     return report
+
+
+def product_weights(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+    """The conv/linear/matmul weights of ``model``, by canonical FQN, with why each counts: the
+    weight of every ``nn.Conv*``/``nn.Linear`` module, and every parameter a product kernel reads
+    (directly, or through a computation of parameters alone) while a copy of the model runs on
+    the inputs in train mode and in eval mode (:class:`fxsparse.probe.ProductReads`)."""
+    names = canonical_names(model)
+    found: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LAYERS) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            found[names[f"{path}.weight" if path else "weight"]] = f"weight of {type(module).__name__}"
+    twin = copy_model(model)
+    params = {names[n]: p for n, p in twin.named_parameters(remove_duplicate=False)}
+    for mode in (True, False):
+        twin.train(mode)
+        with torch.no_grad(), ProductReads(params) as reads:
+            twin(*args, **kwargs)
+        for fqn in sorted(reads.direct):
+            found.setdefault(fqn, "read by a product kernel")
+        for fqn in sorted(reads.computed):
+            found.setdefault(fqn, "computed into a product's operand")
+    return found
 
 
 def _blame_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], expected: Any,

@@ -2,14 +2,16 @@
 (fxsparse.checks.check_model).
 
 The full registry sweep is benchmarks/timm_coverage.py (hours); this sample runs in CI. Each
-model is built with ``pretrained=False`` at a small input it accepts.
+model is built with ``pretrained=False`` at a small input it accepts, with drop path and dropout
+at 0.1 (timm's training recipes; the sweep's ``--drop-path 0.1``), so that the check of both modes
+(``modes``) meets stochastic depth and dropout wherever the architecture has them.
 """
 
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
+from scripts import load_script
 
 from fxsparse.checks import CHECKS, check_model
 
@@ -36,7 +38,8 @@ SAMPLE = [
 @pytest.mark.parametrize("name,size,kwargs", SAMPLE, ids=[s[0] for s in SAMPLE])
 def test_timm_model_sparsifies_with_every_check(name, size, kwargs):
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    drop = {"drop_path_rate": 0.1, "drop_rate": 0.1}
+    model = load_script("benchmarks/timm_coverage.py").create(name, drop, **kwargs)  # drop: what it took
     report = check_model(model, torch.randn(2, 3, size, size))
     assert report.ok, report.failure
     assert set(report.passed) == set(CHECKS)

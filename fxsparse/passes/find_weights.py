@@ -14,6 +14,8 @@ many names and uses it has. Consumer nodes get ``node.meta["fxsparse.weight"]``.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,10 +26,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsparse.masking import mask_prologue
 from fxsparse.passes.functionalize import plain_call
+from fxsparse.tracing import leaf_function_weights
 
 __all__ = [
-    "WeightUse", "WeightSite", "find_weights", "canonical_names", "REWRITABLE_MODULES",
+    "WeightUse", "WeightSite", "find_weights", "find_weights_in", "canonical_names", "REWRITABLE_MODULES", "LAYERS",
     "register_leaf_weights", "leaf_product_weights",
 ]
 
@@ -61,6 +65,7 @@ _METHOD_WEIGHT_ARGS: dict[str, tuple[int, ...]] = {
 _VIEW_METHODS = {
     "t", "transpose", "permute", "view", "reshape", "contiguous", "flatten",
     "unsqueeze", "squeeze", "to", "type_as", "float", "half", "bfloat16", "double",
+    "expand", "expand_as", "view_as", "reshape_as",
 }
 _VIEW_FUNCTIONS: set[Callable[..., Any]] = {
     torch.t, torch.transpose, torch.permute, torch.reshape, torch.flatten,
@@ -103,6 +108,15 @@ def _schema_weight_positions(op: Any) -> tuple[int, ...]:
     return ()
 
 
+# The other operand of products whose weight operand is fixed: a parameter read there (a learned
+# query or latent fed through a linear layer) is no weight of that product.
+_FUNCTION_INPUT_ARGS: dict[Any, int] = {
+    F.linear: 0, F.conv1d: 0, F.conv2d: 0, F.conv3d: 0,
+    F.conv_transpose1d: 0, F.conv_transpose2d: 0, F.conv_transpose3d: 0,
+    _ATEN.linear: 0, _ATEN.conv1d: 0, _ATEN.conv2d: 0, _ATEN.conv3d: 0, _ATEN.convolution: 0,
+    _ATEN._convolution: 0, _ATEN.conv_transpose1d: 0, _ATEN.conv_transpose2d: 0, _ATEN.conv_transpose3d: 0,
+}
+
 # Embedding lookups and the position of their table: a weight read by one is an embedding.
 _LOOKUP_ARGS: dict[Any, int] = {F.embedding: 1, _ATEN.embedding: 0}
 
@@ -112,6 +126,9 @@ REWRITABLE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d,
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
+# Every module type whose weight is a conv/linear weight (subclasses that compute otherwise too):
+# each such weight is masked or listed in ``skipped`` with why, used by the forward or not.
+LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 # Leaves whose 2-D weights are lookup tables rather than product operands.
 _NOT_MATMUL_LEAVES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
@@ -299,10 +316,189 @@ def _is_plain_embedding(module: nn.Module) -> bool:
     return type(module).forward is nn.Embedding.forward if isinstance(module, nn.Embedding) else False
 
 
+def _is_leaf_call(node: torch.fx.Node) -> bool:
+    """A call of a Python function the graph keeps whole (``torch.fx.wrap``,
+    :func:`fxsparse.register_leaf_function`, timm's no-trace functions; torch's own Python
+    functions that tracing records, such as ``F.multi_head_attention_forward``), other than the
+    products, views and lookups the tables here know and fxsparse's own prologue."""
+    target = node.target
+    return (
+        node.op == "call_function" and inspect.isfunction(target)
+        and target not in _FUNCTION_WEIGHT_ARGS and target not in _LOOKUP_ARGS
+        and target not in _VIEW_FUNCTIONS and target is not torch.einsum and target is not mask_prologue
+    )
+
+
+def _function_label(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', getattr(fn, '__name__', fn))}"
+
+
+def _operand_params(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, names: dict[str, str], params: dict[str, nn.Parameter],
+) -> dict[str, str]:
+    """The parameters of two or more dims a call is given as arguments (through views), by
+    canonical FQN, with the name each argument has in the call."""
+    given: dict[str, str] = {}
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        bound = {f"argument {i}": a for i, a in enumerate([*node.args, *node.kwargs.values()])}
+    for name, value in bound.items():
+        for operand in _flat(value):
+            fqn = _param_of(gm, operand, names)
+            if fqn is not None and params[fqn].dim() >= 2:
+                given.setdefault(fqn, name)
+    return given
+
+
+def _input_positions(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, ...]:
+    """Where a linear/conv node takes its input (the operand that is not its weight)."""
+    if node.op == "call_function" and _packet(node.target) in _FUNCTION_INPUT_ARGS:
+        return (_FUNCTION_INPUT_ARGS[_packet(node.target)],)
+    if node.op == "call_module" and plain_call(node) and node.args:
+        if isinstance(gm.get_submodule(str(node.target)), REWRITABLE_MODULES):
+            return (0,)
+    return ()
+
+
+_MAX_DEPTH = 3  # wrapped functions looked into within wrapped functions
+
+
+def _leaf_function_reads(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, given: dict[str, str], names: dict[str, str],
+    embeddings: bool, depth: int,
+) -> tuple[set[str], dict[str, str]] | str:
+    """What the wrapped function ``node`` calls does with the parameters ``given`` to it:
+    ``(product weights, {fqn: why left dense})``, parameters in neither being no product weight
+    there; or a string saying why it cannot be told.
+
+    Weights declared with ``register_leaf_function(fn, weights=[...])`` are taken at their word.
+    Otherwise the function's body is traced once more, alone, with the weights as attribute
+    reads of ``gm`` and every other argument a placeholder (its own constants kept), and the
+    result is analysed like any graph; Python control flow on an argument's value or shape
+    stops that trace (the reason the function was kept whole, often).
+    """
+    fn = node.target
+    declared = leaf_function_weights(fn)
+    if declared is not None:
+        return {fqn for fqn, arg in given.items() if arg in declared}, {}
+    if depth >= _MAX_DEPTH:
+        return f"wrapped functions nested deeper than {_MAX_DEPTH}"
+    tracer = torch.fx.Tracer()
+    tracer.root = gm
+    graph = torch.fx.Graph()
+    tracer.graph = graph
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def copy_of(operand: torch.fx.Node) -> torch.fx.Node:
+        if operand not in env:
+            if _param_of(gm, operand, names) is None:
+                env[operand] = graph.placeholder(f"arg_{len(env)}")
+            elif operand.op == "get_attr":
+                env[operand] = graph.get_attr(str(operand.target))
+            else:  # a view of the weight: the same view of its read
+                source = _view_source(operand)
+                env[operand] = graph.node_copy(operand, lambda n: copy_of(n) if n is source else placeholder(n))
+        return env[operand]
+
+    def placeholder(operand: torch.fx.Node) -> torch.fx.Node:
+        if operand not in env:
+            env[operand] = graph.placeholder(f"arg_{len(env)}")
+        return env[operand]
+
+    def proxy(value: Any) -> Any:
+        return torch.fx.Proxy(copy_of(value), tracer) if isinstance(value, torch.fx.Node) else value
+
+    try:
+        args = torch.fx.node.map_aggregate(node.args, proxy)
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, proxy)
+        fn(*args, **kwargs)  # type: ignore[operator]
+        graph.output(None)
+        probe = torch.fx.GraphModule(gm, graph)
+        sites, left = find_weights(probe, names, embeddings=embeddings, _depth=depth + 1)
+    except Exception as e:  # noqa: BLE001 - any failure of the trace: the use is unknown
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
+    return {s.fqn for s in sites} & set(given), {fqn: why for fqn, why in left if fqn in given}
+
+
+def _record_leaf_reads(
+    node: torch.fx.Node, given: dict[str, str], reads: tuple[set[str], dict[str, str]] | str,
+    site: Callable[[str], WeightSite], blocked: dict[str, str],
+) -> None:
+    """Marks the weights a wrapped call uses as product weights for the module-level fallback,
+    and puts the others a product reads there, or all of them when that is unknown, in
+    ``blocked`` with the reason."""
+    label = _function_label(node.target)
+    if isinstance(reads, str):
+        for fqn, arg in given.items():
+            blocked.setdefault(fqn, (
+                f"passed as {arg!r} into the wrapped function {label}, which fxsparse cannot trace "
+                f"into ({reads}), so how it uses the weight is unknown: left dense. Fix: pass "
+                f"example_inputs to sparsify (fxsparse then watches the function run), or declare "
+                f"its weight arguments with fxsparse.register_leaf_function("
+                f"{getattr(node.target, '__name__', 'fn')}, weights=[{arg!r}, ...])"
+            ))
+        return
+    products, left = reads
+    for fqn in given:
+        if fqn in products:
+            leaf = site(fqn)
+            where = f"{label} (wrapped function, argument {given[fqn]!r})"
+            if where not in leaf.opaque:
+                leaf.opaque.append(where)
+        elif fqn in left:
+            blocked.setdefault(fqn, f"inside the wrapped function {label}: {left[fqn]}")
+
+
+def _watch_leaf_calls(
+    gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    names: dict[str, str],
+) -> dict[torch.fx.Node, tuple[set[str], dict[str, str]] | str]:
+    """Runs a copy of ``gm`` on ``inputs`` and watches each wrapped call of ``nodes`` run
+    (:class:`fxsparse.probe.ProductReads`): the parameters a product kernel reads inside."""
+    from fxsparse.capture import graph_inputs
+    from fxsparse.probe import ProductReads
+
+    twin = copy.deepcopy(gm)
+    params = {names.get(n, n): p for n, p in twin.named_parameters(remove_duplicate=False)}
+    wanted = {node.name: node for node in nodes}
+    seen: dict[torch.fx.Node, tuple[set[str], dict[str, str]] | str] = {}
+
+    class Watcher(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            if n.name not in wanted:
+                return super().run_node(n)
+            with ProductReads(params) as reads:
+                result = super().run_node(n)
+            seen[wanted[n.name]] = reads.direct, {
+                fqn: "computed into a product's weight there (weight standardization or the like): a mask "
+                     "on the parameter would not make the product sparse; left dense"
+                for fqn in reads.computed - reads.direct
+            }
+            return result
+
+    try:
+        with torch.no_grad():
+            Watcher(twin).run(*graph_inputs(twin, *inputs))
+    except Exception as e:  # noqa: BLE001 - the calls not reached stay unknown, with this reason
+        text = str(e).strip().splitlines()
+        why = f"running the model on example_inputs failed: {type(e).__name__}: {text[0][:160] if text else ''}"
+        return {**dict.fromkeys(nodes, why), **seen}
+    return seen
+
+
 def find_weights(
-    gm: torch.fx.GraphModule, names: dict[str, str], *, embeddings: bool = False
+    gm: torch.fx.GraphModule, names: dict[str, str], *, embeddings: bool = False,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None, _depth: int = 0,
 ) -> tuple[list[WeightSite], list[tuple[str, str]]]:
     """Finds the sparsifiable weights of ``gm``, in order of first use.
+
+    A weight passed as an argument into a function the graph keeps whole (``torch.fx.wrap``,
+    :func:`fxsparse.register_leaf_function`, timm's no-trace functions) is looked for inside it
+    (:func:`_leaf_function_reads`): used there as a product weight, it gets the module-level
+    fallback of opaque leaves; otherwise, or when that cannot be told, it is in ``skipped``
+    with the reason.
 
     Args:
         gm: the traced model.
@@ -311,6 +507,8 @@ def find_weights(
             input/output embedding): one mask then serves the lookup and the product, and a
             plain ``nn.Embedding`` leaf reading it is marked for ``functionalize``. False (the
             default): such weights stay dense, with the reason in ``skipped``.
+        inputs: ``(args, kwargs)`` the model runs on: a wrapped function that cannot be traced
+            into is then watched while a copy of ``gm`` runs on them (:class:`fxsparse.probe.ProductReads`).
 
     Returns:
         ``(sites, skipped)``: the sparsifiable weights, and ``(fqn, reason)`` for every
@@ -333,6 +531,8 @@ def find_weights(
     fixed: set[torch.fx.Node] = set()  # nodes computed from parameters and constants alone
     computed: dict[str, str] = {}  # parameters products read only through such a computation
     lookups: dict[str, list[torch.fx.Node]] = {}  # embedding tables: the nodes looking them up
+    as_input: dict[str, str] = {}  # parameters read as the input operand of a linear/conv
+    watched: list[tuple[torch.fx.Node, dict[str, str], str]] = []  # wrapped calls to watch run
     for node in gm.graph.nodes:
         if node.op == "get_attr" and str(node.target) in names:
             uses.setdefault(names[str(node.target)], []).append(WeightUse(node, "get_attr"))
@@ -381,6 +581,31 @@ def find_weights(
                         # A lookup table is no product weight: worth a word only when tied
                         # to one, whose mask the lookup would then ignore.
                         quiet.add(fqn)
+        if node.op == "call_module" and not _is_rewritable(gm.get_submodule(str(node.target))):
+            for operand in _flat((node.args, node.kwargs)):
+                fqn = _param_of(gm, operand, names)
+                if fqn is not None and params[fqn].dim() >= 2 and not fqn.startswith(f"{node.target}."):
+                    blocked.setdefault(fqn, (
+                        f"passed as an argument into the opaque leaf module {node.target!r} "
+                        f"({type(gm.get_submodule(str(node.target))).__name__}), which the graph cannot "
+                        f"see into: left dense"
+                    ))
+        if _is_leaf_call(node):
+            given = _operand_params(gm, node, names, params)
+            if given:
+                reads = _leaf_function_reads(gm, node, given, names, embeddings, _depth)
+                if isinstance(reads, str) and inputs is not None:
+                    watched.append((node, given, reads))
+                else:
+                    _record_leaf_reads(node, given, reads, site, blocked)
+        for position in _input_positions(gm, node):
+            operand = node.args[position] if position < len(node.args) else None
+            fqn = _param_of(gm, operand, names)
+            if fqn is not None and params[fqn].dim() >= 2:
+                as_input.setdefault(fqn, (
+                    f"the input operand of {_label(node.target) if node.op != 'call_module' else node.target}, "
+                    f"not its weight (a learned query or latent fed through the layer): left dense"
+                ))
         if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
             # torch.cond / while_loop / map ...: the read happens in a subgraph no pass rewrites
             # (grad-mode and autocast blocks are inlined at capture, capture.inline_wrappers)
@@ -411,6 +636,10 @@ def find_weights(
                             f"not make sparse; left dense"
                         ))
 
+    if watched:
+        seen = _watch_leaf_calls(gm, [node for node, _, _ in watched], inputs, names)  # type: ignore[arg-type]
+        for node, given, why in watched:
+            _record_leaf_reads(node, given, seen.get(node, why), site, blocked)
     result = []
     for fqn, s in sites.items():
         param = params[fqn]
@@ -436,7 +665,33 @@ def find_weights(
     for fqn, reason in blocked.items():
         if fqn not in quiet:
             skipped.setdefault(fqn, reason)
-    for fqn, reason in computed.items():
+    for fqn, reason in [*computed.items(), *as_input.items()]:
         if fqn not in sites:
             skipped.setdefault(fqn, reason)
     return result, sorted(skipped.items())
+
+
+def find_weights_in(
+    gms: list[torch.fx.GraphModule], names: dict[str, str], *, embeddings: bool = False,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+) -> tuple[list[WeightSite], list[tuple[str, str]]]:
+    """:func:`find_weights` over the graphs of one model's modes (train and eval), merged.
+
+    A weight is sparsified when some graph reads it as a product weight and none leaves it
+    dense (the first graph's reason is kept); one that an opaque leaf reads in some graph is
+    masked by the module-level fallback in all of them. Sites in order of first use, the first
+    graph's first.
+    """
+    merged: dict[str, WeightSite] = {}
+    skipped: dict[str, str] = {}
+    for gm in gms:
+        sites, left = find_weights(gm, names, embeddings=embeddings, inputs=inputs)
+        for fqn, reason in left:
+            skipped.setdefault(fqn, reason)
+        for found in sites:
+            site = merged.setdefault(found.fqn, found)
+            if site is not found:
+                site.uses += found.uses
+                site.consumers += found.consumers
+                site.opaque += [leaf for leaf in found.opaque if leaf not in site.opaque]
+    return [s for fqn, s in merged.items() if fqn not in skipped], sorted(skipped.items())
