@@ -136,6 +136,7 @@ def check_one(name: str, max_params: float, capture: str = "auto", drop_path: fl
     report = check_model(model, x, capture=capture)
     result.update(
         capture=report.capture,
+        mode_graphs=report.mode_graphs,
         status="pass" if report.ok else "fail",
         reason=report.failure,
         passed=report.passed,
@@ -232,6 +233,7 @@ def write_report(results: list[dict[str, Any]], path: str | None, total_registry
     for status in ("pass", "fail", "not constructed", "not runnable", "too large", "timeout", "crashed"):
         lines.append(f"| {status} | {by_status.get(status, 0)} |")
     rate = len(passed_traced) / len(traced) if traced else float("nan")
+    two = [r["name"] for r in passing if r.get("mode_graphs")]
     lines += [
         "",
         f"Of the {len(traced)} checked models that timm itself can fx-trace, {len(passed_traced)} pass every "
@@ -247,6 +249,12 @@ def write_report(results: list[dict[str, Any]], path: str | None, total_registry
             "is a lower bound: every parameter in `skipped` counts as a weight left dense, although most of "
             "them are gains, biases and position embeddings inside untraceable leaves (listed below)."
         ),
+        *([
+            f"{len(two)} of the {len(passing)} passing models compute differently in train and in eval mode "
+            f"in ways a graph fixes (functional drop path or dropout, a head computed only in training), so "
+            f"their sparse module holds a graph per mode: {', '.join(sorted(two)[:8])}"
+            + (f" and {len(two) - 8} more." if len(two) > 8 else ".")
+        ] if any("mode_graphs" in r for r in passing) else []),
         "",
         "## By family",
         "",

@@ -12,7 +12,7 @@ from torch import nn
 
 from fxsparse import budgets
 from fxsparse.accounting import layer_flops
-from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, split_inputs
+from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, resolve, split_inputs
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
 from fxsparse.masking import Masker
 from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_in
@@ -278,15 +278,15 @@ def _mode_graphs(
         if node.op not in ("get_attr", "call_module") or str(node.target) in own:
             continue
         target = str(node.target)
-        value = eval_gm.get_submodule(target) if node.op == "call_module" else _attr(eval_gm, target)
-        present = _resolve(sparse, target)
+        value = resolve(eval_gm, target)
+        present = resolve(sparse, target)
         if present is value:
             continue
         if captured.how == "symbolic" and present is None:
             name = target
         else:
             name = "fxsparse_eval_" + target.replace(".", "_")
-            while _resolve(sparse, name) is not None:
+            while resolve(sparse, name) is not None:
                 name += "_"
         _install(sparse, name, value)
         node.target = name
@@ -305,16 +305,6 @@ def _read_by(graph: torch.fx.Graph, masked: Mapping[str, str], names: Mapping[st
     other's graph)."""
     read = {names.get(str(n.target)) for n in graph.nodes if n.op == "get_attr"}
     return {fqn: mask for fqn, mask in masked.items() if fqn in read}
-
-
-def _resolve(module: nn.Module, target: str) -> Any:
-    """The attribute or submodule at ``target`` (a dotted path), or None."""
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
 
 
 def _install(module: nn.Module, target: str, value: Any) -> None:
@@ -357,12 +347,6 @@ def _fresh_tensors(module: nn.Module) -> None:
                         copy_ = nn.Parameter(copy_, requires_grad=tensor.requires_grad)
                     fresh[id(tensor)] = copy_
                 table[name] = fresh[id(tensor)]
-
-
-def _attr(module: nn.Module, target: str) -> Any:
-    *path, field = target.split(".")
-    owner = module.get_submodule(".".join(path)) if path else module
-    return getattr(owner, field)
 
 
 def _patterns(patterns: Iterable[str], what: str) -> list[str]:

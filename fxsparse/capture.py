@@ -35,7 +35,7 @@ from fxsparse.tracing import trace
 
 __all__ = [
     "CAPTURES", "PYTREE_SPECS", "Captured", "capture", "split_inputs", "graph_inputs", "pytree_specs",
-    "graph_state", "graph_from_state", "inline_wrappers", "same_graph",
+    "graph_state", "graph_from_state", "inline_wrappers", "same_graph", "resolve",
 ]
 
 CAPTURES = ("auto", "symbolic", "export")
@@ -255,7 +255,7 @@ def same_graph(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
         if x.op != y.op:
             return False
         if x.op == "get_attr" and x.target != y.target:
-            if not _same_value(_resolve(a, str(x.target)), _resolve(b, str(y.target))):
+            if not _same_value(resolve(a, str(x.target)), resolve(b, str(y.target))):
                 return False
         elif x.target != y.target:
             return False
@@ -267,10 +267,14 @@ def same_graph(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
     return True
 
 
-def _resolve(module: nn.Module, target: str) -> Any:
+def resolve(module: nn.Module, target: str) -> Any:
+    """The attribute or submodule at the dotted path ``target`` of ``module`` (what a
+    ``get_attr`` / ``call_module`` node of ``target`` reads), or None when there is none."""
     value: Any = module
     for part in target.split("."):
         value = getattr(value, part, None)
+        if value is None:
+            return None
     return value
 
 

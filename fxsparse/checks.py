@@ -38,6 +38,7 @@ class CheckReport:
     masked_params: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     capture: str | None = None  # the front-end sparsify chose ("symbolic" | "export")
+    mode_graphs: bool | None = None  # the module runs a graph per mode (its modes compute differently)
 
     @property
     def ok(self) -> bool:
@@ -76,6 +77,7 @@ def check_model(
         model.train()
         sparse = sparsify(model, density, init, example_inputs=inputs, capture=capture, embeddings=embeddings)
         report.capture = sparse.capture
+        report.mode_graphs = sparse._fxsparse.mode_graphs is not None
         report.passed["sparsify"] = True
         report.skipped = sparse.skipped
         masked = sum(m.numel() for m in sparse.masks.values())

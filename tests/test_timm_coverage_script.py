@@ -3,6 +3,7 @@ the page. The sweeps themselves take hours and are not run here."""
 
 from __future__ import annotations
 
+import torch
 from scripts import load_script
 
 def _script():
@@ -26,3 +27,31 @@ def test_export_weighing_checks_one_model_and_compares_both_front_ends(tmp_path)
     assert "more weight parameters than symbolic tracing on 0 of 2 models, fewer on 1, the same on 1" in text
     assert f"- other: symbolic tracing masks {weighing['symbolic_masked']:,}" in text
     assert "| test_vit | pass |" in text and "Above the parameter cap, not checked: huge." in text
+
+
+def test_drop_path_sweep_checks_both_modes_and_writes_its_own_section(tmp_path):
+    script = _script()
+    record = script.check_one("test_vit", 150e6, drop_path=0.1, drop_rate=0.1)
+    assert record["status"] == "pass", record
+    assert record["drop"] == {"drop_path_rate": 0.1, "drop_rate": 0.1}  # the model took both
+    assert record["passed"]["modes"] and record["passed"]["covered"]
+    assert record["mode_graphs"] is True  # stochastic depth: the modes trace differently
+    page = tmp_path / "page.md"
+    page.write_text("# timm coverage\n\nThe full sweep.\n\n## Totals\n\n| pass | 3 |\n")
+    failing = {**record, "name": "other", "status": "fail", "reason": "modes: AssertionError: differs"}
+    for _ in range(2):  # a second run replaces its section, the rest of the page stays
+        section = script.write_drop_section([record, failing], str(page), 1371, 0.1, 0.1)
+    text = page.read_text()
+    assert text.count(script.DROP_BEGIN) == 1 and text.count(script.POINTER) == 1
+    assert text.startswith("# timm coverage\n\n" + script.POINTER) and "The full sweep.\n\n## Totals" in text
+    assert section in text and "## With drop path 0.1 and dropout 0.1" in section
+    assert "| pass | 1 |" in section and "| fail | 1 |" in section and "### Totals" in section
+    assert "x `fail: modes: AssertionError: differs`: other" in section
+    assert "counted against every `nn.Conv*`/`nn.Linear` weight" in section
+
+
+def test_create_drops_the_keywords_a_model_does_not_take():
+    script = _script()
+    drop = {"drop_path_rate": 0.1, "drop_rate": 0.1}
+    model = script.create("densenet121", drop)  # takes drop_rate, not drop_path_rate
+    assert drop == {"drop_rate": 0.1} and isinstance(model, torch.nn.Module)

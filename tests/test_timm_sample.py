@@ -43,6 +43,12 @@ def test_timm_model_sparsifies_with_every_check(name, size, kwargs):
     report = check_model(model, torch.randn(2, 3, size, size))
     assert report.ok, report.failure
     assert set(report.passed) == set(CHECKS)
-    # NF-RegNet's stem and final convolutions standardize their weight in the graph: listed in
-    # skipped (a mask on the parameter would not make the standardized product sparse)
-    assert report.coverage >= (0.95 if name.startswith("nf_") else 0.99), report.skipped
+    if name.startswith("nf_"):
+        # NF-RegNet's convolutions standardize their weight before the product (in the graph and
+        # inside its opaque NormFreeBlocks): a mask on the parameter would not make the product
+        # sparse, so those are listed with that reason, and every other weight is sparsified
+        standardized = {fqn for fqn, reason in report.skipped if "computed into" in reason}
+        assert standardized and all("conv" in fqn for fqn in standardized), report.skipped
+        assert 0.3 < report.coverage < 0.9, report.coverage
+    else:
+        assert report.coverage >= 0.99, report.skipped

@@ -137,3 +137,25 @@ def test_weights_read_where_no_weight_is_expected_are_listed():
     assert "into the opaque leaf module 'rnn'" in skipped["extra"]
     assert {"q.weight", "head.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0"} <= set(sparse.masks)
     assert check_model(Net(), torch.randn(4, 3, 8)).ok
+
+
+def test_a_standardized_convolution_inside_an_opaque_leaf_is_listed_not_masked():
+    timm_layers = pytest.importorskip("timm.layers")
+
+    @fxsparse.register_leaf_module
+    class Block(torch.nn.Module):  # opaque: its convolutions reach the graph only through the fallback
+        def __init__(self):
+            super().__init__()
+            self.std = timm_layers.StdConv2d(3, 4, 3)
+            self.plain = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.plain(self.std(x))
+
+    net = torch.nn.Sequential(Block(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 2))
+    sparse = fxsparse.sparsify(net, 0.5, "uniform", dense=[])
+    skipped = dict(sparse.skipped)
+    assert "0.std.weight" not in sparse.masks and "computed into" in skipped["0.std.weight"]
+    assert "StdConv2d" in skipped["0.std.weight"]
+    assert {"0.plain.weight", "2.weight"} <= set(sparse.masks)  # a plain conv inside keeps the fallback
+    assert check_model(net, torch.randn(2, 3, 8, 8)).ok

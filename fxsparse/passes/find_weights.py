@@ -213,6 +213,29 @@ def leaf_product_weights(module: nn.Module) -> dict[str, str]:
     return found
 
 
+def _computed_inside(module: nn.Module) -> dict[str, str]:
+    """The conv/linear weights inside an opaque leaf that their own layer computes on before its
+    product (a subclass that changed how it computes: timm's ``StdConv2d`` / ``ScaledStdConv2d``
+    standardize the weight), by name relative to ``module``, with what computes them: a mask on
+    such a parameter would not make the product sparse. Each such layer's forward is traced
+    alone; one that cannot be traced is taken as reading its weight as it is."""
+    from fxsparse.tracing import trace
+
+    found: dict[str, str] = {}
+    for sub_name, sub in module.named_modules():
+        if not isinstance(sub, REWRITABLE_MODULES) or _is_rewritable(sub):
+            continue
+        try:
+            traced = trace(sub)
+            _, left = find_weights(traced, canonical_names(sub), _depth=_MAX_DEPTH)
+        except Exception:  # noqa: BLE001 - untraceable alone: the weight is taken as the product's
+            continue
+        reason = dict(left).get("weight")
+        if reason is not None and reason.startswith("computed into"):
+            found[f"{sub_name}.weight" if sub_name else "weight"] = f"{type(sub).__name__} {sub_name!r}: {reason}"
+    return found
+
+
 def canonical_names(module: nn.Module) -> dict[str, str]:
     """Maps every name of every parameter to the first name it has (tied weights share one)."""
     first: dict[int, str] = {}
@@ -316,17 +339,30 @@ def _is_plain_embedding(module: nn.Module) -> bool:
     return type(module).forward is nn.Embedding.forward if isinstance(module, nn.Embedding) else False
 
 
+# torch's own Python functions that tracing records whole (they dispatch __torch_function__) and
+# that compute products with arguments they are given: those arguments, by name. torch's other
+# Python functions (norms, dropout, padding, interpolation ...) compute no product with theirs.
+_TORCH_FUNCTION_WEIGHTS: dict[Any, frozenset[str]] = {
+    F.multi_head_attention_forward: frozenset(
+        {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight"}
+    ),
+    torch.chain_matmul: frozenset({"matrices"}),
+}
+if hasattr(F, "grouped_mm"):
+    _TORCH_FUNCTION_WEIGHTS[F.grouped_mm] = frozenset({"mat_a", "mat_b"})
+
+
 def _is_leaf_call(node: torch.fx.Node) -> bool:
     """A call of a Python function the graph keeps whole (``torch.fx.wrap``,
-    :func:`fxsparse.register_leaf_function`, timm's no-trace functions; torch's own Python
-    functions that tracing records, such as ``F.multi_head_attention_forward``), other than the
-    products, views and lookups the tables here know and fxsparse's own prologue."""
+    :func:`fxsparse.register_leaf_function`, timm's no-trace functions, and the functions of
+    torch that compute products with what they are given, ``_TORCH_FUNCTION_WEIGHTS``), other
+    than the products, views and lookups the tables here know and fxsparse's own prologue."""
     target = node.target
-    return (
-        node.op == "call_function" and inspect.isfunction(target)
-        and target not in _FUNCTION_WEIGHT_ARGS and target not in _LOOKUP_ARGS
-        and target not in _VIEW_FUNCTIONS and target is not torch.einsum and target is not mask_prologue
-    )
+    if node.op != "call_function" or not inspect.isfunction(target) or target is mask_prologue:
+        return False
+    if str(getattr(target, "__module__", "")).split(".")[0] == "torch":
+        return target in _TORCH_FUNCTION_WEIGHTS
+    return target not in _FUNCTION_WEIGHT_ARGS and target not in _LOOKUP_ARGS and target not in _VIEW_FUNCTIONS
 
 
 def _function_label(fn: Any) -> str:
@@ -379,7 +415,7 @@ def _leaf_function_reads(
     stops that trace (the reason the function was kept whole, often).
     """
     fn = node.target
-    declared = leaf_function_weights(fn)
+    declared = _TORCH_FUNCTION_WEIGHTS.get(fn, leaf_function_weights(fn))
     if declared is not None:
         return {fqn for fqn, arg in given.items() if arg in declared}, {}
     if depth >= _MAX_DEPTH:
@@ -562,8 +598,15 @@ def find_weights(
                 # Its bias is read inside the rewritten call; it stays dense.
                 owned = [(n, p) for n, p in owned if not n.endswith(".bias")]
             inside = leaf_product_weights(module)
+            standardized = _computed_inside(module) if inside else {}
             for pname, p in owned:
                 relative = pname[len(f"{node.target}.") :]
+                if p.dim() >= 2 and relative in standardized:
+                    blocked[names[pname]] = (
+                        f"used inside the opaque leaf module {node.target!r} ({type(module).__name__}) "
+                        f"by {standardized[relative]}"
+                    )
+                    continue
                 if p.dim() >= 2 and relative in inside:
                     # the module-level fallback: masked in the parameter, hooked for growth
                     leaf = site(names[pname])
