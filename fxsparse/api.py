@@ -204,17 +204,31 @@ def _unread_layer_weights(
     already listed: a layer the forward never calls, or whose weight the graphs read only outside
     any product fxsparse recognizes. Every such weight is then masked or listed."""
     known = {s.fqn for s in sites} | {fqn for fqn, _ in skipped}
-    read = {names.get(str(n.target)) for gm in graphs for n in gm.graph.nodes if n.op == "get_attr"}
+    nodes = [n for gm in graphs for n in gm.graph.nodes]
+    read = {names.get(str(n.target)) for n in nodes if n.op == "get_attr"}
+    # modules handed whole to a function the graph keeps whole (tracing reads a module argument
+    # as a get_attr of its path): the function calls them out of the graph's sight
+    modules = dict(model.named_modules())
+    handed: dict[str, str] = {}
+    for n in nodes:
+        if n.op == "get_attr" and str(n.target) in modules:
+            for user in n.users:
+                if user.op == "call_function":
+                    handed.setdefault(str(n.target), getattr(user.target, "__qualname__", str(user.target)))
     found = []
     for path, module in model.named_modules():
         weight = getattr(module, "weight", None)
         name = names.get(f"{path}.weight" if path else "weight")
         if isinstance(module, LAYERS) and isinstance(weight, nn.Parameter) and name and name not in known:
             known.add(name)
-            where = (
-                "which the graph reads, but in no product fxsparse recognizes: left dense" if name in read
-                else "which the forward does not call (in train or in eval mode): nothing to sparsify, left as it is"
-            )
+            owner = next((fn for p, fn in handed.items() if path == p or path.startswith(f"{p}.") or not p), None)
+            if owner is not None:
+                where = (f"whose module is passed whole into {owner}, a function the graph keeps whole: "
+                         f"fxsparse cannot see how it is used, left dense; pass its weight instead of the module")
+            elif name in read:
+                where = "which the graph reads, but in no product fxsparse recognizes: left dense"
+            else:
+                where = "which the forward does not call (in train or in eval mode): nothing to sparsify, left as it is"
             found.append((name, f"the weight of {type(module).__name__} {path!r}, {where}"))
     return found
 

@@ -118,6 +118,12 @@ def gated(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Te
     return F.silu(torch.einsum("bnc,oc->bno", x, w_gate)) * torch.einsum("bnc,oc->bno", x, w_up)
 
 
+@torch.fx.wrap
+def call_layer(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A layer handed whole (tracing reads the module argument as a ``get_attr`` of its path)."""
+    return layer(x)
+
+
 # name -> (which of its weights a product reads: "product" | "computed" | "none", how the
 # symbolic analysis can see it: True when tracing the body alone works)
 HELPERS = {
@@ -127,6 +133,7 @@ HELPERS = {
     "standardized_linear": ("computed", True),
     "add_position": ("none", True),
     "gated": ("product", True),
+    "call_layer": ("product", True),
 }
 
 
@@ -145,6 +152,7 @@ class WrappedNet(nn.Module):
         self.pos = nn.Parameter(torch.randn(4, width) * 0.2)
         self.gate = nn.Parameter(torch.randn(width, width) * 0.2)
         self.up = nn.Parameter(torch.randn(width, width) * 0.2)
+        self.layer = nn.Linear(width, width)
         self.head = nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +169,8 @@ class WrappedNet(nn.Module):
                 x = add_position(x, self.pos)
             elif helper == "gated":
                 x = x + gated(x, self.gate, self.up)
+            elif helper == "call_layer":
+                x = torch.tanh(call_layer(x, self.layer))
         return self.head(x.mean(1))
 
     # the parameter each helper is given, and its kind (see HELPERS)
@@ -171,6 +181,7 @@ class WrappedNet(nn.Module):
         "standardized_linear": ("standardized",),
         "add_position": ("pos",),
         "gated": ("gate", "up"),
+        "call_layer": ("layer.weight",),
     }
 
 

@@ -26,6 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsparse.capture import resolve
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.functionalize import plain_call
 from fxsparse.tracing import leaf_function_weights
@@ -384,7 +385,21 @@ def _operand_params(
             fqn = _param_of(gm, operand, names)
             if fqn is not None and params[fqn].dim() >= 2:
                 given.setdefault(fqn, name)
+            module = _module_of(gm, operand)
+            for pname, p in module.named_parameters() if module is not None else ():
+                path = f"{operand.target}.{pname}"
+                if p.dim() >= 2 and path in names:  # a layer handed whole: its weights come along
+                    given.setdefault(names[path], f"{name}.{pname}")
     return given
+
+
+def _module_of(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
+    """The module a ``get_attr`` node reads (tracing turns a module argument into one), else None."""
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        value = resolve(gm, str(node.target))
+        if isinstance(value, nn.Module):
+            return value
+    return None
 
 
 def _input_positions(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, ...]:
@@ -416,8 +431,8 @@ def _leaf_function_reads(
     """
     fn = node.target
     declared = _TORCH_FUNCTION_WEIGHTS.get(fn, leaf_function_weights(fn))
-    if declared is not None:
-        return {fqn for fqn, arg in given.items() if arg in declared}, {}
+    if declared is not None:  # an argument name, or a layer argument's name for its weights
+        return {fqn for fqn, arg in given.items() if arg in declared or arg.split(".", 1)[0] in declared}, {}
     if depth >= _MAX_DEPTH:
         return f"wrapped functions nested deeper than {_MAX_DEPTH}"
     tracer = torch.fx.Tracer()
@@ -443,7 +458,10 @@ def _leaf_function_reads(
         return env[operand]
 
     def proxy(value: Any) -> Any:
-        return torch.fx.Proxy(copy_of(value), tracer) if isinstance(value, torch.fx.Node) else value
+        if not isinstance(value, torch.fx.Node):
+            return value
+        module = _module_of(gm, value)  # a layer handed whole runs as itself: its reads are get_attrs
+        return module if module is not None else torch.fx.Proxy(copy_of(value), tracer)
 
     try:
         args = torch.fx.node.map_aggregate(node.args, proxy)
