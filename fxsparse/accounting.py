@@ -13,7 +13,7 @@ products; the graph says which product reads which weight (through views, tied n
 masked-weight nodes of a :class:`~fxsparse.SparseGraphModule`). Where fake tensors cannot run a
 model (data-dependent shapes), a copy of it is run for real under ``torch.no_grad``.
 
-Training cost, in forward passes (f_S sparse, f_D dense; RIGL_NOTES.md): dense ``3 f_D``; static
+Training cost, in forward passes (f_S sparse, f_D dense; docs/rigl.md): dense ``3 f_D``; static
 and SET ``3 f_S``; RigL ``(3 f_S dt + 2 f_S + f_D) / (dt + 1)``; SNFS ``2 f_S + f_D``; gradual
 pruning the sum over its steps of ``3 f(t)`` with the layer densities its schedule gives at ``t``.
 """

@@ -1,6 +1,6 @@
 """The masked-weight op: inactive weights cannot reach the output and get exactly zero gradient.
 
-Invariant 3 of docs/DESIGN.md needs two things of every sparsified weight ``w`` with mask ``m``:
+Invariant 3 (docs/invariants.md) needs two things of every sparsified weight ``w`` with mask ``m``:
 the forward must compute with ``w * m`` whatever values the inactive entries hold, and the
 weight's gradient must be ``dL/d(w*m) * m``. It must hold on every path by which code can edit a
 weight: an optimizer step (foreach or fused), ``torch.no_grad()`` in place, ``copy_``,

@@ -710,7 +710,7 @@ def _implementation_section() -> list[str]:
         "",
         "`tests/test_rigl_conformance.py` trains a small CNN with `RigLScheduler` (SGD with momentum, 48 steps, "
         "an update every 4) and, at every update, compares what fxsparse did with a reference computed in the "
-        "test from docs/RIGL_NOTES.md alone:",
+        "test from docs/rigl.md alone:",
         "",
         "- drop fraction f(t) = alpha/2 (1 + cos(pi t / t_end)) with t_end = 75% of the steps, and "
         "k = floor(f(t) n_active) per layer;",

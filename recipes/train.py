@@ -2,7 +2,7 @@
 and GPT-2-style language models (character level on Shakespeare, word level on WikiText-103).
 
 The defaults are the hyperparameters of the RigL reproduction report (Sundar & Dwaraknath 2021,
-see docs/RIGL_NOTES.md); every method of fxsparse and every init is an option, as are 1x/2x
+see docs/rigl.md); every method of fxsparse and every init is an option, as are 1x/2x
 training length and the seed. A run lives in ``--run-dir``: a checkpoint after every epoch
 (``--resume`` continues an interrupted run and ends with exactly the weights and masks an
 uninterrupted one would have), the initial weights (for lottery tickets), metrics appended to
@@ -112,7 +112,7 @@ class Config:
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # docs/RIGL_NOTES.md: 250 epochs, batch 128, SGD Nesterov 0.9, lr 0.1 x0.2 every 30k steps,
+    # docs/rigl.md: 250 epochs, batch 128, SGD Nesterov 0.9, lr 0.1 x0.2 every 30k steps,
     # wd 5e-4; 45k/5k/10k split
     "wrn22_2-cifar10": dict(dataset="cifar10", model="wrn22_2", num_classes=10, epochs=250, lr_step=30_000,
                             weight_decay=5e-4, val_size=5000),

@@ -1,4 +1,4 @@
-"""The invariants of docs/DESIGN.md as checks that raise AssertionError, shared by every test.
+"""The invariants (docs/invariants.md) as checks that raise AssertionError, shared by every test.
 
 Each check is also run against deliberately broken code in test_mutations.py, to show it can
 fail.

@@ -164,7 +164,7 @@ def test_a_parametrization_on_one_owner_of_a_tied_weight_computes_as_in_eager(fr
         pytest.skip(
             "torch.export reads a tied weight under one name for all its owners, so a "
             "parametrization added to one owner after capture cannot apply to that owner alone "
-            "(README: limits of capture='export')"
+            "(docs/transformers.md: limits of capture='export')"
         )
     class Tied(torch.nn.Module):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""RigL as docs/RIGL_NOTES.md writes it, checked point by point in a real training loop.
+"""RigL as docs/rigl.md writes it, checked point by point in a real training loop.
 
 Every update step of a short run is compared with a reference computed here, independently of
 fxsparse's own code: the drop fraction f(t) = alpha/2 (1 + cos(pi t / t_end)), k = floor(f n) per

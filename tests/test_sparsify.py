@@ -1,4 +1,4 @@
-"""Invariants 1-6 of docs/DESIGN.md as properties over generated MLPs and CNNs."""
+"""Invariants 1-6 (docs/invariants.md) as properties over generated MLPs and CNNs."""
 
 from __future__ import annotations
 
