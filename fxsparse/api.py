@@ -1,4 +1,12 @@
-"""``sparsify``: copy, trace, find the weights, size the budgets, mask, wrap."""
+"""``sparsify``: copy, trace, find the weights, size the budgets, mask, wrap.
+
+``sparsify`` checks its arguments (``_validate_arguments``) and then runs one small function
+per step of docs/architecture.md, "Data flow of sparsify": ``_copy``, ``_capture``, ``_find``
+(``find_weights_in``, ``_unread_layer_weights``, ``exclude=``), ``_budget``, ``functionalize``,
+``_build`` (the ``SparseGraphModule``) and ``_masks_and_state`` (the masks), ``_mask``
+(``mask_weights`` on each mode's graph, ``_mode_graphs``) and ``_attach`` (recompile, state,
+mode). A failure after the budgets is reported as a RuntimeError naming the model.
+"""
 
 from __future__ import annotations
 
@@ -23,17 +31,9 @@ __all__ = ["sparsify"]
 
 
 def sparsify(
-    model: nn.Module,
-    density: float,
-    init: str | Mapping[str, float] = "erk",
-    *,
-    example_inputs: Any = None,
-    seed: int = 0,
-    dense: Iterable[str] | None = None,
-    exclude: Iterable[str] = (),
-    budget: str = "params",
-    capture: str = "auto",
-    embeddings: bool = False,
+    model: nn.Module, density: float, init: str | Mapping[str, float] = "erk", *,
+    example_inputs: Any = None, seed: int = 0, dense: Iterable[str] | None = None, exclude: Iterable[str] = (),
+    budget: str = "params", capture: str = "auto", embeddings: bool = False,
 ) -> SparseGraphModule:
     """Returns a sparse copy of ``model``: every conv/linear/matmul weight read through a mask.
 
@@ -89,6 +89,32 @@ def sparsify(
         >>> round(sparse.density, 2)
         0.25
     """
+    density, dense_patterns, exclude_patterns, inputs = _validate_arguments(
+        model, density, init, seed, dense, exclude, budget, example_inputs, embeddings
+    )
+    work = _copy(model)  # 1. copy
+    captured, graphs = _capture(work, inputs, capture)  # 2. capture
+    names = canonical_names(work)
+    kept, skipped = _find(model, work, graphs, names, inputs, embeddings, exclude_patterns)  # 3. find weights
+    densities, counts = _budget(kept, graphs, inputs, density, init, dense_patterns, budget)  # 4. budgets
+    try:
+        for graph in graphs:
+            functionalize(graph, {s.fqn for s in kept})  # 5. functionalize
+        sparse = _build(model, work, captured, graphs[0])  # 6. the SparseGraphModule, its masks
+        state = _masks_and_state(sparse, kept, skipped, densities, counts, seed, init, inputs, captured.how)
+        _mask(sparse, state, captured, work, names, several=len(graphs) > 1)  # 7. mask
+        _attach(sparse, state, model.training)  # 8. attach state
+    except Exception as e:
+        raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
+    return sparse
+
+
+def _validate_arguments(
+    model: Any, density: Any, init: Any, seed: Any, dense: Iterable[str] | None, exclude: Iterable[str],
+    budget: Any, example_inputs: Any, embeddings: Any,
+) -> tuple[float, list[str] | None, list[str], tuple[tuple[Any, ...], dict[str, Any]] | None]:
+    """Checks ``sparsify``'s arguments before any work: ``(density, dense patterns or None,
+    exclude patterns, (args, kwargs) of the example inputs or None)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module to sparsify, got {type(model).__name__}")
     density = budgets.validate_density(density)
@@ -114,7 +140,12 @@ def sparsify(
     inputs = split_inputs(example_inputs)
     if not isinstance(embeddings, bool):
         raise TypeError(f"expected embeddings to be a bool, got {type(embeddings).__name__} {embeddings!r}")
+    return density, dense_patterns, exclude_patterns, inputs
 
+
+def _copy(model: nn.Module) -> nn.Module:
+    """Step 1: the copy every later step works on (:func:`copy_model`); ``model`` is never
+    touched. A model that already carries fxsparse's attributes is refused."""
     try:
         work = copy_model(model)
     except Exception as e:
@@ -127,12 +158,27 @@ def sparsify(
             f"expected a model without attributes {MASKER!r}/{UPDATES!r}; it looks already "
             f"sparsified: pass the original dense model"
         )
-    captured = capture_graph(work, inputs, capture)
-    graphs = captured.distinct()  # the train-mode graph first; the eval-mode one where it differs
-    gm = graphs[0]
-    names = canonical_names(work)
-    sites, skipped = find_weights_in(graphs, names, embeddings=embeddings, inputs=inputs)
+    return work
 
+
+def _capture(
+    work: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str,
+) -> tuple[Captured, list[torch.fx.GraphModule]]:
+    """Step 2: ``work`` as graphs (:func:`fxsparse.capture.capture`, ``capture=``), and its
+    distinct graphs: the train-mode graph first; the eval-mode one where it differs."""
+    captured = capture_graph(work, inputs, how)
+    return captured, captured.distinct()
+
+
+def _find(
+    model: nn.Module, work: nn.Module, graphs: list[torch.fx.GraphModule], names: dict[str, str],
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, embeddings: bool, exclude_patterns: list[str],
+) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Step 3: ``(kept, skipped)``, the weight sites to sparsify, in the original's parameter
+    order, and ``(fqn, reason)`` of every conv/linear/matmul weight left dense: what
+    :func:`find_weights_in` leaves, the layers' weights no graph reads as a product
+    (:func:`_unread_layer_weights`) and those ``exclude=`` names."""
+    sites, skipped = find_weights_in(graphs, names, embeddings=embeddings, inputs=inputs)
     skipped += _unread_layer_weights(work, graphs, names, sites, skipped)
     kept = [s for s in sites if not _match(s.fqn, exclude_patterns)]
     skipped += [(s.fqn, "excluded by exclude=") for s in sites if _match(s.fqn, exclude_patterns)]
@@ -146,8 +192,18 @@ def sparsify(
     # the original's parameter order, so that masks list layers as named_parameters() does
     position = {name: i for i, (name, _) in enumerate(work.named_parameters())}
     kept.sort(key=lambda s: position.get(s.fqn, len(position)))
-    shapes = {s.fqn: s.shape for s in kept}
     _check_patterns_match(exclude_patterns, [s.fqn for s in sites], "exclude")
+    return kept, skipped
+
+
+def _budget(
+    kept: list[Any], graphs: list[torch.fx.GraphModule], inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    density: float, init: str | Mapping[str, float], dense_patterns: list[str] | None, budget: str,
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Step 4: ``(densities, counts)`` by weight FQN: the layers ``dense=`` names (or the
+    scheme's default) kept dense, ``budgets.layer_densities`` (with ``budget="flops"``, the
+    eval-mode graph's inference FLOPs per layer) and exact ``budgets.active_counts``."""
+    shapes = {s.fqn: s.shape for s in kept}
     if dense_patterns is None:
         dense_names = budgets.default_dense(shapes, init)
     else:
@@ -158,42 +214,64 @@ def sparsify(
         per_layer = layer_flops(graphs[-1], inputs)  # inference FLOPs: the eval-mode graph
         costs = {fqn: float(per_layer.get(fqn, 0)) for fqn in shapes}
     densities = budgets.layer_densities(shapes, density, init, dense=dense_names, costs=costs)
-    counts = budgets.active_counts(shapes, densities)
+    return densities, budgets.active_counts(shapes, densities)
 
-    try:
-        for graph in graphs:
-            functionalize(graph, set(shapes))
-        # export: the graph module holds what the graph reads beyond the model (constants)
-        # and the pytree specs its code reads
-        root = gm if captured.how == "export" else work
-        sparse = SparseGraphModule(root, gm.graph, class_name=f"Sparse{type(model).__name__}")
-        for name, spec in pytree_specs(gm).items():
-            setattr(sparse, name, spec)
-        _copy_unreferenced(work, sparse)
-        _follow_module_order(work, sparse)
-        if captured.how == "export":
-            _fresh_tensors(sparse)
-        sparse.add_module(MASKER, Masker())
-        sparse.register_buffer(UPDATES, torch.zeros((), dtype=torch.int64))
-        state = _State(
-            skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom",
-            input_spec=_input_spec(inputs), capture=captured.how,
-        )
-        opaque = {s.fqn for s in kept if s.opaque}
-        for fqn in shapes:
-            mask_name = _add_mask(sparse, fqn, counts[fqn], seed)
-            state.sites[fqn] = _Site(mask_name, shapes[fqn], densities[fqn], counts[fqn], fqn in opaque)
-        masked = {f: site.mask for f, site in state.sites.items() if f not in opaque}
-        hooked = {f: site.mask for f, site in state.sites.items() if f in opaque}
-        mask_weights(sparse, _read_by(sparse.graph, masked, names), names, MASKER, hooked=hooked)
-        if len(graphs) > 1:
-            state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked)
-        sparse.recompile()
-        sparse._set_state(state)
-        sparse.train(model.training)
-    except Exception as e:
-        raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
+
+def _build(model: nn.Module, work: nn.Module, captured: Captured, gm: torch.fx.GraphModule) -> SparseGraphModule:
+    """Step 6: the :class:`SparseGraphModule` of the (functionalized) train-mode graph ``gm``,
+    holding every parameter and buffer of ``work`` in the original's order, with the ``Masker``
+    submodule and the updates counter."""
+    # export: the graph module holds what the graph reads beyond the model (constants)
+    # and the pytree specs its code reads
+    root = gm if captured.how == "export" else work
+    sparse = SparseGraphModule(root, gm.graph, class_name=f"Sparse{type(model).__name__}")
+    for name, spec in pytree_specs(gm).items():
+        setattr(sparse, name, spec)
+    _copy_unreferenced(work, sparse)
+    _follow_module_order(work, sparse)
+    if captured.how == "export":
+        _fresh_tensors(sparse)
+    sparse.add_module(MASKER, Masker())
+    sparse.register_buffer(UPDATES, torch.zeros((), dtype=torch.int64))
     return sparse
+
+
+def _masks_and_state(
+    sparse: SparseGraphModule, kept: list[Any], skipped: list[tuple[str, str]], densities: Mapping[str, float],
+    counts: Mapping[str, int], seed: int, init: str | Mapping[str, float],
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str,
+) -> _State:
+    """Step 6, continued: the ``_State`` of ``sparse`` (attached in step 8), with one random mask
+    buffer per kept weight (:func:`_add_mask`) and its ``_Site``."""
+    state = _State(
+        skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom",
+        input_spec=_input_spec(inputs), capture=how,
+    )
+    for s in kept:
+        mask_name = _add_mask(sparse, s.fqn, counts[s.fqn], seed)
+        state.sites[s.fqn] = _Site(mask_name, s.shape, densities[s.fqn], counts[s.fqn], bool(s.opaque))
+    return state
+
+
+def _mask(
+    sparse: SparseGraphModule, state: _State, captured: Captured, work: nn.Module, names: Mapping[str, str],
+    *, several: bool,
+) -> None:
+    """Step 7: ``passes.mask_weights`` on the train-mode graph, and where the eval-mode graph
+    differs (``several``), on that one too (:func:`_mode_graphs`); weights used inside an opaque
+    leaf are masked by the module-level fallback (``hooked``)."""
+    masked = {f: site.mask for f, site in state.sites.items() if not site.opaque}
+    hooked = {f: site.mask for f, site in state.sites.items() if site.opaque}
+    mask_weights(sparse, _read_by(sparse.graph, masked, names), names, MASKER, hooked=hooked)
+    if several:
+        state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked)
+
+
+def _attach(sparse: SparseGraphModule, state: _State, training: bool) -> None:
+    """Step 8: the code recompiled, the state attached, the mode of the original model."""
+    sparse.recompile()
+    sparse._set_state(state)
+    sparse.train(training)
 
 
 def _unread_layer_weights(

@@ -4,13 +4,16 @@
 ERK; exact per-layer counts; at density 1.0 the outputs equal the model's (eval mode); after one
 backward every parameter the dense model trains has a gradient, zero where inactive; one
 ``rigl_step`` keeps the counts; and the fraction (by parameter count) of conv/linear/matmul
-weights that ended up sparsified. ``benchmarks/timm_coverage.py`` runs it over timm's registry
+weights that ended up sparsified. Each check is one function, ``_check_<name>`` for every name
+of ``CHECKS`` (``_STAGES``), run in that order on one shared ``_Checking``; the first that raises
+is the report's failure. ``benchmarks/timm_coverage.py`` runs it over timm's registry
 and ``tests/test_timm_sample.py`` over a fixed sample.
 """
 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +59,26 @@ def _counts_exact(sparse: Any, density: float, init: str) -> None:
         raise AssertionError(f"active counts differ from the budget (got, want): {bad}")
 
 
+@dataclass
+class _Checking:
+    """What the checks of one :func:`check_model` run share: the arguments, the model's copy,
+    the modules sparsify made, and the report they fill."""
+
+    model: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    inputs: Any  # example_inputs as passed on to sparsify
+    density: float
+    init: str
+    rtol: float
+    atol: float
+    capture: str
+    embeddings: bool
+    report: CheckReport
+    sparse: Any = None  # sparsify at ``density``
+    full: Any = None  # sparsify at density 1.0 (density_one and modes)
+
+
 def check_model(
     model: nn.Module, example_inputs: Any, *, density: float = 0.1, init: str = "erk",
     rtol: float = 1e-5, atol: float = 1e-5, capture: str = "auto", embeddings: bool = False,
@@ -63,7 +86,8 @@ def check_model(
     """Runs every check on copies of ``model`` (never modified); stops at the first failure.
 
     ``example_inputs`` as :func:`fxsparse.sparsify` takes them (a tensor, a tuple, a dict of
-    keyword inputs, or ``(args, kwargs)``); ``capture`` and ``embeddings`` are passed on.
+    keyword inputs, or ``(args, kwargs)``); ``capture`` and ``embeddings`` are passed on. The
+    checks run in the order of ``CHECKS``, one function each (``_STAGES``).
     """
     report = CheckReport()
     split = split_inputs(example_inputs)
@@ -71,99 +95,133 @@ def check_model(
         raise ValueError("expected example_inputs to run the model on, got None")
     args, kwargs = split
     inputs = (args, kwargs) if kwargs else args
-    stage = "sparsify"
+    run = _Checking(model, args, kwargs, inputs, density, init, rtol, atol, capture, embeddings, report)
+    stage = CHECKS[0]
     try:
-        model = copy_model(model)
-        model.train()
-        sparse = sparsify(model, density, init, example_inputs=inputs, capture=capture, embeddings=embeddings)
-        report.capture = sparse.capture
-        report.mode_graphs = sparse._fxsparse.mode_graphs is not None
-        report.passed["sparsify"] = True
-        report.skipped = sparse.skipped
-        masked = sum(m.numel() for m in sparse.masks.values())
-        report.masked_params = masked
-
-        stage = "counts"
-        _counts_exact(sparse, density, init)
-        report.passed["counts"] = True
-
-        stage = "covered"
-        weights = product_weights(model, args, kwargs)
-        listed = {fqn for fqn, _ in sparse.skipped}
-        hidden = sorted(set(weights) - set(sparse.masks) - listed)
-        everything = set(weights) | set(sparse.masks)
-        total = sum(sparse.get_parameter(fqn).numel() for fqn in everything)
-        report.coverage = masked / total if total else 1.0
-        if hidden:
-            raise AssertionError(
-                f"{len(hidden)} conv/linear/matmul weight(s) neither masked nor listed in skipped: "
-                + ", ".join(f"{fqn} ({weights[fqn]})" for fqn in hidden[:5])
-            )
-        report.passed["covered"] = True
-
-        stage = "density_one"
-        full = sparsify(model, 1.0, example_inputs=inputs, capture=capture, embeddings=embeddings)
-        model.eval()
-        full.eval()
-        with torch.no_grad():
-            expected = _tensors(model(*args, **kwargs))
-            try:
-                torch.testing.assert_close(_tensors(full(*args, **kwargs)), expected, rtol=rtol, atol=atol)
-            except AssertionError as e:
-                if full.capture == "export":
-                    _blame_export(model, args, kwargs, expected, rtol, atol, e)
-                raise
-        report.passed["density_one"] = True
-
-        stage = "modes"  # back to train mode: what depends on the mode must follow it
-        model.train()
-        full.train()
-        with torch.no_grad():
-            torch.manual_seed(0)
-            expected = _tensors(model(*args, **kwargs))
-            torch.manual_seed(0)
-            got = _tensors(full(*args, **kwargs))
-        try:
-            torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
-        except AssertionError as e:
-            first = str(e).strip().splitlines()
-            raise AssertionError(
-                f"in train mode (same random seed) the density-1.0 module differs from the model, "
-                f"after it computed the same in eval mode: {' '.join(first[:3])}"
-            ) from e
-        report.passed["modes"] = True
-        del full
-
-        stage = "gradients"
-        model.train()
-        _scalar(model(*args, **kwargs)).backward()
-        trained = {n for n, p in model.named_parameters() if p.grad is not None}
-        try:
-            _scalar(sparse(*args, **kwargs)).backward()
-        except RuntimeError as e:
-            if sparse.capture == "export":
-                _blame_export_backward(model, args, kwargs, e)
-            raise
-        # every name (a module reachable by two paths has its parameters under both)
-        got = {n for n, p in sparse.named_parameters(remove_duplicate=False) if p.grad is not None}
-        if not trained <= got:
-            raise AssertionError(f"no gradient for {sorted(trained - got)[:5]}")
-        for fqn, mask in sparse.masks.items():
-            grad = sparse.get_parameter(fqn).grad
-            if grad is not None and bool((grad * ~mask).ne(0).any()):
-                raise AssertionError(f"{fqn}: inactive weights have gradient")
-        report.passed["gradients"] = True
-
-        stage = "rigl_step"
-        sparse.rigl_step(0.3)
-        _counts_exact(sparse, density, init)
-        sparse.verify()
-        report.passed["rigl_step"] = True
+        for stage in CHECKS:
+            _STAGES[stage](run)
+            report.passed[stage] = True
     except Exception as e:  # the report says which check failed and how
         report.passed.setdefault(stage, False)
         lines = traceback.format_exception_only(type(e), e)
         report.failure = f"{stage}: {''.join(lines).strip().splitlines()[0][:300]}"
     return report
+
+
+def _check_sparsify(run: _Checking) -> None:
+    """sparsify at ``density`` on a copy of the model (train mode); the report's front-end,
+    mode graphs, skipped weights and masked parameter count."""
+    run.model = copy_model(run.model)
+    run.model.train()
+    sparse = sparsify(
+        run.model, run.density, run.init, example_inputs=run.inputs, capture=run.capture, embeddings=run.embeddings
+    )
+    run.sparse = sparse
+    run.report.capture = sparse.capture
+    run.report.mode_graphs = sparse._fxsparse.mode_graphs is not None
+    run.report.skipped = sparse.skipped
+    run.report.masked_params = sum(m.numel() for m in sparse.masks.values())
+
+
+def _check_counts(run: _Checking) -> None:
+    """Exact per-layer active counts."""
+    _counts_exact(run.sparse, run.density, run.init)
+
+
+def _check_covered(run: _Checking) -> None:
+    """Every conv/linear/matmul weight (:func:`product_weights`) masked or listed in skipped;
+    the report's coverage."""
+    sparse = run.sparse
+    weights = product_weights(run.model, run.args, run.kwargs)
+    listed = {fqn for fqn, _ in sparse.skipped}
+    hidden = sorted(set(weights) - set(sparse.masks) - listed)
+    everything = set(weights) | set(sparse.masks)
+    total = sum(sparse.get_parameter(fqn).numel() for fqn in everything)
+    run.report.coverage = run.report.masked_params / total if total else 1.0
+    if hidden:
+        raise AssertionError(
+            f"{len(hidden)} conv/linear/matmul weight(s) neither masked nor listed in skipped: "
+            + ", ".join(f"{fqn} ({weights[fqn]})" for fqn in hidden[:5])
+        )
+
+
+def _check_density_one(run: _Checking) -> None:
+    """At density 1.0 the outputs equal the model's (eval mode)."""
+    model, args, kwargs = run.model, run.args, run.kwargs
+    run.full = full = sparsify(model, 1.0, example_inputs=run.inputs, capture=run.capture, embeddings=run.embeddings)
+    model.eval()
+    full.eval()
+    with torch.no_grad():
+        expected = _tensors(model(*args, **kwargs))
+        try:
+            torch.testing.assert_close(_tensors(full(*args, **kwargs)), expected, rtol=run.rtol, atol=run.atol)
+        except AssertionError as e:
+            if full.capture == "export":
+                _blame_export(model, args, kwargs, expected, run.rtol, run.atol, e)
+            raise
+
+
+def _check_modes(run: _Checking) -> None:
+    """Back to train mode: what depends on the mode must follow it (same random seed)."""
+    model, full, args, kwargs = run.model, run.full, run.args, run.kwargs
+    model.train()
+    full.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = _tensors(model(*args, **kwargs))
+        torch.manual_seed(0)
+        got = _tensors(full(*args, **kwargs))
+    try:
+        torch.testing.assert_close(got, expected, rtol=run.rtol, atol=run.atol)
+    except AssertionError as e:
+        first = str(e).strip().splitlines()
+        raise AssertionError(
+            f"in train mode (same random seed) the density-1.0 module differs from the model, "
+            f"after it computed the same in eval mode: {' '.join(first[:3])}"
+        ) from e
+    run.full = None
+
+
+def _check_gradients(run: _Checking) -> None:
+    """After one backward every parameter the dense model trains has a gradient, zero where
+    inactive."""
+    model, sparse, args, kwargs = run.model, run.sparse, run.args, run.kwargs
+    model.train()
+    _scalar(model(*args, **kwargs)).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    try:
+        _scalar(sparse(*args, **kwargs)).backward()
+    except RuntimeError as e:
+        if sparse.capture == "export":
+            _blame_export_backward(model, args, kwargs, e)
+        raise
+    # every name (a module reachable by two paths has its parameters under both)
+    got = {n for n, p in sparse.named_parameters(remove_duplicate=False) if p.grad is not None}
+    if not trained <= got:
+        raise AssertionError(f"no gradient for {sorted(trained - got)[:5]}")
+    for fqn, mask in sparse.masks.items():
+        grad = sparse.get_parameter(fqn).grad
+        if grad is not None and bool((grad * ~mask).ne(0).any()):
+            raise AssertionError(f"{fqn}: inactive weights have gradient")
+
+
+def _check_rigl_step(run: _Checking) -> None:
+    """One ``rigl_step`` keeps the counts, and ``verify`` passes."""
+    run.sparse.rigl_step(0.3)
+    _counts_exact(run.sparse, run.density, run.init)
+    run.sparse.verify()
+
+
+_STAGES: dict[str, Callable[[_Checking], None]] = {
+    "sparsify": _check_sparsify,
+    "counts": _check_counts,
+    "covered": _check_covered,
+    "density_one": _check_density_one,
+    "modes": _check_modes,
+    "gradients": _check_gradients,
+    "rigl_step": _check_rigl_step,
+}
+assert tuple(_STAGES) == CHECKS
 
 
 def product_weights(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:

@@ -10,6 +10,14 @@ matrices, what ``register_leaf_weights`` declares) is reported too, with the lea
 ``WeightSite.opaque``: it is masked by the module-level fallback. Parameters are named by their
 canonical FQN (the first name ``named_parameters()`` gives), so a tied weight is one entry however
 many names and uses it has. Consumer nodes get ``node.meta["fxsparse.weight"]``.
+
+:func:`find_weights` walks the graph once: ``_visit`` hands each node to the function of its
+kind (``get_attr`` reads, embedding lookups ``_lookup``, leaf modules ``_module_call`` with
+``_opaque_leaf_parameters`` and ``_opaque_module_arguments``, wrapped functions
+``_wrapped_call``, linear/conv inputs ``_input_operands``, higher-order ops ``_higher_order``,
+product operands and computed weights ``_product_operands``), each recording into one
+``_Findings``; the wrapped calls that could not be traced into are then watched running
+(``_watch_wrapped_calls``), and ``_assemble`` turns the findings into ``(sites, skipped)``.
 """
 
 from __future__ import annotations
@@ -542,6 +550,40 @@ def _watch_leaf_calls(
     return seen
 
 
+@dataclass
+class _Findings:
+    """What :func:`find_weights` learns walking one graph: the graph and its context, and the
+    accumulators each node kind's function records into, read at the end by :func:`_assemble`."""
+
+    gm: torch.fx.GraphModule
+    names: dict[str, str]
+    params: dict[str, nn.Parameter]  # by canonical name (the graph may not use that path)
+    embeddings: bool
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None
+    depth: int
+    sites: dict[str, WeightSite] = field(default_factory=dict)  # in order of first use
+    blocked: dict[str, str] = field(default_factory=dict)  # product weights left dense, with why
+    quiet: set[str] = field(default_factory=set)  # blocked, but worth no word (lookup tables)
+    uses: dict[str, list[WeightUse]] = field(default_factory=dict)
+    fixed: set[torch.fx.Node] = field(default_factory=set)  # nodes computed from parameters and constants alone
+    computed: dict[str, str] = field(default_factory=dict)  # parameters products read only through such a computation
+    lookups: dict[str, list[torch.fx.Node]] = field(default_factory=dict)  # embedding tables: the nodes looking them up
+    as_input: dict[str, str] = field(default_factory=dict)  # parameters read as the input operand of a linear/conv
+    watched: list[tuple[torch.fx.Node, dict[str, str], str]] = field(default_factory=list)  # wrapped calls to watch run
+
+    def site(self, fqn: str) -> WeightSite:
+        """The site of ``fqn``, made at its first use."""
+        if fqn not in self.sites:
+            self.sites[fqn] = WeightSite(fqn, tuple(self.params[fqn].shape))
+        return self.sites[fqn]
+
+    def matrix_of(self, operand: Any) -> str | None:
+        """The canonical FQN of the parameter of two or more dims ``operand`` reads (through
+        views), else None."""
+        fqn = _param_of(self.gm, operand, self.names)
+        return fqn if fqn is not None and self.params[fqn].dim() >= 2 else None
+
+
 def find_weights(
     gm: torch.fx.GraphModule, names: dict[str, str], *, embeddings: bool = False,
     inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None, _depth: int = 0,
@@ -568,166 +610,228 @@ def find_weights(
         ``(sites, skipped)``: the sparsifiable weights, and ``(fqn, reason)`` for every
         conv/linear/matmul weight, or weight of an opaque leaf module, left dense.
     """
-    params: dict[str, torch.nn.Parameter] = {}  # by canonical name (the graph may not use that path)
+    params: dict[str, nn.Parameter] = {}
     for name, param in gm.named_parameters(remove_duplicate=False):
         params.setdefault(names.get(name, name), param)
-    sites: dict[str, WeightSite] = {}
-    blocked: dict[str, str] = {}
-    quiet: set[str] = set()
-    skipped: dict[str, str] = {}
-
-    def site(fqn: str) -> WeightSite:
-        if fqn not in sites:
-            sites[fqn] = WeightSite(fqn, tuple(params[fqn].shape))
-        return sites[fqn]
-
-    uses: dict[str, list[WeightUse]] = {}
-    fixed: set[torch.fx.Node] = set()  # nodes computed from parameters and constants alone
-    computed: dict[str, str] = {}  # parameters products read only through such a computation
-    lookups: dict[str, list[torch.fx.Node]] = {}  # embedding tables: the nodes looking them up
-    as_input: dict[str, str] = {}  # parameters read as the input operand of a linear/conv
-    watched: list[tuple[torch.fx.Node, dict[str, str], str]] = []  # wrapped calls to watch run
+    found = _Findings(gm, names, params, embeddings, inputs, _depth)
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and str(node.target) in names:
-            uses.setdefault(names[str(node.target)], []).append(WeightUse(node, "get_attr"))
-        elif node.op == "call_function" and _packet(node.target) in _LOOKUP_ARGS:
-            position = _LOOKUP_ARGS[_packet(node.target)]
-            table = node.args[position] if position < len(node.args) else node.kwargs.get("weight")
-            fqn = _param_of(gm, table, names)
-            if fqn is not None:
-                lookups.setdefault(fqn, []).append(node)
-        elif node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            if _is_plain_embedding(module) and plain_call(node):
-                fqn = names[f"{node.target}.weight"]
-                lookups.setdefault(fqn, []).append(node)
-                if embeddings:
-                    continue  # rewritten to F.embedding if the table turns out to be a product weight
-            owned = [
-                (f"{node.target}.{pname}", p)
-                for pname, p in module.named_parameters(remove_duplicate=False)
-            ]
-            if _is_rewritable(module) and plain_call(node):
-                weight_fqn = names[f"{node.target}.weight"]
-                uses.setdefault(weight_fqn, []).append(WeightUse(node, "call_module"))
-                site(weight_fqn).consumers.append(node)
-                node.meta["fxsparse.weight"] = weight_fqn
-                owned = [(n, p) for n, p in owned if not n.endswith(".weight") or names[n] != weight_fqn]
-                # Its bias is read inside the rewritten call; it stays dense.
-                owned = [(n, p) for n, p in owned if not n.endswith(".bias")]
-            inside = leaf_product_weights(module)
-            standardized = _computed_inside(module) if inside else {}
-            for pname, p in owned:
-                relative = pname[len(f"{node.target}.") :]
-                if p.dim() >= 2 and relative in standardized:
-                    blocked[names[pname]] = (
-                        f"used inside the opaque leaf module {node.target!r} ({type(module).__name__}) "
-                        f"by {standardized[relative]}"
-                    )
-                    continue
-                if p.dim() >= 2 and relative in inside:
-                    # the module-level fallback: masked in the parameter, hooked for growth
-                    leaf = site(names[pname])
-                    leaf.opaque.append(f"{node.target} ({type(module).__name__})")
-                    continue
-                if p.dim() >= 2:
-                    fqn = names[pname]
-                    blocked[fqn] = (
-                        f"used inside the opaque leaf module {node.target!r} "
-                        f"({type(module).__name__}), which the graph cannot see into; if it is a "
-                        f"conv/linear/matmul weight there, declare it with "
-                        f"fxsparse.register_leaf_weights({type(module).__name__}, [...])"
-                    )
-                    if isinstance(module, _NOT_MATMUL_LEAVES):
-                        # A lookup table is no product weight: worth a word only when tied
-                        # to one, whose mask the lookup would then ignore.
-                        quiet.add(fqn)
-        if node.op == "call_module" and not _is_rewritable(gm.get_submodule(str(node.target))):
-            for operand in _flat((node.args, node.kwargs)):
-                fqn = _param_of(gm, operand, names)
-                if fqn is not None and params[fqn].dim() >= 2 and not fqn.startswith(f"{node.target}."):
-                    blocked.setdefault(fqn, (
-                        f"passed as an argument into the opaque leaf module {node.target!r} "
-                        f"({type(gm.get_submodule(str(node.target))).__name__}), which the graph cannot "
-                        f"see into: left dense"
-                    ))
-        if _is_leaf_call(node):
-            given = _operand_params(gm, node, names, params)
-            if given:
-                reads = _leaf_function_reads(gm, node, given, names, embeddings, _depth)
-                if isinstance(reads, str) and inputs is not None:
-                    watched.append((node, given, reads))
-                else:
-                    _record_leaf_reads(node, given, reads, site, blocked)
-        for position in _input_positions(gm, node):
-            operand = node.args[position] if position < len(node.args) else None
-            fqn = _param_of(gm, operand, names)
-            if fqn is not None and params[fqn].dim() >= 2:
-                as_input.setdefault(fqn, (
-                    f"the input operand of {_label(node.target) if node.op != 'call_module' else node.target}, "
-                    f"not its weight (a learned query or latent fed through the layer): left dense"
-                ))
-        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
-            # torch.cond / while_loop / map ...: the read happens in a subgraph no pass rewrites
-            # (grad-mode and autocast blocks are inlined at capture, capture.inline_wrappers)
-            for operand in _flat(node.args):
-                fqn = _param_of(gm, operand, names)
-                if fqn is not None and params[fqn].dim() >= 2:
-                    blocked.setdefault(fqn, (
-                        f"read inside torch.ops.higher_order.{node.target.name()} (a subgraph fxsparse "
-                        f"does not rewrite): left dense"
-                    ))
-        if node.op == "get_attr" or (
-            node.op in ("call_function", "call_method")
-            and all(a in fixed for a in node.all_input_nodes) and node.all_input_nodes
-        ):
-            fixed.add(node)  # a function of parameters and constants only, no input's data
-        for operand in _weight_operands(node) if node.op != "call_module" else ():
-            fqn = _param_of(gm, operand, names)
-            if fqn is not None and params[fqn].dim() >= 2:
-                site(fqn).consumers.append(node)
-                node.meta["fxsparse.weight"] = fqn
-            elif isinstance(operand, torch.fx.Node) and operand in fixed:
-                for source in _parameters_behind(gm, operand, names):
-                    if sum(d > 1 for d in params[source].shape) >= 2:  # a matrix, not a gain
-                        computed.setdefault(source, (
-                            f"computed into the weight of {_label(node.target)} by "
-                            f"{_label(operand.target)} (weight standardization or the like): the "
-                            f"product reads a function of it, which a mask on the parameter would "
-                            f"not make sparse; left dense"
-                        ))
+        _visit(found, node)
+    _watch_wrapped_calls(found)
+    return _assemble(found)
 
-    if watched:
-        seen = _watch_leaf_calls(gm, [node for node, _, _ in watched], inputs, names)  # type: ignore[arg-type]
-        for node, given, why in watched:
-            _record_leaf_reads(node, given, seen.get(node, why), site, blocked)
-    result = []
-    for fqn, s in sites.items():
-        param = params[fqn]
-        if fqn in lookups and not embeddings:
-            skipped[fqn] = (
-                "an embedding table too (tied input/output embedding, read by a lookup): "
-                "embeddings stay dense by default; sparsify(..., embeddings=True) masks the "
-                "lookup and the product with one mask"
+
+def _visit(found: _Findings, node: torch.fx.Node) -> None:
+    """Hands ``node`` to the function of each kind it is (a node can be several)."""
+    if node.op == "get_attr" and str(node.target) in found.names:
+        found.uses.setdefault(found.names[str(node.target)], []).append(WeightUse(node, "get_attr"))
+    elif node.op == "call_function" and _packet(node.target) in _LOOKUP_ARGS:
+        _lookup(found, node)
+    elif node.op == "call_module" and _module_call(found, node):
+        return  # an nn.Embedding lookup rewritten to F.embedding if the table is a product weight
+    if node.op == "call_module" and not _is_rewritable(found.gm.get_submodule(str(node.target))):
+        _opaque_module_arguments(found, node)
+    if _is_leaf_call(node):
+        _wrapped_call(found, node)
+    _input_operands(found, node)
+    if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        _higher_order(found, node)
+    _product_operands(found, node)
+
+
+def _lookup(found: _Findings, node: torch.fx.Node) -> None:
+    """An embedding lookup (``F.embedding``, ``aten.embedding``): its table is an embedding."""
+    position = _LOOKUP_ARGS[_packet(node.target)]
+    table = node.args[position] if position < len(node.args) else node.kwargs.get("weight")
+    fqn = _param_of(found.gm, table, found.names)
+    if fqn is not None:
+        found.lookups.setdefault(fqn, []).append(node)
+
+
+def _module_call(found: _Findings, node: torch.fx.Node) -> bool:
+    """A ``call_module`` leaf: a plain ``nn.Embedding`` is a lookup; a rewritable conv/linear
+    consumes its weight; the parameters it owns otherwise are used inside the opaque leaf
+    (:func:`_opaque_leaf_parameters`). True when the call is a plain embedding lookup kept for
+    ``functionalize`` (``embeddings=True``): nothing else to learn from it."""
+    names = found.names
+    module = found.gm.get_submodule(str(node.target))
+    if _is_plain_embedding(module) and plain_call(node):
+        found.lookups.setdefault(names[f"{node.target}.weight"], []).append(node)
+        if found.embeddings:
+            return True
+    owned = [(f"{node.target}.{pname}", p) for pname, p in module.named_parameters(remove_duplicate=False)]
+    if _is_rewritable(module) and plain_call(node):
+        weight_fqn = names[f"{node.target}.weight"]
+        found.uses.setdefault(weight_fqn, []).append(WeightUse(node, "call_module"))
+        found.site(weight_fqn).consumers.append(node)
+        node.meta["fxsparse.weight"] = weight_fqn
+        owned = [(n, p) for n, p in owned if not n.endswith(".weight") or names[n] != weight_fqn]
+        # Its bias is read inside the rewritten call; it stays dense.
+        owned = [(n, p) for n, p in owned if not n.endswith(".bias")]
+    _opaque_leaf_parameters(found, node, module, owned)
+    return False
+
+
+def _opaque_leaf_parameters(
+    found: _Findings, node: torch.fx.Node, module: nn.Module, owned: list[tuple[str, nn.Parameter]],
+) -> None:
+    """The parameters of two or more dims the leaf ``module`` uses out of the graph's sight: its
+    product weights (:func:`leaf_product_weights`) take the module-level fallback, unless their
+    layer computes on them first (:func:`_computed_inside`); the others are blocked."""
+    inside = leaf_product_weights(module)
+    standardized = _computed_inside(module) if inside else {}
+    for pname, p in owned:
+        relative = pname[len(f"{node.target}.") :]
+        if p.dim() >= 2 and relative in standardized:
+            found.blocked[found.names[pname]] = (
+                f"used inside the opaque leaf module {node.target!r} ({type(module).__name__}) "
+                f"by {standardized[relative]}"
             )
-        elif fqn in blocked:
-            skipped[fqn] = blocked[fqn]
-        elif not param.is_floating_point():
-            skipped[fqn] = f"not floating point ({param.dtype})"
-        elif not param.requires_grad:
-            skipped[fqn] = "frozen (requires_grad=False): no gradient to grow by"
-        else:
-            s.uses = uses.get(fqn, [])
-            for node in lookups.get(fqn, []):
-                if node.op == "call_module":  # a plain nn.Embedding: functionalize rewrites it
-                    s.uses.append(WeightUse(node, "call_module"))
-                    node.meta["fxsparse.weight"] = fqn
-            result.append(s)
-    for fqn, reason in blocked.items():
-        if fqn not in quiet:
+            continue
+        if p.dim() >= 2 and relative in inside:
+            # the module-level fallback: masked in the parameter, hooked for growth
+            leaf = found.site(found.names[pname])
+            leaf.opaque.append(f"{node.target} ({type(module).__name__})")
+            continue
+        if p.dim() >= 2:
+            fqn = found.names[pname]
+            found.blocked[fqn] = (
+                f"used inside the opaque leaf module {node.target!r} "
+                f"({type(module).__name__}), which the graph cannot see into; if it is a "
+                f"conv/linear/matmul weight there, declare it with "
+                f"fxsparse.register_leaf_weights({type(module).__name__}, [...])"
+            )
+            if isinstance(module, _NOT_MATMUL_LEAVES):
+                # A lookup table is no product weight: worth a word only when tied
+                # to one, whose mask the lookup would then ignore.
+                found.quiet.add(fqn)
+
+
+def _opaque_module_arguments(found: _Findings, node: torch.fx.Node) -> None:
+    """Parameters passed as arguments into an opaque leaf module that is not their own."""
+    for operand in _flat((node.args, node.kwargs)):
+        fqn = found.matrix_of(operand)
+        if fqn is not None and not fqn.startswith(f"{node.target}."):
+            found.blocked.setdefault(fqn, (
+                f"passed as an argument into the opaque leaf module {node.target!r} "
+                f"({type(found.gm.get_submodule(str(node.target))).__name__}), which the graph cannot "
+                f"see into: left dense"
+            ))
+
+
+def _wrapped_call(found: _Findings, node: torch.fx.Node) -> None:
+    """A call of a function the graph keeps whole (:func:`_is_leaf_call`): the parameters given
+    to it are looked for inside (:func:`_leaf_function_reads`); a call that cannot be traced
+    into is watched running (:func:`_watch_wrapped_calls`) when there are inputs to run on."""
+    given = _operand_params(found.gm, node, found.names, found.params)
+    if not given:
+        return
+    reads = _leaf_function_reads(found.gm, node, given, found.names, found.embeddings, found.depth)
+    if isinstance(reads, str) and found.inputs is not None:
+        found.watched.append((node, given, reads))
+    else:
+        _record_leaf_reads(node, given, reads, found.site, found.blocked)
+
+
+def _input_operands(found: _Findings, node: torch.fx.Node) -> None:
+    """Parameters read as the input operand of a linear/conv (a learned query or latent)."""
+    for position in _input_positions(found.gm, node):
+        operand = node.args[position] if position < len(node.args) else None
+        fqn = found.matrix_of(operand)
+        if fqn is not None:
+            found.as_input.setdefault(fqn, (
+                f"the input operand of {_label(node.target) if node.op != 'call_module' else node.target}, "
+                f"not its weight (a learned query or latent fed through the layer): left dense"
+            ))
+
+
+def _higher_order(found: _Findings, node: torch.fx.Node) -> None:
+    """torch.cond / while_loop / map ...: the read happens in a subgraph no pass rewrites
+    (grad-mode and autocast blocks are inlined at capture, capture.inline_wrappers)."""
+    for operand in _flat(node.args):
+        fqn = found.matrix_of(operand)
+        if fqn is not None:
+            found.blocked.setdefault(fqn, (
+                f"read inside torch.ops.higher_order.{node.target.name()} (a subgraph fxsparse "
+                f"does not rewrite): left dense"
+            ))
+
+
+def _product_operands(found: _Findings, node: torch.fx.Node) -> None:
+    """The weight operands of a functional or method product: a parameter read there (through
+    views) is a product weight and ``node`` its consumer; a matrix computed from parameters alone
+    (``found.fixed``) is a computed weight, its parameters noted in ``found.computed``."""
+    if node.op == "get_attr" or (
+        node.op in ("call_function", "call_method")
+        and all(a in found.fixed for a in node.all_input_nodes) and node.all_input_nodes
+    ):
+        found.fixed.add(node)  # a function of parameters and constants only, no input's data
+    for operand in _weight_operands(node) if node.op != "call_module" else ():
+        fqn = found.matrix_of(operand)
+        if fqn is not None:
+            found.site(fqn).consumers.append(node)
+            node.meta["fxsparse.weight"] = fqn
+        elif isinstance(operand, torch.fx.Node) and operand in found.fixed:
+            for source in _parameters_behind(found.gm, operand, found.names):
+                if sum(d > 1 for d in found.params[source].shape) >= 2:  # a matrix, not a gain
+                    found.computed.setdefault(source, (
+                        f"computed into the weight of {_label(node.target)} by "
+                        f"{_label(operand.target)} (weight standardization or the like): the "
+                        f"product reads a function of it, which a mask on the parameter would "
+                        f"not make sparse; left dense"
+                    ))
+
+
+def _watch_wrapped_calls(found: _Findings) -> None:
+    """Records the wrapped calls that could not be traced into from a run on ``found.inputs``
+    (:func:`_watch_leaf_calls`); a call the run did not reach keeps its first reason."""
+    if not found.watched:
+        return
+    nodes = [node for node, _, _ in found.watched]
+    seen = _watch_leaf_calls(found.gm, nodes, found.inputs, found.names)  # type: ignore[arg-type]
+    for node, given, why in found.watched:
+        _record_leaf_reads(node, given, seen.get(node, why), found.site, found.blocked)
+
+
+def _why_dense(found: _Findings, fqn: str) -> str | None:
+    """Why the product weight ``fqn`` stays dense, or None when it is sparsified."""
+    param = found.params[fqn]
+    if fqn in found.lookups and not found.embeddings:
+        return (
+            "an embedding table too (tied input/output embedding, read by a lookup): "
+            "embeddings stay dense by default; sparsify(..., embeddings=True) masks the "
+            "lookup and the product with one mask"
+        )
+    if fqn in found.blocked:
+        return found.blocked[fqn]
+    if not param.is_floating_point():
+        return f"not floating point ({param.dtype})"
+    if not param.requires_grad:
+        return "frozen (requires_grad=False): no gradient to grow by"
+    return None
+
+
+def _assemble(found: _Findings) -> tuple[list[WeightSite], list[tuple[str, str]]]:
+    """``(sites, skipped)`` of :func:`find_weights`: the sites kept, with their uses (a plain
+    ``nn.Embedding`` leaf reading one marked for ``functionalize``), and every weight left
+    dense with its reason, by FQN."""
+    result: list[WeightSite] = []
+    skipped: dict[str, str] = {}
+    for fqn, s in found.sites.items():
+        reason = _why_dense(found, fqn)
+        if reason is not None:
+            skipped[fqn] = reason
+            continue
+        s.uses = found.uses.get(fqn, [])
+        for node in found.lookups.get(fqn, []):
+            if node.op == "call_module":  # a plain nn.Embedding: functionalize rewrites it
+                s.uses.append(WeightUse(node, "call_module"))
+                node.meta["fxsparse.weight"] = fqn
+        result.append(s)
+    for fqn, reason in found.blocked.items():
+        if fqn not in found.quiet:
             skipped.setdefault(fqn, reason)
-    for fqn, reason in [*computed.items(), *as_input.items()]:
-        if fqn not in sites:
+    for fqn, reason in [*found.computed.items(), *found.as_input.items()]:
+        if fqn not in found.sites:
             skipped.setdefault(fqn, reason)
     return result, sorted(skipped.items())
 
