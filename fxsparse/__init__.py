@@ -7,15 +7,17 @@
     ['0.weight', '2.weight']
 """
 
+from fxsparse import methods, registry
 from fxsparse.api import sparsify
 from fxsparse.baselines import SmallDense, lottery_ticket, small_dense
-from fxsparse.budgets import register_init
 from fxsparse.accounting import FlopReport, GradualPruning, flop_report, flops
-from fxsparse.passes.find_weights import register_leaf_weights
-from fxsparse.graph_module import LayerChange, SparseGraphModule, register_grow_score
+from fxsparse.graph_module import LayerChange, SparseGraphModule
 from fxsparse.export import export_inference
-from fxsparse.scheduler import RigLScheduler, available_methods, register_method
-from fxsparse.tracing import register_leaf_function, register_leaf_module
+from fxsparse.methods import Method, available_methods, register_method
+from fxsparse.registry import (
+    register_grow_score, register_init, register_leaf_function, register_leaf_module, register_leaf_weights,
+)
+from fxsparse.scheduler import RigLScheduler, TopologyScheduler
 
 __version__ = "0.1.0"
 
@@ -28,7 +30,11 @@ __all__ = [
     "flop_report",
     "FlopReport",
     "GradualPruning",
+    "TopologyScheduler",
     "RigLScheduler",
+    "Method",
+    "methods",
+    "registry",
     "available_methods",
     "small_dense",
     "SmallDense",

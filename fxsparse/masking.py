@@ -54,19 +54,23 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["Masker", "MASKER", "mask_grad_", "zero_inactive_", "mask_prologue", "bit_mask"]
+__all__ = ["Masker", "MASKER", "UPDATES", "mask_grad_", "zero_inactive_", "mask_prologue", "mask_on", "bit_mask"]
 
 MASKER = "fxsparse_masker"  # the name of a SparseGraphModule's Masker submodule
+UPDATES = "fxsparse_updates"  # the name of its buffer counting topology updates
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def bit_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def mask_on(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``mask`` as the multiplier of ``like``'s bits: the bool mask itself, on ``like``'s device.
     ``bits(like) * mask`` keeps every bit of an active entry (``x * 1``) and zeroes an inactive
     one (``x * 0``), NaN and inf patterns included: an integer-times-bool multiply, about twice
     as fast as a float-times-bool one on CPU."""
     return mask.to(device=like.device, dtype=torch.bool)
+
+
+bit_mask = mask_on  # its name while it returned an integer copy of the mask
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -109,7 +113,7 @@ def _mul_bits(out: torch.Tensor, bits: torch.Tensor, mask: torch.Tensor) -> None
 
 
 def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -> torch.Tensor:
-    """Sets the inactive entries of ``weight.grad`` to zero (``mask`` from :func:`bit_mask`);
+    """Sets the inactive entries of ``weight.grad`` to zero (``mask`` from :func:`mask_on`);
     returns the new grad. In place unless ``inplace`` is False (then ``.grad`` is replaced)."""
     grad = weight.grad
     if inplace:
@@ -125,7 +129,7 @@ def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -
 
 def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
     """Sets the inactive entries of ``weight`` to exactly zero, in place, without bumping its
-    version counter (``mask`` from :func:`bit_mask`)."""
+    version counter (``mask`` from :func:`mask_on`)."""
     bits = _bits(weight)
     _mul_bits(bits, bits, mask)
 
@@ -232,7 +236,7 @@ class Masker(nn.Module):
             self._masks[name] = mask
             if weight.grad_fn is not None:
                 continue  # not a parameter but computed from one: the masked-weight node masks it
-            zero_inactive_(weight, self.bit_mask(name, mask, weight))
+            zero_inactive_(weight, self.mask_on(name, mask, weight))
             if weight.requires_grad and self._served.get(name) != (id(weight), weight._cdata):
                 self._hook(name, weight, name in hooked)
 
@@ -286,11 +290,13 @@ class Masker(nn.Module):
         In place, except while a captured dense gradient of this weight is held: it may share
         the storage that autograd accumulated into ``.grad``.
         """
-        mask_grad_(weight, self.bit_mask(name, self._masks[name], weight), inplace=name not in self.grads)
+        mask_grad_(weight, self.mask_on(name, self._masks[name], weight), inplace=name not in self.grads)
 
-    def bit_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``mask`` as :func:`bit_mask` of ``weight``: the bool mask itself (on its device)."""
-        return bit_mask(mask.detach(), weight)
+    def mask_on(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``mask`` as :func:`mask_on` of ``weight``: the bool mask itself (on its device)."""
+        return mask_on(mask.detach(), weight)
+
+    bit_mask = mask_on  # its name while it returned an integer copy of the mask
 
     def _record(self, name: str, grad: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()

@@ -1,0 +1,123 @@
+"""Checking a SparseGraphModule's state: a state_dict before it loads, its invariants between updates.
+
+Nothing changes unless all of a state_dict loads.
+A mask must be of its weight's shape and bool (or 0/1 values, converted); with
+``budget="keep"`` the masks must hold the module's parameter budget (the same total active
+count, layers budgeted dense still dense); every other tensor must have its parameter's or
+buffer's shape. Problems are gathered and raised together as a :class:`StateDictError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["StateDictError", "check_keys", "check_masks", "invariant_problems"]
+
+
+class StateDictError(ValueError, RuntimeError):
+    """A state_dict that cannot be loaded into a SparseGraphModule; nothing was changed."""
+
+
+def _message(problems: list[str]) -> str:
+    return (
+        "fxsparse: cannot load this state_dict into the sparse module; nothing was changed:\n  "
+        + "\n  ".join(problems)
+    )
+
+
+def check_keys(own: Mapping[str, Any], state_dict: Mapping[str, Any]) -> None:
+    """``strict`` loading: raises StateDictError naming every key missing from ``state_dict``
+    and every key the module does not have."""
+    problems = [f"{k}: missing from the state_dict" for k in own if k not in state_dict]
+    problems += [f"{k}: not a key of this module" for k in state_dict if k not in own]
+    if problems:
+        raise StateDictError(_message(problems))
+
+
+def check_masks(sparse: nn.Module, state_dict: dict[str, Any], prefix: str, budget: str) -> dict[str, int]:
+    """The active count of every mask of ``sparse`` in ``state_dict`` (keys under ``prefix``);
+    converts 0/1 masks to bool in it (torch's own copy of the caller's dict). Raises
+    StateDictError on a bad mask or shape, or on masks off the module's budget with
+    ``budget="keep"``."""
+    problems, counts, over_budget = [], {}, False
+    sites = sparse._fxsparse.sites
+    mask_keys = {site.mask for site in sites.values()}
+    for key, mine in nn.Module.state_dict(sparse, keep_vars=True).items():  # torch would load the rest
+        value = None if key in mask_keys else state_dict.get(prefix + key)
+        if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != mine.shape:
+            problems.append(f"{prefix + key}: shape {tuple(value.shape)}, this module's is {tuple(mine.shape)}")
+    for fqn, site in sites.items():
+        key = prefix + site.mask
+        if key not in state_dict:
+            continue
+        value, shape = state_dict[key], site.shape
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key}: expected a bool tensor, got {type(value).__name__}")
+        elif tuple(value.shape) != tuple(shape):
+            problems.append(f"{key}: shape {tuple(value.shape)}, but the weight {fqn} is {tuple(shape)}")
+        elif value.dtype != torch.bool and not bool(((value == 0) | (value == 1)).all()):
+            problems.append(f"{key}: expected a bool mask (or 0/1 values), got {value.dtype} with other values")
+        else:
+            state_dict[key] = value.to(torch.bool)
+            counts[fqn] = int(state_dict[key].count_nonzero())
+            if budget == "keep" and site.target_density >= 1.0 and counts[fqn] != math.prod(shape):
+                over_budget = True
+                problems.append(
+                    f"{key}: {counts[fqn]} of {math.prod(shape)} active, but this layer is budgeted dense"
+                )
+    if budget == "keep" and not problems and counts:
+        have = sum(site.active for site in sites.values())
+        loaded = sum(counts.get(fqn, site.active) for fqn, site in sites.items())
+        if loaded != have:
+            over_budget = True
+            differ = [prefix + sites[f].mask for f, c in counts.items() if c != sites[f].active]
+            problems.append(
+                f"the masks hold {loaded} active weights, this module's budget is {have} "
+                f"(density {have / sum(math.prod(s.shape) for s in sites.values()):.4f}); masks whose "
+                f"count differs: {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}"
+            )
+    if over_budget:
+        problems.append(
+            "to take the checkpoint's topology as it is (resuming gradual pruning on sparsify(model, "
+            "1.0), another density's masks), pass load_state_dict(..., budget='adopt')"
+        )
+    if problems:
+        raise StateDictError(_message(problems))
+    return counts
+
+
+def invariant_problems(sparse: nn.Module) -> list[str]:
+    """What :meth:`SparseGraphModule.verify` finds wrong: masks of the wrong dtype or shape or
+    off their budget, inactive weights that are not zero, a parametrized weight an opaque leaf
+    reads with non-zero inactive entries. Empty when every invariant holds."""
+    problems = []
+    for fqn, site in sparse._fxsparse.sites.items():
+        weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(site.mask)
+        if mask.dtype != torch.bool or mask.shape != weight.shape:
+            problems.append(f"{fqn}: mask {mask.dtype} {tuple(mask.shape)} vs weight {tuple(weight.shape)}")
+            continue
+        active = int(mask.sum())
+        if active != site.active:
+            problems.append(f"{fqn}: {active} active weights, budget {site.active}")
+        owner, _, name = fqn.rpartition(".")
+        if site.opaque and parametrize.is_parametrized(sparse.get_submodule(owner), name):
+            with torch.no_grad():
+                computed = getattr(sparse.get_submodule(owner), name)
+            if bool(computed[~mask].ne(0).any()):
+                problems.append(
+                    f"{fqn}: a parametrization computes this weight, which an opaque leaf module "
+                    f"reads itself, so its inactive entries reach the output; remove the "
+                    f"parametrization or register the leaf's code for tracing"
+                )
+        if bool(weight.detach()[~mask].ne(0).any()):
+            problems.append(
+                f"{fqn}: inactive weights are not zero (edited since the last forward, which "
+                f"would zero them before use; sparse.rezero() zeroes them now)"
+            )
+    return problems
