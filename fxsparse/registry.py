@@ -13,13 +13,13 @@ inits                  ``register_init(name)``                     ``sparsify(in
                        (:mod:`fxsparse.budgets`)
 leaf modules,          ``register_leaf_module(cls)``,              the tracer
 functions              ``register_leaf_function(fn, weights=)``
-                       (:mod:`fxsparse.tracing`)
 leaf weights           ``register_leaf_weights(cls, names)``       ``find_weights``' fallback
-                       (:mod:`fxsparse.passes.find_weights`)
 =====================  ==========================================  ===========================
 
-The inits and leaves keep their tables in the modules that read them (fx-free maths and the
-tracer); this module re-exports their decorators so that one import reaches every one.
+The inits keep their table in :mod:`fxsparse.budgets` (fx-free maths); this module re-exports
+their decorator, so that one import reaches every extension point. The tracer
+(:mod:`fxsparse.tracing`) and weight discovery (:mod:`fxsparse.passes.find_weights`) read the
+leaf tables here.
 """
 
 from __future__ import annotations
@@ -28,17 +28,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import inspect
+from collections.abc import Iterable
+
+from torch import nn
+
 from fxsparse.budgets import available_inits, register_init
-from fxsparse.passes.find_weights import register_leaf_weights
-from fxsparse.tracing import register_leaf_function, register_leaf_module
+from fxsparse.masking import mask_prologue, zero_dirty
 
 __all__ = [
     "Registry", "METHODS", "GROW_SCORES", "GrowScore", "register_grow_score", "grow_scores",
     "register_init", "available_inits", "register_leaf_module", "register_leaf_function",
-    "register_leaf_weights",
+    "register_leaf_weights", "leaf_function_weights", "LEAF_MODULES", "LEAF_FUNCTIONS",
+    "LEAF_FUNCTION_WEIGHTS", "LEAF_WEIGHTS",
 ]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=type)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Registry(Generic[T]):
@@ -118,3 +125,100 @@ def grow_scores() -> list[str]:
 # --- methods ---------------------------------------------------------------------------------
 # name -> a fxsparse.methods.Method subclass (filled by fxsparse.methods)
 METHODS: Registry[type] = Registry("method")
+
+
+# --- leaves: code torch.fx cannot trace, and the product weights inside it -------------------
+LEAF_MODULES: set[type[nn.Module]] = set()
+# mask_prologue is the prologue of every SparseGraphModule: re-tracing its code (torch.save, a
+# second sparsify attempt) must record it, not run it on proxies.
+LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty}
+# the arguments of a leaf function that it uses as conv/linear/matmul weights, where declared
+LEAF_FUNCTION_WEIGHTS: dict[Callable[..., Any], frozenset[str]] = {}
+
+
+
+
+def register_leaf_module(cls: M) -> M:
+    """Keeps modules of ``cls`` as opaque ``call_module`` nodes when tracing (usable as a decorator).
+
+    The graph cannot see their weights; those of conv/linear submodules, MultiheadAttention and
+    RNNs inside are still sparsified (the module-level fallback), others can be declared with
+    :func:`fxsparse.register_leaf_weights` and are otherwise listed in ``SparseGraphModule.skipped``.
+
+    Example:
+        >>> @register_leaf_module
+        ... class Dynamic(nn.Module):
+        ...     def forward(self, x):
+        ...         return x if x.sum() > 0 else -x
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"expected an nn.Module subclass, got {cls!r}")
+    LEAF_MODULES.add(cls)
+    return cls
+
+
+def register_leaf_function(fn: F | None = None, *, weights: Iterable[str] | None = None) -> Any:
+    """Records calls of ``fn`` as single ``call_function`` nodes instead of tracing into it.
+
+    ``fn`` must be a module-level function (torch.fx patches it by name in its globals). A
+    parameter passed into it (``attention(x, self.qkv.weight, ...)``) is looked for inside: used
+    there by a conv/linear/matmul, it is sparsified by the module-level fallback (zeroed before
+    the forward, gradient masked on the parameter). fxsparse finds that out by tracing the
+    function's body alone, or, where that fails (control flow on shapes), by watching it run on
+    ``sparsify``'s ``example_inputs``; ``weights`` declares it instead: the names of ``fn``'s
+    arguments that it uses as product weights (any other parameter given to it is then taken
+    as no product weight). Usable as a decorator, with or without ``weights``.
+
+    Example:
+        >>> @register_leaf_function(weights=["w"])
+        ... def project(x, w):
+        ...     return x @ w.t() if x.dim() == 2 else torch.einsum("bnc,oc->bno", x, w)
+    """
+    if fn is None:
+        return lambda f: register_leaf_function(f, weights=weights)
+    if not callable(fn):
+        raise TypeError(f"expected a function, got {fn!r}")
+    if weights is not None:
+        if isinstance(weights, str):
+            weights = [weights]
+        names = frozenset(weights)
+        try:
+            known = set(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            known = names
+        unknown = sorted(n for n in names if not isinstance(n, str) or n not in known)
+        if unknown:
+            raise ValueError(
+                f"expected weights= to name arguments of {getattr(fn, '__name__', fn)} "
+                f"({sorted(known)}), got unknown {unknown}"
+            )
+        LEAF_FUNCTION_WEIGHTS[fn] = names
+    LEAF_FUNCTIONS.add(fn)
+    return fn
+
+
+def leaf_function_weights(fn: Any) -> frozenset[str] | None:
+    """The arguments of ``fn`` declared as its product weights (:func:`register_leaf_function`),
+    or None when nothing was declared."""
+    try:
+        return LEAF_FUNCTION_WEIGHTS.get(fn)
+    except TypeError:  # an unhashable target
+        return None
+
+
+# Product weights of opaque leaves, by leaf type: names relative to the module of that type.
+LEAF_WEIGHTS: dict[type[nn.Module], tuple[str, ...]] = {}
+
+
+def register_leaf_weights(cls: type[nn.Module], names: Iterable[str]) -> None:
+    """Declares the conv/linear/matmul weights (``names``) that modules of ``cls`` use inside.
+
+    When such a module is an opaque leaf of the graph, those weights are sparsified by the
+    module-level fallback instead of being left dense.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"expected an nn.Module subclass, got {cls!r}")
+    names = tuple(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"expected parameter names of {cls.__name__}, got {names!r}")
+    LEAF_WEIGHTS[cls] = names

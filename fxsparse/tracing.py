@@ -3,105 +3,29 @@
 timm marks modules and functions that symbolic tracing cannot go through (dynamic "same"
 padding, shape-dependent control flow) with ``register_notrace_module`` /
 ``register_notrace_function``; tracing with those as leaves is what lets timm's own feature
-extraction trace nearly its whole model zoo. Users' untraceable code goes into the registries of
-this module with :func:`register_leaf_module` and :func:`register_leaf_function`.
+extraction trace nearly its whole model zoo. Users' untraceable code goes into the leaf registries of
+:mod:`fxsparse.registry` with :func:`register_leaf_module` and :func:`register_leaf_function`
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
-from fxsparse.masking import mask_prologue, zero_dirty
+from fxsparse.registry import (
+    LEAF_FUNCTIONS, LEAF_MODULES, leaf_function_weights, register_leaf_function, register_leaf_module,
+)
 
 __all__ = [
     "register_leaf_module", "register_leaf_function", "trace", "leaf_modules", "leaf_functions",
     "leaf_function_weights",
 ]
-
-_LEAF_MODULES: set[type[nn.Module]] = set()
-# mask_prologue is the prologue of every SparseGraphModule: re-tracing its code (torch.save, a
-# second sparsify attempt) must record it, not run it on proxies.
-_LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty}
-# the arguments of a leaf function that it uses as conv/linear/matmul weights, where declared
-_LEAF_FUNCTION_WEIGHTS: dict[Callable[..., Any], frozenset[str]] = {}
-
-M = TypeVar("M", bound=type)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def register_leaf_module(cls: M) -> M:
-    """Keeps modules of ``cls`` as opaque ``call_module`` nodes when tracing (usable as a decorator).
-
-    The graph cannot see their weights; those of conv/linear submodules, MultiheadAttention and
-    RNNs inside are still sparsified (the module-level fallback), others can be declared with
-    :func:`fxsparse.register_leaf_weights` and are otherwise listed in ``SparseGraphModule.skipped``.
-
-    Example:
-        >>> @register_leaf_module
-        ... class Dynamic(nn.Module):
-        ...     def forward(self, x):
-        ...         return x if x.sum() > 0 else -x
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"expected an nn.Module subclass, got {cls!r}")
-    _LEAF_MODULES.add(cls)
-    return cls
-
-
-def register_leaf_function(fn: F | None = None, *, weights: Iterable[str] | None = None) -> Any:
-    """Records calls of ``fn`` as single ``call_function`` nodes instead of tracing into it.
-
-    ``fn`` must be a module-level function (torch.fx patches it by name in its globals). A
-    parameter passed into it (``attention(x, self.qkv.weight, ...)``) is looked for inside: used
-    there by a conv/linear/matmul, it is sparsified by the module-level fallback (zeroed before
-    the forward, gradient masked on the parameter). fxsparse finds that out by tracing the
-    function's body alone, or, where that fails (control flow on shapes), by watching it run on
-    ``sparsify``'s ``example_inputs``; ``weights`` declares it instead: the names of ``fn``'s
-    arguments that it uses as product weights (any other parameter given to it is then taken
-    as no product weight). Usable as a decorator, with or without ``weights``.
-
-    Example:
-        >>> @register_leaf_function(weights=["w"])
-        ... def project(x, w):
-        ...     return x @ w.t() if x.dim() == 2 else torch.einsum("bnc,oc->bno", x, w)
-    """
-    if fn is None:
-        return lambda f: register_leaf_function(f, weights=weights)
-    if not callable(fn):
-        raise TypeError(f"expected a function, got {fn!r}")
-    if weights is not None:
-        if isinstance(weights, str):
-            weights = [weights]
-        names = frozenset(weights)
-        try:
-            known = set(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):
-            known = names
-        unknown = sorted(n for n in names if not isinstance(n, str) or n not in known)
-        if unknown:
-            raise ValueError(
-                f"expected weights= to name arguments of {getattr(fn, '__name__', fn)} "
-                f"({sorted(known)}), got unknown {unknown}"
-            )
-        _LEAF_FUNCTION_WEIGHTS[fn] = names
-    _LEAF_FUNCTIONS.add(fn)
-    return fn
-
-
-def leaf_function_weights(fn: Any) -> frozenset[str] | None:
-    """The arguments of ``fn`` declared as its product weights (:func:`register_leaf_function`),
-    or None when nothing was declared."""
-    try:
-        return _LEAF_FUNCTION_WEIGHTS.get(fn)
-    except TypeError:  # an unhashable target
-        return None
-
 
 def _timm_notrace() -> tuple[set[type[nn.Module]], set[Callable[..., Any]]]:
     try:
@@ -113,12 +37,12 @@ def _timm_notrace() -> tuple[set[type[nn.Module]], set[Callable[..., Any]]]:
 
 def leaf_modules() -> set[type[nn.Module]]:
     """Module classes kept as leaves: ours, and timm's no-trace modules when timm is installed."""
-    return _LEAF_MODULES | _timm_notrace()[0]
+    return LEAF_MODULES | _timm_notrace()[0]
 
 
 def leaf_functions() -> set[Callable[..., Any]]:
     """Functions kept as leaves: ours, and timm's no-trace functions when timm is installed."""
-    return _LEAF_FUNCTIONS | _timm_notrace()[1]
+    return LEAF_FUNCTIONS | _timm_notrace()[1]
 
 
 class _Tracer(torch.fx.Tracer):

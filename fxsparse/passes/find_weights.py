@@ -37,7 +37,7 @@ from torch import nn
 from fxsparse.capture import resolve
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.functionalize import plain_call
-from fxsparse.tracing import leaf_function_weights
+from fxsparse.registry import LEAF_WEIGHTS, leaf_function_weights, register_leaf_weights
 
 __all__ = [
     "WeightUse", "WeightSite", "find_weights", "find_weights_in", "canonical_names", "REWRITABLE_MODULES", "LAYERS",
@@ -165,31 +165,13 @@ class WeightSite:
     opaque: list[str] = field(default_factory=list)
 
 
-# Product weights of opaque leaves, by leaf type: names relative to the module of that type.
-_LEAF_WEIGHTS: dict[type[nn.Module], tuple[str, ...]] = {}
-
-
-def register_leaf_weights(cls: type[nn.Module], names: Iterable[str]) -> None:
-    """Declares the conv/linear/matmul weights (``names``) that modules of ``cls`` use inside.
-
-    When such a module is an opaque leaf of the graph, those weights are sparsified by the
-    module-level fallback instead of being left dense.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"expected an nn.Module subclass, got {cls!r}")
-    names = tuple(names)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"expected parameter names of {cls.__name__}, got {names!r}")
-    _LEAF_WEIGHTS[cls] = names
-
-
 def _timm_leaf_weights() -> None:
     try:
         from timm.layers import CondConv2d
     except ImportError:  # pragma: no cover - timm is a dependency, but stay importable without
         return
     # per-sample kernels: routing weights (batch x experts) @ weight (experts x kernel)
-    _LEAF_WEIGHTS.setdefault(CondConv2d, ("weight",))
+    LEAF_WEIGHTS.setdefault(CondConv2d, ("weight",))
 
 
 _timm_leaf_weights()
@@ -214,7 +196,7 @@ def leaf_product_weights(module: nn.Module) -> dict[str, str]:
             for name, _ in sub.named_parameters(recurse=False):
                 if name.startswith(("weight_ih", "weight_hh")):
                     found[prefix + name] = kind
-        for cls, names in _LEAF_WEIGHTS.items():
+        for cls, names in LEAF_WEIGHTS.items():
             if isinstance(sub, cls):
                 for name in names:
                     if isinstance(getattr(sub, name, None), nn.Parameter):
