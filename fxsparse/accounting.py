@@ -32,13 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxsparse.passes.find_weights import (
-    REWRITABLE_MODULES,
-    _is_rewritable,
-    _view_source,
-    _weight_operands,
-    canonical_names,
-)
+from fxsparse.passes.find_weights import _weight_operands, canonical_names
+from fxsparse.passes.ops import REWRITABLE_MODULES, is_rewritable, view_source
 from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
 from fxsparse.capture import capture, graph_inputs, pytree_specs, split_inputs
@@ -519,7 +514,7 @@ class _Counter(torch.fx.Interpreter):
     def _weight_of(self, n: torch.fx.Node) -> str | None:
         if n.op == "call_module":
             module = self.module.get_submodule(str(n.target))
-            if isinstance(module, REWRITABLE_MODULES) and _is_rewritable(module):
+            if isinstance(module, REWRITABLE_MODULES) and is_rewritable(module):
                 return self.names.get(f"{n.target}.weight")
             return None
         for operand in _weight_operands(n):
@@ -536,7 +531,7 @@ class _Counter(torch.fx.Interpreter):
                 return str(node.kwargs.get("name"))
             if node.op == "get_attr":
                 return self.names.get(str(node.target))
-            node = _view_source(node)
+            node = view_source(node)
         return None
 
 
@@ -552,7 +547,7 @@ def _op_name(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
     if n.op == "call_module":
         module = gm.get_submodule(str(n.target))
         name = type(module).__name__
-        rewritable = isinstance(module, REWRITABLE_MODULES) and _is_rewritable(module)
+        rewritable = isinstance(module, REWRITABLE_MODULES) and is_rewritable(module)
         return name.lower() if rewritable else f"leaf:{name}"
     if n.op == "call_method":
         return str(n.target)

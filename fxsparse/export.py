@@ -2,14 +2,15 @@
 only its active weights.
 
 :func:`export_inference` is a short pipeline of passes over a copy of the sparse module's fx
-graph, each a small function:
+graph, each a small function in :mod:`fxsparse.passes.lower` (this module holds the compressed
+layer modules, the measurements and the entry point):
 
-1. :func:`_materialize`: the masked weight every masked-weight node hands its consumer (the
+1. ``materialize``: the masked weight every masked-weight node hands its consumer (the
    mask applied, parametrizations computed) becomes a constant of the graph; the prologue and the
    masker go, and with them the trainable parameters and masks.
-2. :func:`_fold_batchnorm`: an eval-mode BatchNorm that is a convolution's only user folds into
+2. ``fold_batchnorm``: an eval-mode BatchNorm that is a convolution's only user folds into
    that convolution's constant weight and bias (a per-output-channel scale keeps zeros zero).
-3. :func:`_lower`: every linear layer, 2-D convolution and matrix product by a constant weight is
+3. ``constant_products`` then :func:`_lower`: every linear layer, 2-D convolution and matrix product by a constant weight is
    replaced by a module that holds the weight compressed (CSR: the active values, their int32
    column indices and row offsets) and runs the kernel that the export measured fastest on the
    layer's own example input: a sparse matrix product (``torch.sparse`` CSR; a convolution as a
@@ -30,7 +31,6 @@ follows the model-size accounting: 4 bytes per active value, 4 per column index.
 from __future__ import annotations
 
 import copy
-import operator
 import statistics
 import time
 import warnings
@@ -46,6 +46,16 @@ from torch import nn
 from fxsparse.capture import pytree_specs
 from fxsparse.graph_module import SparseGraphModule
 from fxsparse.masking import MASKER
+from fxsparse.passes.lower import (
+    Product,
+    constant_products,
+    drop_unread_constants,
+    fold_batchnorm,
+    freeze,
+    inputs_of,
+    materialize,
+    replace_node,
+)
 
 __all__ = ["export_inference", "LayerChoice", "SparseLinear", "SparseConv2d", "SparseMatmul", "ExportError"]
 
@@ -265,118 +275,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
-# --- the passes ---------------------------------------------------------------------------------
-
-
-# functional calls (symbolic tracing) and their ATen ops (torch.export), same arguments
-_LINEAR = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
-_CONV2D = (torch.conv2d, F.conv2d, torch.ops.aten.conv2d.default)
-_MATMUL = (torch.matmul, operator.matmul, torch.mm, torch.ops.aten.matmul.default, torch.ops.aten.mm.default)
-
-
-def _materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Replaces each masked-weight node by a constant holding the weight it computed with
-    (``used``, by weight FQN); drops the prologue. Returns ``{constant attribute: weight FQN}``."""
-    graph, constants = gm.graph, {}
-    for node in list(graph.nodes):
-        if node.op == "call_function" and getattr(node.target, "__name__", "") in ("mask_prologue", "zero_dirty"):
-            graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == MASKER:
-            fqn = node.kwargs.get("name", node.args[2] if len(node.args) > 2 else None)
-            attribute = "fxsparse_w_" + fqn.replace(".", "_")
-            if not hasattr(gm, attribute):
-                gm.register_buffer(attribute, used[fqn].detach().clone())
-                constants[attribute] = fqn
-            with graph.inserting_before(node):
-                constant = graph.get_attr(attribute)
-            node.replace_all_uses_with(constant)
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    return constants
-
-
-def _constant(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
-    """The tensor ``node`` reads when it is a get_attr of a buffer (not a parameter)."""
-    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
-        return None
-    return gm.get_buffer(node.target) if _is_buffer(gm, node.target) else None
-
-
-def _is_buffer(gm: torch.fx.GraphModule, target: str) -> bool:
-    owner, _, name = target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    return name in module._buffers
-
-
-def _conv_args(node: torch.fx.Node) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults = (None, None, None, 1, 0, 1, 1)
-    values = list(node.args) + [None] * (7 - len(node.args))
-    return tuple(node.kwargs.get(n, v if i < len(node.args) else defaults[i]) for i, (n, v) in enumerate(zip(names, values)))  # type: ignore[return-value]
-
-
-def _fold_batchnorm(gm: torch.fx.GraphModule, constants: dict[str, str]) -> int:
-    """Folds eval-mode BatchNorm2d modules that are a constant-weight convolution's only user
-    (``constants`` learns which weight FQN each folded constant came from)."""
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.BatchNorm2d):
-            continue
-        bn = gm.get_submodule(node.target)
-        conv = node.args[0]
-        if not (isinstance(conv, torch.fx.Node) and conv.op == "call_function" and conv.target in _CONV2D
-                and len(conv.users) == 1 and bn.running_mean is not None and bn.running_var is not None):
-            continue
-        x, weight_node, bias_node, *rest = _conv_args(conv)
-        weight = _constant(gm, weight_node)
-        bias = None if bias_node is None else _bias_value(gm, bias_node)
-        if weight is None or (bias_node is not None and bias is None):
-            continue
-        if bias is None:
-            bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
-        scale = (bn.weight.detach() if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias.detach() if bn.bias is not None else 0.0
-        new_weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
-        new_bias = ((bias - bn.running_mean) * scale + shift).to(weight.dtype)
-        stem = f"fxsparse_fold_{folded}"
-        gm.register_buffer(stem + "_weight", new_weight)
-        if weight_node.target in constants:
-            constants[stem + "_weight"] = constants[weight_node.target]
-        gm.register_buffer(stem + "_bias", new_bias)
-        with gm.graph.inserting_before(conv):
-            w_node, b_node = gm.graph.get_attr(stem + "_weight"), gm.graph.get_attr(stem + "_bias")
-        conv.args = (x, w_node, b_node, *rest)
-        conv.kwargs = {}
-        node.replace_all_uses_with(conv)
-        gm.graph.erase_node(node)
-        folded += 1
-    gm.graph.eliminate_dead_code()
-    return folded
-
-
-def _bias_value(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
-    """A bias read from the graph: a buffer or a (frozen, eval-only) parameter."""
-    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
-        return None
-    return gm.get_buffer(node.target) if _is_buffer(gm, node.target) else gm.get_parameter(node.target).detach()
-
-
-def _inputs_of(gm: torch.fx.GraphModule, nodes: set[torch.fx.Node], example: tuple[Any, ...]) -> dict[torch.fx.Node, torch.Tensor]:
-    """The first tensor argument each of ``nodes`` receives when the graph runs ``example``."""
-    seen: dict[torch.fx.Node, torch.Tensor] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            if n in nodes:
-                value = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else None
-                if isinstance(value, torch.Tensor):
-                    seen[n] = value
-            return super().run_node(n)
-
-    with torch.no_grad():
-        Recorder(gm).run(*example)
-    return seen
+# --- measuring ---------------------------------------------------------------------------------
 
 
 def _finished(out: Any) -> Any:
@@ -417,70 +316,48 @@ def _lower(
     margin: float,
 ) -> list[LayerChoice]:
     """Replaces linear, conv2d and matmul nodes with a constant weight by measured modules."""
-    graph = gm.graph
-    candidates = []
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in _LINEAR or node.target in _CONV2D:
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        elif node.target in _MATMUL and len(node.args) == 2:
-            weight = node.args[1]
-        else:
-            continue
-        value = _constant(gm, weight)
-        if value is None or value.dim() not in (2, 4) or (node.target in _CONV2D) != (value.dim() == 4):
-            continue
-        candidates.append((node, weight, value))
-    inputs = _inputs_of(gm, {n for n, _, _ in candidates}, example)
+    products = constant_products(gm)
+    inputs = inputs_of(gm, {p.node for p in products}, example)
     choices = []
-    for index, (node, weight_node, weight) in enumerate(candidates):
-        x = inputs.get(node)
-        if x is None:
-            continue  # not reached by the example (a branch not taken): left as it is
-        if node.target in _LINEAR:
-            bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            bias = _bias_value(gm, bias_node) if bias_node is not None else None
-            if bias_node is not None and bias is None:
-                continue
-            module: nn.Module = SparseLinear(weight, bias)
-            kind, kernels = "linear", ["dense", "csr"]
-        elif node.target in _CONV2D:
-            _, _, bias_node, stride, padding, dilation, groups = _conv_args(node)
-            bias = _bias_value(gm, bias_node) if bias_node is not None else None
-            if bias_node is not None and bias is None:
-                continue
-            module = SparseConv2d(weight, bias, stride, padding, dilation, groups)
-            kind = "conv2d"
-            kernels = ["dense"] + (["csr"] if module.sparse_possible() else [])
-        else:
-            module = SparseMatmul(weight)
-            kind, kernels = "matmul", ["dense", "csr"]
-        rows = getattr(module, "weight", getattr(module, "weight_t", None))
-        if kind != "matmul" and 0 < rows.nonempty.numel() < rows.rows and getattr(module, "groups", 1) == 1:
-            kernels.append("dense-rows")
-        module.kernels = tuple(kernels)  # what this layer can run (tests try each)
+    for index, product in enumerate(products):
+        x = inputs.get(product.node)
+        if x is None or not product.bias_known:
+            continue  # not reached by the example (a branch not taken), or a computed bias: left as it is
+        module, kernels = _layer(product)
         if autotune:
             kernel, ms = _choose(module, x, kernels, repeats, margin)
         else:
             kernel, ms = "dense", {}
             module.kernel = "dense"
         name = f"fxsparse_layer_{index}"
-        gm.add_submodule(name, module)
-        with graph.inserting_before(node):
-            new = graph.call_module(name, (node.args[0],))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        node_name = product.node.name
+        replace_node(gm, product.node, module, name)
+        weight = product.weight
         density = float(weight.count_nonzero()) / max(weight.numel(), 1)
         choices.append(LayerChoice(
-            node=node.name, weight=constants.get(getattr(weight_node, "target", ""), ""), kind=kind,
+            node=node_name, weight=constants.get(getattr(product.weight_node, "target", ""), ""), kind=product.kind,
             shape=tuple(weight.shape), density=density, kernel=kernel, ms=ms, module=name,
         ))
-    graph.eliminate_dead_code()
-    for attribute in dict.fromkeys([*constants, *(n for n, _ in gm.named_buffers() if n.startswith("fxsparse_fold_"))]):
-        if hasattr(gm, attribute) and not any(n.op == "get_attr" and n.target == attribute for n in graph.nodes):
-            delattr(gm, attribute)  # compressed into a layer module now
+    drop_unread_constants(gm, constants)
     return choices
+
+
+def _layer(product: Product) -> tuple[nn.Module, list[str]]:
+    """The compressed module computing ``product`` and the kernels it can run (tests try each)."""
+    if product.kind == "linear":
+        module: nn.Module = SparseLinear(product.weight, product.bias)
+        kernels = ["dense", "csr"]
+    elif product.kind == "conv2d":
+        module = SparseConv2d(product.weight, product.bias, *product.conv)
+        kernels = ["dense"] + (["csr"] if module.sparse_possible() else [])
+    else:
+        module = SparseMatmul(product.weight)
+        kernels = ["dense", "csr"]
+    rows = getattr(module, "weight", getattr(module, "weight_t", None))
+    if product.kind != "matmul" and 0 < rows.nonempty.numel() < rows.rows and getattr(module, "groups", 1) == 1:
+        kernels.append("dense-rows")
+    module.kernels = tuple(kernels)
+    return module, kernels
 
 
 # --- the entry point ----------------------------------------------------------------------------
@@ -550,11 +427,11 @@ def export_inference(
     gm = torch.fx.GraphModule(work, work.graph, class_name="SparseInference")
     for name, spec in pytree_specs(work).items():  # an exported graph's code reads its pytree specs
         setattr(gm, name, spec)
-    constants = _materialize(gm, used)
+    constants = materialize(gm, used)
     gm.eval()
-    _fold_batchnorm(gm, constants)
+    fold_batchnorm(gm, constants)
     choices = _lower(gm, example, constants, autotune, repeats, margin)
-    _freeze(gm)
+    freeze(gm)
     gm.recompile()
     gm.fxsparse_whole_ms, gm.fxsparse_kept = {}, "chosen"
     if autotune:
@@ -605,28 +482,6 @@ def _check_whole(
     for node, kernel in configs[best].items():
         layers[node].kernel = kernel
     return [replace(c, kernel=configs[best][c.node]) for c in choices], whole, best
-
-
-def _freeze(gm: torch.fx.GraphModule) -> None:
-    """Drops what no node reads (the masker, the sparse weights), and turns the parameters left
-    (biases, norms, opaque leaves) into frozen tensors: the module is for inference."""
-    if hasattr(gm, MASKER):
-        delattr(gm, MASKER)
-    gm.delete_all_unused_submodules()
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for fqn, _ in list(gm.named_buffers()):
-        owner, _, name = fqn.rpartition(".")
-        called = any(n.op == "call_module" and (n.target == owner or owner.startswith(n.target + ".")) for n in gm.graph.nodes)
-        if fqn not in read and not called and not fqn.startswith("fxsparse_layer_"):
-            delattr(gm.get_submodule(owner) if owner else gm, name)  # a mask, the update counter
-    for fqn, parameter in list(gm.named_parameters()):
-        owner, _, name = fqn.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        called = any(n.op == "call_module" and (n.target == owner or owner.startswith(n.target + ".")) for n in gm.graph.nodes)
-        if fqn not in read and not called:
-            delattr(module, name)  # a weight now held compressed by a layer module
-        else:
-            parameter.requires_grad_(False)
 
 
 def _check_close(out: Any, reference: Any) -> None:

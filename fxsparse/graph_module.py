@@ -245,21 +245,25 @@ class SparseGraphModule(torch.fx.GraphModule):
         return active / total
 
     @property
-    def growth_capture(self) -> Masker:
-        """The module that captures dense growth gradients (``.armed``, ``.accumulate``)."""
+    def masker(self) -> Masker:
+        """The :class:`fxsparse.masking.Masker` every masked-weight node calls: it zeroes inactive
+        weights, masks gradients and records the dense growth gradients (``.armed``,
+        ``.accumulate``, ``.grads``). ``growth_capture`` is its former name."""
         return self.get_submodule(MASKER)  # type: ignore[return-value]
 
+    growth_capture = masker  # its former name, kept as an alias
+
     def arm_growth(self, enabled: bool = True, *, accumulate: bool = False) -> None:
-        """Turns the capture of ``dL/d(w*m)`` on or off for the following forward passes.
+        """Turns the recording of ``dL/d(w*m)`` on or off for the following forward passes.
 
         A freshly sparsified module is armed, so ``loss.backward(); sparse.rigl_step(0.3)`` works
         as is; :class:`fxsparse.RigLScheduler` disarms it and arms only the update steps, so that
-        no dense gradient is kept on other steps. Arming forgets what was captured before.
+        no dense gradient is kept on other steps. Arming forgets what was recorded before.
         """
-        capture = self.growth_capture
-        capture.clear()
-        capture.armed = bool(enabled)
-        capture.accumulate = bool(accumulate)
+        masker = self.masker
+        masker.clear()
+        masker.armed = bool(enabled)
+        masker.accumulate = bool(accumulate)
 
     def summary(self) -> SparsitySummary:
         """A per-layer table (name, shape, density, active/total; dense and sparse inference
@@ -304,9 +308,9 @@ class SparseGraphModule(torch.fx.GraphModule):
         before reading the parameters outside a forward after such an edit (``state_dict()``
         calls it itself) and :meth:`verify` then passes.
         """
-        capture = self.growth_capture
+        masker = self.masker
         for fqn, (weight, mask) in self._weights_and_masks():
-            zero_inactive_(weight, capture.mask_on(fqn, mask, weight))
+            zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.rezero()  # a checkpoint holds exact zeros at inactive entries, whatever edited them

@@ -152,7 +152,7 @@ class _GradMaskHook:
             masker.mask_after_backward(self.name, param)
 
 
-class _CaptureHook(_GradMaskHook):
+class _RecordHook(_GradMaskHook):
     """The growth-gradient hook of a weight used inside an opaque leaf: the parameter's total
     gradient of one backward, before it is accumulated and masked (``dL/d(w*m)``, as ``w`` holds
     zeros where ``m`` does), recorded while the masker is armed."""
@@ -183,15 +183,15 @@ class Masker(nn.Module):
     """The one module every masked-weight node of a SparseGraphModule calls.
 
     It holds no parameters or buffers (the masks live beside their weights); it switches the
-    capture of growth gradients, stores them by weight FQN, and caches per weight the integer
+    recording of growth gradients, stores them by weight FQN, and caches per weight the integer
     mask and which parameter object it masks the gradient of.
 
     Attributes:
         armed: while True, forwards record ``dL/d(w*m)`` in :attr:`grads` during backward.
-        accumulate: sum captured gradients over every backward since the last clear (gradient
+        accumulate: sum recorded gradients over every backward since the last clear (gradient
             accumulation over micro-batches). When False, a new backward pass replaces the
             previous one's gradient and uses within one pass are summed.
-        grads: captured dense gradients by weight FQN.
+        grads: recorded dense gradients by weight FQN.
     """
 
     def __init__(self) -> None:
@@ -214,10 +214,10 @@ class Masker(nn.Module):
         # its gradient; an ordinary step hands the weight through untouched.
         if not (self.armed and torch.is_grad_enabled() and weight.requires_grad):
             return weight
-        return self._capture(weight, name)
+        return self._record_gradient(weight, name)
 
     @torch.compiler.disable
-    def _capture(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+    def _record_gradient(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         # Under torch.compile an armed forward breaks the graph here: the hook that keeps the
         # dense growth gradient runs eagerly, on update steps only (dynamo guards on `armed`).
         out = weight.view_as(weight)
@@ -231,7 +231,7 @@ class Masker(nn.Module):
         """Zeroes the inactive entries of every weight, and makes sure each weight's gradient is
         masked when it is accumulated. Weights named in ``hooked`` (used inside opaque leaf
         modules, where no masked-weight node sees them) also get their dense growth gradient
-        captured by a hook on the parameter."""
+        recorded by a hook on the parameter."""
         for name, weight, mask in zip(names, weights, masks):
             self._masks[name] = mask
             if weight.grad_fn is not None:
@@ -240,7 +240,7 @@ class Masker(nn.Module):
             if weight.requires_grad and self._served.get(name) != (id(weight), weight._cdata):
                 self._hook(name, weight, name in hooked)
 
-    def _hook(self, name: str, weight: torch.Tensor, capture: bool) -> None:
+    def _hook(self, name: str, weight: torch.Tensor, record: bool) -> None:
         """Makes ``weight`` the parameter whose gradient is masked as ``name`` (a new module, a
         copy, a parameter replaced by ``.to()`` or ``load_state_dict(assign=True)``)."""
         served = self._served.get(name)
@@ -253,8 +253,8 @@ class Masker(nn.Module):
             for hook in others:
                 weight.register_post_accumulate_grad_hook(hook)
         weight.register_post_accumulate_grad_hook(_GradMaskHook(self, name))
-        if capture:
-            weight.register_hook(_CaptureHook(self, name))
+        if record:
+            weight.register_hook(_RecordHook(self, name))
         self._served[name] = (id(weight), weight._cdata)
 
     def serves(self, name: str, weight: torch.Tensor) -> bool:
@@ -287,7 +287,7 @@ class Masker(nn.Module):
     def mask_gradient(self, name: str, weight: torch.Tensor) -> None:
         """Zeroes the inactive entries of ``weight.grad`` (the post-accumulate-grad hook's work).
 
-        In place, except while a captured dense gradient of this weight is held: it may share
+        In place, except while a recorded dense gradient of this weight is held: it may share
         the storage that autograd accumulated into ``.grad``.
         """
         mask_grad_(weight, self.mask_on(name, self._masks[name], weight), inplace=name not in self.grads)
@@ -308,7 +308,7 @@ class Masker(nn.Module):
         self._tasks[name] = task
 
     def clear(self) -> None:
-        """Forgets every captured gradient."""
+        """Forgets every recorded gradient."""
         self.grads.clear()
         self._tasks.clear()
 
@@ -327,4 +327,4 @@ class Masker(nn.Module):
         self.__dict__.pop("_bit_masks", None)  # pickled by fxsparse <= 0.3: a per-weight integer cache
 
     def extra_repr(self) -> str:
-        return f"armed={self.armed}, accumulate={self.accumulate}, captured={len(self.grads)}"
+        return f"armed={self.armed}, accumulate={self.accumulate}, recorded={len(self.grads)}"

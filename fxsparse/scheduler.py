@@ -1,6 +1,6 @@
 """TopologyScheduler: when to update the topology; the method object says what an update does.
 
-The scheduler counts steps, anneals the drop fraction, arms the capture of dense gradients on the
+The scheduler counts steps, anneals the drop fraction, arms the recording of dense gradients on the
 steps that need it, unscales them under a ``GradScaler``, checks the ranks agree before an
 update, and asks its method (:mod:`fxsparse.methods`) the rest. ``RigLScheduler`` is its old
 name, kept as an alias.
@@ -27,7 +27,7 @@ class TopologyScheduler:
     ``sparse.rigl_step(f(t))`` with the cosine-annealed drop fraction
     ``f(t) = alpha / 2 * (1 + cos(pi * t / t_end))`` (Evci et al. 2020), growing and
     redistributing as ``method`` says (:func:`available_methods`; :class:`Method`). It arms the
-    capture of dense growth gradients only for the update steps (every step for SNFS), so other
+    recording of dense growth gradients only for the update steps (every step for SNFS), so other
     steps keep no dense tensor; captured gradients are summed over every backward of a step, so
     with gradient accumulation the growth gradient is that of the whole optimizer step.
 
@@ -148,9 +148,9 @@ class TopologyScheduler:
             RuntimeError: under torch.distributed, the ranks' masks differ before an update.
         """
         step = self.step_count + 1
-        capture = self.sparse.growth_capture
-        if capture.grads and self.scaler is not None and not self._unscale(capture.grads):
-            capture.clear()  # the scaler skips this optimizer step: it did not happen
+        masker = self.sparse.masker
+        if masker.grads and self.scaler is not None and not self._unscale(masker.grads):
+            masker.clear()  # the scaler skips this optimizer step: it did not happen
             self.skipped_steps += 1
             self._arm_for(step)
             return True

@@ -75,7 +75,7 @@ def snapshot(sparse: fxsparse.SparseGraphModule, optimizer: torch.optim.Optimize
         fqn: {k: v.clone() for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
         for fqn, p in sparse.sparse_weights.items()
     }
-    grads = {fqn: g.clone() for fqn, g in sparse.growth_capture.grads.items()}
+    grads = {fqn: g.clone() for fqn, g in sparse.masker.grads.items()}
     return {"weights": weights, "masks": masks, "state": state, "grads": grads}
 
 

@@ -280,7 +280,7 @@ def assert_inert(run: Run, module: fxsparse.SparseGraphModule, x: torch.Tensor, 
         torch.testing.assert_close(grad[mask], grads[fqn].grad[mask], rtol=1e-5, atol=1e-6, equal_nan=True)
     for p in module.parameters():
         p.grad = None
-    module.growth_capture.clear()  # the check's backward is not a training step's
+    module.masker.clear()  # the check's backward is not a training step's
 
 
 def _assert_same(out: torch.Tensor, expected: torch.Tensor) -> None:

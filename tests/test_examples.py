@@ -37,9 +37,9 @@ def test_the_example_method_drops_by_its_own_score_and_grows_at_random(mest):
         x, y = torch.randn(16, 12, generator=gen), torch.randint(0, 4, (16,), generator=gen)
         torch.nn.functional.cross_entropy(sparse(x), y).backward()
         if scheduler.is_update_step(step):
-            assert sparse.growth_capture.grads  # armed: the drop score reads the gradient
+            assert sparse.masker.grads  # armed: the drop score reads the gradient
             before = {f: m.clone() for f, m in sparse.masks.items()}
-            scores = {f: mest.reference(sparse.get_parameter(f).detach(), g) for f, g in sparse.growth_capture.grads.items()}
+            scores = {f: mest.reference(sparse.get_parameter(f).detach(), g) for f, g in sparse.masker.grads.items()}
         if scheduler.step():
             optimizer.step()
         else:

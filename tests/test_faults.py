@@ -76,7 +76,7 @@ def test_inf_in_one_layers_growth_gradient_names_that_layer():
     sparse, optimizer, scheduler = _setup()
     _step(sparse, optimizer, scheduler, _x())
     sparse(_x(1)).square().mean().backward()
-    sparse.growth_capture.grads["3.weight"].view(-1)[5] = float("inf")
+    sparse.masker.grads["3.weight"].view(-1)[5] = float("inf")
     before = _masks(sparse)
     with pytest.raises(FloatingPointError, match=r"3\.weight \(growth gradient\)") as error:
         scheduler.step()

@@ -266,7 +266,7 @@ def test_the_only_mask_a_module_keeps_is_the_bool_one():
         weight = sparse.get_parameter(fqn)
         assert bool(weight[~mask].eq(0).all()) and bool(weight.grad[~mask].eq(0).all()), fqn
     assert weight.grad is not None
-    masker = sparse.growth_capture
+    masker = sparse.masker
     held = [t for t in masker.__dict__.values() if isinstance(t, torch.Tensor)]
     held += [t for d in masker.__dict__.values() if isinstance(d, dict) for t in d.values() if isinstance(t, torch.Tensor)]
     buffers = {m.data_ptr() for m in sparse.masks.values()} | {p.data_ptr() for p in sparse.parameters()}
@@ -281,7 +281,7 @@ def test_an_armed_step_masks_the_gradient_and_keeps_the_dense_one_apart():
     x = torch.randn(5, 16)
     sparse(x).sum().backward()  # armed: a fresh module captures
     for fqn, mask in sparse.masks.items():
-        grad, dense = sparse.get_parameter(fqn).grad, sparse.growth_capture.grads[fqn]
+        grad, dense = sparse.get_parameter(fqn).grad, sparse.masker.grads[fqn]
         assert grad.untyped_storage().data_ptr() != dense.untyped_storage().data_ptr(), fqn
         assert not bool(grad[~mask].any()) and bool(dense[~mask].ne(0).any()), fqn
         torch.testing.assert_close(grad[mask], dense[mask], rtol=0, atol=0)

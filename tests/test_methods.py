@@ -174,7 +174,7 @@ def test_snfs_keeps_a_dense_momentum_every_step_and_grows_by_it():
     for step in range(1, 13):
         x = torch.randn(8, 20, generator=gen)
         sparse(x).square().mean().backward()
-        grads = sparse.growth_capture.grads
+        grads = sparse.masker.grads
         assert set(grads) == set(sparse.masks)  # dense gradients captured on every step
         for fqn, g in grads.items():
             expected[fqn] = g.clone() if fqn not in expected else expected[fqn] * 0.9 + g
@@ -207,7 +207,7 @@ def test_redistribution_moves_regrowth_to_the_layer_with_larger_mean_gradient():
         out = sparse(torch.randn(8, 20, generator=torch.Generator().manual_seed(0)))
         out.square().mean().mul(1.0).backward()
         sparse.get_parameter("2.weight")  # noqa: B018 - just present
-        capture = sparse.growth_capture.grads
+        capture = sparse.masker.grads
         capture["2.weight"].mul_(1000.0)
         assert not scheduler.step()
         results[method] = (before, _counts(sparse))
@@ -266,11 +266,11 @@ def test_gradient_accumulation_grows_from_the_sum_over_micro_batches():
         probe = copy.deepcopy(sparse)
         probe.arm_growth(True)
         probe(x).square().mean().backward()
-        for fqn, g in probe.growth_capture.grads.items():
+        for fqn, g in probe.masker.grads.items():
             reference[fqn] = reference.get(fqn, 0) + g
     for x in micro:  # step 2 (an update step): three micro-batches, one optimizer step
         sparse(x).square().mean().backward()
-    for fqn, g in sparse.growth_capture.grads.items():
+    for fqn, g in sparse.masker.grads.items():
         torch.testing.assert_close(g, reference[fqn])
     assert not scheduler.step()
 

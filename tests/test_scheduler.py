@@ -45,12 +45,12 @@ def _train(sparse, opt, sched, batches, on_step=None):
 def test_updates_every_delta_t_until_t_end_and_skips_the_optimizer_there():
     sparse, opt, sched = _setup()
     captured = []
-    flags = _train(sparse, opt, sched, _batches(40), on_step=lambda s: captured.append(bool(s.growth_capture.grads)))
+    flags = _train(sparse, opt, sched, _batches(40), on_step=lambda s: captured.append(bool(s.masker.grads)))
     updates = [i + 1 for i, ok in enumerate(flags) if not ok]
     assert updates == [5, 10, 15, 20, 25, 30]  # t_end = 30
     # dense gradients are kept only on the backward of an update step
     assert [i + 1 for i, c in enumerate(captured) if c] == updates
-    assert sparse.growth_capture.grads == {}
+    assert sparse.masker.grads == {}
     assert int(sparse.get_buffer("fxsparse_updates")) == 6
     sparse.verify()
 

@@ -110,7 +110,7 @@ def test_rigl_steps_keep_counts_zero_new_weights_and_their_state(spec, density, 
         changes = sparse.rigl_step(fraction, optimizer=optimizer, grow=grow)
         assert_update_invariants(before, sparse, optimizer, fraction, grow)
         assert {f: c.active for f, c in changes.items()} == {f: int(m.sum()) for f, m in sparse.masks.items()}
-        assert sparse.growth_capture.grads == {}
+        assert sparse.masker.grads == {}
         sparse.verify()
         assert_inactive_no_influence(sparse, x)
         sparse.train()
@@ -203,7 +203,7 @@ def test_tied_and_shared_weights_get_one_mask_and_one_growth_gradient():
     assert sparse.get_parameter("a.weight") is sparse.get_parameter("b.weight")
     x = torch.randn(4, 8)
     sparse(x).sum().backward()
-    assert sparse.growth_capture.grads.keys() == {"a.weight", "s.weight"}
+    assert sparse.masker.grads.keys() == {"a.weight", "s.weight"}
     # the captured gradient is the total over both uses: compare with autograd on w*m directly
     w = (sparse.get_parameter("s.weight") * sparse.masks["s.weight"]).detach().requires_grad_()
     wa = sparse.get_parameter("a.weight") * sparse.masks["a.weight"]
@@ -211,7 +211,7 @@ def test_tied_and_shared_weights_get_one_mask_and_one_growth_gradient():
     h = torch.nn.functional.linear(h, wa, sparse.get_parameter("b.bias"))
     out = torch.nn.functional.linear(torch.nn.functional.linear(h, w, sparse.get_parameter("s.bias")), w, sparse.get_parameter("s.bias"))
     (g,) = torch.autograd.grad(out.sum(), w)
-    torch.testing.assert_close(sparse.growth_capture.grads["s.weight"], g)
+    torch.testing.assert_close(sparse.masker.grads["s.weight"], g)
 
 
 def test_functional_weights_and_views_are_found():
@@ -403,8 +403,8 @@ def test_weights_inside_opaque_leaves_get_the_same_invariants():
             reference.get_parameter(fqn).copy_(sparse.get_parameter(fqn) * mask)
     reference(x).square().sum().backward()
     for fqn in inside:
-        torch.testing.assert_close(sparse.growth_capture.grads[fqn], reference.get_parameter(fqn).grad)
-        assert bool((sparse.growth_capture.grads[fqn] * ~sparse.masks[fqn]).ne(0).any())
+        torch.testing.assert_close(sparse.masker.grads[fqn], reference.get_parameter(fqn).grad)
+        assert bool((sparse.masker.grads[fqn] * ~sparse.masks[fqn]).ne(0).any())
     opt = torch.optim.SGD(sparse.parameters(), lr=0.1, momentum=0.9)
     opt.step()
     sparse.rigl_step(0.3, opt)
@@ -443,17 +443,17 @@ def test_capture_keeps_last_backward_or_accumulates_micro_batches():
     sparse = fxsparse.sparsify(net, 0.5)
     x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
     sparse(x1).sum().backward()
-    first = sparse.growth_capture.grads["0.weight"].clone()
+    first = sparse.masker.grads["0.weight"].clone()
     sparse(x2).sum().backward()
-    second = sparse.growth_capture.grads["0.weight"].clone()
+    second = sparse.masker.grads["0.weight"].clone()
     assert not torch.equal(first, second)  # replaced by the last backward
     sparse.arm_growth(accumulate=True)
     sparse(x1).sum().backward()
     sparse(x2).sum().backward()
-    torch.testing.assert_close(sparse.growth_capture.grads["0.weight"], first + second)
+    torch.testing.assert_close(sparse.masker.grads["0.weight"], first + second)
     sparse.arm_growth(False)
     sparse(x1).sum().backward()
-    assert sparse.growth_capture.grads == {}
+    assert sparse.masker.grads == {}
 
 
 def test_gradient_is_masked_on_every_path_and_the_growth_gradient_stays_dense():
@@ -486,7 +486,7 @@ def test_gradient_is_masked_on_every_path_and_the_growth_gradient_stays_dense():
         torch.testing.assert_close(sparse.get_parameter("w").grad, w.grad)
         torch.testing.assert_close(sparse.get_parameter("lin.weight").grad, lw.grad)
         if armed:  # the dense growth gradient is intact: masking .grad left it alone
-            assert bool((sparse.growth_capture.grads["lin.weight"] * ~sparse.masks["lin.weight"]).ne(0).any())
+            assert bool((sparse.masker.grads["lin.weight"] * ~sparse.masks["lin.weight"]).ne(0).any())
     # a copy masks its own gradients; the original keeps masking its own
     copied = copy.deepcopy(sparse)
     for module in (copied, sparse, copied):
@@ -532,7 +532,7 @@ def test_a_layer_whose_output_never_reaches_the_loss_grows_from_a_zero_gradient(
     sparse = fxsparse.sparsify(Discarded(), 0.5)
     assert "pooler.weight" in sparse.masks
     sparse(torch.randn(4, 6)).sum().backward()
-    assert "pooler.weight" not in sparse.growth_capture.grads
+    assert "pooler.weight" not in sparse.masker.grads
     counts = {f: int(m.sum()) for f, m in sparse.masks.items()}
     sparse.rigl_step(0.5)
     assert counts == {f: int(m.sum()) for f, m in sparse.masks.items()}

@@ -64,7 +64,7 @@ def test_autocast_bf16_keeps_bool_masks_weight_dtypes_and_the_invariants(method)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sparse(x).float().square().mean().backward()
     assert_inactive_zero_grad(sparse)
-    for grad in sparse.growth_capture.grads.values():
+    for grad in sparse.masker.grads.values():
         assert grad.dtype == torch.float32  # the growth gradient of the fp32 weight
     assert_inactive_no_influence(sparse, x)
 
@@ -82,7 +82,7 @@ def test_compiled_module_trains_like_the_eager_one_and_grows_from_the_dense_grad
         step = sparse.rigl_step
 
         def spy(*args, _step=step, _sparse=sparse, _captured=captured, **kwargs):
-            _captured.append({f: g.clone() for f, g in _sparse.growth_capture.grads.items()})
+            _captured.append({f: g.clone() for f, g in _sparse.masker.grads.items()})
             return _step(*args, **kwargs)
 
         sparse.rigl_step = spy

@@ -65,8 +65,8 @@ def test_every_product_weight_passed_into_a_wrapped_function_is_masked_or_listed
     sparse.train()
     sparse(X).square().mean().backward()
     assert_inactive_zero_grad(sparse)
-    assert set(sparse.growth_capture.grads) == set(sparse.masks)
-    for fqn, grad in sparse.growth_capture.grads.items():  # dense: inactive entries too
+    assert set(sparse.masker.grads) == set(sparse.masks)
+    for fqn, grad in sparse.masker.grads.items():  # dense: inactive entries too
         assert bool((grad * ~sparse.masks[fqn]).ne(0).any()) or sparse.masks[fqn].all(), fqn
     assert_inactive_no_influence(sparse, X)
     sparse.rigl_step(0.3)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fxsparse.methods.base import LayerChange, Method, drop_and_grow, prune
+from fxsparse.methods.base import LayerChange, Method, check_redistribute, drop_and_grow, prune
 from fxsparse.methods.dst import SET, SNFS, RigL, RigLSG, RigLSM, Static
 from fxsparse.methods.pruning import MagnitudePruning
 from fxsparse.registry import METHODS
@@ -56,8 +56,7 @@ def register_method(
             raise TypeError(f"expected a Method subclass with a name, got {method!r}")
         METHODS.add(method.name, method)
         return method
-    if redistribute not in (None, "score", "momentum"):
-        raise ValueError(f"expected redistribute None, 'score' or 'momentum', got {redistribute!r}")
+    check_redistribute(redistribute)
     if prune or dense_momentum:
         raise ValueError(
             "a pruning or dense-momentum method is a Method subclass (see fxsparse.methods.MagnitudePruning, "

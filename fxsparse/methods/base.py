@@ -27,7 +27,7 @@ from fxsparse.masking import UPDATES, zero_inactive_
 from fxsparse.registry import GROW_SCORES, register_grow_score
 from fxsparse.schedules import is_update_step
 
-__all__ = ["Method", "LayerChange", "drop_and_grow", "prune", "checked_step", "finite", "derived_seed", "momentum_of"]
+__all__ = ["Method", "LayerChange", "drop_and_grow", "prune", "checked_step", "finite", "nonfinite_error", "check_redistribute", "REDISTRIBUTE", "derived_seed", "momentum_of"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Method:
 
     # ------------------------------------------------------------------------------- hooks
     def needs_gradient(self) -> bool:
-        """Whether an update reads the dense growth gradient (capture armed on update steps)."""
+        """Whether an update reads the dense growth gradient (recording armed on update steps)."""
         return self.grow is not None and GROW_SCORES.get(self.grow).needs_gradient
 
     def drop_scores(
@@ -178,7 +178,7 @@ def drop_and_grow(
     connections at 0 with zeroed optimizer state, dropped ones zeroed (invariants 1 and 4).
     ``grow_from`` replaces the captured gradients as growth tensors; both are consumed."""
     sites = sparse._fxsparse.sites
-    capture = sparse.growth_capture
+    masker = sparse.masker
     grads = _growth_tensors(sparse, method, grow_from)
     needed = method.needs_gradient() or grow_from is not None
     _refuse_nonfinite(sparse, list(sites), grads if needed else {}, "rigl_step")
@@ -197,7 +197,7 @@ def drop_and_grow(
     results = dict(zip(todo, topology.map_layers(select, todo, [math.prod(sites[f].shape) for f in todo], parallel=parallel)))
     changes = _apply(sparse, results, optimizer)
     sparse.get_buffer(UPDATES).add_(1)
-    capture.clear()
+    masker.clear()
     return changes
 
 
@@ -253,7 +253,7 @@ def _growth_tensors(sparse: Any, method: Method, grow_from: Mapping[str, torch.T
     that a backward did not reach while it reached others has an exactly zero gradient); empty
     when the method scores without them. Averaged over data-parallel ranks."""
     sites = sparse._fxsparse.sites
-    grads = dict(sparse.growth_capture.grads) if grow_from is None else dict(grow_from)
+    grads = dict(sparse.masker.grads) if grow_from is None else dict(grow_from)
     if not (method.needs_gradient() or grow_from is not None):
         return grads
     missing = [fqn for fqn in sites if fqn not in grads]
@@ -267,7 +267,7 @@ def _growth_tensors(sparse: Any, method: Method, grow_from: Mapping[str, torch.T
         raise ValueError(
             f"expected a dense growth gradient from a preceding backward, but none was "
             f"captured for {len(missing)} layer(s) (first: {missing[0]!r}). Fix: run "
-            f"loss.backward() on this module before rigl_step, with capture armed "
+            f"loss.backward() on this module before rigl_step, with recording armed "
             f"(sparse.arm_growth() before the forward; fxsparse.RigLScheduler does this "
             f"for you), or use grow='random' (SET), which needs no gradient."
         )
@@ -310,6 +310,19 @@ def _on_cpu(sparse: Any, names: list[str]) -> bool:
         for fqn in names
     )
 
+REDISTRIBUTE = (None, "score", "momentum")
+
+
+def check_redistribute(redistribute: Any) -> None:
+    """Raises ValueError unless ``redistribute`` is one of :data:`REDISTRIBUTE`."""
+    if redistribute not in REDISTRIBUTE:
+        raise ValueError(
+            f"expected redistribute to be None, 'score' or 'momentum', got {redistribute!r}: None keeps each "
+            "layer's count (RigL), 'score' moves regrowth to the layers with the largest growth scores, "
+            "'momentum' to those with the largest optimizer momentum (SNFS)"
+        )
+
+
 def checked_step(
     drop_fraction: float, optimizer: torch.optim.Optimizer | None, grow: str,
     grow_from: Mapping[str, torch.Tensor] | None, redistribute: str | None, method: Method | None,
@@ -326,8 +339,7 @@ def checked_step(
     needs_gradient = method.needs_gradient() if method is not None else GROW_SCORES.get(grow, "grow").needs_gradient
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer (or None), got {type(optimizer).__name__}")
-    if redistribute not in (None, "score", "momentum"):
-        raise ValueError(f"expected redistribute to be None, 'score' or 'momentum', got {redistribute!r}")
+    check_redistribute(redistribute)
     if redistribute == "score" and not needs_gradient and grow_from is None:
         raise ValueError(f"redistribute='score' needs a growth tensor; grow={grow!r} scores without one")
     if redistribute == "momentum" and optimizer is None:
@@ -379,23 +391,28 @@ def _refuse_nonfinite(sparse: Any, names: list[str], growth: Mapping[str, torch.
     the topology. Only what the model computes with counts: inactive entries are zeroed (as
     every forward does) before a second look."""
     bad = []
-    capture = sparse.growth_capture
+    masker = sparse.masker
     for fqn in names:
         weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
         if not finite(weight):  # inactive entries may hold an edit's NaN: they do not count
-            zero_inactive_(weight, capture.mask_on(fqn, mask, weight))
+            zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
         if not finite(weight):
             bad.append(f"{fqn} (weights)")
         if fqn in growth and not finite(growth[fqn]):
             bad.append(f"{fqn} (growth gradient)" if what == "rigl_step" else fqn)
     if bad:
-        raise FloatingPointError(
-            f"fxsparse {what}: NaN or inf in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-            + f" ({', '.join(bad[1:6])}{' ...' if len(bad) > 6 else ''})" * (len(bad) > 1)
-            + "; no mask was changed. A NaN/inf loss or an overflowing fp16 backward causes this: "
-            "check the loss, lower the learning rate, or under fp16 autocast pass "
-            "scaler=torch.amp.GradScaler() to fxsparse.RigLScheduler, which skips such steps"
-        )
+        raise nonfinite_error(what, bad, "no mask was changed")
+
+
+def nonfinite_error(what: str, bad: list[str], consequence: str) -> FloatingPointError:
+    """The one message of every refusal of NaN or inf: where (``bad``, the first named), what
+    the refusal kept (``consequence``), the usual causes and the fix."""
+    more = f" and {len(bad) - 1} more ({', '.join(bad[1:6])}{' ...' if len(bad) > 6 else ''})" if len(bad) > 1 else ""
+    return FloatingPointError(
+        f"fxsparse {what}: NaN or inf in {bad[0]}{more}; {consequence}. A NaN/inf loss or an overflowing "
+        "fp16 backward causes this: check the loss, lower the learning rate, or under fp16 autocast pass "
+        "scaler=torch.amp.GradScaler() to fxsparse.RigLScheduler, which skips such steps"
+    )
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fxsparse.methods.base import LayerChange, Method, finite
+from fxsparse.methods.base import LayerChange, Method, finite, nonfinite_error
 
 __all__ = ["Static", "SET", "RigL", "SNFS", "RigLSG", "RigLSM"]
 
@@ -81,23 +81,19 @@ class SNFS(RigL):
     def observe(self, scheduler: Any, step: int) -> None:
         """``m <- beta * m + g`` with this step's dense gradient (beta: the optimizer's)."""
         sparse = scheduler.sparse
-        grads = sparse.growth_capture.grads
+        grads = sparse.masker.grads
         beta = _beta(scheduler.optimizer)
         bad = [fqn for fqn, grad in grads.items() if not finite(grad)]
         if bad:
-            raise FloatingPointError(
-                f"fxsparse: the dense gradient of {bad[0]!r}" + (f" and {len(bad) - 1} more layer(s)" if len(bad) > 1 else "")
-                + " holds NaN or inf, and SNFS would fold it into its momentum for good; nothing was "
-                "changed. Check the loss for NaN/inf; with fp16 autocast pass scaler=GradScaler(...) "
-                "to RigLScheduler, which skips such steps as the scaler does"
-            )
+            raise nonfinite_error("SNFS", [f"{fqn} (dense gradient)" for fqn in bad],
+                                  "SNFS would fold it into its momentum for good, so nothing was changed")
         for fqn in sparse._fxsparse.sites:
             grad = grads.get(fqn)
             if grad is None:
                 continue
             held = self.momentum.get(fqn)
             self.momentum[fqn] = grad.clone() if held is None else held.mul_(beta).add_(grad)
-        sparse.growth_capture.clear()
+        sparse.masker.clear()
 
     def update(self, scheduler: Any, step: int, grow_from: Mapping[str, torch.Tensor] | None = None) -> dict[str, LayerChange]:
         # the update consumes what it grows from: hand it copies

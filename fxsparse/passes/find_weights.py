@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,20 @@ from torch import nn
 from fxsparse.capture import resolve
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.functionalize import plain_call
+from fxsparse.passes.ops import (
+    ATEN_WEIGHT_ARGS,
+    FUNCTION_INPUT_ARGS,
+    FUNCTION_WEIGHT_ARGS,
+    LAYERS,
+    LOOKUP_ARGS,
+    METHOD_WEIGHT_ARGS,
+    REWRITABLE_MODULES,
+    VIEW_FUNCTIONS,
+    is_rewritable,
+    packet,
+    schema_weight_positions,
+    view_source,
+)
 from fxsparse.registry import LEAF_WEIGHTS, leaf_function_weights, register_leaf_weights
 
 __all__ = [
@@ -44,100 +57,8 @@ __all__ = [
     "register_leaf_weights", "leaf_product_weights",
 ]
 
-# Functional consumers and the positions of their weight operands.
-_FUNCTION_WEIGHT_ARGS: dict[Callable[..., Any], tuple[int, ...]] = {
-    F.linear: (1,),
-    F.conv1d: (1,),
-    F.conv2d: (1,),
-    F.conv3d: (1,),
-    F.conv_transpose1d: (1,),
-    F.conv_transpose2d: (1,),
-    F.conv_transpose3d: (1,),
-    torch.matmul: (0, 1),
-    operator.matmul: (0, 1),
-    torch.mm: (0, 1),
-    torch.bmm: (0, 1),
-    torch.addmm: (1, 2),
-    torch.baddbmm: (1, 2),
-    torch.addbmm: (1, 2),
-}
-_METHOD_WEIGHT_ARGS: dict[str, tuple[int, ...]] = {
-    "matmul": (0, 1),
-    "__matmul__": (0, 1),
-    "__rmatmul__": (0, 1),
-    "mm": (0, 1),
-    "bmm": (0, 1),
-    "addmm": (1, 2),
-    "baddbmm": (1, 2),
-}
-# Shape-only ops a weight may pass through on its way to the product (w.t(), w.T, ...).
-_VIEW_METHODS = {
-    "t", "transpose", "permute", "view", "reshape", "contiguous", "flatten",
-    "unsqueeze", "squeeze", "to", "type_as", "float", "half", "bfloat16", "double",
-    "expand", "expand_as", "view_as", "reshape_as",
-}
-_VIEW_FUNCTIONS: set[Callable[..., Any]] = {
-    torch.t, torch.transpose, torch.permute, torch.reshape, torch.flatten,
-    torch.unsqueeze, torch.squeeze,
-}
-_VIEW_ATTRS = {"T", "mT", "H", "mH"}
-
-# The same at ATen level, the ops of torch.export's graphs, by overload packet (every overload).
 _ATEN = torch.ops.aten
-_ATEN_WEIGHT_ARGS: dict[Any, tuple[int, ...]] = {
-    _ATEN.linear: (1,),
-    _ATEN.conv1d: (1,), _ATEN.conv2d: (1,), _ATEN.conv3d: (1,),
-    _ATEN.conv_transpose1d: (1,), _ATEN.conv_transpose2d: (1,), _ATEN.conv_transpose3d: (1,),
-    _ATEN.convolution: (1,), _ATEN._convolution: (1,),
-    _ATEN.matmul: (0, 1), _ATEN.mm: (0, 1), _ATEN.bmm: (0, 1),
-    _ATEN.addmm: (1, 2), _ATEN.baddbmm: (1, 2), _ATEN.addbmm: (1, 2),
-}
-_ATEN_VIEWS = {
-    _ATEN.t, _ATEN.transpose, _ATEN.permute, _ATEN.view, _ATEN.reshape, _ATEN._unsafe_view,
-    _ATEN.alias, _ATEN.contiguous, _ATEN.unsqueeze, _ATEN.squeeze, _ATEN.flatten, _ATEN.expand,
-    _ATEN.to, _ATEN._to_copy, _ATEN.numpy_T, _ATEN.mT,
-}
-# Other ops known by their schema: a product-named op (grouped_mm, _scaled_mm, a custom
-# linear...) reads its weight as the argument named here; a custom op (outside aten) that takes
-# an argument named "weight" reads it as one (transformers' grouped_mm_fallback for MoE experts).
-_PRODUCT_NAMES = ("mm", "conv", "linear", "matmul")
-_PRODUCT_ARGS = ("weight", "mat2", "batch2", "w")
 
-
-def _schema_weight_positions(op: Any) -> tuple[int, ...]:
-    schema = getattr(op, "_schema", None)
-    if schema is None:
-        return ()
-    namespace, _, name = schema.name.partition("::")
-    names = [a.name for a in schema.arguments]
-    if any(word in name for word in _PRODUCT_NAMES):
-        return tuple(i for i, a in enumerate(names) if a in _PRODUCT_ARGS)
-    if namespace != "aten":
-        return tuple(i for i, a in enumerate(names) if a == "weight")
-    return ()
-
-
-# The other operand of products whose weight operand is fixed: a parameter read there (a learned
-# query or latent fed through a linear layer) is no weight of that product.
-_FUNCTION_INPUT_ARGS: dict[Any, int] = {
-    F.linear: 0, F.conv1d: 0, F.conv2d: 0, F.conv3d: 0,
-    F.conv_transpose1d: 0, F.conv_transpose2d: 0, F.conv_transpose3d: 0,
-    _ATEN.linear: 0, _ATEN.conv1d: 0, _ATEN.conv2d: 0, _ATEN.conv3d: 0, _ATEN.convolution: 0,
-    _ATEN._convolution: 0, _ATEN.conv_transpose1d: 0, _ATEN.conv_transpose2d: 0, _ATEN.conv_transpose3d: 0,
-}
-
-# Embedding lookups and the position of their table: a weight read by one is an embedding.
-_LOOKUP_ARGS: dict[Any, int] = {F.embedding: 1, _ATEN.embedding: 0}
-
-# Leaf modules whose call can be rewritten into functional form with a masked weight.
-REWRITABLE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-)
-# Every module type whose weight is a conv/linear weight (subclasses that compute otherwise too):
-# each such weight is masked or listed in ``skipped`` with why, used by the forward or not.
-LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 # Leaves whose 2-D weights are lookup tables rather than product operands.
 _NOT_MATMUL_LEAVES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
@@ -214,7 +135,7 @@ def _computed_inside(module: nn.Module) -> dict[str, str]:
 
     found: dict[str, str] = {}
     for sub_name, sub in module.named_modules():
-        if not isinstance(sub, REWRITABLE_MODULES) or _is_rewritable(sub):
+        if not isinstance(sub, REWRITABLE_MODULES) or is_rewritable(sub):
             continue
         try:
             traced = trace(sub)
@@ -236,45 +157,18 @@ def canonical_names(module: nn.Module) -> dict[str, str]:
     return names
 
 
-def _is_rewritable(module: nn.Module) -> bool:
-    """An exact conv/linear, or a subclass that did not change how it computes."""
-    for base in REWRITABLE_MODULES:
-        if isinstance(module, base):
-            if type(module).forward is not base.forward:
-                return False
-            conv_forward = getattr(base, "_conv_forward", None)
-            return conv_forward is None or type(module)._conv_forward is conv_forward
-    return False
-
-
-def _packet(target: Any) -> Any:
-    """The overload packet of an ATen op (``aten.mm.default`` -> ``aten.mm``); else the target."""
-    return getattr(target, "overloadpacket", target)
-
-
-def _view_source(node: torch.fx.Node) -> Any:
-    """The tensor a shape-only node (``w.t()``, ``w.T``, ``reshape`` ...) views; None otherwise."""
-    if node.op == "call_method" and node.target in _VIEW_METHODS:
-        return node.args[0]
-    if node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or _packet(node.target) in _ATEN_VIEWS):
-        return node.args[0] if node.args else None
-    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in _VIEW_ATTRS:
-        return node.args[0]
-    return None
-
-
 def _param_of(gm: torch.fx.GraphModule, node: Any, names: dict[str, str]) -> str | None:
     """The canonical FQN of the parameter ``node`` reads, following views; else None."""
     while isinstance(node, torch.fx.Node):
         if node.op == "get_attr":
             return names.get(str(node.target))
-        node = _view_source(node)
+        node = view_source(node)
     return None
 
 
 def _label(target: Any) -> str:
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return str(_packet(target))
+        return str(packet(target))
     return getattr(target, "__name__", str(target))
 
 
@@ -296,26 +190,26 @@ def _parameters_behind(gm: torch.fx.GraphModule, node: torch.fx.Node, names: dic
 
 def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
     if node.op == "call_function":
-        if _packet(node.target) is _ATEN.einsum:  # einsum(equation, tensors, path=None)
+        if packet(node.target) is _ATEN.einsum:  # einsum(equation, tensors, path=None)
             return list(node.args[1]) if len(node.args) > 1 else []
         if node.target is torch.einsum:
             operands = node.args[1:]
             if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
                 operands = operands[0]
             return list(operands)
-        positions = _FUNCTION_WEIGHT_ARGS.get(node.target, ())  # type: ignore[arg-type]
+        positions = FUNCTION_WEIGHT_ARGS.get(node.target, ())  # type: ignore[arg-type]
         if not positions:
-            positions = _ATEN_WEIGHT_ARGS.get(_packet(node.target), ())
-        if not positions and isinstance(node.target, torch._ops.OpOverload) and _packet(node.target) not in _LOOKUP_ARGS:
-            positions = _schema_weight_positions(node.target)
+            positions = ATEN_WEIGHT_ARGS.get(packet(node.target), ())
+        if not positions and isinstance(node.target, torch._ops.OpOverload) and packet(node.target) not in LOOKUP_ARGS:
+            positions = schema_weight_positions(node.target)
             names = [a.name for a in node.target._schema.arguments]
             return [node.args[i] if i < len(node.args) else node.kwargs.get(names[i]) for i in positions]
         operands = [node.args[i] for i in positions if i < len(node.args)]
-        if "weight" in node.kwargs and node.target in _FUNCTION_WEIGHT_ARGS:
+        if "weight" in node.kwargs and node.target in FUNCTION_WEIGHT_ARGS:
             operands.append(node.kwargs["weight"])
         return operands
     if node.op == "call_method":
-        positions = _METHOD_WEIGHT_ARGS.get(str(node.target), ())
+        positions = METHOD_WEIGHT_ARGS.get(str(node.target), ())
         return [node.args[i] for i in positions if i < len(node.args)]
     return []
 
@@ -353,7 +247,7 @@ def _is_leaf_call(node: torch.fx.Node) -> bool:
         return False
     if str(getattr(target, "__module__", "")).split(".")[0] == "torch":
         return target in _TORCH_FUNCTION_WEIGHTS
-    return target not in _FUNCTION_WEIGHT_ARGS and target not in _LOOKUP_ARGS and target not in _VIEW_FUNCTIONS
+    return target not in FUNCTION_WEIGHT_ARGS and target not in LOOKUP_ARGS and target not in VIEW_FUNCTIONS
 
 
 def _function_label(fn: Any) -> str:
@@ -394,8 +288,8 @@ def _module_of(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
 
 def _input_positions(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, ...]:
     """Where a linear/conv node takes its input (the operand that is not its weight)."""
-    if node.op == "call_function" and _packet(node.target) in _FUNCTION_INPUT_ARGS:
-        return (_FUNCTION_INPUT_ARGS[_packet(node.target)],)
+    if node.op == "call_function" and packet(node.target) in FUNCTION_INPUT_ARGS:
+        return (FUNCTION_INPUT_ARGS[packet(node.target)],)
     if node.op == "call_module" and plain_call(node) and node.args:
         if isinstance(gm.get_submodule(str(node.target)), REWRITABLE_MODULES):
             return (0,)
@@ -438,7 +332,7 @@ def _leaf_function_reads(
             elif operand.op == "get_attr":
                 env[operand] = graph.get_attr(str(operand.target))
             else:  # a view of the weight: the same view of its read
-                source = _view_source(operand)
+                source = view_source(operand)
                 env[operand] = graph.node_copy(operand, lambda n: copy_of(n) if n is source else placeholder(n))
         return env[operand]
 
@@ -606,11 +500,11 @@ def _visit(found: _Findings, node: torch.fx.Node) -> None:
     """Hands ``node`` to the function of each kind it is (a node can be several)."""
     if node.op == "get_attr" and str(node.target) in found.names:
         found.uses.setdefault(found.names[str(node.target)], []).append(WeightUse(node, "get_attr"))
-    elif node.op == "call_function" and _packet(node.target) in _LOOKUP_ARGS:
+    elif node.op == "call_function" and packet(node.target) in LOOKUP_ARGS:
         _lookup(found, node)
     elif node.op == "call_module" and _module_call(found, node):
         return  # an nn.Embedding lookup rewritten to F.embedding if the table is a product weight
-    if node.op == "call_module" and not _is_rewritable(found.gm.get_submodule(str(node.target))):
+    if node.op == "call_module" and not is_rewritable(found.gm.get_submodule(str(node.target))):
         _opaque_module_arguments(found, node)
     if _is_leaf_call(node):
         _wrapped_call(found, node)
@@ -622,7 +516,7 @@ def _visit(found: _Findings, node: torch.fx.Node) -> None:
 
 def _lookup(found: _Findings, node: torch.fx.Node) -> None:
     """An embedding lookup (``F.embedding``, ``aten.embedding``): its table is an embedding."""
-    position = _LOOKUP_ARGS[_packet(node.target)]
+    position = LOOKUP_ARGS[packet(node.target)]
     table = node.args[position] if position < len(node.args) else node.kwargs.get("weight")
     fqn = _param_of(found.gm, table, found.names)
     if fqn is not None:
@@ -641,7 +535,7 @@ def _module_call(found: _Findings, node: torch.fx.Node) -> bool:
         if found.embeddings:
             return True
     owned = [(f"{node.target}.{pname}", p) for pname, p in module.named_parameters(remove_duplicate=False)]
-    if _is_rewritable(module) and plain_call(node):
+    if is_rewritable(module) and plain_call(node):
         weight_fqn = names[f"{node.target}.weight"]
         found.uses.setdefault(weight_fqn, []).append(WeightUse(node, "call_module"))
         found.site(weight_fqn).consumers.append(node)
