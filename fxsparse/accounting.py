@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxsparse.passes.find_weights import _weight_operands, canonical_names
 from fxsparse.passes.ops import REWRITABLE_MODULES, is_rewritable, view_source
+from fxsparse.compact import compact_linear
 from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
 from fxsparse.capture import capture, graph_inputs, pytree_specs, split_inputs
@@ -375,7 +376,13 @@ def _batch_size(inputs: Any) -> int:
 def _model_size(module: nn.Module) -> tuple[int, int]:
     masks = _masks_of(module)
     size = dense = 0
+    compact = {}
+    if _is_sparse(module):
+        compact = {fqn: module.compact_layer(fqn) for fqn in masks if module.compact_layer(fqn) is not None}
+    held = {id(layer.values) for layer in compact.values()}
     for name, param in module.named_parameters():
+        if id(param) in held:
+            continue  # counted below as the weight it holds
         nbytes = param.numel() * param.element_size()
         dense += nbytes
         mask = masks.get(name)
@@ -383,6 +390,10 @@ def _model_size(module: nn.Module) -> tuple[int, int]:
             size += nbytes
         else:
             size += int(mask.sum()) * param.element_size() + math.ceil(param.numel() / 8)
+    for fqn, layer in compact.items():  # the papers' convention whatever the layout: active values and a bit mask
+        numel, element = masks[fqn].numel(), layer.values.element_size()
+        dense += numel * element
+        size += layer.values.numel() * element + math.ceil(numel / 8)
     return size, dense
 
 
@@ -414,10 +425,9 @@ def _count(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], t
     for row in counter.rows:
         if row.kind == "weight":
             mask = masks.get(row.name)
-            param = gm.get_parameter(row.name)
-            active = int(mask.sum()) if mask is not None else param.numel()
-            row = FlopRow(row.name, row.op, "weight", row.output_shape, active / param.numel(),
-                          row.dense_flops, param.numel(), active)
+            total = mask.numel() if mask is not None else gm.get_parameter(row.name).numel()
+            active = int(mask.sum()) if mask is not None else total
+            row = FlopRow(row.name, row.op, "weight", row.output_shape, active / total, row.dense_flops, total, active)
         rows.append(row)
     return rows
 
@@ -482,6 +492,8 @@ class _Counter(torch.fx.Interpreter):
         if n.op == "call_module" and self.masker is not None and n.target == self.masker:
             args, _ = self.fetch_args_kwargs_from_env(n)
             return args[0]  # the masked-weight node hands the (zero-holding) weight through
+        if n.op == "call_function" and n.target is compact_linear:
+            return self._compact(n)
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
         count = int(counter.get_total_flops())
@@ -493,9 +505,19 @@ class _Counter(torch.fx.Interpreter):
             self._record(n, count, result)
         return result
 
-    def _record(self, n: torch.fx.Node, count: int, result: Any) -> None:
+    def _compact(self, n: torch.fx.Node) -> Any:
+        """A compact layer's product, counted as the masked layer's: on a zero stand-in of its
+        dense weight (the density column then says how much of it is active)."""
+        (x, layer, _, bias), _ = self.fetch_args_kwargs_from_env(n)
+        weight = x.new_zeros(layer.shape, dtype=layer.values.dtype)
+        with FlopCounterMode(display=False) as counter:
+            result = torch.matmul(x, weight) if layer.transposed else F.linear(x.to(weight.dtype), weight, bias)
+        self._record(n, int(counter.get_total_flops()), result, weight=layer.fqn)
+        return result
+
+    def _record(self, n: torch.fx.Node, count: int, result: Any, weight: str | None = None) -> None:
         shape = tuple(result.shape) if isinstance(result, torch.Tensor) else ()
-        weight = self._weight_of(n)
+        weight = weight or self._weight_of(n)
         if weight is not None:
             op = _op_name(self.module, n)
             if weight in self.by_weight:

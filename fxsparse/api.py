@@ -22,6 +22,7 @@ from fxsparse import budgets
 from fxsparse.accounting import layer_flops
 from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, resolve, split_inputs
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
+from fxsparse.layouts import apply_layout, check_layout
 from fxsparse.masking import Masker
 from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_in
 from fxsparse.passes.functionalize import functionalize
@@ -33,7 +34,7 @@ __all__ = ["sparsify"]
 def sparsify(
     model: nn.Module, density: float, init: str | Mapping[str, float] = "erk", *,
     example_inputs: Any = None, seed: int = 0, dense: Iterable[str] | None = None, exclude: Iterable[str] = (),
-    budget: str = "params", capture: str = "auto", embeddings: bool = False,
+    budget: str = "params", capture: str = "auto", embeddings: bool = False, layout: str | Mapping[str, str] = "masked",
 ) -> SparseGraphModule:
     """Returns a sparse copy of ``model``: every conv/linear/matmul weight read through a mask.
 
@@ -70,10 +71,12 @@ def sparsify(
             eval mode, the module runs the graph of its mode), for models with Python control
             flow tracing cannot follow, such as ``transformers``' models. ``"auto"`` (default):
             symbolic, and export when tracing fails and ``example_inputs`` were given.
-        embeddings: sparsify a product weight that an embedding lookup reads too (a tied
-            input/output embedding, e.g. a language model's head): one mask for both. By
-            default such weights stay dense (listed in ``skipped``); untied embedding tables
-            are never sparsified (they are no product weights).
+        embeddings: sparsify a product weight that an embedding lookup reads too (a tied LM
+            head), one mask for both; by default such weights stay dense (in ``skipped``).
+        layout: ``"masked"`` (default): dense weights with bool masks. ``"compact"``: the weights
+            of linear layers and of ``x @ W`` held as their active values, computed by sparse
+            kernels, where a timed step on ``example_inputs`` (else density <= 0.2) finds that
+            faster; a ``{fqn pattern: layout}`` dict decides per layer (:mod:`fxsparse.layouts`).
 
     Returns:
         A :class:`SparseGraphModule` (a ``torch.fx.GraphModule``).
@@ -90,7 +93,7 @@ def sparsify(
         0.25
     """
     density, dense_patterns, exclude_patterns, inputs = _validate_arguments(
-        model, density, init, seed, dense, exclude, budget, example_inputs, embeddings
+        model, density, init, seed, dense, exclude, budget, example_inputs, embeddings, layout
     )
     work = _copy(model)  # 1. copy
     captured, graphs = _capture(work, inputs, capture)  # 2. capture
@@ -106,12 +109,13 @@ def sparsify(
         _attach(sparse, state, model.training)  # 8. attach state
     except Exception as e:
         raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
+    apply_layout(sparse, layout, inputs)  # 9. layout: compact layers where they are faster
     return sparse
 
 
 def _validate_arguments(
     model: Any, density: Any, init: Any, seed: Any, dense: Iterable[str] | None, exclude: Iterable[str],
-    budget: Any, example_inputs: Any, embeddings: Any,
+    budget: Any, example_inputs: Any, embeddings: Any, layout: Any = "masked",
 ) -> tuple[float, list[str] | None, list[str], tuple[tuple[Any, ...], dict[str, Any]] | None]:
     """Checks ``sparsify``'s arguments before any work: ``(density, dense patterns or None,
     exclude patterns, (args, kwargs) of the example inputs or None)``."""
@@ -126,6 +130,7 @@ def _validate_arguments(
             )
     elif not isinstance(init, Mapping):
         raise TypeError(f"expected init to be a scheme name or a {{fqn: density}} dict, got {type(init).__name__}")
+    check_layout(layout)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"expected seed to be an int, got {type(seed).__name__} {seed!r}")
     dense_patterns = None if dense is None else _patterns(dense, "dense")

@@ -37,7 +37,7 @@ def fingerprint(sparse: SparseGraphModule, weights: bool = True) -> torch.Tensor
         index = mask.reshape(-1).nonzero().squeeze(1).to(torch.int64).cpu()
         row = [index.numel(), int((index * _PRIME + (index * index) % 1_000_003).sum())]
         if weights:
-            weight = sparse.get_parameter(fqn).detach().reshape(-1).cpu()
+            weight = sparse._leaf_weight(fqn).detach().reshape(-1).cpu()
             bits = weight.view(torch.int64 if weight.element_size() == 8 else torch.int32 if weight.element_size() == 4 else torch.int16)
             position = torch.arange(bits.numel(), dtype=torch.int64) % 65_521 + 1
             row.append(int((bits.to(torch.int64) * position).sum()))

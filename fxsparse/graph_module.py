@@ -9,7 +9,6 @@ restores the exact topology and random growth continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +21,11 @@ from torch.nn.utils import parametrize
 from fxsparse import methods
 from fxsparse.accounting import _batch_size, flop_report
 from fxsparse.capture import graph_from_state, graph_state, pytree_specs
+from fxsparse.compact import CompactWeight
 from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_
 from fxsparse.methods.base import LayerChange, derived_seed, finite
 from fxsparse.registry import GROW_SCORES, grow_scores, register_grow_score
-from fxsparse.state import StateDictError, check_keys, check_masks, invariant_problems
+from fxsparse.state import StateDictError, adopt_loaded, check_keys, check_masks, invariant_problems, save_compact, take_compact
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
            "grow_score_needs_gradient", "StateDictError", "finite", "derived_seed", "UPDATES"]
@@ -42,6 +42,7 @@ class _Site:
     target_density: float
     active: int  # the layer's exact active count, kept by every topology update
     opaque: bool = False  # used inside an opaque leaf module (the module-level fallback)
+    compact: str = ""  # the layout="compact" layer holding it (fxsparse.compact), else masked
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _State:
     capture: str = "symbolic"  # the front-end that made the graph (fxsparse.capture)
     # export: the masked graph of each mode (True: train); the module runs its mode's graph
     mode_graphs: dict[bool, torch.fx.Graph] | None = None
+    layouts: dict[str, Any] = field(default_factory=dict)  # fqn -> fxsparse.layouts.LayoutChoice
 
 
 def grow_score_needs_gradient(name: str) -> bool:
@@ -166,25 +168,8 @@ class SparseGraphModule(torch.fx.GraphModule):
         result = super()._apply(fn, recurse)
         state = getattr(self, "_fxsparse", None)
         if state is not None and state.mode_graphs:
-            self._follow_device()
+            _follow_device(self)
         return result
-
-    def _follow_device(self) -> None:
-        device = next((p.device for p in self.parameters()), None)
-        if device is None:
-            return
-        changed = False
-        for graph in self._fxsparse.mode_graphs.values():  # type: ignore[union-attr]
-            for node in graph.nodes:
-                if node.op != "call_function":
-                    continue
-                args = tuple(device if isinstance(a, torch.device) and a != device else a for a in node.args)
-                kwargs = {k: device if isinstance(v, torch.device) and v != device else v for k, v in node.kwargs.items()}
-                if args != node.args or kwargs != node.kwargs:
-                    node.args, node.kwargs = args, kwargs
-                    changed = True
-        if changed:
-            self.recompile()
 
     @property
     def capture(self) -> str:
@@ -208,17 +193,36 @@ class SparseGraphModule(torch.fx.GraphModule):
     # ----------------------------------------------------------------------------------- views
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """The live mask buffers, by weight FQN of the original model."""
-        return {fqn: self.get_buffer(site.mask) for fqn, site in self._fxsparse.sites.items()}
+        """The masks by weight FQN of the original model: the live mask buffers of the masked
+        layout, masks computed from the indices of compact layers."""
+        return {fqn: self._mask(fqn) for fqn in self._fxsparse.sites}
+
+    def _mask(self, fqn: str) -> torch.Tensor:
+        site = self._fxsparse.sites[fqn]
+        return self.get_submodule(site.compact).mask() if site.compact else self.get_buffer(site.mask)
 
     def _weights_and_masks(self) -> Iterator[tuple[str, tuple[nn.Parameter, torch.Tensor]]]:
-        for fqn, site in self._fxsparse.sites.items():
-            yield fqn, (self._leaf_weight(fqn), self.get_buffer(site.mask))
+        for fqn in self._fxsparse.sites:
+            yield fqn, (self._leaf_weight(fqn), self._mask(fqn))
+
+    def compact_layer(self, fqn: str) -> CompactWeight | None:
+        """The compact layer holding ``fqn`` (``layout="compact"``), or None where it is masked."""
+        site = self._fxsparse.sites[fqn]
+        return self.get_submodule(site.compact) if site.compact else None  # type: ignore[return-value]
+
+    @property
+    def layouts(self) -> dict[str, Any]:
+        """Per sparse weight, its layout and why (:class:`fxsparse.layouts.LayoutChoice`)."""
+        return dict(self._fxsparse.layouts)
 
     def _leaf_weight(self, fqn: str) -> nn.Parameter:
         """The parameter the mask of ``fqn`` applies to: ``get_parameter(fqn)``, or, where
         ``torch.nn.utils.parametrize`` computes that weight, the parametrization's ``original``
-        (the forward masks what the parametrization computes)."""
+        (the forward masks what the parametrization computes). For a compact layer: the dense
+        weight (a new tensor: edit the layer's ``values`` instead)."""
+        layer = self.compact_layer(fqn)
+        if layer is not None:
+            return layer.dense()  # type: ignore[return-value]
         owner_name, _, name = fqn.rpartition(".")
         owner = self.get_submodule(owner_name)
         if parametrize.is_parametrized(owner, name):
@@ -227,7 +231,7 @@ class SparseGraphModule(torch.fx.GraphModule):
 
     @property
     def sparse_weights(self) -> dict[str, nn.Parameter]:
-        """The sparsified parameters, by FQN."""
+        """The sparsified parameters, by FQN (a compact layer's weight as a dense copy)."""
         return {fqn: self._leaf_weight(fqn) for fqn in self._fxsparse.sites}
 
     @property
@@ -309,12 +313,18 @@ class SparseGraphModule(torch.fx.GraphModule):
         calls it itself) and :meth:`verify` then passes.
         """
         masker = self.masker
-        for fqn, (weight, mask) in self._weights_and_masks():
-            zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
+        for fqn, site in self._fxsparse.sites.items():
+            if not site.compact:  # a compact layer has no inactive weights
+                weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
+                zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.rezero()  # a checkpoint holds exact zeros at inactive entries, whatever edited them
         return super().state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_compact(self, destination, prefix)  # the masked layout's format, whatever the layout
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False, *, budget: str = "keep",
@@ -352,14 +362,11 @@ class SparseGraphModule(torch.fx.GraphModule):
         # parent module loads), so a bad mask leaves the module untouched.
         budget = getattr(self, "_load_budget", "keep")
         counts = check_masks(self, state_dict, prefix, budget)
+        compact = take_compact(self, state_dict, prefix, missing_keys if strict else None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        for fqn, count in counts.items():  # the loaded topology
-            site = self._fxsparse.sites[fqn]
-            if budget == "adopt" and count != site.active:  # the checkpoint's budget is the layer's now
-                site.target_density = count / math.prod(site.shape)
-            site.active = count
+        adopt_loaded(self, counts, compact, budget)
 
     # -------------------------------------------------------------------------------- updates
     @torch.no_grad()
@@ -459,3 +466,22 @@ def _unpickle(body: dict[str, Any], import_block: str) -> SparseGraphModule:
 
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
     return _deserialize_graph_module(forward, body, graph_module_cls=SparseGraphModule)  # type: ignore[return-value]
+
+
+def _follow_device(self: SparseGraphModule) -> None:
+    """Moves the devices an exported graph names to the parameters' device."""
+    device = next((p.device for p in self.parameters()), None)
+    if device is None:
+        return
+    changed = False
+    for graph in self._fxsparse.mode_graphs.values():  # type: ignore[union-attr]
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            args = tuple(device if isinstance(a, torch.device) and a != device else a for a in node.args)
+            kwargs = {k: device if isinstance(v, torch.device) and v != device else v for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed = True
+    if changed:
+        self.recompile()

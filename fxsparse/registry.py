@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from fxsparse.budgets import available_inits, register_init
+from fxsparse.compact import compact_linear
 from fxsparse.masking import mask_prologue, zero_dirty
 
 __all__ = [
@@ -131,7 +132,7 @@ METHODS: Registry[type] = Registry("method")
 LEAF_MODULES: set[type[nn.Module]] = set()
 # mask_prologue is the prologue of every SparseGraphModule: re-tracing its code (torch.save, a
 # second sparsify attempt) must record it, not run it on proxies.
-LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty}
+LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty, compact_linear}
 # the arguments of a leaf function that it uses as conv/linear/matmul weights, where declared
 LEAF_FUNCTION_WEIGHTS: dict[Callable[..., Any], frozenset[str]] = {}
 

@@ -15,6 +15,7 @@ import torch
 from fxsparse.distributed import assert_in_sync
 from fxsparse.graph_module import LayerChange, SparseGraphModule
 from fxsparse.methods import Method, available_methods, make_method, register_method
+from fxsparse.methods.base import compact_refusal
 from fxsparse.schedules import GradualPruning, cosine_drop_fraction, end_step
 
 __all__ = ["TopologyScheduler", "RigLScheduler", "Method", "register_method", "available_methods"]
@@ -98,6 +99,9 @@ class TopologyScheduler:
         self.scaler = scaler
         self.skipped_steps = 0  # steps not counted: non-finite gradients under a GradScaler
         self.what = make_method(method)  # what an update does (fxsparse.methods)
+        compact = [f for f in sparse._fxsparse.sites if sparse.compact_layer(f) is not None]
+        if compact and (self.what.redistribute is not None or self.what.prunes):
+            raise compact_refusal(compact, f"method {method!r} changes per-layer counts")
         self.what.bind(self, density, init, begin_step)
         if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(f"expected scaler to be a torch.amp.GradScaler (or None), got {type(scaler).__name__}")

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 import fxsparse
 from fxsparse.distributed import assert_in_sync, fingerprint
 
-METHODS = {"rigl": {}, "snfs": {}, "rigl-sm": {}, "set": {}, "pruning": {"density": 0.2}}
+METHODS = {"rigl": {}, "snfs": {}, "rigl-sm": {}, "set": {}, "pruning": {"density": 0.2}, "rigl compact": {}}
+LAYOUTS = {"rigl compact": {"5.weight": "compact"}}  # the linear head stored as its active weights
 STEPS, DELTA_T, BATCH = 12, 2, 8
 
 
@@ -33,16 +34,21 @@ def _data():
 
 def _train(method, rank=0, world=1, check=lambda sparse: None):
     kwargs = METHODS[method]
-    sparse = fxsparse.sparsify(_net(), 1.0 if method == "pruning" else 0.3, "erk", seed=3)
+    sparse = fxsparse.sparsify(_net(), 1.0 if method == "pruning" else 0.3, "erk", seed=3,
+                               layout=LAYOUTS.get(method, "masked"))
     model = torch.nn.parallel.DistributedDataParallel(sparse) if world > 1 else sparse
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scheduler = fxsparse.RigLScheduler(sparse, optimizer, STEPS, delta_t=DELTA_T, end_fraction=1.0, method=method, **kwargs)
+    scheduler = fxsparse.RigLScheduler(
+        sparse, optimizer, STEPS, delta_t=DELTA_T, end_fraction=1.0, method=method.split()[0], **kwargs
+    )
     updates = 0
     for x, y in _data():
         share = BATCH // world
         x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         torch.nn.functional.cross_entropy(model(x), y).backward()
         for fqn, mask in sparse.masks.items():  # DDP's averaged gradient is still masked
+            if sparse.compact_layer(fqn) is not None:
+                continue  # no inactive weights, no gradient to mask
             assert bool((sparse.get_parameter(fqn).grad * ~mask).eq(0).all()), fqn
         updated = scheduler.is_update_step(scheduler.step_count + 1)
         if scheduler.step():
@@ -99,6 +105,10 @@ def test_two_processes_hold_identical_masks_and_weights_and_match_one_process(tm
             assert torch.equal(masks0[fqn], masks1[fqn]), (method, fqn)
             assert torch.equal(weights0[fqn], weights1[fqn]), (method, fqn)
             assert torch.equal(masks0[fqn], single.masks[fqn]), (method, fqn, "2 processes vs 1")
-            torch.testing.assert_close(weights0[fqn], single.get_parameter(fqn).detach(), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(weights0[fqn], single.sparse_weights[fqn].detach(), rtol=1e-9, atol=1e-12)
             moved |= not torch.equal(single.masks[fqn], fxsparse.sparsify(_net(), 1.0 if method == "pruning" else 0.3, "erk", seed=3).masks[fqn])
+        if method in LAYOUTS:  # the compact run makes the masked run's decisions
+            assert single.compact_layer("5.weight") is not None
+            masked, _ = _train(method.split()[0])
+            assert all(torch.equal(masks0[f], masked.masks[f]) for f in masks0), method
         assert moved, f"{method}: the topology never changed, the test would prove nothing"

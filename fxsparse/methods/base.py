@@ -23,11 +23,12 @@ from typing import Any, ClassVar
 import torch
 
 from fxsparse import budgets, topology
+from fxsparse.compact import layer_state
 from fxsparse.masking import UPDATES, zero_inactive_
 from fxsparse.registry import GROW_SCORES, register_grow_score
 from fxsparse.schedules import is_update_step
 
-__all__ = ["Method", "LayerChange", "drop_and_grow", "prune", "checked_step", "finite", "nonfinite_error", "check_redistribute", "REDISTRIBUTE", "derived_seed", "momentum_of"]
+__all__ = ["Method", "LayerChange", "drop_and_grow", "prune", "checked_step", "finite", "nonfinite_error", "compact_refusal", "check_redistribute", "REDISTRIBUTE", "derived_seed", "momentum_of"]
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def drop_and_grow(
 
     @torch.no_grad()  # grad mode is per thread
     def select(fqn: str) -> topology.TopologyUpdate:  # reads only: every layer, then apply
-        weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(sites[fqn].mask)
+        weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
         drop = method.drop_scores(sparse, fqn, weight, mask, grads.get(fqn))
         score = method.grow_scores(sparse, fqn, weight, mask, grads.get(fqn), update_index)
         return topology.update_mask(mask, drop, score, drop_fraction, scratch=True, absolute=True, grow_count=counts[fqn])
@@ -210,12 +211,15 @@ def prune(sparse: Any, counts: Mapping[str, int], optimizer: torch.optim.Optimiz
     unknown = [fqn for fqn in counts if fqn not in sites]
     if unknown:
         raise ValueError(f"expected sparse weight FQNs, got unknown {unknown}; valid: {list(sites)}")
+    compact = [f for f in counts if f in sites and sparse.compact_layer(f) is not None]
+    if compact:
+        raise compact_refusal(compact, "pruning changes their counts")
     _refuse_nonfinite(sparse, [f for f in counts if f in sites], {}, "prune")
     todo = [fqn for fqn, site in sites.items() if fqn in counts and counts[fqn] != site.active]
 
     @torch.no_grad()  # grad mode is per thread
     def select(fqn: str) -> topology.TopologyUpdate:
-        return topology.prune_mask(sparse.get_buffer(sites[fqn].mask), sparse._leaf_weight(fqn).detach(), counts[fqn])
+        return topology.prune_mask(sparse._mask(fqn), sparse._leaf_weight(fqn).detach(), counts[fqn])
 
     results = dict(zip(todo, topology.map_layers(
         select, todo, [math.prod(sites[fqn].shape) for fqn in todo], parallel=_on_cpu(sparse, todo)
@@ -233,11 +237,20 @@ def _apply(
 ) -> dict[str, LayerChange]:
     """Applies every layer's selected update (``zero_grad``: also zero the gradient of what was
     dropped) and returns each layer's change, unchanged layers included."""
+    moved = [f for f, r in results.items() if sparse.compact_layer(f) is not None and r.grown_idx.numel() != r.dropped_idx.numel()]
+    if moved:  # before any layer changes
+        raise compact_refusal(moved, "this update moves weights between layers")
     changes = {}
     for fqn, site in sparse._fxsparse.sites.items():
         result = results.get(fqn)
         if result is None:
             changes[fqn] = LayerChange(site.active, 0, 0, 0)
+            continue
+        layer = sparse.compact_layer(fqn)
+        if layer is not None:  # the same decision, applied to the active values and their state
+            layer.assign(result.mask, layer_state(layer, optimizer))
+            site.active += result.grown_idx.numel() - result.dropped_idx.numel()
+            changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown)
             continue
         weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(site.mask)
         topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
@@ -283,7 +296,7 @@ def _redistribution(
     scores, capacity, total = {}, {}, 0
     for fqn in names:
         site = sparse._fxsparse.sites[fqn]
-        mask = sparse.get_buffer(site.mask)
+        mask = sparse._mask(fqn)
         k = topology.drop_count(site.active, drop_fraction)
         total += k
         capacity[fqn] = mask.numel() - site.active + k
@@ -305,10 +318,24 @@ def _redistribution(
 def _on_cpu(sparse: Any, names: list[str]) -> bool:
     """Whether every named layer's weight and mask live on the CPU (threaded selection)."""
     sites = sparse._fxsparse.sites
-    return all(
-        sparse._leaf_weight(fqn).device.type == "cpu" == sparse.get_buffer(sites[fqn].mask).device.type
-        for fqn in names
+
+    def on_cpu(fqn: str) -> bool:
+        layer = sparse.compact_layer(fqn)
+        if layer is not None:
+            return layer.values.device.type == "cpu"
+        return sparse._leaf_weight(fqn).device.type == "cpu" == sparse.get_buffer(sites[fqn].mask).device.type
+
+    return all(on_cpu(fqn) for fqn in names)
+
+
+def compact_refusal(names: list[str], why: str) -> ValueError:
+    """The error of a method that would change the active count of compact layers."""
+    return ValueError(
+        f"fxsparse: {len(names)} layer(s) in the compact layout ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) "
+        f"keep a fixed number of active weights, but {why}; nothing was changed. Use a method with constant "
+        "per-layer counts (static, SET, RigL), or sparsify with layout='masked' for SNFS, RigL-SG/SM and pruning"
     )
+
 
 REDISTRIBUTE = (None, "score", "momentum")
 
@@ -393,8 +420,8 @@ def _refuse_nonfinite(sparse: Any, names: list[str], growth: Mapping[str, torch.
     bad = []
     masker = sparse.masker
     for fqn in names:
-        weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
-        if not finite(weight):  # inactive entries may hold an edit's NaN: they do not count
+        weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
+        if not finite(weight) and sparse.compact_layer(fqn) is None:  # inactive entries may hold an edit's NaN
             zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
         if not finite(weight):
             bad.append(f"{fqn} (weights)")

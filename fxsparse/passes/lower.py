@@ -2,7 +2,8 @@
 GraphModule (export.py holds the compressed layer modules, the timing and the entry point):
 
 1. :func:`materialize`: every masked-weight node becomes a constant holding the weight it handed
-   its consumer (mask applied, parametrizations computed); the prologue goes.
+   its consumer (mask applied, parametrizations computed), and every compact layer's product a
+   linear or matmul by its weight as a constant; the prologue goes.
    Invariant: the graph computes what it computed, from constants instead of parameters and masks.
 2. :func:`fold_batchnorm`: an eval-mode ``BatchNorm2d`` that is a constant-weight convolution's
    only user folds into that convolution's weight and bias (a per-output-channel scale keeps zeros
@@ -22,8 +23,10 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
+from fxsparse.compact import compact_linear
 from fxsparse.masking import MASKER
 from fxsparse.passes.ops import product_kind
 
@@ -52,6 +55,20 @@ def materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict
             with graph.inserting_before(node):
                 constant = graph.get_attr(attribute)
             node.replace_all_uses_with(constant)
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is compact_linear:
+            x, layer_node, _, bias = node.args
+            layer = gm.get_submodule(layer_node.target)
+            attribute = "fxsparse_w_" + layer.fqn.replace(".", "_")
+            if not hasattr(gm, attribute):
+                gm.register_buffer(attribute, layer.dense().detach().clone())
+                constants[attribute] = layer.fqn
+            with graph.inserting_before(node):
+                weight = graph.get_attr(attribute)
+                product = (graph.call_function(torch.matmul, (x, weight)) if layer.transposed
+                           else graph.call_function(F.linear, (x, weight, bias)))
+            node.replace_all_uses_with(product)
             graph.erase_node(node)
     graph.eliminate_dead_code()
     return constants

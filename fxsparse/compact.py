@@ -1,0 +1,255 @@
+"""The compact layout: a sparse weight stored as its active values only, computed by sparse kernels.
+
+A :class:`CompactWeight` holds one weight of a linear layer (``F.linear(x, W, b)``, ``W`` of shape
+``(out, in)``) or of a product by a weight (``x @ W``, held as ``W.T``) as
+
+- ``values``: a trainable Parameter of the ``k`` active entries, in row-major order of the
+  matrix computed with (a CSR matrix's value order);
+- ``crow`` / ``col`` (int32): that matrix's CSR row offsets and column indices;
+- ``t_crow`` / ``t_col`` (int32) and ``t_perm`` (int64): the CSR structure of its transpose, whose
+  values are ``values[t_perm]`` (the input gradient's matrix, refreshed by a gather).
+
+The inactive entries do not exist: nothing zeroes them and no gradient is masked. One custom
+autograd Function, :class:`_CompactLinear`, runs
+
+- forward: ``y = x W^T + b`` as ``torch.sparse.mm(W_csr, x^T)`` (on the CPU ``CHUNK`` rows of
+  ``x`` at a time, so that they stay in cache);
+- input gradient: ``dX = dY W`` as ``torch.sparse.mm(W^T_csr, dY^T)``, chunked alike;
+- value gradient: ``dY^T X`` at the active positions only (``torch.sparse.sampled_addmm``), or,
+  on armed (update) steps, the dense ``dY^T X``, recorded by the Masker as the growth gradient
+  (RigL's cost model: one dense weight gradient every ``delta_t`` steps) and read at the active
+  positions.
+
+The topology is changed by :meth:`CompactWeight.assign`: given the new mask (the update loop of
+:mod:`fxsparse.methods` decides it on the dense view, so both layouts decide alike), the kept
+connections keep their value, their gradient and every optimizer state tensor of the values'
+shape; new connections start at zero (invariants 1 and 4). The number of active weights is
+fixed per layer, so methods that move counts between layers refuse this layout.
+
+Every tensor here is device-generic (``torch.sparse`` CSR runs cuSPARSE on CUDA); under autocast
+the layer computes in the values' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["CompactWeight", "compact_linear", "layer_state"]
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what we measured
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class CompactWeight(nn.Module):
+    """One sparse weight in the compact layout (see the module docstring).
+
+    Args:
+        fqn: the weight's FQN in the original model.
+        weight: the dense weight (its active entries become ``values``).
+        mask: its bool mask.
+        transposed: the weight is the right operand of ``x @ W`` (held as ``W.T``).
+    """
+
+    def __init__(self, fqn: str, weight: torch.Tensor, mask: torch.Tensor, transposed: bool = False) -> None:
+        super().__init__()
+        if weight.dim() != 2 or weight.shape != mask.shape:
+            raise ValueError(f"expected a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+        self.fqn = fqn
+        self.transposed = transposed
+        self.shape = tuple(weight.shape)
+        self.rows, self.cols = (self.shape[1], self.shape[0]) if transposed else self.shape
+        count = int(mask.sum())
+        device = weight.device
+        self.values = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=device), requires_grad=weight.requires_grad)
+        for name, size, dtype in (("crow", self.rows + 1, torch.int32), ("col", count, torch.int32),
+                                  ("t_crow", self.cols + 1, torch.int32), ("t_col", count, torch.int32),
+                                  ("t_perm", count, torch.int64)):
+            self.register_buffer(name, torch.zeros(size, dtype=dtype, device=device), persistent=False)
+        self.load(weight, mask)
+
+    # ------------------------------------------------------------------------------ structure
+    def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (in the weight's orientation) in the orientation computed with."""
+        return tensor.t() if self.transposed else tensor
+
+    def _structure(self, matrix_mask: torch.Tensor) -> torch.Tensor:
+        """Sets the index buffers from a mask in the matrix's orientation; returns the flat
+        row-major positions of the active entries (the values' order)."""
+        positions = torch.nonzero(matrix_mask.reshape(-1)).flatten()
+        rows, cols = positions // self.cols, positions % self.cols
+        self.crow.copy_(torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=self.rows), 0)]))
+        self.col.copy_(cols)
+        order = torch.argsort(cols * self.rows + rows)
+        self.t_perm.copy_(order)
+        self.t_col.copy_(rows[order])
+        self.t_crow.copy_(torch.cat([cols.new_zeros(1), torch.cumsum(torch.bincount(cols, minlength=self.cols), 0)]))
+        return positions
+
+    def positions(self) -> torch.Tensor:
+        """The flat row-major positions (in the matrix computed with) of the values, in order."""
+        counts = self.crow[1:] - self.crow[:-1]
+        rows = torch.repeat_interleave(torch.arange(self.rows, device=self.col.device), counts.long())
+        return rows * self.cols + self.col.long()
+
+    @torch.no_grad()
+    def load(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        """Takes the topology of ``mask`` and the values of ``weight`` at it (a checkpoint in the
+        masked layout's format); the values keep their Parameter object (resized only when the
+        checkpoint's count differs)."""
+        matrix_mask = self._matrix(mask.to(torch.bool))
+        count = int(matrix_mask.sum())
+        if count != self.values.numel():
+            self.values.data = self.values.new_zeros(count)
+            for name in ("col", "t_col", "t_perm"):
+                setattr(self, name, getattr(self, name).new_zeros(count))
+        positions = self._structure(matrix_mask)
+        self.values.copy_(self._matrix(weight.detach()).reshape(-1)[positions].to(self.values.dtype))
+
+    # ---------------------------------------------------------------------------------- views
+    def mask(self) -> torch.Tensor:
+        """The bool mask, in the weight's shape (a new tensor)."""
+        flat = torch.zeros(self.rows * self.cols, dtype=torch.bool, device=self.values.device)
+        flat[self.positions()] = True
+        matrix = flat.view(self.rows, self.cols)
+        return matrix.t().contiguous() if self.transposed else matrix
+
+    def dense(self) -> torch.Tensor:
+        """The weight as a dense tensor of its shape, zeros at inactive entries (a new tensor)."""
+        flat = self.values.new_zeros(self.rows * self.cols)
+        flat[self.positions()] = self.values.detach()
+        matrix = flat.view(self.rows, self.cols)
+        return matrix.t().contiguous() if self.transposed else matrix
+
+    def csr(self) -> torch.Tensor:
+        return _csr(self.crow, self.col, self.values, (self.rows, self.cols))
+
+    # ---------------------------------------------------------------------------------- update
+    @torch.no_grad()
+    def assign(self, mask: torch.Tensor, states: Iterable[torch.Tensor] = ()) -> None:
+        """Moves to the topology ``mask`` (weight orientation, the same count): kept connections
+        keep their value and the entries of ``states`` (the gradient, optimizer state tensors of
+        the values' shape) follow them; new ones start at zero."""
+        matrix_mask = self._matrix(mask.to(torch.bool))
+        if int(matrix_mask.sum()) != self.values.numel():
+            raise ValueError(
+                f"fxsparse: the compact layout of {self.fqn!r} holds {self.values.numel()} active weights, the new "
+                f"mask {int(matrix_mask.sum())}: compact layers keep their count"
+            )
+        slot_of = torch.full((self.rows * self.cols,), -1, dtype=torch.int64, device=self.values.device)
+        slot_of[self.positions()] = torch.arange(self.values.numel(), device=self.values.device)
+        new_positions = self._structure(matrix_mask)
+        source = slot_of[new_positions]
+        kept = source >= 0
+        gather = source.clamp(min=0)
+        for tensor in (self.values, *states):
+            moved = tensor.index_select(0, gather)
+            tensor.copy_(torch.where(kept, moved, moved.new_zeros(())))
+
+    def extra_repr(self) -> str:
+        return f"{self.fqn}: {self.shape}, {self.values.numel()} active{', transposed' if self.transposed else ''}"
+
+    # the masked layout's checkpoint format (dense weight + bool mask) is written by the
+    # SparseGraphModule that owns this layer, so the values are neither saved nor loaded here
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        return None
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        return None
+
+
+def layer_state(layer: CompactWeight, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """The tensors that follow a compact layer's values through a topology change: its
+    gradient and each optimizer state tensor of the values' shape."""
+    tensors = [] if layer.values.grad is None else [layer.values.grad]
+    if optimizer is not None:
+        state = optimizer.state.get(layer.values, {})
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == layer.values.shape]
+    return tensors
+
+
+# On the CPU a sparse product streams the dense operand once per active weight: taken CHUNK rows
+# of the batch at a time, that operand stays in cache (measured: 4096x4096 at density 0.1, batch
+# 256, 2 threads: 21 ms in one product, 9 ms in chunks of 32, dense 27 ms; docs/compact.md)
+CHUNK = 32
+
+
+def _times_transpose(matrix: torch.Tensor, rows: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``rows @ matrix.T`` for a CSR ``matrix`` and a dense 2-D ``rows``, as ``matrix @ rows.T``."""
+    n = rows.shape[0]
+    if rows.device.type != "cpu" or n <= CHUNK:
+        return torch.sparse.mm(matrix, rows.t()).t()
+    out = rows.new_empty(n, out_features)
+    for start in range(0, n, CHUNK):
+        block = rows[start:start + CHUNK]
+        out[start:start + block.shape[0]] = torch.sparse.mm(matrix, block.t().contiguous()).t()
+    return out
+
+
+class _CompactLinear(torch.autograd.Function):
+    """``F.linear(x, W, bias)`` for a compact ``W``; records the dense growth gradient when
+    ``masker`` is given (an armed step)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CompactWeight, masker: Any,
+    ) -> torch.Tensor:
+        dtype = x.dtype
+        flat = x.reshape(-1, layer.cols).to(values.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # the sparse kernels compute in the values' dtype
+            out = _times_transpose(_csr(layer.crow, layer.col, values, (layer.rows, layer.cols)), flat, layer.rows)
+            if bias is not None:
+                out = out + bias.to(values.dtype)
+        ctx.save_for_backward(flat, values)
+        ctx.layer, ctx.masker, ctx.shape, ctx.dtype, ctx.has_bias = layer, masker, x.shape, dtype, bias is not None
+        return out.reshape(*x.shape[:-1], layer.rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        with torch.autocast(grad.device.type, enabled=False):
+            return _CompactLinear._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        flat, values = ctx.saved_tensors
+        layer: CompactWeight = ctx.layer
+        dy = grad.reshape(-1, layer.rows).to(values.dtype)
+        dx = dvalues = dbias = None
+        if ctx.needs_input_grad[0]:
+            w_t = _csr(layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), (layer.cols, layer.rows))
+            dx = _times_transpose(w_t, dy, layer.cols).reshape(ctx.shape).to(ctx.dtype)
+        if ctx.needs_input_grad[1] or ctx.masker is not None:
+            if ctx.masker is not None:  # an armed step: the dense weight gradient, recorded for growth
+                dense = dy.t().mm(flat)
+                ctx.masker._record(layer.fqn, dense.t() if layer.transposed else dense)
+                dvalues = dense.reshape(-1).index_select(0, layer.positions())
+            else:
+                pattern = _csr(layer.crow, layer.col, values.detach(), (layer.rows, layer.cols))
+                dvalues = torch.sparse.sampled_addmm(pattern, dy.t().contiguous(), flat, beta=0.0).values()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum(0)
+        return dx, dvalues, dbias, None, None
+
+
+@torch.compiler.disable
+def compact_linear(x: torch.Tensor, layer: CompactWeight, masker: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` (or ``x @ W`` for a transposed layer) with the compact weight of
+    ``layer``; the dense growth gradient is recorded by ``masker`` while it is armed. Under
+    torch.compile it runs eagerly (a graph break)."""
+    armed = masker.armed and torch.is_grad_enabled() and layer.values.requires_grad
+    return _CompactLinear.apply(x, layer.values, bias, layer, masker if armed else None)
+
+
+def density_rule(density: float) -> bool:
+    """Without example inputs to time on: compact where the density is at most 0.2, the
+    break-even measured for a linear layer on CPU (docs/compact.md)."""
+    return density <= 0.2 + 1e-12 and not math.isclose(density, 1.0)

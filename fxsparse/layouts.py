@@ -1,0 +1,224 @@
+"""Where each sparse weight lives: ``sparsify(..., layout=...)``, the last step of sparsify.
+
+``layout="masked"`` (the default) keeps every weight dense with a mask. ``layout="compact"``
+moves each weight that qualifies (every read a linear layer or ``x @ W``, 2-D, not dense, not
+used inside an opaque leaf) to :mod:`fxsparse.compact` where that is measured faster: with
+``example_inputs``, one training step of the layer (forward, input and weight gradients) is
+timed on the input it receives, masked against compact, and the compact one is kept when it wins
+by ``MARGIN``; without inputs, by the measured break-even density (:func:`compact.density_rule`).
+A ``{fqn pattern: "compact" | "masked"}`` mapping decides per layer instead (unnamed layers stay
+masked; a wildcard selects the layers that qualify, a weight named exactly must qualify). Each decision, its reason and its timings are in ``sparse.layouts``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxsparse.capture import graph_inputs
+from fxsparse.compact import CompactWeight, compact_linear, density_rule
+from fxsparse.masking import MASKER, Masker
+from fxsparse.passes.compact import compact_reads, operands, to_compact
+
+__all__ = ["LayoutChoice", "apply_layout", "LAYOUTS", "MARGIN"]
+
+LAYOUTS = ("masked", "compact")
+MARGIN = 0.05  # a compact layer must beat its masked step by this fraction to be chosen
+_HOLDER = "fxsparse_compact"
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """How one sparse weight is stored, and why.
+
+    Attributes:
+        layout: ``"compact"`` or ``"masked"``.
+        reason: what decided it (asked for, timed, the density rule, or why it cannot be compact).
+        ms: the median milliseconds of one training step of the layer in each layout, when timed.
+    """
+
+    layout: str
+    reason: str
+    ms: dict[str, float] = field(default_factory=dict)
+
+
+def check_layout(layout: Any) -> None:
+    """Raises unless ``layout`` is ``"masked"``, ``"compact"`` or a ``{pattern: layout}`` mapping."""
+    if isinstance(layout, str) and layout in LAYOUTS:
+        return
+    if isinstance(layout, Mapping) and all(isinstance(k, str) and v in LAYOUTS for k, v in layout.items()):
+        return
+    raise ValueError(
+        f"expected layout to be 'masked', 'compact' or a {{fqn pattern: 'masked' | 'compact'}} dict, got {layout!r}"
+    )
+
+
+def _asked(layout: str | Mapping[str, str], fqn: str) -> str | None:
+    """The layout asked for ``fqn``: None means "compact where measured faster"."""
+    if isinstance(layout, str):
+        return None if layout == "compact" else "masked"
+    for pattern, value in layout.items():
+        if fnmatch.fnmatchcase(fqn, pattern):
+            return value
+    return "masked"
+
+
+def _named(layout: str | Mapping[str, str], fqn: str) -> bool:
+    """Whether a mapping names ``fqn`` itself (a wildcard pattern only selects what qualifies)."""
+    return not isinstance(layout, str) and fqn in layout
+
+
+def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tuple[Any, ...], dict[str, Any]] | None) -> None:
+    """Moves the weights ``layout`` selects into compact layers and records every decision in
+    ``sparse._fxsparse.layouts``. Raises ValueError when a mapping asks for ``"compact"`` on a
+    weight that cannot be (nothing has changed then)."""
+    state = sparse._fxsparse
+    graphs = list({id(g): g for g in (state.mode_graphs or {True: sparse.graph}).values()}.values())
+    choices: dict[str, LayoutChoice] = {}
+    candidates: dict[str, str] = {}
+    refused = []
+    for fqn, site in state.sites.items():
+        asked = _asked(layout, fqn)
+        kind = None if site.opaque or len(site.shape) != 2 else compact_reads(graphs, MASKER, fqn)
+        why_not = ("used inside an opaque module" if site.opaque else "not a 2-D weight" if len(site.shape) != 2
+                   else "read other than as a linear layer's weight or the right operand of x @ W" if kind is None
+                   else "budgeted dense" if site.active == site.shape[0] * site.shape[1] else "")
+        if asked == "masked":
+            choices[fqn] = LayoutChoice("masked", "asked" if not isinstance(layout, str) else "the default layout")
+        elif why_not:
+            choices[fqn] = LayoutChoice("masked", f"cannot be compact: {why_not}")
+            if asked == "compact" and _named(layout, fqn):
+                refused.append(f"{fqn} ({why_not})")
+        else:
+            candidates[fqn] = kind  # type: ignore[assignment]
+    if refused:
+        raise ValueError(
+            f"layout asks for 'compact' on weight(s) that cannot be: {'; '.join(refused[:5])}. Compact layers hold "
+            "the 2-D weights of linear layers and of products x @ W; leave these out of the mapping"
+        )
+    to_time = {f: k for f, k in candidates.items() if _asked(layout, f) is None}
+    timed = _time_layers(sparse, graphs[0], to_time, inputs) if inputs is not None and to_time else {}
+    for fqn, kind in candidates.items():
+        site = state.sites[fqn]
+        density = site.active / (site.shape[0] * site.shape[1])
+        if _asked(layout, fqn) == "compact":
+            choices[fqn] = LayoutChoice("compact", "asked", timed.get(fqn, {}))
+        elif fqn in timed:
+            ms = timed[fqn]
+            wins = ms["compact"] <= ms["masked"] * (1 - MARGIN)
+            choices[fqn] = LayoutChoice("compact" if wins else "masked", "timed on example_inputs", ms)
+        else:
+            wins = density_rule(density)
+            choices[fqn] = LayoutChoice("compact" if wins else "masked", f"density {density:.3f} {'<=' if wins else '>'} 0.2 "
+                                        "(no example_inputs to time on)")
+    for fqn, choice in choices.items():
+        if choice.layout == "compact":
+            _install(sparse, graphs, fqn, candidates[fqn] == "matmul")
+    state.layouts = choices
+    if any(c.layout == "compact" for c in choices.values()):
+        sparse.recompile()
+
+
+def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, transposed: bool) -> None:
+    """Moves ``fqn`` into a compact layer: the graphs call it, the parameter and mask go."""
+    site = sparse._fxsparse.sites[fqn]
+    if not hasattr(sparse, _HOLDER):
+        sparse.add_module(_HOLDER, nn.Module())
+    holder = sparse.get_submodule(_HOLDER)
+    name = fqn.replace(".", "_")
+    while hasattr(holder, name):
+        name += "_"
+    weight, mask = sparse.get_parameter(fqn), sparse.get_buffer(site.mask)
+    holder.add_module(name, CompactWeight(fqn, weight.detach(), mask, transposed))
+    holder.get_submodule(name).values.requires_grad_(weight.requires_grad)
+    for graph in graphs:
+        to_compact(graph, MASKER, fqn, f"{_HOLDER}.{name}")
+    for target in (fqn, site.mask):
+        owner, _, attr = target.rpartition(".")
+        delattr(sparse.get_submodule(owner) if owner else sparse, attr)
+    site.compact = f"{_HOLDER}.{name}"
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def _layer_inputs(sparse: Any, graph: torch.fx.Graph, names: set[str], inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The input (``x``) each named weight's first consumer receives on ``inputs``."""
+    consumers = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target == MASKER and node.kwargs.get("name") in names:
+            user = next(iter(node.users), None)
+            if user is not None and node.kwargs["name"] not in consumers.values():
+                consumers[user] = node.kwargs["name"]
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            x = operands(n)[0] if n in consumers else None
+            if isinstance(x, torch.fx.Node):
+                value = self.env[x]
+                if isinstance(value, torch.Tensor):
+                    seen.setdefault(consumers[n], value.detach())
+            return super().run_node(n)
+
+    gm = torch.fx.GraphModule(sparse, graph)
+    # a look, not a step: BatchNorm statistics and the random stream are as they were after it
+    buffers = [(b, b.clone()) for b in sparse.buffers()]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        Recorder(gm).run(*graph_inputs(sparse, *inputs))
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    return seen
+
+
+def _time_layers(sparse: Any, graph: torch.fx.Graph, candidates: Mapping[str, str], inputs: Any, repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Per candidate weight: the median ms of one training step of its layer, masked and compact."""
+    xs = _layer_inputs(sparse, graph, set(candidates), inputs)
+    timed = {}
+    masker = Masker()
+    masker.armed = False
+    for fqn, x in xs.items():
+        site = sparse._fxsparse.sites[fqn]
+        weight = sparse.get_parameter(fqn).detach().clone().requires_grad_()
+        mask = sparse.get_buffer(site.mask)
+        transposed = candidates[fqn] == "matmul"
+        layer = CompactWeight(fqn, weight.detach(), mask, transposed)
+        layer.values.requires_grad_()
+        x = x.detach().clone().requires_grad_()
+
+        def masked() -> None:
+            with torch.no_grad():  # the masked layout's two weight-sized passes
+                weight.mul_(mask)
+            out = x @ weight if transposed else F.linear(x, weight)
+            out.sum().backward()
+            with torch.no_grad():
+                weight.grad.mul_(mask)
+
+        def compact() -> None:
+            compact_linear(x, layer, masker).sum().backward()
+
+        def finished() -> None:  # an accelerator queues kernels: wait for them before the clock
+            if x.device.type != "cpu":
+                torch.accelerator.synchronize(x.device)
+
+        ms: dict[str, list[float]] = {"masked": [], "compact": []}
+        for _ in range(repeats + 1):  # interleaved; the first round warms up
+            for name, fn in (("masked", masked), ("compact", compact)):
+                finished()
+                start = time.perf_counter()
+                fn()
+                finished()
+                ms[name].append((time.perf_counter() - start) * 1e3)
+                weight.grad = layer.values.grad = x.grad = None
+        timed[fqn] = {name: statistics.median(values[1:]) for name, values in ms.items()}
+    return timed

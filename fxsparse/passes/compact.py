@@ -1,0 +1,105 @@
+"""Editing pass: a masked weight whose every read is a linear layer or a product ``x @ W``
+becomes a compact layer (:mod:`fxsparse.compact`).
+
+Invariant: after :func:`to_compact`, no node of the graph reads the weight or its mask; each
+former ``F.linear(x, masker(w, m), b)`` is ``compact_linear(x, layer, masker, b)`` and each
+``x @ masker(w, m)`` is ``compact_linear(x, layer, masker)`` with a transposed layer (and
+``addmm(b, x, masker(w, m))``, transformers' ``Conv1D``, ``compact_linear(x, layer, masker, b)``); the
+prologue no longer names the weight. :func:`compact_reads` says whether a weight qualifies
+(and how it is read) before anything changes. Run after ``mask_weights``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxsparse.compact import compact_linear
+from fxsparse.masking import mask_prologue
+from fxsparse.passes.ops import packet, product_kind
+
+__all__ = ["compact_reads", "to_compact", "operands"]
+
+
+def _masked_nodes(graph: torch.fx.Graph, masker: str, fqn: str) -> list[torch.fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_module" and n.target == masker and n.kwargs.get("name") == fqn]
+
+
+def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> str | None:
+    """``"linear"`` when every read of ``fqn`` in every graph is the weight of a linear call,
+    ``"matmul"`` when every read is the right operand of ``x @ W``; None otherwise (a weight
+    read elsewhere, through a view, under another name or by several kinds stays masked)."""
+    kinds = set()
+    for graph in graphs:
+        nodes = _masked_nodes(graph, masker, fqn)
+        if not nodes:
+            return None
+        for node in nodes:
+            source = node.args[0]
+            if not (isinstance(source, torch.fx.Node) and source.op == "get_attr" and source.target == fqn):
+                return None  # a parametrized or tied-under-another-name read
+            for user in node.users:
+                kind = product_kind(user.target) if user.op == "call_function" else None
+                if kind == "linear" and len(user.args) >= 2 and user.args[1] is node and user.args[0] is not node \
+                        and set(user.kwargs) <= {"bias"} and (len(user.args) < 3 or user.args[2] is not node):
+                    kinds.add("linear")
+                elif kind == "matmul" and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node \
+                        and not user.kwargs:
+                    kinds.add("matmul")
+                elif _is_addmm(user) and len(user.args) == 3 and user.args[2] is node and node not in user.args[:2] \
+                        and not user.kwargs:
+                    kinds.add("matmul")  # addmm(bias, x, W): x @ W + bias (transformers' Conv1D)
+                else:
+                    return None
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def to_compact(graph: torch.fx.Graph, masker: str, fqn: str, layer: str) -> None:
+    """Rewrites the reads of ``fqn`` (qualified by :func:`compact_reads`) into calls of the
+    compact layer at ``layer``, and drops the weight from the prologue."""
+    for node in _masked_nodes(graph, masker, fqn):
+        for user in list(node.users):
+            x, bias = operands(user)
+            with graph.inserting_before(user), warnings.catch_warnings():
+                # the graph's owning module may be the one it was traced from: the layer is
+                # installed on the SparseGraphModule that runs it
+                warnings.simplefilter("ignore", UserWarning)
+                args = (x, graph.get_attr(layer), graph.get_attr(masker), bias)
+                new = graph.call_function(compact_linear, args)
+            new.meta["fxsparse.compact"] = fqn
+            user.replace_all_uses_with(new)
+            graph.erase_node(user)
+        sources = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        graph.erase_node(node)
+        _erase_unused(graph, sources)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is mask_prologue and fqn in node.args[1]:
+            at = node.args[1].index(fqn)
+            names, weights, masks, *rest = node.args[1:]
+            dropped = [weights[at], masks[at]]
+            node.args = (node.args[0], tuple(n for i, n in enumerate(names) if i != at),
+                         [w for i, w in enumerate(weights) if i != at], [m for i, m in enumerate(masks) if i != at], *rest)
+            _erase_unused(graph, dropped)
+
+
+def operands(user: torch.fx.Node) -> tuple[Any, Any]:
+    """``(x, bias)`` of a product :func:`compact_reads` accepts (bias None where it has none)."""
+    if _is_addmm(user):
+        return user.args[1], user.args[0]
+    if product_kind(user.target) == "matmul":
+        return user.args[0], None
+    return user.args[0], user.kwargs.get("bias", user.args[2] if len(user.args) > 2 else None)
+
+
+def _is_addmm(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and (node.target is torch.addmm or packet(node.target) is torch.ops.aten.addmm)
+
+
+def _erase_unused(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node]) -> None:
+    for node in nodes:
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
