@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,23 +151,28 @@ def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, transposed: bo
 # --- timing ---------------------------------------------------------------------------------------
 
 
-def _layer_inputs(sparse: Any, graph: torch.fx.Graph, names: set[str], inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The input (``x``) each named weight's first consumer receives on ``inputs``."""
+def _visit_inputs(
+    sparse: Any, graph: torch.fx.Graph, names: set[str], inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    visit: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Calls ``visit(fqn, x)`` with the input each named weight's first consumer receives on
+    ``inputs``, as the forward reaches it (one layer's input held at a time)."""
     consumers = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target == MASKER and node.kwargs.get("name") in names:
             user = next(iter(node.users), None)
             if user is not None and node.kwargs["name"] not in consumers.values():
                 consumers[user] = node.kwargs["name"]
-    seen: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             x = operands(n)[0] if n in consumers else None
             if isinstance(x, torch.fx.Node):
                 value = self.env[x]
-                if isinstance(value, torch.Tensor):
-                    seen.setdefault(consumers[n], value.detach())
+                if isinstance(value, torch.Tensor) and consumers[n] not in seen:
+                    seen.add(consumers[n])
+                    visit(consumers[n], value.detach())
             return super().run_node(n)
 
     gm = torch.fx.GraphModule(sparse, graph)
@@ -178,47 +183,52 @@ def _layer_inputs(sparse: Any, graph: torch.fx.Graph, names: set[str], inputs: t
     with torch.no_grad():
         for buffer, saved in buffers:
             buffer.copy_(saved)
-    return seen
 
 
-def _time_layers(sparse: Any, graph: torch.fx.Graph, candidates: Mapping[str, str], inputs: Any, repeats: int = 5) -> dict[str, dict[str, float]]:
+def _time_layers(sparse: Any, graph: torch.fx.Graph, candidates: Mapping[str, str], inputs: Any) -> dict[str, dict[str, float]]:
     """Per candidate weight: the median ms of one training step of its layer, masked and compact."""
-    xs = _layer_inputs(sparse, graph, set(candidates), inputs)
-    timed = {}
+    timed: dict[str, dict[str, float]] = {}
+
+    def visit(fqn: str, x: torch.Tensor) -> None:
+        with torch.enable_grad():
+            timed[fqn] = _time_layer(sparse, fqn, candidates[fqn] == "matmul", x)
+
+    _visit_inputs(sparse, graph, set(candidates), inputs, visit)
+    return timed
+
+
+def _time_layer(sparse: Any, fqn: str, transposed: bool, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+    """The median ms of one training step of ``fqn``'s layer on ``x``, masked and compact."""
     masker = Masker()
     masker.armed = False
-    for fqn, x in xs.items():
-        site = sparse._fxsparse.sites[fqn]
-        weight = sparse.get_parameter(fqn).detach().clone().requires_grad_()
-        mask = sparse.get_buffer(site.mask)
-        transposed = candidates[fqn] == "matmul"
-        layer = CompactWeight(fqn, weight.detach(), mask, transposed)
-        layer.values.requires_grad_()
-        x = x.detach().clone().requires_grad_()
+    weight = sparse.get_parameter(fqn).detach().clone().requires_grad_()
+    mask = sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
+    layer = CompactWeight(fqn, weight.detach(), mask, transposed)
+    layer.values.requires_grad_()
+    x = x.detach().clone().requires_grad_()
 
-        def masked() -> None:
-            with torch.no_grad():  # the masked layout's two weight-sized passes
-                weight.mul_(mask)
-            out = x @ weight if transposed else F.linear(x, weight)
-            out.sum().backward()
-            with torch.no_grad():
-                weight.grad.mul_(mask)
+    def masked() -> None:
+        with torch.no_grad():  # the masked layout's two weight-sized passes
+            weight.mul_(mask)
+        out = x @ weight if transposed else F.linear(x, weight)
+        out.sum().backward()
+        with torch.no_grad():
+            weight.grad.mul_(mask)
 
-        def compact() -> None:
-            compact_linear(x, layer, masker).sum().backward()
+    def compact() -> None:
+        compact_linear(x, layer, masker).sum().backward()
 
-        def finished() -> None:  # an accelerator queues kernels: wait for them before the clock
-            if x.device.type != "cpu":
-                torch.accelerator.synchronize(x.device)
+    def finished() -> None:  # an accelerator queues kernels: wait for them before the clock
+        if x.device.type != "cpu":
+            torch.accelerator.synchronize(x.device)
 
-        ms: dict[str, list[float]] = {"masked": [], "compact": []}
-        for _ in range(repeats + 1):  # interleaved; the first round warms up
-            for name, fn in (("masked", masked), ("compact", compact)):
-                finished()
-                start = time.perf_counter()
-                fn()
-                finished()
-                ms[name].append((time.perf_counter() - start) * 1e3)
-                weight.grad = layer.values.grad = x.grad = None
-        timed[fqn] = {name: statistics.median(values[1:]) for name, values in ms.items()}
-    return timed
+    ms: dict[str, list[float]] = {"masked": [], "compact": []}
+    for _ in range(repeats + 1):  # interleaved; the first round warms up
+        for name, fn in (("masked", masked), ("compact", compact)):
+            finished()
+            start = time.perf_counter()
+            fn()
+            finished()
+            ms[name].append((time.perf_counter() - start) * 1e3)
+            weight.grad = layer.values.grad = x.grad = None
+    return {name: statistics.median(values[1:]) for name, values in ms.items()}
