@@ -376,9 +376,8 @@ def _batch_size(inputs: Any) -> int:
 def _model_size(module: nn.Module) -> tuple[int, int]:
     masks = _masks_of(module)
     size = dense = 0
-    compact = {}
-    if _is_sparse(module):
-        compact = {fqn: module.compact_layer(fqn) for fqn in masks if module.compact_layer(fqn) is not None}
+    layers = {fqn: module.compact_layer(fqn) for fqn in masks} if _is_sparse(module) else {}
+    compact = {fqn: layer for fqn, layer in layers.items() if layer is not None}
     held = {id(layer.values) for layer in compact.values()}
     for name, param in module.named_parameters():
         if id(param) in held:

@@ -32,7 +32,6 @@ the layer computes in the values' dtype.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -41,7 +40,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["CompactWeight", "compact_linear", "layer_state"]
+__all__ = ["CompactWeight", "compact_linear", "density_rule"]
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -167,16 +166,6 @@ class CompactWeight(nn.Module):
         return None
 
 
-def layer_state(layer: CompactWeight, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    """The tensors that follow a compact layer's values through a topology change: its
-    gradient and each optimizer state tensor of the values' shape."""
-    tensors = [] if layer.values.grad is None else [layer.values.grad]
-    if optimizer is not None:
-        state = optimizer.state.get(layer.values, {})
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == layer.values.shape]
-    return tensors
-
-
 # On the CPU a sparse product streams the dense operand once per active weight: taken CHUNK rows
 # of the batch at a time, that operand stays in cache (measured: 4096x4096 at density 0.1, batch
 # 256, 2 threads: 21 ms in one product, 9 ms in chunks of 32, dense 27 ms; docs/compact.md)
@@ -252,4 +241,4 @@ def compact_linear(x: torch.Tensor, layer: CompactWeight, masker: Any, bias: tor
 def density_rule(density: float) -> bool:
     """Without example inputs to time on: compact where the density is at most 0.2, the
     break-even measured for a linear layer on CPU (docs/compact.md)."""
-    return density <= 0.2 + 1e-12 and not math.isclose(density, 1.0)
+    return density <= 0.2 + 1e-12

@@ -405,3 +405,14 @@ def test_flops_and_model_size_count_a_compact_module_as_its_masked_twin():
     a, b = fxsparse.flop_report(masked, x), fxsparse.flop_report(compact, x)
     assert [(r.name, r.dense_flops, r.active_params) for r in a.rows] == [(r.name, r.dense_flops, r.active_params) for r in b.rows]
     assert (a.size_bytes, a.dense_size_bytes) == (b.size_bytes, b.dense_size_bytes)
+
+
+def test_nan_in_a_compact_layers_values_is_refused_before_any_change():
+    sparse = _compact_mlp()
+    sparse(torch.randn(4, 16)).sum().backward()
+    before = {f: m.clone() for f, m in sparse.masks.items()}
+    with torch.no_grad():
+        sparse.compact_layer("2.weight").values[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"2\.weight \(weights\)"):
+        sparse.rigl_step(0.3)
+    assert all(torch.equal(before[f], m) for f, m in sparse.masks.items())

@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 import torch
 
 from fxsparse import budgets, topology
-from fxsparse.compact import layer_state
 from fxsparse.masking import UPDATES, zero_inactive_
 from fxsparse.registry import GROW_SCORES, register_grow_score
 from fxsparse.schedules import is_update_step
@@ -248,7 +247,8 @@ def _apply(
             continue
         layer = sparse.compact_layer(fqn)
         if layer is not None:  # the same decision, applied to the active values and their state
-            layer.assign(result.mask, layer_state(layer, optimizer))
+            grad = [] if layer.values.grad is None else [layer.values.grad]
+            layer.assign(result.mask, grad + _optimizer_state(optimizer, layer.values))
             site.active += result.grown_idx.numel() - result.dropped_idx.numel()
             changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown)
             continue
@@ -420,9 +420,13 @@ def _refuse_nonfinite(sparse: Any, names: list[str], growth: Mapping[str, torch.
     bad = []
     masker = sparse.masker
     for fqn in names:
-        weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
-        if not finite(weight) and sparse.compact_layer(fqn) is None:  # inactive entries may hold an edit's NaN
-            zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
+        layer = sparse.compact_layer(fqn)
+        if layer is not None:  # only active values exist
+            weight = layer.values
+        else:
+            weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
+            if not finite(weight):  # inactive entries may hold an edit's NaN: they do not count
+                zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
         if not finite(weight):
             bad.append(f"{fqn} (weights)")
         if fqn in growth and not finite(growth[fqn]):

@@ -48,10 +48,7 @@ def materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == MASKER:
             fqn = node.kwargs.get("name", node.args[2] if len(node.args) > 2 else None)
-            attribute = "fxsparse_w_" + fqn.replace(".", "_")
-            if not hasattr(gm, attribute):
-                gm.register_buffer(attribute, used[fqn].detach().clone())
-                constants[attribute] = fqn
+            attribute = _weight_constant(gm, fqn, used[fqn], constants)
             with graph.inserting_before(node):
                 constant = graph.get_attr(attribute)
             node.replace_all_uses_with(constant)
@@ -60,10 +57,7 @@ def materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict
         if node.op == "call_function" and node.target is compact_linear:
             x, layer_node, _, bias = node.args
             layer = gm.get_submodule(layer_node.target)
-            attribute = "fxsparse_w_" + layer.fqn.replace(".", "_")
-            if not hasattr(gm, attribute):
-                gm.register_buffer(attribute, layer.dense().detach().clone())
-                constants[attribute] = layer.fqn
+            attribute = _weight_constant(gm, layer.fqn, layer.dense(), constants)
             with graph.inserting_before(node):
                 weight = graph.get_attr(attribute)
                 product = (graph.call_function(torch.matmul, (x, weight)) if layer.transposed
@@ -72,6 +66,15 @@ def materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict
             graph.erase_node(node)
     graph.eliminate_dead_code()
     return constants
+
+
+def _weight_constant(gm: torch.fx.GraphModule, fqn: str, weight: torch.Tensor, constants: dict[str, str]) -> str:
+    """The buffer holding the weight ``fqn`` computes with (made on its first use)."""
+    attribute = "fxsparse_w_" + fqn.replace(".", "_")
+    if not hasattr(gm, attribute):
+        gm.register_buffer(attribute, weight.detach().clone())
+        constants[attribute] = fqn
+    return attribute
 
 
 def constant(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
