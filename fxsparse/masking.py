@@ -32,7 +32,10 @@ The op therefore trusts nothing and costs one weight-sized pass per forward:
 - Growth. RigL grows by ``|dL/d(w*m)|``, dense over inactive entries too. The per-weight node
   of the graph hooks that gradient only while :attr:`Masker.armed` was set at forward time (the
   update steps); otherwise it hands the weight through, so ordinary steps keep no dense tensor
-  beyond autograd's own.
+  beyond autograd's own. Where the coming update is known to rank that gradient alone, one
+  backward per step, per layer counts kept (a scheduler's RigL step: :attr:`Masker.plan`), the
+  hook keeps only what the update can choose from (:func:`fxsparse.topology.growth_candidates`:
+  the best inactive entries and the active ones), so an update step holds no dense copy either.
 
 The only mask is the bool buffer (the public contract; 1 byte a weight). The passes multiply the
 weight's bits, viewed as integers of its element width, by it in place (``bits * 1`` keeps an
@@ -53,6 +56,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+
+from fxsparse.topology import GrowthCandidates, growth_candidates
 
 __all__ = ["Masker", "MASKER", "UPDATES", "mask_grad_", "zero_inactive_", "mask_prologue", "mask_on", "bit_mask"]
 
@@ -112,6 +117,21 @@ def _mul_bits(out: torch.Tensor, bits: torch.Tensor, mask: torch.Tensor) -> None
     torch.mul(bits, mask, out=out)
 
 
+def _mul_bits_all(bits: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """``b *= m`` for every pair, in place: the large ones in slices (:func:`_mul_bits`), the
+    others in one ``torch._foreach_mul_`` call. A Python loop here would run between the
+    kernels, where each Python step costs microseconds on cold caches."""
+    small_bits, small_masks = [], []
+    for b, m in zip(bits, masks):
+        if b.numel() > _SLICED_ABOVE or b.device != m.device:
+            _mul_bits(b, b, m)
+        else:
+            small_bits.append(b)
+            small_masks.append(m)
+    if small_bits:
+        torch._foreach_mul_(small_bits, small_masks)
+
+
 def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -> torch.Tensor:
     """Sets the inactive entries of ``weight.grad`` to zero (``mask`` from :func:`mask_on`);
     returns the new grad. In place unless ``inplace`` is False (then ``.grad`` is replaced)."""
@@ -134,30 +154,71 @@ def zero_inactive_(weight: torch.Tensor, mask: torch.Tensor) -> None:
     _mul_bits(bits, bits, mask)
 
 
+class _Pending:
+    """What the gradient hooks of one :class:`Masker` share: the weights a running backward
+    accumulated gradients into (masked when it ends) and the backward the pass is queued on."""
+
+    __slots__ = ("due", "task", "masker")
+
+    def __init__(self, masker: Masker) -> None:
+        self.due: dict[str, torch.Tensor] = {}
+        self.task: int | None = None
+        self.masker = weakref.ref(masker)
+
+    def first(self, task: int) -> None:
+        """The first gradient of a backward (or a call outside autograd's engine): queue the
+        masking pass, or run it now."""
+        masker = self.masker()
+        if masker is None:  # the module is gone: keep nothing alive
+            self.due.clear()
+        elif task < 0:  # not inside autograd's engine: nothing to wait for
+            masker.flush_gradients()
+        else:
+            self.task = task
+            torch.autograd.Variable._execution_engine.queue_callback(masker._queue_last)
+
+
+_graph_task = torch._C._current_graph_task_id
+
+
 class _GradMaskHook:
     """The post-accumulate-grad hook of one sparsified parameter.
 
-    Holds its :class:`Masker` weakly and acts only while the masker still serves this very
-    parameter: a hook left on a parameter the module no longer uses (after ``.to()`` replaced
-    it, or ``swap_tensors`` moved it) does nothing and keeps nothing alive.
+    It only notes the parameter (and queues the masking pass for the first of a backward):
+    it runs between the backward's kernels, where every Python step costs microseconds on
+    cold caches (about 30 us a hook on a ViT before it was cut to this). The pass at the end
+    masks a noted gradient only while the masker still serves that very parameter: a hook
+    left on a parameter the module no longer uses (after ``.to()`` replaced it, or
+    ``swap_tensors`` moved it) changes nothing, and holds the masker weakly.
     """
+
+    __slots__ = ("pending", "name")
+
+    def __init__(self, masker: Masker, name: str) -> None:
+        self.pending = masker._pending
+        self.name = name
+
+    def masker(self) -> Masker | None:
+        return self.pending.masker()
+
+    def __call__(self, param: torch.Tensor) -> None:
+        pending = self.pending
+        pending.due[self.name] = param
+        task = _graph_task()
+        if pending.task != task:
+            pending.first(task)
+
+
+class _RecordHook:
+    """The growth-gradient hook of a weight used inside an opaque leaf: the parameter's total
+    gradient of one backward, before it is accumulated and masked (``dL/d(w*m)``, as ``w`` holds
+    zeros where ``m`` does), recorded while the masker is armed."""
 
     def __init__(self, masker: Masker, name: str) -> None:
         self.masker = weakref.ref(masker)
         self.name = name
 
-    def __call__(self, param: torch.Tensor) -> None:
-        masker = self.masker()
-        if masker is not None and param.grad is not None and masker.serves(self.name, param):
-            masker.mask_after_backward(self.name, param)
-
-
-class _RecordHook(_GradMaskHook):
-    """The growth-gradient hook of a weight used inside an opaque leaf: the parameter's total
-    gradient of one backward, before it is accumulated and masked (``dL/d(w*m)``, as ``w`` holds
-    zeros where ``m`` does), recorded while the masker is armed."""
-
-    def __call__(self, grad: torch.Tensor) -> None:  # type: ignore[override]
+    def __call__(self, grad: torch.Tensor) -> None:
         masker = self.masker()
         if masker is not None and masker.armed:
             masker._record(self.name, grad)
@@ -192,6 +253,15 @@ class Masker(nn.Module):
             accumulation over micro-batches). When False, a new backward pass replaces the
             previous one's gradient and uses within one pass are summed.
         grads: recorded dense gradients by weight FQN.
+        plan: weight FQN -> how many the coming update grows at most: for these weights the
+            recorded gradient is reduced, as the backward produces it, to
+            :attr:`candidates` (set by a scheduler's :meth:`arm_growth`; exact for one
+            backward per armed step, see :func:`fxsparse.topology.growth_candidates`).
+        candidates: the reduced growth gradients of one backward, by weight FQN.
+        spoiled: planned weights that got a second gradient while armed (a sum of backward
+            passes cannot be ranked from candidates).
+        backwards: backward passes that ended since the counter was reset (the scheduler counts
+            them per step).
     """
 
     def __init__(self) -> None:
@@ -203,8 +273,11 @@ class Masker(nn.Module):
         self._masks: dict[str, torch.Tensor] = {}  # the mask the prologue last saw, by name
         # by name: the parameter whose gradient is masked, as (id, tensor implementation)
         self._served: dict[str, tuple[int, int]] = {}
-        self._due: dict[str, torch.Tensor] = {}  # gradients accumulated, masked when backward ends
-        self._queued: int | None = None  # the backward (graph task) the masking pass is queued on
+        self._pending = _Pending(self)  # gradients accumulated, masked when the backward ends
+        self.plan: dict[str, int] = {}
+        self.candidates: dict[str, GrowthCandidates] = {}
+        self.spoiled: set[str] = set()
+        self.backwards = 0
 
     def forward(self, weight: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
         if weight.grad_fn is not None:
@@ -232,13 +305,16 @@ class Masker(nn.Module):
         masked when it is accumulated. Weights named in ``hooked`` (used inside opaque leaf
         modules, where no masked-weight node sees them) also get their dense growth gradient
         recorded by a hook on the parameter."""
+        bits, on = [], []
         for name, weight, mask in zip(names, weights, masks):
             self._masks[name] = mask
             if weight.grad_fn is not None:
                 continue  # not a parameter but computed from one: the masked-weight node masks it
-            zero_inactive_(weight, self.mask_on(name, mask, weight))
+            bits.append(_bits(weight))
+            on.append(mask_on(mask, weight))
             if weight.requires_grad and self._served.get(name) != (id(weight), weight._cdata):
                 self._hook(name, weight, name in hooked)
+        _mul_bits_all(bits, on)  # zero_inactive_ of every weight at once
 
     def _hook(self, name: str, weight: torch.Tensor, record: bool) -> None:
         """Makes ``weight`` the parameter whose gradient is masked as ``name`` (a new module, a
@@ -263,15 +339,8 @@ class Masker(nn.Module):
 
     def mask_after_backward(self, name: str, weight: torch.Tensor) -> None:
         """Masks ``weight.grad`` once the running backward pass has finished (see the module
-        docstring); called by the post-accumulate-grad hook."""
-        task = torch._C._current_graph_task_id()
-        if task < 0:  # not inside autograd's engine: nothing to wait for
-            self.mask_gradient(name, weight)
-            return
-        self._due[name] = weight
-        if self._queued != task:  # the first of this backward (or one that failed before its end)
-            self._queued = task
-            torch.autograd.Variable._execution_engine.queue_callback(self._queue_last)
+        docstring): what the post-accumulate-grad hook does."""
+        _GradMaskHook(self, name)(weight)
 
     def _queue_last(self) -> None:
         # runs among the final callbacks; re-queued, it runs after those queued before it
@@ -279,10 +348,20 @@ class Masker(nn.Module):
 
     def flush_gradients(self) -> None:
         """Masks every gradient accumulated since the last flush (the end of a backward)."""
-        due, self._due, self._queued = self._due, {}, None
+        pending = self._pending
+        due, pending.due, pending.task = pending.due, {}, None
+        self.backwards += 1
+        bits, on = [], []
         for name, weight in due.items():
-            if weight.grad is not None and self.serves(name, weight):
+            grad = weight.grad
+            if grad is None or not self.serves(name, weight):
+                continue
+            if name in self.grads:  # a recorded gradient may share .grad's storage: a masked copy
                 self.mask_gradient(name, weight)
+            else:
+                bits.append(_bits(grad))
+                on.append(mask_on(self._masks[name], grad))
+        _mul_bits_all(bits, on)  # mask_grad_ of every gradient at once
 
     def mask_gradient(self, name: str, weight: torch.Tensor) -> None:
         """Zeroes the inactive entries of ``weight.grad`` (the post-accumulate-grad hook's work).
@@ -301,29 +380,48 @@ class Masker(nn.Module):
     def _record(self, name: str, grad: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()
         grad = grad.detach()
+        if name in self.plan and self._reduce(name, grad):
+            return
         if name in self.grads and (self.accumulate or self._tasks.get(name) == task):
             self.grads[name] = self.grads[name] + grad
         else:
             self.grads[name] = grad
         self._tasks[name] = task
 
+    def _reduce(self, name: str, grad: torch.Tensor) -> bool:
+        """Keeps ``grad`` as growth candidates; False when it must be kept dense instead."""
+        mask = self._masks.get(name)
+        if mask is None or grad.device.type != "cpu" or mask.device.type != "cpu" or grad.shape != mask.shape:
+            return False
+        if name in self.candidates or name in self.spoiled:  # a second gradient: not summable
+            self.candidates.pop(name, None)
+            self.spoiled.add(name)
+            return True
+        self.candidates[name] = growth_candidates(mask.detach(), grad, self.plan[name])
+        return True
+
     def clear(self) -> None:
-        """Forgets every recorded gradient."""
+        """Forgets every recorded gradient (and growth candidates)."""
         self.grads.clear()
         self._tasks.clear()
+        self.candidates.clear()
+        self.spoiled.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles rebuild the caches from their own tensors.
         state = dict(super().__getstate__())
         state["_masks"] = {}
         state["_served"] = {}  # the copy's prologue hooks the copy's own parameters
-        state["_due"], state["_queued"] = {}, None
+        state["_pending"] = None  # made anew for the copy
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_due", {})  # pickled by fxsparse <= 0.2
-        self.__dict__.setdefault("_queued", None)
+        self.__dict__.pop("_due", None)  # pickled by fxsparse <= 0.4
+        self.__dict__.pop("_queued", None)
+        self._pending = _Pending(self)
+        for key, default in (("plan", {}), ("candidates", {}), ("spoiled", set()), ("backwards", 0)):
+            self.__dict__.setdefault(key, default)  # pickled by fxsparse <= 0.4
         self.__dict__.pop("_bit_masks", None)  # pickled by fxsparse <= 0.3: a per-weight integer cache
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ name, kept as an alias.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from fxsparse.graph_module import LayerChange, SparseGraphModule
 from fxsparse.methods import Method, available_methods, make_method, register_method
 from fxsparse.methods.base import compact_refusal
 from fxsparse.schedules import GradualPruning, cosine_drop_fraction, end_step
+from fxsparse.topology import drop_count
 
 __all__ = ["TopologyScheduler", "RigLScheduler", "Method", "register_method", "available_methods"]
 
@@ -45,6 +47,14 @@ class TopologyScheduler:
     the cubic of Zhu & Gupta (2017), ending exactly at the target counts. On pruning steps the
     optimizer still steps (``step()`` returns True).
 
+    Memory: while every step has run one backward (no gradient accumulation), a RigL update
+    step keeps no dense copy of the gradient: each layer's gradient is reduced to its growth
+    candidates as the backward produces it (:func:`fxsparse.topology.growth_candidates`), which
+    select exactly what the dense gradient would. Otherwise (accumulation, SNFS, RigL-SG/SM,
+    custom hooks, several processes, off CPU, ``growth_candidates=False``) the dense gradient
+    is kept. A step that runs a second backward after every earlier step ran one raises
+    before anything changes; run it again and the scheduler keeps the dense gradient from then on.
+
     Under ``torch.distributed`` the growth tensors (gradients, SNFS's momentum) are averaged over
     the ranks before each update and every choice is deterministic, so all ranks make the same
     update; drops read the weights, which data parallelism keeps identical.
@@ -72,6 +82,7 @@ class TopologyScheduler:
         init: str = "erk",
         begin_step: int = 0,
         scaler: Any = None,
+        growth_candidates: bool = True,
     ) -> None:
         if not isinstance(sparse, SparseGraphModule):
             raise TypeError(
@@ -99,6 +110,8 @@ class TopologyScheduler:
         self.scaler = scaler
         self.skipped_steps = 0  # steps not counted: non-finite gradients under a GradScaler
         self.what = make_method(method)  # what an update does (fxsparse.methods)
+        self.growth_candidates = bool(growth_candidates)
+        self._one_backward: bool | None = None  # every step seen so far ran one backward (None: none seen)
         compact = [f for f in sparse._fxsparse.sites if sparse.compact_layer(f) is not None]
         if compact and (self.what.redistribute is not None or self.what.prunes):
             raise compact_refusal(compact, f"method {method!r} changes per-layer counts")
@@ -136,7 +149,18 @@ class TopologyScheduler:
 
     def _arm_for(self, step: int) -> None:
         # accumulate: every backward of the step counts (micro-batches of gradient accumulation)
-        self.sparse.arm_growth(self.what.arms(self, step), accumulate=True)
+        armed = self.what.arms(self, step)
+        self.sparse.arm_growth(armed, accumulate=True, candidates=self._candidate_counts(step) if armed else None)
+        self.sparse.masker.backwards = 0
+
+    def _candidate_counts(self, step: int) -> dict[str, int] | None:
+        """Per masked layer, how many the update of ``step`` grows, when its gradient may be kept
+        as growth candidates (exact: see the class docstring); else None."""
+        if not (self.growth_candidates and self._one_backward and self.what.ranks_gradient_only()):
+            return None
+        # kept for the largest fraction this schedule uses, alpha, so that a rigl_step(alpha)
+        # called by hand on this step's gradient is exact too
+        return growth_candidate_counts(self.sparse, max(self.alpha, self.drop_fraction(step)))
 
     def step(self) -> bool:
         """Call once per optimizer step after the ``backward()`` calls; False: skip ``optimizer.step()``.
@@ -153,7 +177,17 @@ class TopologyScheduler:
         """
         step = self.step_count + 1
         masker = self.sparse.masker
-        if masker.grads and self.scaler is not None and not self._unscale(masker.grads):
+        if masker.spoiled:  # accumulation began on an update step: its first backward was reduced
+            self._one_backward = False
+            self._arm_for(step)
+            raise RuntimeError(
+                f"fxsparse: update step {step} ran more than one backward after every earlier step ran one, so the "
+                "growth gradient of its first backward was kept only as growth candidates, which cannot be summed; "
+                "nothing was changed. Run this step's forward and backward passes again: the scheduler keeps the "
+                "dense gradient from now on (pass growth_candidates=False to start that way)"
+            )
+        self._one_backward = masker.backwards == 1 and self._one_backward is not False
+        if (masker.grads or masker.candidates) and self.scaler is not None and not self._unscale(masker):
             masker.clear()  # the scaler skips this optimizer step: it did not happen
             self.skipped_steps += 1
             self._arm_for(step)
@@ -168,11 +202,16 @@ class TopologyScheduler:
         self._arm_for(step + 1)
         return not updated or self.what.optimizer_steps_on_update()
 
-    def _unscale(self, grads: dict[str, torch.Tensor]) -> bool:
+    def _unscale(self, masker: Any) -> bool:
         """Divides the captured gradients by the scaler's scale, in place; False if any of them
-        is not finite (as GradScaler itself decides to skip a step)."""
+        is not finite (as GradScaler itself decides to skip a step). Growth candidates are only
+        ranked within their layer: a positive scale leaves their order as it is."""
         assert self.scaler is not None
-        tensors = list(grads.values())
+        if not all(c.finite for c in masker.candidates.values()):
+            return False
+        tensors = list(masker.grads.values())
+        if not tensors:
+            return True
         found_inf = torch.zeros(1, device=tensors[0].device)
         inv_scale = torch.full((1,), 1.0 / float(self.scaler.get_scale()), device=tensors[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found_inf, inv_scale)
@@ -196,6 +235,7 @@ class TopologyScheduler:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.what = make_method(self.method)
         self.what.load_state_dict(state)
+        self._one_backward = None  # observed again from the resumed steps
         self._arm_for(self.step_count + 1)
 
     def __repr__(self) -> str:
@@ -206,3 +246,22 @@ class TopologyScheduler:
 
 
 RigLScheduler = TopologyScheduler  # the name it had while it drove RigL alone
+
+
+def growth_candidate_counts(sparse: SparseGraphModule, drop_fraction: float) -> dict[str, int] | None:
+    """For a RigL update at ``drop_fraction`` after one backward: per masked layer whose growth
+    gradient may be kept as growth candidates, how many it grows. Layers left out keep the
+    dense gradient: a weight recorded in several places (its gradients are summed), off CPU
+    (selection there is ``torch.topk``'s, whose ties are not ordered), budgeted dense, or
+    compact. None under several processes (the ranks' dense gradients are averaged first)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return None
+    counts = {}
+    for fqn, site in sparse._fxsparse.sites.items():
+        if site.compact or site.active == math.prod(site.shape):
+            continue
+        if sparse._record_points(fqn) == 1 and sparse._leaf_weight(fqn).device.type == "cpu":
+            counts[fqn] = drop_count(site.active, drop_fraction)
+    return counts

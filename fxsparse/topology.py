@@ -30,7 +30,7 @@ import torch
 
 __all__ = [
     "TopologyUpdate", "drop_count", "flat_nonzero", "top_indices", "update_mask", "prune_mask", "apply_update",
-    "zero_state_at", "map_layers",
+    "zero_state_at", "map_layers", "GrowthCandidates", "growth_candidates", "update_from_candidates",
 ]
 
 
@@ -230,7 +230,11 @@ def _partition(keys: np.ndarray, k: int, largest: bool) -> np.ndarray:
 
 
 def _pick(index: np.ndarray, keys: np.ndarray, k: int, largest: bool) -> np.ndarray:
-    """The ``index`` entries of the ``k`` largest (smallest) ``keys``; ties in ``index``'s order.
+    """The ``index`` entries of the ``k`` largest (smallest) ``keys``; ties by ascending index.
+
+    The selection is that of one total order, (key, then index ascending), whatever order
+    ``index`` is in: :func:`update_from_candidates` relies on it to select what a dense
+    update selects.
 
     Finds the k-th key by partitioning a copy of the keys (moving 4-byte values, not 8-byte
     indices as ``argpartition`` does), then keeps what lies beyond it and the first ties.
@@ -245,7 +249,8 @@ def _pick(index: np.ndarray, keys: np.ndarray, k: int, largest: bool) -> np.ndar
     if np.count_nonzero(reached) == k:  # no ties at the k-th key: the common case
         return np.compress(reached, index)
     chosen = np.compress(keys > kth if largest else keys < kth, index)
-    chosen = np.concatenate([chosen, np.compress(keys == kth, index)[: k - chosen.size]])
+    # ties at the k-th key in ascending index, wherever ``index`` came from (a domain, then extras)
+    chosen = np.concatenate([chosen, np.sort(np.compress(keys == kth, index))[: k - chosen.size]])
     if chosen.size != k:  # a NaN k-th key compares false with everything
         return index[_partition(keys, k, largest)]
     return chosen
@@ -268,8 +273,8 @@ def _extreme(
     sample of the domain keeps a little more than ``k`` candidates in one chunked pass (no
     weight-sized temporary: no sort, no mask copy, no index list of the whole domain), and the
     exact selection runs on those. Every entry beyond the threshold is a candidate, so the
-    result is exact. Ties at the k-th key are broken deterministically (domain entries in index
-    order, then ``extra`` in its order); a misjudged sample falls back to the whole domain.
+    result is exact. Ties at the k-th key are broken by ascending flat index, on every path (one
+    total order: key, then index); a misjudged sample falls back to the whole domain.
     """
     extra = np.empty(0, dtype=np.int64) if extra is None else extra
     in_where = int(np.count_nonzero(where))
@@ -405,6 +410,12 @@ def _update_mask_cpu(
     drop = _extreme(_as_numpy(drop_score), k, False, flat, True, absolute=absolute)
     # grow among the inactive entries and those just dropped (which may come back)
     grow = _extreme(_as_numpy(grow_score), g, True, flat, False, extra=drop)
+    return _settle(mask, flat, drop, grow, g)
+
+
+def _settle(mask: torch.Tensor, flat: np.ndarray, drop: np.ndarray, grow: np.ndarray, g: int) -> TopologyUpdate:
+    """The update of dropping ``drop`` and growing ``grow``: a grown entry that was just dropped
+    is regrown (neither dropped nor grown)."""
     new = ~flat[grow]
     grown = grow[new]
     dropped = drop
@@ -416,6 +427,76 @@ def _update_mask_cpu(
         dropped = drop[flat[drop]]
         flat[regrown] = True
     return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grown), g - grown.size)
+
+
+@dataclass(frozen=True)
+class GrowthCandidates:
+    """What a gradient-grown update needs of one layer's dense growth gradient, kept when the
+    backward ends instead of the gradient itself (:func:`growth_candidates`).
+
+    Attributes:
+        count: how many the update may grow at most.
+        index: flat positions of the ``count`` largest ``|grad|`` among the inactive entries
+            (ties by ascending position), ascending.
+        keys: ``|grad|`` at ``index``.
+        active: ``|grad|`` at every active entry, in ascending position (a dropped weight may
+            be grown back).
+        finite: whether the whole gradient was finite.
+    """
+
+    count: int
+    index: np.ndarray
+    keys: np.ndarray
+    active: np.ndarray
+    finite: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes + self.keys.nbytes + self.active.nbytes
+
+
+def growth_candidates(mask: torch.Tensor, grad: torch.Tensor, count: int) -> GrowthCandidates:
+    """Reduces a layer's dense growth gradient to what an update growing at most ``count`` by
+    ``|grad|`` reads (CPU tensors): the ``count`` best inactive entries and the active ones.
+
+    Exact: the ``g <= count`` entries of largest ``|grad|`` among those inactive after a drop
+    (inactive before, or just dropped) are among these, in the same total order (``|grad|``,
+    then ascending position) as :func:`update_mask`'s, so :func:`update_from_candidates`
+    selects what :func:`update_mask` selects from the dense gradient.
+    """
+    flat = mask.reshape(-1).numpy()
+    values = _as_numpy(grad.contiguous())
+    index = np.sort(_extreme(values, count, True, flat, False, absolute=True))
+    keys = np.abs(values[index])
+    active = np.abs(values[flat])
+    finite = bool(np.isfinite(values.sum(dtype=np.float64))) or bool(np.isfinite(values).all())
+    return GrowthCandidates(count, index, keys, active, finite)
+
+
+def update_from_candidates(
+    mask: torch.Tensor, drop_score: torch.Tensor, candidates: GrowthCandidates, drop_fraction: float,
+    *, absolute: bool = False,
+) -> TopologyUpdate:
+    """:func:`update_mask` growing by ``|grad|`` as many as it drops, with the gradient reduced
+    to ``candidates`` (:func:`growth_candidates` of the same mask): the same update, CPU only."""
+    flat = mask.reshape(-1).numpy()
+    active = int(np.count_nonzero(flat))
+    if candidates.active.size != active:
+        raise ValueError(f"expected candidates of this mask ({active} active), got {candidates.active.size}")
+    k = drop_count(active, drop_fraction)
+    if k > candidates.count:
+        raise ValueError(
+            f"the growth candidates were kept for up to {candidates.count} new connections, but this update "
+            f"replaces {k} (drop_fraction {drop_fraction}); keep them for at least {k}, or keep the dense gradient"
+        )
+    if k == 0:
+        return TopologyUpdate(mask, _none(), _none(), 0)
+    drop = _extreme(_as_numpy(drop_score), k, False, flat, True, absolute=absolute)
+    rank = np.searchsorted(np.flatnonzero(flat), drop)  # each dropped entry's place among the active
+    index = np.concatenate([candidates.index, drop])
+    keys = np.concatenate([candidates.keys[: candidates.index.size], candidates.active[rank]])
+    grow = _pick(index, keys, k, True)
+    return _settle(mask, flat, drop, grow, k)
 
 
 def _update_mask_torch(

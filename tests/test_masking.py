@@ -193,7 +193,7 @@ def test_gradients_are_masked_once_per_backward_when_it_ends(monkeypatch):
     x = torch.randn(5, 16)
     flushes = []
     original = masking.Masker.flush_gradients
-    monkeypatch.setattr(masking.Masker, "flush_gradients", lambda self: (flushes.append(len(self._due)), original(self))[1])
+    monkeypatch.setattr(masking.Masker, "flush_gradients", lambda self: (flushes.append(len(self._pending.due)), original(self))[1])
     seen_in_hook = []
 
     def peek(param):  # a user's hook, registered after fxsparse's: the mask has not run yet

@@ -255,7 +255,7 @@ def test_gradient_accumulation_grows_from_the_sum_over_micro_batches():
     scheduler = fxsparse.RigLScheduler(sparse, optimizer, total_steps=10, delta_t=2, end_fraction=1.0)
     gen = torch.Generator().manual_seed(0)
     micro = [torch.randn(4, 20, generator=gen) for _ in range(3)]
-    for x in micro[:1]:  # step 1: an ordinary step
+    for x in micro:  # step 1: an ordinary step, accumulated over the micro-batches too
         sparse(x).square().mean().backward()
     assert scheduler.step()
     optimizer.step()

@@ -45,10 +45,10 @@ def _train(sparse, opt, sched, batches, on_step=None):
 def test_updates_every_delta_t_until_t_end_and_skips_the_optimizer_there():
     sparse, opt, sched = _setup()
     captured = []
-    flags = _train(sparse, opt, sched, _batches(40), on_step=lambda s: captured.append(bool(s.masker.grads)))
+    flags = _train(sparse, opt, sched, _batches(40), on_step=lambda s: captured.append(bool(s.masker.grads or s.masker.candidates)))
     updates = [i + 1 for i, ok in enumerate(flags) if not ok]
     assert updates == [5, 10, 15, 20, 25, 30]  # t_end = 30
-    # dense gradients are kept only on the backward of an update step
+    # growth gradients (here as candidates: one backward a step) are kept only on update steps
     assert [i + 1 for i, c in enumerate(captured) if c] == updates
     assert sparse.masker.grads == {}
     assert int(sparse.get_buffer("fxsparse_updates")) == 6

@@ -120,8 +120,8 @@ def test_a_short_run_writes_every_section(bench, tmp_path, monkeypatch):
     for section in ("## Targets", "## Step time: paired ratios", "## Time inside each library",
                     "## Topology update cost", "## sparsify() time", "## Failures"):
         assert section in report
-    assert "| fxsparse / dense, eager | wrn22_2 |" in report
-    assert "| fxsparse plain loop / dense, eager | wrn22_2 |" in report  # the loop without a scheduler
+    assert "| fxsparse own time / two-pass floor, ordinary step | wrn22_2 |" in report
+    assert "| fxsparse / rigl-torch, eager | wrn22_2 | not measured |" in report  # --no-peer
     assert "| wrn22_2 | fxsparse |" in report  # the library-time row
     again = tmp_path / "again.md"
     bench.main(["--report-from", str(raw), "--out", str(again)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from invariants import assert_inactive_no_influence, assert_inactive_zero_grad
@@ -69,7 +70,8 @@ def test_autocast_bf16_keeps_bool_masks_weight_dtypes_and_the_invariants(method)
     assert_inactive_no_influence(sparse, x)
 
 
-def test_compiled_module_trains_like_the_eager_one_and_grows_from_the_dense_gradient():
+@pytest.mark.parametrize("candidates", [False, True], ids=["dense-gradient", "growth-candidates"])
+def test_compiled_module_trains_like_the_eager_one_and_grows_from_the_dense_gradient(candidates):
     eager = fxsparse.sparsify(_net(), 0.2, "erk")
     compiled_sparse = copy.deepcopy(eager)
     compiled = torch.compile(compiled_sparse)
@@ -77,12 +79,14 @@ def test_compiled_module_trains_like_the_eager_one_and_grows_from_the_dense_grad
     seen = {}
     for name, model, sparse in (("eager", eager, eager), ("compiled", compiled, compiled_sparse)):
         optimizer = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
-        scheduler = fxsparse.RigLScheduler(sparse, optimizer, total_steps=6, delta_t=3, end_fraction=1.0)
+        scheduler = fxsparse.RigLScheduler(sparse, optimizer, total_steps=6, delta_t=3, end_fraction=1.0,
+                                           growth_candidates=candidates)
         captured = []
         step = sparse.rigl_step
 
         def spy(*args, _step=step, _sparse=sparse, _captured=captured, **kwargs):
-            _captured.append({f: g.clone() for f, g in _sparse.masker.grads.items()})
+            _captured.append({f: g.clone() for f, g in _sparse.masker.grads.items()} if not candidates else
+                             dict(_sparse.masker.candidates))
             return _step(*args, **kwargs)
 
         sparse.rigl_step = spy
@@ -92,8 +96,12 @@ def test_compiled_module_trains_like_the_eager_one_and_grows_from_the_dense_grad
         seen[name] = captured
     assert len(seen["compiled"]) == 2
     for a, b in zip(seen["eager"], seen["compiled"]):
-        assert set(a) == set(b) == set(eager.masks)  # a dense gradient for every layer
+        assert set(a) == set(b) == {f for f, m in eager.masks.items() if not bool(m.all())} if candidates else set(eager.masks)
         for fqn in a:
+            if candidates:  # the compiled backward's hooks kept the same candidates
+                assert np.array_equal(a[fqn].index, b[fqn].index)
+                np.testing.assert_allclose(a[fqn].active, b[fqn].active, rtol=1e-4, atol=1e-6)
+                continue
             assert bool((b[fqn] * ~runs["compiled"].masks[fqn]).ne(0).any())  # dense: inactive entries too
             torch.testing.assert_close(a[fqn], b[fqn], rtol=1e-4, atol=1e-6)
     for fqn in eager.masks:

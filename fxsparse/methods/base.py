@@ -80,6 +80,20 @@ class Method:
         """Whether an update reads the dense growth gradient (recording armed on update steps)."""
         return self.grow is not None and GROW_SCORES.get(self.grow).needs_gradient
 
+    def ranks_gradient_only(self) -> bool:
+        """Whether an update reads the growth gradient only to rank ``|grad|`` within each layer,
+        growing as many as it drops: RigL's own hooks (magnitude drop, the ``"gradient"`` score,
+        counts kept). Then growth candidates kept when the backward ends select exactly what
+        the dense gradient would (:func:`fxsparse.topology.update_from_candidates`), and an
+        update step needs no dense copy of the gradient. Any overridden hook says no."""
+        cls = type(self)
+        return (
+            self.grow == "gradient" and self.redistribute is None and not self.dense_momentum and not self.prunes
+            and GROW_SCORES.get("gradient").fn is _gradient_score
+            and cls.drop_scores is Method.drop_scores and cls.grow_scores is Method.grow_scores
+            and cls.grow_counts is Method.grow_counts
+        )
+
     def drop_scores(
         self, sparse: Any, fqn: str, weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -179,15 +193,19 @@ def drop_and_grow(
     ``grow_from`` replaces the captured gradients as growth tensors; both are consumed."""
     sites = sparse._fxsparse.sites
     masker = sparse.masker
-    grads = _growth_tensors(sparse, method, grow_from)
+    # growth candidates kept when the backward ended stand for those layers' dense gradients
+    reduced = dict(masker.candidates) if grow_from is None and method.ranks_gradient_only() else {}
+    grads = _growth_tensors(sparse, method, grow_from, reduced)
     needed = method.needs_gradient() or grow_from is not None
-    _refuse_nonfinite(sparse, list(sites), grads if needed else {}, "rigl_step")
+    _refuse_nonfinite(sparse, list(sites), grads if needed else {}, "rigl_step", reduced)
     counts = method.grow_counts(sparse, drop_fraction, grads, optimizer)
     update_index = int(sparse.get_buffer(UPDATES))
 
     @torch.no_grad()  # grad mode is per thread
     def select(fqn: str) -> topology.TopologyUpdate:  # reads only: every layer, then apply
         weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
+        if fqn in reduced:
+            return topology.update_from_candidates(mask, weight, reduced[fqn], drop_fraction, absolute=True)
         drop = method.drop_scores(sparse, fqn, weight, mask, grads.get(fqn))
         score = method.grow_scores(sparse, fqn, weight, mask, grads.get(fqn), update_index)
         return topology.update_mask(mask, drop, score, drop_fraction, scratch=True, absolute=True, grow_count=counts[fqn])
@@ -261,15 +279,32 @@ def _apply(
     return changes
 
 
-def _growth_tensors(sparse: Any, method: Method, grow_from: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def _growth_tensors(
+    sparse: Any, method: Method, grow_from: Mapping[str, torch.Tensor] | None, reduced: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
     """The tensors growth is scored by: ``grow_from``, or the captured dense gradients (a layer
     that a backward did not reach while it reached others has an exactly zero gradient); empty
-    when the method scores without them. Averaged over data-parallel ranks."""
+    when the method scores without them. Averaged over data-parallel ranks. The layers in
+    ``reduced`` have growth candidates instead."""
     sites = sparse._fxsparse.sites
     grads = dict(sparse.masker.grads) if grow_from is None else dict(grow_from)
     if not (method.needs_gradient() or grow_from is not None):
         return grads
-    missing = [fqn for fqn in sites if fqn not in grads]
+    if sparse.masker.spoiled and grow_from is None:
+        raise ValueError(
+            f"the growth gradient of {len(sparse.masker.spoiled)} layer(s) (first: {sorted(sparse.masker.spoiled)[0]!r}) "
+            "came from more than one backward, but was armed to be kept as growth candidates of one backward "
+            "(arm_growth(candidates=...)), which cannot be summed; nothing was changed. Arm without candidates "
+            "when several backward passes make one step's gradient"
+        )
+    unusable = [fqn for fqn in sparse.masker.candidates if fqn not in reduced] if grow_from is None else []
+    if unusable:
+        raise ValueError(
+            f"the growth gradient of {len(unusable)} layer(s) (first: {unusable[0]!r}) was kept as growth candidates "
+            f"(arm_growth(candidates=...)), which only a RigL update growing by |grad| with per-layer counts kept "
+            f"can rank, not {method!r}; nothing was changed. Arm without candidates for this update"
+        )
+    missing = [fqn for fqn in sites if fqn not in grads and fqn not in reduced]
     if missing and grow_from is None and len(missing) < len(sites):
         # a backward reached the other layers: these ones' outputs do not reach the loss (a
         # pooler computed and dropped, a head the loss does not use): their gradient is zero
@@ -284,7 +319,7 @@ def _growth_tensors(sparse: Any, method: Method, grow_from: Mapping[str, torch.T
             f"(sparse.arm_growth() before the forward; fxsparse.RigLScheduler does this "
             f"for you), or use grow='random' (SET), which needs no gradient."
         )
-    _all_reduce_mean([grads[fqn] for fqn in sites])
+    _all_reduce_mean([grads[fqn] for fqn in sites if fqn in grads])
     return grads
 
 
@@ -412,7 +447,9 @@ def _optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tenso
     return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
 
 
-def _refuse_nonfinite(sparse: Any, names: list[str], growth: Mapping[str, torch.Tensor], what: str) -> None:
+def _refuse_nonfinite(
+    sparse: Any, names: list[str], growth: Mapping[str, torch.Tensor], what: str, reduced: Mapping[str, Any] = {},  # noqa: B006
+) -> None:
     """Raises FloatingPointError, before any mask changes, when a layer's weights (dropped by
     magnitude) or growth tensor (grown by magnitude) hold NaN or inf: ranking them would corrupt
     the topology. Only what the model computes with counts: inactive entries are zeroed (as
@@ -429,7 +466,7 @@ def _refuse_nonfinite(sparse: Any, names: list[str], growth: Mapping[str, torch.
                 zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
         if not finite(weight):
             bad.append(f"{fqn} (weights)")
-        if fqn in growth and not finite(growth[fqn]):
+        if (fqn in growth and not finite(growth[fqn])) or (fqn in reduced and not reduced[fqn].finite):
             bad.append(f"{fqn} (growth gradient)" if what == "rigl_step" else fqn)
     if bad:
         raise nonfinite_error(what, bad, "no mask was changed")
