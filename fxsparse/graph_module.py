@@ -210,14 +210,6 @@ class SparseGraphModule(torch.fx.GraphModule):
         site = self._fxsparse.sites[fqn]
         return self.get_submodule(site.compact) if site.compact else None  # type: ignore[return-value]
 
-    def _record_points(self, fqn: str) -> int:
-        """How many places record ``fqn``'s growth gradient in one training backward: its
-        masked-weight nodes in the training graph, and the parameter hook of a weight an
-        opaque leaf uses."""
-        graph = (self._fxsparse.mode_graphs or {}).get(True, self.graph)
-        nodes = sum(1 for n in graph.nodes if n.op == "call_module" and n.target == MASKER and n.kwargs.get("name") == fqn)
-        return nodes + int(bool(self._fxsparse.sites[fqn].opaque))
-
     @property
     def layouts(self) -> dict[str, Any]:
         """Per sparse weight, its layout and why (:class:`fxsparse.layouts.LayoutChoice`)."""
@@ -265,24 +257,16 @@ class SparseGraphModule(torch.fx.GraphModule):
 
     growth_capture = masker  # its former name, kept as an alias
 
-    def arm_growth(
-        self, enabled: bool = True, *, accumulate: bool = False, candidates: Mapping[str, int] | None = None,
-    ) -> None:
+    def arm_growth(self, enabled: bool = True, *, accumulate: bool = False, candidates: Mapping[str, int] | None = None) -> None:
         """Turns the recording of ``dL/d(w*m)`` on or off for the following forward passes.
 
         A freshly sparsified module is armed, so ``loss.backward(); sparse.rigl_step(0.3)`` works
-        as is; :class:`fxsparse.RigLScheduler` disarms it and arms only the update steps, so that
-        no dense gradient is kept on other steps. Arming forgets what was recorded before.
-
-        ``candidates``: weight FQN -> the most connections the next update grows there. Their
-        gradient is then kept only as growth candidates, reduced as the backward produces it
-        (:func:`fxsparse.topology.growth_candidates`): exact for a RigL update that follows
-        one backward; the scheduler passes it when it has seen one backward per step.
-        """
+        as is; :class:`fxsparse.RigLScheduler` arms only the update steps. Arming forgets what
+        was recorded. ``candidates`` (FQN -> most grown): keep only growth candidates there
+        (:func:`fxsparse.topology.growth_candidates`; exact after one backward)."""
         masker = self.masker
         masker.clear()
-        masker.armed = bool(enabled)
-        masker.accumulate = bool(accumulate)
+        masker.armed, masker.accumulate = bool(enabled), bool(accumulate)
         masker.plan = dict(candidates or {}) if enabled else {}
 
     def summary(self) -> SparsitySummary:

@@ -59,7 +59,7 @@ from torch import nn
 
 from fxsparse.topology import GrowthCandidates, growth_candidates
 
-__all__ = ["Masker", "MASKER", "UPDATES", "mask_grad_", "zero_inactive_", "mask_prologue", "mask_on", "bit_mask"]
+__all__ = ["Masker", "MASKER", "UPDATES", "mask_grad_", "zero_inactive_", "zero_inactive_all_", "mask_grads_all_", "mask_prologue", "mask_on", "bit_mask"]
 
 MASKER = "fxsparse_masker"  # the name of a SparseGraphModule's Masker submodule
 UPDATES = "fxsparse_updates"  # the name of its buffer counting topology updates
@@ -130,6 +130,16 @@ def _mul_bits_all(bits: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
             small_masks.append(m)
     if small_bits:
         torch._foreach_mul_(small_bits, small_masks)
+
+
+def zero_inactive_all_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """:func:`zero_inactive_` of every weight (masks from :func:`mask_on`), in one call."""
+    _mul_bits_all([_bits(w) for w in weights], masks)
+
+
+def mask_grads_all_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """:func:`mask_grad_` in place of every weight's ``.grad`` (masks from :func:`mask_on`), in one call."""
+    _mul_bits_all([_bits(w.grad) for w in weights], masks)
 
 
 def mask_grad_(weight: torch.Tensor, mask: torch.Tensor, inplace: bool = True) -> torch.Tensor:
@@ -305,16 +315,16 @@ class Masker(nn.Module):
         masked when it is accumulated. Weights named in ``hooked`` (used inside opaque leaf
         modules, where no masked-weight node sees them) also get their dense growth gradient
         recorded by a hook on the parameter."""
-        bits, on = [], []
+        leaves, on = [], []
         for name, weight, mask in zip(names, weights, masks):
             self._masks[name] = mask
             if weight.grad_fn is not None:
                 continue  # not a parameter but computed from one: the masked-weight node masks it
-            bits.append(_bits(weight))
+            leaves.append(weight)
             on.append(mask_on(mask, weight))
             if weight.requires_grad and self._served.get(name) != (id(weight), weight._cdata):
                 self._hook(name, weight, name in hooked)
-        _mul_bits_all(bits, on)  # zero_inactive_ of every weight at once
+        zero_inactive_all_(leaves, on)
 
     def _hook(self, name: str, weight: torch.Tensor, record: bool) -> None:
         """Makes ``weight`` the parameter whose gradient is masked as ``name`` (a new module, a
@@ -351,7 +361,7 @@ class Masker(nn.Module):
         pending = self._pending
         due, pending.due, pending.task = pending.due, {}, None
         self.backwards += 1
-        bits, on = [], []
+        leaves, on = [], []
         for name, weight in due.items():
             grad = weight.grad
             if grad is None or not self.serves(name, weight):
@@ -359,9 +369,9 @@ class Masker(nn.Module):
             if name in self.grads:  # a recorded gradient may share .grad's storage: a masked copy
                 self.mask_gradient(name, weight)
             else:
-                bits.append(_bits(grad))
+                leaves.append(weight)
                 on.append(mask_on(self._masks[name], grad))
-        _mul_bits_all(bits, on)  # mask_grad_ of every gradient at once
+        mask_grads_all_(leaves, on)
 
     def mask_gradient(self, name: str, weight: torch.Tensor) -> None:
         """Zeroes the inactive entries of ``weight.grad`` (the post-accumulate-grad hook's work).

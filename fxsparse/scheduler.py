@@ -15,6 +15,7 @@ import torch
 
 from fxsparse.distributed import assert_in_sync
 from fxsparse.graph_module import LayerChange, SparseGraphModule
+from fxsparse.masking import MASKER
 from fxsparse.methods import Method, available_methods, make_method, register_method
 from fxsparse.methods.base import compact_refusal
 from fxsparse.schedules import GradualPruning, cosine_drop_fraction, end_step
@@ -262,6 +263,15 @@ def growth_candidate_counts(sparse: SparseGraphModule, drop_fraction: float) -> 
     for fqn, site in sparse._fxsparse.sites.items():
         if site.compact or site.active == math.prod(site.shape):
             continue
-        if sparse._record_points(fqn) == 1 and sparse._leaf_weight(fqn).device.type == "cpu":
+        if _record_points(sparse, fqn) == 1 and sparse._leaf_weight(fqn).device.type == "cpu":
             counts[fqn] = drop_count(site.active, drop_fraction)
     return counts
+
+
+def _record_points(sparse: SparseGraphModule, fqn: str) -> int:
+    """How many places record ``fqn``'s growth gradient in one training backward: its
+    masked-weight nodes in the training graph, and the parameter hook of a weight an opaque
+    leaf uses."""
+    graph = (sparse._fxsparse.mode_graphs or {}).get(True, sparse.graph)
+    nodes = sum(1 for n in graph.nodes if n.op == "call_module" and n.target == MASKER and n.kwargs.get("name") == fqn)
+    return nodes + int(bool(sparse._fxsparse.sites[fqn].opaque))

@@ -35,8 +35,13 @@ def _scenario():
     assert_budget(sparse, 0.3, "erk")
     opt = torch.optim.SGD(sparse.parameters(), lr=0.1, momentum=0.9)
     train_step(sparse, opt, x)
-    assert_inactive_zero_grad(sparse)
+    assert_inactive_zero_grad(sparse)  # armed (a fresh module): the recorded-gradient path
     opt.step()
+    sparse.arm_growth(False)
+    train_step(sparse, opt, x)
+    assert_inactive_zero_grad(sparse)  # an ordinary step: the one pass at the end of the backward
+    opt.step()
+    sparse.arm_growth(True)
     train_step(sparse, opt, x)
     before = snapshot(sparse, opt)
     sparse.rigl_step(0.4, optimizer=opt)
@@ -89,8 +94,12 @@ def _grad_not_masked(weight, mask, inplace=True):
     return weight.grad  # the bug: inactive weights get gradient
 
 
-def _forward_not_masked(weight, mask):
+def _forward_not_masked(weights, masks):
     pass  # the bug: inactive weights are not zeroed before the forward reads them
+
+
+def _grads_not_masked(weights, masks):
+    pass  # the bug: the pass at the end of a backward leaves inactive gradient entries
 
 
 MUTATIONS = {
@@ -101,7 +110,8 @@ MUTATIONS = {
     "new connections start random": (topology, "apply_update", _random_init_for_new),
     "optimizer state not zeroed": (topology, "apply_update", _forgets_optimizer_state),
     "inactive weights get gradient": (masking, "mask_grad_", _grad_not_masked),
-    "forward ignores the mask": (masking, "zero_inactive_", _forward_not_masked),
+    "forward ignores the mask": (masking, "zero_inactive_all_", _forward_not_masked),
+    "backward pass leaves inactive gradients": (masking, "mask_grads_all_", _grads_not_masked),
 }
 
 
