@@ -284,6 +284,27 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+# 1x1 convolutions: (in, out, spatial size, batch) at CNN widths (a ResNet bottleneck's, a
+# MobileNet block's) and one wide enough for the sparse kernel
+POINTWISE = ((64, 256, 16, 8), (256, 64, 16, 8), (512, 2048, 4, 32), (2048, 2048, 4, 32))
+
+
+def pointwise(densities: list[float], threads: int) -> str:
+    """What sparsify's timing measures for 1x1 convolutions (one layer each, uniform density):
+    the ms of a training step of the layer, masked and compact, and the layout it keeps."""
+    rows = ["| in -> out | HxW, batch | density | masked ms | compact ms | compact / masked | kept |", "|---|---|---|---|---|---|---|"]
+    for c_in, c_out, size, batch in POINTWISE:
+        for density in densities:
+            torch.manual_seed(0)
+            model = torch.nn.Conv2d(c_in, c_out, 1)
+            x = torch.randn(batch, c_in, size, size)
+            choice = fxsparse.sparsify(model, density, "uniform", dense=[], example_inputs=x, layout="compact").layouts["weight"]
+            ms = choice.ms
+            rows.append(f"| {c_in} -> {c_out} | {size}x{size}, {batch} | {density:g} | {ms['masked']:.2f} | {ms['compact']:.2f} | "
+                        f"{ms['compact'] / ms['masked']:.2f} | {choice.layout} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -296,8 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the Markdown report here (its measured section)")
     parser.add_argument("--json", default="benchmarks/results/compact.jsonl", help="append one record per model/density")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "LAYOUT", "DENSITY"), help=argparse.SUPPRESS)
+    parser.add_argument("--pointwise", action="store_true", help="only time 1x1 convolutions as sparsify does")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pointwise:
+        print(pointwise([float(d) for d in args.densities.split(",")], args.threads))
+        return
     if args.child:
         run_child(args.child[0], args.child[1], float(args.child[2]), args.seed, args.mlp_width)
         return

@@ -863,7 +863,8 @@ def memory_table(results: list[ModelResult]) -> str:
 
 
 def mask_memory_note(results: list[ModelResult]) -> str:
-    """Where fxsparse's memory above dense goes: its two masks per sparse weight."""
+    """Where fxsparse's memory above dense goes: its mask per sparse weight, and on an update
+    step the growth candidates."""
     sizes = [
         f"{r.model} {r.params * r.masked_fraction['fxsparse'] / 2**20:.0f} MB"
         for r in results if "fxsparse" in r.masked_fraction
@@ -872,9 +873,13 @@ def mask_memory_note(results: list[ModelResult]) -> str:
         "fxsparse keeps one mask per sparse weight, the bool buffer of the state_dict (1 byte a "
         f"weight: {', '.join(sizes)}); the forward's zeroing and the gradient mask multiply the "
         "weight's bits, viewed as integers, by it in place (integer x bool is about twice as fast as "
-        "float x bool: `benchmarks/mask_dtype.py`). An update step also holds the dense growth "
-        "gradient of every masked weight (4 bytes a float32 weight) from the backward to the "
-        "update, as the peer does. rigl-torch keeps bool masks and multiplies floats by them: "
+        "float x bool: `benchmarks/mask_dtype.py`). An update step does not hold the dense growth "
+        "gradient (4 bytes a float32 weight, which the peer holds from its backward to its update): "
+        "the backward reduces each layer's gradient, as it is produced, to the growth candidates the "
+        "RigL update can choose from (the best inactive entries for the schedule's largest drop "
+        "fraction and the active entries: `fxsparse.topology.growth_candidates`, exact), about 0.1 of "
+        "the weights' bytes at density 0.1. "
+        "rigl-torch keeps bool masks and multiplies floats by them: "
         "three float x bool passes a step (gradient, momentum, weight)."
     )
 

@@ -510,7 +510,10 @@ class _Counter(torch.fx.Interpreter):
         (x, layer, _, bias), _ = self.fetch_args_kwargs_from_env(n)
         weight = x.new_zeros(layer.shape, dtype=layer.values.dtype)
         with FlopCounterMode(display=False) as counter:
-            result = torch.matmul(x, weight) if layer.transposed else F.linear(x.to(weight.dtype), weight, bias)
+            if layer.stride is not None:  # a 1x1 convolution
+                result = F.conv2d(x.to(weight.dtype), weight, bias, layer.stride)
+            else:
+                result = torch.matmul(x, weight) if layer.transposed else F.linear(x.to(weight.dtype), weight, bias)
         self._record(n, int(counter.get_total_flops()), result, weight=layer.fqn)
         return result
 

@@ -1,7 +1,8 @@
 """The compact layout: a sparse weight stored as its active values only, computed by sparse kernels.
 
 A :class:`CompactWeight` holds one weight of a linear layer (``F.linear(x, W, b)``, ``W`` of shape
-``(out, in)``) or of a product by a weight (``x @ W``, held as ``W.T``) as
+``(out, in)``), of a product by a weight (``x @ W``, held as ``W.T``) or of a 1x1 convolution
+without padding or groups (``(out, in, 1, 1)``: a linear map of each strided pixel's channels) as
 
 - ``values``: a trainable Parameter of the ``k`` active entries, in row-major order of the
   matrix computed with (a CSR matrix's value order);
@@ -57,16 +58,26 @@ class CompactWeight(nn.Module):
         weight: the dense weight (its active entries become ``values``).
         mask: its bool mask.
         transposed: the weight is the right operand of ``x @ W`` (held as ``W.T``).
+        stride: the weight is a 1x1 convolution's, ``(out, in, 1, 1)``, of this stride (no
+            padding, one group): a linear map of every (strided) pixel's channels.
     """
 
-    def __init__(self, fqn: str, weight: torch.Tensor, mask: torch.Tensor, transposed: bool = False) -> None:
+    def __init__(
+        self, fqn: str, weight: torch.Tensor, mask: torch.Tensor, transposed: bool = False,
+        stride: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
-        if weight.dim() != 2 or weight.shape != mask.shape:
-            raise ValueError(f"expected a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+        pointwise = stride is not None and weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and not transposed
+        if not (weight.dim() == 2 or pointwise) or weight.shape != mask.shape:
+            raise ValueError(
+                f"expected a 2-D weight (or a 1x1 convolution's with its stride) and a mask of its shape, got "
+                f"{tuple(weight.shape)} and {tuple(mask.shape)}"
+            )
         self.fqn = fqn
         self.transposed = transposed
+        self.stride = tuple(stride) if pointwise else None  # type: ignore[arg-type]
         self.shape = tuple(weight.shape)
-        self.rows, self.cols = (self.shape[1], self.shape[0]) if transposed else self.shape
+        self.rows, self.cols = (self.shape[1], self.shape[0]) if transposed else self.shape[:2]
         count = int(mask.sum())
         device = weight.device
         self.values = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=device), requires_grad=weight.requires_grad)
@@ -78,8 +89,12 @@ class CompactWeight(nn.Module):
 
     # ------------------------------------------------------------------------------ structure
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (in the weight's orientation) in the orientation computed with."""
-        return tensor.t() if self.transposed else tensor
+        """``tensor`` (of the weight's shape) as the matrix computed with."""
+        return tensor.t() if self.transposed else tensor.reshape(self.rows, self.cols)
+
+    def full(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A matrix computed with (``rows x cols``) in the weight's shape."""
+        return matrix.t().contiguous() if self.transposed else matrix.reshape(self.shape)
 
     def _structure(self, matrix_mask: torch.Tensor) -> torch.Tensor:
         """Sets the index buffers from a mask in the matrix's orientation; returns the flat
@@ -119,15 +134,13 @@ class CompactWeight(nn.Module):
         """The bool mask, in the weight's shape (a new tensor)."""
         flat = torch.zeros(self.rows * self.cols, dtype=torch.bool, device=self.values.device)
         flat[self.positions()] = True
-        matrix = flat.view(self.rows, self.cols)
-        return matrix.t().contiguous() if self.transposed else matrix
+        return self.full(flat.view(self.rows, self.cols))
 
     def dense(self) -> torch.Tensor:
         """The weight as a dense tensor of its shape, zeros at inactive entries (a new tensor)."""
         flat = self.values.new_zeros(self.rows * self.cols)
         flat[self.positions()] = self.values.detach()
-        matrix = flat.view(self.rows, self.cols)
-        return matrix.t().contiguous() if self.transposed else matrix
+        return self.full(flat.view(self.rows, self.cols))
 
     def csr(self) -> torch.Tensor:
         return _csr(self.crow, self.col, self.values, (self.rows, self.cols))
@@ -155,7 +168,8 @@ class CompactWeight(nn.Module):
             tensor.copy_(torch.where(kept, moved, moved.new_zeros(())))
 
     def extra_repr(self) -> str:
-        return f"{self.fqn}: {self.shape}, {self.values.numel()} active{', transposed' if self.transposed else ''}"
+        kind = ", transposed" if self.transposed else f", 1x1 conv, stride {self.stride}" if self.stride else ""
+        return f"{self.fqn}: {self.shape}, {self.values.numel()} active{kind}"
 
     # the masked layout's checkpoint format (dense weight + bool mask) is written by the
     # SparseGraphModule that owns this layer, so the values are neither saved nor loaded here
@@ -219,7 +233,7 @@ class _CompactLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.masker is not None:
             if ctx.masker is not None:  # an armed step: the dense weight gradient, recorded for growth
                 dense = dy.t().mm(flat)
-                ctx.masker._record(layer.fqn, dense.t() if layer.transposed else dense)
+                ctx.masker._record(layer.fqn, layer.full(dense))
                 dvalues = dense.reshape(-1).index_select(0, layer.positions())
             else:
                 pattern = _csr(layer.crow, layer.col, values.detach(), (layer.rows, layer.cols))
@@ -235,7 +249,12 @@ def compact_linear(x: torch.Tensor, layer: CompactWeight, masker: Any, bias: tor
     ``layer``; the dense growth gradient is recorded by ``masker`` while it is armed. Under
     torch.compile it runs eagerly (a graph break)."""
     armed = masker.armed and torch.is_grad_enabled() and layer.values.requires_grad
-    return _CompactLinear.apply(x, layer.values, bias, layer, masker if armed else None)
+    if layer.stride is None:
+        return _CompactLinear.apply(x, layer.values, bias, layer, masker if armed else None)
+    # a 1x1 convolution: the channels of every (strided) pixel, (N, C, H, W) or (C, H, W)
+    s0, s1 = layer.stride
+    pixels = (x if (s0, s1) == (1, 1) else x[..., ::s0, ::s1]).movedim(-3, -1)
+    return _CompactLinear.apply(pixels, layer.values, bias, layer, masker if armed else None).movedim(-1, -3)
 
 
 def density_rule(density: float) -> bool:

@@ -13,6 +13,7 @@ masked; a wildcard selects the layers that qualify, a weight named exactly must 
 from __future__ import annotations
 
 import fnmatch
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -88,10 +89,16 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
     refused = []
     for fqn, site in state.sites.items():
         asked = _asked(layout, fqn)
-        kind = None if site.opaque or len(site.shape) != 2 else compact_reads(graphs, MASKER, fqn)
-        why_not = ("used inside an opaque module" if site.opaque else "not a 2-D weight" if len(site.shape) != 2
-                   else "read other than as a linear layer's weight or the right operand of x @ W" if kind is None
-                   else "budgeted dense" if site.active == site.shape[0] * site.shape[1] else "")
+        pointwise = len(site.shape) == 4 and tuple(site.shape[2:]) == (1, 1)
+        shaped = len(site.shape) == 2 or pointwise
+        kind = None if site.opaque or not shaped else compact_reads(graphs, MASKER, fqn)
+        if kind is not None and kind.startswith("conv2d") != pointwise:
+            kind = None
+        why_not = ("used inside an opaque module" if site.opaque
+                   else "not a 2-D weight or a 1x1 convolution kernel" if not shaped
+                   else "read other than as a linear layer's weight, the right operand of x @ W or a 1x1 convolution "
+                        "without padding or groups" if kind is None
+                   else "budgeted dense" if site.active == math.prod(site.shape) else "")
         if asked == "masked":
             choices[fqn] = LayoutChoice("masked", "asked" if not isinstance(layout, str) else "the default layout")
         elif why_not:
@@ -103,13 +110,14 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
     if refused:
         raise ValueError(
             f"layout asks for 'compact' on weight(s) that cannot be: {'; '.join(refused[:5])}. Compact layers hold "
-            "the 2-D weights of linear layers and of products x @ W; leave these out of the mapping"
+            "the weights of linear layers, of products x @ W and of 1x1 convolutions without padding or groups; "
+            "leave these out of the mapping"
         )
     to_time = {f: k for f, k in candidates.items() if _asked(layout, f) is None}
     timed = _time_layers(sparse, graphs[0], to_time, inputs) if inputs is not None and to_time else {}
     for fqn, kind in candidates.items():
         site = state.sites[fqn]
-        density = site.active / (site.shape[0] * site.shape[1])
+        density = site.active / math.prod(site.shape)
         if _asked(layout, fqn) == "compact":
             choices[fqn] = LayoutChoice("compact", "asked", timed.get(fqn, {}))
         elif fqn in timed:
@@ -122,13 +130,25 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
                                         "(no example_inputs to time on)")
     for fqn, choice in choices.items():
         if choice.layout == "compact":
-            _install(sparse, graphs, fqn, candidates[fqn] == "matmul")
+            _install(sparse, graphs, fqn, candidates[fqn])
     state.layouts = choices
     if any(c.layout == "compact" for c in choices.values()):
         sparse.recompile()
 
 
-def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, transposed: bool) -> None:
+def _stride(kind: str) -> tuple[int, int] | None:
+    """The stride in :func:`~fxsparse.passes.compact.compact_reads`' ``"conv2d:S0xS1"``."""
+    if not kind.startswith("conv2d:"):
+        return None
+    s0, s1 = kind.split(":", 1)[1].split("x")
+    return int(s0), int(s1)
+
+
+def _layer(fqn: str, weight: torch.Tensor, mask: torch.Tensor, kind: str) -> CompactWeight:
+    return CompactWeight(fqn, weight, mask, kind == "matmul", _stride(kind))
+
+
+def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, kind: str) -> None:
     """Moves ``fqn`` into a compact layer: the graphs call it, the parameter and mask go."""
     site = sparse._fxsparse.sites[fqn]
     if not hasattr(sparse, _HOLDER):
@@ -138,7 +158,7 @@ def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, transposed: bo
     while hasattr(holder, name):
         name += "_"
     weight, mask = sparse.get_parameter(fqn), sparse.get_buffer(site.mask)
-    holder.add_module(name, CompactWeight(fqn, weight.detach(), mask, transposed))
+    holder.add_module(name, _layer(fqn, weight.detach(), mask, kind))
     holder.get_submodule(name).values.requires_grad_(weight.requires_grad)
     for graph in graphs:
         to_compact(graph, MASKER, fqn, f"{_HOLDER}.{name}")
@@ -191,26 +211,27 @@ def _time_layers(sparse: Any, graph: torch.fx.Graph, candidates: Mapping[str, st
 
     def visit(fqn: str, x: torch.Tensor) -> None:
         with torch.enable_grad():
-            timed[fqn] = _time_layer(sparse, fqn, candidates[fqn] == "matmul", x)
+            timed[fqn] = _time_layer(sparse, fqn, candidates[fqn], x)
 
     _visit_inputs(sparse, graph, set(candidates), inputs, visit)
     return timed
 
 
-def _time_layer(sparse: Any, fqn: str, transposed: bool, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+def _time_layer(sparse: Any, fqn: str, kind: str, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
     """The median ms of one training step of ``fqn``'s layer on ``x``, masked and compact."""
     masker = Masker()
     masker.armed = False
     weight = sparse.get_parameter(fqn).detach().clone().requires_grad_()
     mask = sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
-    layer = CompactWeight(fqn, weight.detach(), mask, transposed)
+    layer = _layer(fqn, weight.detach(), mask, kind)
+    transposed, stride = kind == "matmul", _stride(kind)
     layer.values.requires_grad_()
     x = x.detach().clone().requires_grad_()
 
     def masked() -> None:
         with torch.no_grad():  # the masked layout's two weight-sized passes
             weight.mul_(mask)
-        out = x @ weight if transposed else F.linear(x, weight)
+        out = x @ weight if transposed else F.conv2d(x, weight, stride=stride) if stride else F.linear(x, weight)
         out.sum().backward()
         with torch.no_grad():
             weight.grad.mul_(mask)

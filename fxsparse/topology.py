@@ -437,7 +437,7 @@ class GrowthCandidates:
     Attributes:
         count: how many the update may grow at most.
         index: flat positions of the ``count`` largest ``|grad|`` among the inactive entries
-            (ties by ascending position), ascending.
+            (ties by ascending position), in no particular order.
         keys: ``|grad|`` at ``index``.
         active: ``|grad|`` at every active entry, in ascending position (a dropped weight may
             be grown back).
@@ -466,10 +466,12 @@ def growth_candidates(mask: torch.Tensor, grad: torch.Tensor, count: int) -> Gro
     """
     flat = mask.reshape(-1).numpy()
     values = _as_numpy(grad.contiguous())
-    index = np.sort(_extreme(values, count, True, flat, False, absolute=True))
+    index = _extreme(values, count, True, flat, False, absolute=True)
     keys = np.abs(values[index])
-    active = np.abs(values[flat])
-    finite = bool(np.isfinite(values.sum(dtype=np.float64))) or bool(np.isfinite(values).all())
+    active = np.compress(flat, values)  # several times faster than values[flat]
+    np.abs(active, out=active)
+    # one sum (NaN and inf survive it); the exact check only when it is not finite (an overflow)
+    finite = bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
     return GrowthCandidates(count, index, keys, active, finite)
 
 
@@ -491,10 +493,13 @@ def update_from_candidates(
         )
     if k == 0:
         return TopologyUpdate(mask, _none(), _none(), 0)
-    drop = _extreme(_as_numpy(drop_score), k, False, flat, True, absolute=absolute)
-    rank = np.searchsorted(np.flatnonzero(flat), drop)  # each dropped entry's place among the active
+    # the drop, selected among the active entries taken out in ascending position: their rank
+    # there orders them as their position does (the same ties), and indexes candidates.active
+    kept = np.compress(flat, _as_numpy(drop_score))
+    rank = _extreme(kept, k, False, np.ones(kept.size, dtype=bool), True, absolute=absolute)
+    drop = np.flatnonzero(flat)[rank]
     index = np.concatenate([candidates.index, drop])
-    keys = np.concatenate([candidates.keys[: candidates.index.size], candidates.active[rank]])
+    keys = np.concatenate([candidates.keys, candidates.active[rank]])
     grow = _pick(index, keys, k, True)
     return _settle(mask, flat, drop, grow, k)
 

@@ -32,15 +32,68 @@ METHODS = ("static", "set", "rigl")
 DENSITIES = (0.2, 0.1)
 
 
-def cells(seeds: list[int]) -> list[tuple[str, list[str]]]:
-    """``(name, train.py flags)`` of every run of the study."""
-    out = [(f"dense-seed{s}", ["--method", "dense", "--seed", str(s)]) for s in seeds]
+def cells(seeds: list[int], layout: str = "masked", densities: tuple[float, ...] = DENSITIES) -> list[tuple[str, list[str]]]:
+    """``(name, train.py flags)`` of every run of the study; in another ``layout`` (train.py's
+    ``--layout``) the sparse runs only, named with the layout."""
+    masked = layout == "masked"
+    out = [(f"dense-seed{s}", ["--method", "dense", "--seed", str(s)]) for s in seeds] if masked else []
     for method in METHODS:
-        for density in DENSITIES:
+        for density in densities:
             for s in seeds:
-                out.append((f"{method}-d{density}-seed{s}",
-                            ["--method", method, "--density", str(density), "--init", "erk", "--seed", str(s)]))
+                flags = ["--method", method, "--density", str(density), "--init", "erk", "--seed", str(s)]
+                out.append((f"{method}-d{density}-seed{s}" + ("" if masked else f"-{layout}"),
+                            flags + ([] if masked else ["--layout", layout])))
     return out
+
+
+def _layout(record: dict) -> str:
+    return record["config"].get("layout", "masked")
+
+
+def layout_section(records: list[dict]) -> list[str]:
+    """The runs in another layout against the masked runs of the same method and density:
+    test bits per character (is the gap within the seeds' spread?) and wall time per run."""
+    groups: dict[tuple[str, str, float], list[dict]] = {}
+    for record in records:
+        result = record["results"][0]
+        if result["method"] == "dense":
+            continue
+        key = (_layout(record), result["method"], float(record["config"]["density"]))
+        groups.setdefault(key, []).append(record)
+    others = sorted({k for k in groups if k[0] != "masked"}, key=lambda k: (k[0], -k[2], METHODS.index(k[1])))
+    if not others:
+        return []
+    rows = []
+    for layout, method, density in others:
+        mine, base = groups[(layout, method, density)], groups.get(("masked", method, density), [])
+        bits = _stats([r["results"][0]["test_bits"] for r in mine])
+        wall = statistics.mean(r.get("wall_seconds", 0.0) for r in mine)
+        if base:
+            ref = _stats([r["results"][0]["test_bits"] for r in base])
+            gap, spread = bits[0] - ref[0], max(bits[1], ref[1])
+            verdict = "within seed noise" if abs(gap) <= spread else "beyond seed noise"
+            ref_wall = statistics.mean(r.get("wall_seconds", 0.0) for r in base)
+            cells = [f"{ref[0]:.4f} +- {ref[1]:.4f}", f"{gap:+.4f} ({verdict})", f"{ref_wall:.0f}"]
+        else:
+            cells = ["-", "-", "-"]
+        compact = mine[0]["results"][0].get("compact_layers", "-")
+        rows.append([layout, method, f"{density:g}", f"{bits[0]:.4f} +- {bits[1]:.4f}", cells[0], cells[1],
+                     f"{wall:.0f}", cells[2], str(compact), str(len(mine))])
+    from report import _md_table  # recipes/report.py
+
+    return [
+        "## Layouts",
+        "",
+        "The same runs with the weights in another layout (`recipes/train.py --layout`; `all-compact`: every "
+        "layer that can be compact is, `layout={'*': 'compact'}`, although the sparsify-time timing keeps them "
+        "all masked at this width, docs/compact.md): test bits per character against the masked runs of the same "
+        "seeds ('within seed noise': the gap is at most the larger std), and wall time per run (one torch thread; "
+        "runs shared the 2 cores with other work, so take differences under ~10% as noise).",
+        "",
+        *_md_table(["layout", "method", "density", "test bits/char", "masked bits/char", "gap",
+                    "wall s / run", "masked wall s / run", "compact layers", "seeds"], rows),
+        "",
+    ]
 
 
 def _run(out_dir: Path, runs_dir: Path, name: str, flags: list[str], extra: list[str]) -> str:
@@ -66,6 +119,8 @@ def render(records: list[dict], commands: list[str]) -> str:
     """The study's Markdown page from its records."""
     from report import _md_table  # recipes/report.py
 
+    layouts = layout_section(records)
+    records = [r for r in records if _layout(r) == "masked"]  # the main table: the masked layout
     groups: dict[tuple[str, float], list[dict]] = {}
     for record in records:
         result = record["results"][0]
@@ -136,6 +191,7 @@ def render(records: list[dict], commands: list[str]) -> str:
         "steps, about 46% of the training text seen once), sized for this CPU: the table compares the methods "
         "at this budget, not at convergence.",
         "",
+        *layouts,
         "Reproduce:",
         "",
         "```",
@@ -160,16 +216,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="train the missing runs last first (a second process beside a first, with its own --runs-dir)")
     parser.add_argument("--report", action="store_true", help="write the page from the records")
     parser.add_argument("--out", default="docs/language_model.md")
+    parser.add_argument("--layout", default="masked", help="train.py's --layout: the sparse runs in that layout")
+    parser.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     args, extra = parser.parse_known_args(argv)  # anything else goes to train.py
     out_dir = Path(args.out_dir)
     if args.report:
         records = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
-        commands = ["python recipes/lm_study.py --workers 2", f"python recipes/lm_study.py --report --out {args.out}"]
+        commands = ["python recipes/lm_study.py --workers 2"]
+        for layout in sorted({_layout(r) for r in records} - {"masked"}):
+            densities = sorted({float(r["config"]["density"]) for r in records if _layout(r) == layout}, reverse=True)
+            commands.append(f"python recipes/lm_study.py --workers 2 --layout {layout} --densities {','.join(map(str, densities))}")
+        commands.append(f"python recipes/lm_study.py --report --out {args.out}")
         Path(args.out).write_text(render(records, commands))
         print(f"wrote {args.out} from {len(records)} records")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(n, f) for n, f in cells([int(s) for s in args.seeds.split(",")]) if not (out_dir / f"{n}.json").exists()]
+    densities = tuple(float(d) for d in args.densities.split(","))
+    todo = [(n, f) for n, f in cells([int(s) for s in args.seeds.split(",")], args.layout, densities)
+            if not (out_dir / f"{n}.json").exists()]
     if args.reverse:
         todo.reverse()
     print(f"{len(todo)} runs to train, records in {out_dir}", flush=True)

@@ -102,6 +102,9 @@ class Config:
     limit_train: int | None = None
     kill_at_step: int | None = None  # testing aid: SIGKILL this process after that step
     optimizer: str = "sgd"  # "sgd" (with momentum / nesterov above) or "adamw"
+    # sparsify's layout: "masked", "compact" (compact where a timed step wins), "all-compact"
+    # (every layer that can be compact is: layout={"*": "compact"})
+    layout: str = "masked"
     # language models (recipes/lm.py): an epoch is steps_per_epoch batches of random windows
     steps_per_epoch: int = 0  # 0: one pass over the training set (image recipes)
     context: int = 64
@@ -241,7 +244,8 @@ def build(cfg: Config, vocab_size: int = 0) -> tuple[nn.Module, fxsparse.SparseG
             return dense, None, dense
         density = 1.0 if cfg.method == "pruning" else cfg.density
         # torch.export captures on the device it will train on (the graph keeps device constants)
-        sparse = fxsparse.sparsify(dense, density, cfg.init, seed=cfg.seed, example_inputs=lm.example(cfg, cfg.device))
+        sparse = fxsparse.sparsify(dense, density, cfg.init, seed=cfg.seed, example_inputs=lm.example(cfg, cfg.device),
+                                   layout=_layout(cfg))
         return sparse, sparse, dense
     dense = _model_fn(cfg)
     if cfg.method == "dense":
@@ -258,8 +262,18 @@ def build(cfg: Config, vocab_size: int = 0) -> tuple[nn.Module, fxsparse.SparseG
         ticket = fxsparse.lottery_ticket(trained, initial)
         return ticket, ticket, dense
     density = 1.0 if cfg.method == "pruning" else cfg.density
-    sparse = fxsparse.sparsify(dense, density, cfg.init, seed=cfg.seed)
+    sparse = fxsparse.sparsify(dense, density, cfg.init, seed=cfg.seed, layout=_layout(cfg))
     return sparse, sparse, dense
+
+
+LAYOUTS = {"masked": "masked", "compact": "compact", "all-compact": {"*": "compact"}}
+
+
+def _layout(cfg: Config) -> str | dict[str, str]:
+    """sparsify's ``layout=`` for ``--layout``."""
+    if cfg.layout not in LAYOUTS:
+        raise SystemExit(f"error: --layout must be one of {sorted(LAYOUTS)}, got {cfg.layout!r}")
+    return LAYOUTS[cfg.layout]
 
 
 def _lr_lambda(cfg: Config, steps_per_epoch: int, total_steps: int):
@@ -507,11 +521,14 @@ def _costs(
     )
     method = {"small_dense": "dense", "lottery": "static"}.get(cfg.method, cfg.method)
     training = report.training(method).per_step / full.training("dense").per_step
-    return {
+    costs = {
         "inference_flops": report.sparse_flops / full.dense_flops,
         "training_flops": training,
         "size_mb": report.size_bytes / 1e6,
     }
+    if isinstance(model, fxsparse.SparseGraphModule):  # how many layers the layout made compact
+        costs["compact_layers"] = sum(1 for c in model.layouts.values() if c.layout == "compact")
+    return costs
 
 
 def _tensorboard(run_dir: Path):

@@ -94,6 +94,31 @@ class Block(nn.Module):
         return x.mean(1) @ self.head
 
 
+class Pointwise(nn.Module):
+    """1x1 convolutions (stride 1 with a bias, stride 2 without) around a 3x3 one (which stays
+    masked), as in a ResNet bottleneck or a MobileNet block, and a linear head."""
+
+    def __init__(self, width: int, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(width, hidden, 1)
+        self.spatial = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.reduce = nn.Conv2d(hidden, width, 1, stride=2, bias=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(F.relu(self.spatial(F.relu(self.expand(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def _model(kind: str, width: int, hidden: int, classes: int) -> tuple[nn.Module, torch.Tensor]:
+    """A model of ``kind`` in float64 and a batch of 8 inputs for it."""
+    if kind == "mlp":
+        return _mlp(width, hidden, classes, 2).double(), torch.randn(8, width, dtype=torch.float64)
+    if kind == "block":
+        return Block(width, hidden, classes).double(), torch.randn(8, 4, width, dtype=torch.float64)
+    return Pointwise(width, hidden, classes).double(), torch.randn(8, width, 6, 6, dtype=torch.float64)
+
+
 def _mlp(width: int, hidden: int, classes: int, depth: int) -> nn.Module:
     layers: list[nn.Module] = [nn.Linear(width, hidden), nn.ReLU()]
     for _ in range(depth - 1):
@@ -101,8 +126,13 @@ def _mlp(width: int, hidden: int, classes: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(hidden, classes))
 
 
+def _budget(model: nn.Module) -> dict:
+    # ERK makes small 1x1 convolutions dense (nothing to compare): every layer at the density
+    return {"init": "uniform", "dense": []} if isinstance(model, Pointwise) else {"init": "erk"}
+
+
 def _train(model, layout, method, density, capture, x, y, steps=10, optimizer="adamw"):
-    sparse = fxsparse.sparsify(model, density, "erk", seed=5, example_inputs=x, capture=capture, layout=layout)
+    sparse = fxsparse.sparsify(model, density, seed=5, example_inputs=x, capture=capture, layout=layout, **_budget(model))
     opt = (torch.optim.AdamW(sparse.parameters(), lr=0.02) if optimizer == "adamw"
            else torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9))
     scheduler = fxsparse.RigLScheduler(sparse, opt, steps, delta_t=2, end_fraction=1.0, method=method)
@@ -119,7 +149,7 @@ def _train(model, layout, method, density, capture, x, y, steps=10, optimizer="a
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    kind=st.sampled_from(["mlp", "block"]),
+    kind=st.sampled_from(["mlp", "block", "pointwise"]),
     width=st.integers(6, 20),
     hidden=st.integers(8, 40),
     density=st.sampled_from([0.05, 0.1, 0.3, 0.5]),
@@ -133,8 +163,7 @@ def test_compact_and_masked_runs_make_the_same_decisions(kind, width, hidden, de
     # grown together move by nearly equal amounts and their order is rounding's: AdamW is
     # compared update by update below instead
     torch.manual_seed(seed)
-    model = (_mlp(width, hidden, 3, 2) if kind == "mlp" else Block(width, hidden, 3)).double()
-    x = torch.randn(8, 4, width, dtype=torch.float64) if kind == "block" else torch.randn(8, width, dtype=torch.float64)
+    model, x = _model(kind, width, hidden, 3)
     y = torch.randint(0, 3, (8,))
     masked, masked_losses = _train(model, "masked", method, density, "symbolic", x, y, optimizer=optimizer)
     compact, compact_losses = _train(model, {"*": "compact"}, method, density, "symbolic", x, y, optimizer=optimizer)
@@ -147,21 +176,20 @@ def test_compact_and_masked_runs_make_the_same_decisions(kind, width, hidden, de
     compact.verify()
     if method != "static" and max(s.active for s in masked._fxsparse.sites.values()) >= 20:
         # the topology moved, or the comparison proves little
-        start = fxsparse.sparsify(model, density, "erk", seed=5, example_inputs=x)
+        start = fxsparse.sparsify(model, density, seed=5, example_inputs=x, **_budget(model))
         assert any(not torch.equal(start.masks[f], m) for f, m in masked.masks.items())
 
 
-@pytest.mark.parametrize("kind", ["mlp", "block"])
+@pytest.mark.parametrize("kind", ["mlp", "block", "pointwise"])
 def test_adamw_updates_decide_alike(kind):
     """Every update, both layouts start from the masked run's weights (a checkpoint moved across
     layouts) and must choose the same masks."""
     torch.manual_seed(4)
-    model = (_mlp(24, 48, 3, 2) if kind == "mlp" else Block(16, 32, 3)).double()
-    x = torch.randn(8, 5, 16, dtype=torch.float64) if kind == "block" else torch.randn(8, 24, dtype=torch.float64)
+    model, x = _model(kind, 24 if kind == "mlp" else 16, 48 if kind == "mlp" else 32, 3)
     y = torch.randint(0, 3, (8,))
     runs = {}
     for layout in ("masked", {"*": "compact"}):
-        sparse = fxsparse.sparsify(model, 0.2, "erk", seed=5, layout=layout)
+        sparse = fxsparse.sparsify(model, 0.2, seed=5, layout=layout, **_budget(model))
         opt = torch.optim.AdamW(sparse.parameters(), lr=0.02)
         runs[str(layout)] = (sparse, opt, fxsparse.RigLScheduler(sparse, opt, 24, delta_t=3, end_fraction=1.0))
     (masked, masked_opt, masked_scheduler), (compact, compact_opt, compact_scheduler) = runs.values()
@@ -416,3 +444,86 @@ def test_nan_in_a_compact_layers_values_is_refused_before_any_change():
     with pytest.raises(FloatingPointError, match=r"2\.weight \(weights\)"):
         sparse.rigl_step(0.3)
     assert all(torch.equal(before[f], m) for f, m in sparse.masks.items())
+
+
+# --- 1x1 convolutions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1)])
+def test_a_pointwise_convolution_is_its_compact_product_and_gradients(stride):
+    torch.manual_seed(2)
+    mask = torch.rand(6, 5, 1, 1) < 0.4
+    weight = (torch.randn(6, 5, 1, 1, dtype=torch.float64) * mask).requires_grad_()
+    layer = CompactWeight("w", weight.detach(), mask, stride=stride)
+    layer.values.requires_grad_()
+    assert torch.equal(layer.dense(), weight.detach()) and torch.equal(layer.mask(), mask)
+    x = torch.randn(3, 5, 7, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    masker = Masker()
+    masker.armed = True
+    out = compact_linear(x, layer, masker, bias)
+    reference = F.conv2d(x, weight, bias, stride)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, layer.values, bias], grad)
+    want = torch.autograd.grad(reference, [x, weight, bias], grad)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(masker.grads["w"], want[1])  # recorded in the weight's shape
+    torch.testing.assert_close(got[1], want[1][mask])
+    torch.testing.assert_close(got[2], want[2])
+    unbatched = compact_linear(x[0], layer, masker, bias)  # (C, H, W)
+    torch.testing.assert_close(unbatched, reference[0])
+
+
+def test_which_convolutions_can_be_compact():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.padded = nn.Conv2d(4, 8, 1, padding=1)  # padding: not a per-pixel map
+            self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+            self.pointwise = nn.Conv2d(8, 8, 1, stride=2)
+            self.shared = nn.Conv2d(8, 8, 1)  # read at two strides: stays masked
+            self.spatial = nn.Conv2d(8, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.pointwise(self.grouped(self.padded(x)))
+            x = self.shared(x) + F.conv2d(x, self.shared.weight, stride=1)
+            y = F.conv2d(x, self.shared.weight, stride=2)
+            return self.spatial(x).mean((2, 3)) + y.mean((2, 3))
+
+    x = torch.randn(2, 4, 9, 9)
+    for capture in ("symbolic", "export"):
+        sparse = fxsparse.sparsify(Net(), 0.2, dense=[], example_inputs=(x,), capture=capture, layout={"*": "compact"})
+        chosen = {f: c.layout for f, c in sparse.layouts.items()}
+        assert chosen == {"padded.weight": "masked", "grouped.weight": "masked", "pointwise.weight": "compact",
+                          "shared.weight": "masked", "spatial.weight": "masked"}, capture
+        with pytest.raises(ValueError, match="1x1 convolutions without padding"):
+            fxsparse.sparsify(Net(), 0.2, dense=[], example_inputs=(x,), capture=capture, layout={"padded.weight": "compact"})
+
+
+def test_a_pointwise_compact_module_checkpoints_counts_and_exports_as_its_masked_twin():
+    torch.manual_seed(0)
+    model = Pointwise(8, 16, 3)
+    x = torch.randn(4, 8, 6, 6)
+    masked = fxsparse.sparsify(model, 0.2, "uniform", seed=1, example_inputs=x, dense=[])
+    compact = fxsparse.sparsify(model, 0.2, "uniform", seed=1, example_inputs=x, dense=[], layout={"*": "compact"})
+    assert {f for f, c in compact.layouts.items() if c.layout == "compact"} == {"expand.weight", "reduce.weight", "head.weight"}
+    assert fxsparse.flops(compact, x) == fxsparse.flops(masked, x)
+    assert fxsparse.flop_report(compact, x).size_bytes == fxsparse.flop_report(masked, x).size_bytes
+    state = masked.state_dict()
+    compact.load_state_dict(state)
+    assert compact.state_dict().keys() == state.keys()
+    assert all(torch.equal(compact.state_dict()[k], v) for k, v in state.items())
+    masked.eval(), compact.eval()
+    torch.testing.assert_close(compact(x), masked(x))
+    torch.testing.assert_close(fxsparse.export_inference(compact, x)(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_timing_chooses_for_pointwise_convolutions_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU(), nn.Conv2d(256, 64, 1))
+    sparse = fxsparse.sparsify(model, 0.05, "uniform", dense=[], example_inputs=torch.randn(8, 64, 16, 16), layout="compact")
+    for fqn in ("0.weight", "2.weight"):
+        choice = sparse.layouts[fqn]
+        assert choice.reason == "timed on example_inputs" and set(choice.ms) == {"masked", "compact"}
+        assert (choice.layout == "compact") == (choice.ms["compact"] <= 0.95 * choice.ms["masked"])

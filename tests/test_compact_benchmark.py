@@ -28,3 +28,18 @@ def test_a_short_run_reports_step_time_and_memory(tmp_path):
         assert len(result["ms"]["compact"]) == len(result["ms"]["dense"]) == 3
         assert result["state_bytes"]["compact"] <= result["state_bytes"]["masked"]
         assert result["compact_layers"].endswith("of 3")
+
+
+def test_the_pointwise_mode_prints_what_the_timing_measured():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/compact.py", "--pointwise", "--densities", "0.05", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line[:3].strip("| ").isdigit()]
+    assert len(rows) == 4
+    for row in rows:
+        masked, compact, ratio, kept = float(row[3]), float(row[4]), float(row[5]), row[6].strip()
+        assert masked > 0 and compact > 0 and abs(ratio - compact / masked) < 0.01
+        if abs(compact / masked - 0.95) > 0.01:  # the printed times are rounded: no verdict at the edge
+            assert kept == ("compact" if compact <= 0.95 * masked else "masked")

@@ -1,5 +1,5 @@
-"""Editing pass: a masked weight whose every read is a linear layer or a product ``x @ W``
-becomes a compact layer (:mod:`fxsparse.compact`).
+"""Editing pass: a masked weight whose every read is a linear layer, a product ``x @ W`` or a
+1x1 convolution becomes a compact layer (:mod:`fxsparse.compact`).
 
 Invariant: after :func:`to_compact`, no node of the graph reads the weight or its mask; each
 former ``F.linear(x, masker(w, m), b)`` is ``compact_linear(x, layer, masker, b)`` and each
@@ -22,17 +22,45 @@ from fxsparse.compact import compact_linear
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.ops import packet, product_kind
 
-__all__ = ["compact_reads", "to_compact", "operands"]
+__all__ = ["compact_reads", "to_compact", "operands", "conv_stride"]
 
 
 def _masked_nodes(graph: torch.fx.Graph, masker: str, fqn: str) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op == "call_module" and n.target == masker and n.kwargs.get("name") == fqn]
 
 
+_CONV_DEFAULTS = (None, 1, 0, 1, 1)  # conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(isinstance(v, int) for v in value):
+        return (value[0], value[-1])
+    return None
+
+
+def conv_stride(user: torch.fx.Node) -> tuple[int, int] | None:
+    """The stride of a ``conv2d`` call that a 1x1 kernel computes as a per-pixel linear map (no
+    padding, one group; dilation is then irrelevant), else None."""
+    names = ("bias", "stride", "padding", "dilation", "groups")
+    if not set(user.kwargs) <= set(names) or len(user.args) > 7:
+        return None
+    given = dict(zip(names, user.args[2:]))
+    given.update(user.kwargs)
+    padding, groups = given.get("padding", 0), given.get("groups", 1)
+    if not (padding in ("valid", "same") or _pair(padding) == (0, 0)) or groups != 1:
+        return None
+    stride = _pair(given.get("stride", 1))
+    return stride if stride is not None and min(stride) >= 1 else None
+
+
 def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> str | None:
     """``"linear"`` when every read of ``fqn`` in every graph is the weight of a linear call,
-    ``"matmul"`` when every read is the right operand of ``x @ W``; None otherwise (a weight
-    read elsewhere, through a view, under another name or by several kinds stays masked)."""
+    ``"matmul"`` when every read is the right operand of ``x @ W``, ``"conv2d:S0xS1"`` when every
+    read is the weight of a ``conv2d`` without padding or groups, all of stride ``(S0, S1)`` (a
+    1x1 kernel then is a linear map per pixel; the caller checks the kernel); None otherwise (a
+    weight read elsewhere, through a view, under another name or by several kinds stays masked)."""
     kinds = set()
     for graph in graphs:
         nodes = _masked_nodes(graph, masker, fqn)
@@ -53,6 +81,10 @@ def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> st
                 elif _is_addmm(user) and len(user.args) == 3 and user.args[2] is node and node not in user.args[:2] \
                         and not user.kwargs:
                     kinds.add("matmul")  # addmm(bias, x, W): x @ W + bias (transformers' Conv1D)
+                elif kind == "conv2d" and len(user.args) >= 2 and user.args[1] is node and node not in user.args[:1] \
+                        and node not in user.args[2:] and node not in user.kwargs.values() \
+                        and conv_stride(user) is not None:
+                    kinds.add("conv2d:{}x{}".format(*conv_stride(user)))
                 else:
                     return None
     return kinds.pop() if len(kinds) == 1 else None
@@ -92,6 +124,8 @@ def operands(user: torch.fx.Node) -> tuple[Any, Any]:
         return user.args[1], user.args[0]
     if product_kind(user.target) == "matmul":
         return user.args[0], None
+    if product_kind(user.target) == "conv2d":
+        return user.args[0], user.kwargs.get("bias", user.args[2] if len(user.args) > 2 else None)
     return user.args[0], user.kwargs.get("bias", user.args[2] if len(user.args) > 2 else None)
 
 
