@@ -32,11 +32,14 @@ METHODS = ("static", "set", "rigl")
 DENSITIES = (0.2, 0.1)
 
 
-def cells(seeds: list[int], layout: str = "masked", densities: tuple[float, ...] = DENSITIES) -> list[tuple[str, list[str]]]:
+def cells(
+    seeds: list[int], layout: str = "masked", densities: tuple[float, ...] = DENSITIES, dense: bool = True,
+) -> list[tuple[str, list[str]]]:
     """``(name, train.py flags)`` of every run of the study; in another ``layout`` (train.py's
-    ``--layout``) the sparse runs only, named with the layout."""
+    ``--layout``) the sparse runs only, named with the layout; ``dense=False`` leaves out the
+    dense runs."""
     masked = layout == "masked"
-    out = [(f"dense-seed{s}", ["--method", "dense", "--seed", str(s)]) for s in seeds] if masked else []
+    out = [(f"dense-seed{s}", ["--method", "dense", "--seed", str(s)]) for s in seeds] if masked and dense else []
     for method in METHODS:
         for density in densities:
             for s in seeds:
@@ -50,9 +53,11 @@ def _layout(record: dict) -> str:
     return record["config"].get("layout", "masked")
 
 
-def layout_section(records: list[dict]) -> list[str]:
+def layout_section(records: list[dict], timing: list[dict] = (), timing_dir: str = "") -> list[str]:  # type: ignore[assignment]
     """The runs in another layout against the masked runs of the same method and density:
-    test bits per character (is the gap within the seeds' spread?) and wall time per run."""
+    test bits per character (is the gap within the seeds' spread?) and wall time per run.
+    ``timing``: masked runs trained again beside the other layout's, whose wall time is the
+    one compared (the study's own masked runs may come from another day's load)."""
     groups: dict[tuple[str, str, float], list[dict]] = {}
     for record in records:
         result = record["results"][0]
@@ -72,7 +77,9 @@ def layout_section(records: list[dict]) -> list[str]:
             ref = _stats([r["results"][0]["test_bits"] for r in base])
             gap, spread = bits[0] - ref[0], max(bits[1], ref[1])
             verdict = "within seed noise" if abs(gap) <= spread else "beyond seed noise"
-            ref_wall = statistics.mean(r.get("wall_seconds", 0.0) for r in base)
+            same = [r for r in timing if r["results"][0]["method"] == method
+                    and float(r["config"]["density"]) == density and _layout(r) == "masked"]
+            ref_wall = statistics.mean(r.get("wall_seconds", 0.0) for r in (same or base))
             cells = [f"{ref[0]:.4f} +- {ref[1]:.4f}", f"{gap:+.4f} ({verdict})", f"{ref_wall:.0f}"]
         else:
             cells = ["-", "-", "-"]
@@ -87,8 +94,10 @@ def layout_section(records: list[dict]) -> list[str]:
         "The same runs with the weights in another layout (`recipes/train.py --layout`; `all-compact`: every "
         "layer that can be compact is, `layout={'*': 'compact'}`, although the sparsify-time timing keeps them "
         "all masked at this width, docs/compact.md): test bits per character against the masked runs of the same "
-        "seeds ('within seed noise': the gap is at most the larger std), and wall time per run (one torch thread; "
-        "runs shared the 2 cores with other work, so take differences under ~10% as noise).",
+        "seeds ('within seed noise': the gap is at most the larger std), and wall time per run (one torch thread, "
+        "two runs at a time on the 2 cores; the masked wall time is that of the masked runs trained again beside "
+        "them" + (f", `{timing_dir}`" if timing_dir else "") + ", so that both met the same load; take differences "
+        "under ~10% as noise).",
         "",
         *_md_table(["layout", "method", "density", "test bits/char", "masked bits/char", "gap",
                     "wall s / run", "masked wall s / run", "compact layers", "seeds"], rows),
@@ -115,11 +124,11 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def render(records: list[dict], commands: list[str]) -> str:
-    """The study's Markdown page from its records."""
+def render(records: list[dict], commands: list[str], timing: list[dict] = (), timing_dir: str = "") -> str:  # type: ignore[assignment]
+    """The study's Markdown page from its records (``timing``: see :func:`layout_section`)."""
     from report import _md_table  # recipes/report.py
 
-    layouts = layout_section(records)
+    layouts = layout_section(records, timing, timing_dir)
     records = [r for r in records if _layout(r) == "masked"]  # the main table: the masked layout
     groups: dict[tuple[str, float], list[dict]] = {}
     for record in records:
@@ -218,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/language_model.md")
     parser.add_argument("--layout", default="masked", help="train.py's --layout: the sparse runs in that layout")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)))
+    parser.add_argument("--no-dense", action="store_true", help="leave out the dense runs")
+    parser.add_argument("--timing-dir", default="results/lm_timing",
+                        help="masked runs trained again beside another layout's: their wall time is compared")
     args, extra = parser.parse_known_args(argv)  # anything else goes to train.py
     out_dir = Path(args.out_dir)
     if args.report:
@@ -226,13 +238,19 @@ def main(argv: list[str] | None = None) -> None:
         for layout in sorted({_layout(r) for r in records} - {"masked"}):
             densities = sorted({float(r["config"]["density"]) for r in records if _layout(r) == layout}, reverse=True)
             commands.append(f"python recipes/lm_study.py --workers 2 --layout {layout} --densities {','.join(map(str, densities))}")
+        timing_dir = Path(args.timing_dir)
+        timing = [json.loads(p.read_text()) for p in sorted(timing_dir.glob("*.json"))] if timing_dir.is_dir() else []
+        if timing:
+            densities = sorted({float(r["config"]["density"]) for r in timing}, reverse=True)
+            commands.append(f"python recipes/lm_study.py --workers 2 --no-dense --densities {','.join(map(str, densities))} "
+                            f"--out-dir {args.timing_dir}")
         commands.append(f"python recipes/lm_study.py --report --out {args.out}")
-        Path(args.out).write_text(render(records, commands))
+        Path(args.out).write_text(render(records, commands, timing, args.timing_dir if timing else ""))
         print(f"wrote {args.out} from {len(records)} records")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     densities = tuple(float(d) for d in args.densities.split(","))
-    todo = [(n, f) for n, f in cells([int(s) for s in args.seeds.split(",")], args.layout, densities)
+    todo = [(n, f) for n, f in cells([int(s) for s in args.seeds.split(",")], args.layout, densities, not args.no_dense)
             if not (out_dir / f"{n}.json").exists()]
     if args.reverse:
         todo.reverse()

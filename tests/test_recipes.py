@@ -271,12 +271,13 @@ def test_language_model_recipe_trains_every_method_and_reports_bits(tmp_path):
 
     _tiny_plays(tmp_path)
     records = []
-    for method, density in (("dense", 1.0), ("rigl", 0.2)):
-        run_dir = tmp_path / method
+    for method, density, layout in (("dense", 1.0, "masked"), ("rigl", 0.2, "masked"), ("rigl", 0.2, "all-compact")):
+        run_dir = tmp_path / f"{method}-{layout}"
         record = train.main([
             "--recipe", "gpt2char-shakespeare", "--data-root", str(tmp_path), "--method", method,
             "--density", str(density), "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "4",
             "--context", "16", "--lm-width", "16", "--lm-heads", "2", "--delta-t", "2", "--run-dir", str(run_dir),
+            "--layout", layout,
         ])
         result = record["results"][0]
         assert 0 < result["test_bits"] < 8 and result["test_perplexity"] > 1  # 30-odd characters: < log2(32)+
@@ -284,11 +285,22 @@ def test_language_model_recipe_trains_every_method_and_reports_bits(tmp_path):
         assert (run_dir / "metrics.jsonl").read_text().count("val_bits") == 2
         if method == "rigl":
             assert result["training_flops"] < 1 and result["inference_flops"] < 1
+            assert (result["compact_layers"] > 0) == (layout == "all-compact")  # the layout was applied
         records.append(record)
     page = lm_study.render(records, ["python recipes/lm_study.py"])
     assert "| dense" in page and "| rigl" in page and "bits/char" in page
+    main_table = page.split("## Verdicts")[0]
+    assert main_table.count("| rigl |") == 1  # the masked runs only; the other layout has its section
+    assert "## Layouts" in page and "| all-compact | rigl | 0.2 |" in page and "seed noise" in page
+    rerun = dict(records[1], wall_seconds=123.0)  # the masked rigl run, trained again beside the compact ones
+    row = next(line for line in lm_study.render(records, [], [rerun], "results/lm_timing").splitlines()
+               if line.startswith("| all-compact | rigl |"))
+    assert row.split("|")[8].strip() == "123"  # the masked wall time compared is the rerun's
     assert [name for name, _ in lm_study.cells([0, 1, 2])].count("rigl-d0.1-seed2") == 1
     assert len(lm_study.cells([0, 1, 2])) == 21
+    compact = lm_study.cells([0, 1, 2], "all-compact", (0.1,))
+    assert len(compact) == 9 and all(name.endswith("-all-compact") and flags[-2:] == ["--layout", "all-compact"]
+                                     for name, flags in compact)
 
 
 def test_shakespeare_loader_reads_a_plays_folder_and_says_how_to_install_it(tmp_path):
