@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ __all__ = ["sparsify"]
 
 
 def sparsify(
-    model: nn.Module, density: float, init: str | Mapping[str, float] = "erk", *,
+    model: nn.Module, density: float | None, init: str | Mapping[str, float] = "erk", *,
     example_inputs: Any = None, seed: int = 0, dense: Iterable[str] | None = None, exclude: Iterable[str] = (),
     budget: str = "params", capture: str = "auto", embeddings: bool = False, layout: str | Mapping[str, str] = "masked",
 ) -> SparseGraphModule:
@@ -45,11 +46,15 @@ def sparsify(
 
     Args:
         model: any module torch.fx can trace (see :func:`fxsparse.register_leaf_module`).
-        density: overall fraction of the sparsified weights kept active, in (0, 1].
+        density: overall fraction of the sparsified weights kept active, in (0, 1]; None with
+            ``init="zeros"``.
         init: layer-wise distribution: ``"uniform"``, ``"er"``, ``"erk"`` (or any registered
             with :func:`fxsparse.budgets.register_init`), or an explicit ``{fqn: density}``
             (layers it does not name get ``density``). Every scheme keeps the total active count
             at ``density`` times the total; layers it would fill beyond 1 are made dense.
+            ``"zeros"`` (with ``density=None``): a pruned checkpoint's topology, each layer's
+            mask its weight's nonzero entries and its budget their count (layers ``dense=``
+            names stay dense).
         example_inputs: optional inputs the model is called with: a tensor or a tuple
             (positional), a dict (keyword: ``model(**batch)``), or ``(args_tuple, kwargs_dict)``.
             They tell the tracer how many positional inputs ``forward`` takes, give the shapes
@@ -99,7 +104,8 @@ def sparsify(
     captured, graphs = _capture(work, inputs, capture)  # 2. capture
     names = canonical_names(work)
     kept, skipped = _find(model, work, graphs, names, inputs, embeddings, exclude_patterns)  # 3. find weights
-    densities, counts = _budget(kept, graphs, inputs, density, init, dense_patterns, budget)  # 4. budgets
+    densities, counts = (_zeros_budget(work, kept, dense_patterns) if init == "zeros"  # 4. budgets
+                         else _budget(kept, graphs, inputs, density, init, dense_patterns, budget))
     try:
         for graph in graphs:
             functionalize(graph, {s.fqn for s in kept})  # 5. functionalize
@@ -121,12 +127,21 @@ def _validate_arguments(
     exclude patterns, (args, kwargs) of the example inputs or None)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module to sparsify, got {type(model).__name__}")
-    density = budgets.validate_density(density)
+    if init == "zeros":
+        if density is not None:
+            raise ValueError(
+                f"init='zeros' takes each layer's mask and budget from the zeros of its weights (a pruned "
+                f"checkpoint), so density must be None, got {density!r}; for a target density use init='erk'"
+            )
+        if budget != "params":
+            raise ValueError(f"init='zeros' takes the checkpoint's counts: budget must be 'params', got {budget!r}")
+    else:
+        density = budgets.validate_density(density)
     if isinstance(init, str):
-        if init not in budgets.available_inits():
+        if init not in budgets.available_inits() and init != "zeros":
             raise ValueError(
                 f"expected init to be one of {budgets.available_inits()} or a {{fqn: density}} "
-                f"dict, got {init!r}"
+                f"dict (or 'zeros' with density=None: a pruned checkpoint's topology), got {init!r}"
             )
     elif not isinstance(init, Mapping):
         raise TypeError(f"expected init to be a scheme name or a {{fqn: density}} dict, got {type(init).__name__}")
@@ -222,6 +237,26 @@ def _budget(
     return densities, budgets.active_counts(shapes, densities)
 
 
+def _zeros_budget(work: nn.Module, kept: list[Any], dense_patterns: list[str] | None) -> tuple[dict[str, float], dict[str, int]]:
+    """Step 4 for ``init="zeros"``: each layer's count is its weight's nonzero entries (all of
+    them for a layer ``dense=`` names). Raises ValueError for a layer without any."""
+    if dense_patterns is not None:
+        _check_patterns_match(dense_patterns, [s.fqn for s in kept], "dense")
+    weights = dict(work.named_parameters(remove_duplicate=False))
+    counts, empty = {}, []
+    for s in kept:
+        numel = math.prod(s.shape)
+        counts[s.fqn] = numel if dense_patterns and _match(s.fqn, dense_patterns) else int(weights[s.fqn].count_nonzero())
+        if counts[s.fqn] == 0:
+            empty.append(s.fqn)
+    if empty:
+        raise ValueError(
+            f"init='zeros' found no nonzero weight in {empty[:3]}{' ...' if len(empty) > 3 else ''}: a layer with nothing "
+            "active cannot train; leave it out with exclude=[...] or keep it dense with dense=[...]"
+        )
+    return {s.fqn: counts[s.fqn] / math.prod(s.shape) for s in kept}, counts
+
+
 def _build(model: nn.Module, work: nn.Module, captured: Captured, gm: torch.fx.GraphModule) -> SparseGraphModule:
     """Step 6: the :class:`SparseGraphModule` of the (functionalized) train-mode graph ``gm``,
     holding every parameter and buffer of ``work`` in the original's order, with the ``Masker``
@@ -253,7 +288,7 @@ def _masks_and_state(
         input_spec=_input_spec(inputs), capture=how,
     )
     for s in kept:
-        mask_name = _add_mask(sparse, s.fqn, counts[s.fqn], seed)
+        mask_name = _add_mask(sparse, s.fqn, counts[s.fqn], seed, from_zeros=init == "zeros")
         state.sites[s.fqn] = _Site(mask_name, s.shape, densities[s.fqn], counts[s.fqn], bool(s.opaque))
     return state
 
@@ -517,19 +552,24 @@ def _follow_module_order(source: nn.Module, target: nn.Module) -> None:
             table.update(items)
 
 
-def _add_mask(sparse: SparseGraphModule, fqn: str, active: int, seed: int) -> str:
-    """Registers a random mask with exactly ``active`` True entries beside the weight ``fqn``."""
+def _add_mask(sparse: SparseGraphModule, fqn: str, active: int, seed: int, from_zeros: bool = False) -> str:
+    """Registers a random mask with exactly ``active`` True entries beside the weight ``fqn``
+    (``from_zeros``: the weight's nonzero entries, or every entry where ``active`` is all)."""
     owner_name, _, pname = fqn.rpartition(".")
     owner = sparse.get_submodule(owner_name)
     weight = sparse.get_parameter(fqn)
     name = f"{pname}_mask"
     while hasattr(owner, name):
         name = f"{name}_"
-    generator = torch.Generator().manual_seed(derived_seed(seed, fqn))
-    chosen = torch.randperm(weight.numel(), generator=generator)[:active]
-    mask = torch.zeros(weight.numel(), dtype=torch.bool)
-    mask[chosen] = True
-    mask = mask.view(weight.shape).to(weight.device)
+    if from_zeros:
+        mask = torch.ones_like(weight, dtype=torch.bool) if active == weight.numel() else weight.detach() != 0
+        mask = mask.contiguous()
+    else:
+        generator = torch.Generator().manual_seed(derived_seed(seed, fqn))
+        chosen = torch.randperm(weight.numel(), generator=generator)[:active]
+        mask = torch.zeros(weight.numel(), dtype=torch.bool)
+        mask[chosen] = True
+        mask = mask.view(weight.shape).to(weight.device)
     owner.register_buffer(name, mask, persistent=True)
     with torch.no_grad():
         weight.masked_fill_(~mask, 0)
