@@ -46,15 +46,11 @@ def sparsify(
 
     Args:
         model: any module torch.fx can trace (see :func:`fxsparse.register_leaf_module`).
-        density: overall fraction of the sparsified weights kept active, in (0, 1]; None with
-            ``init="zeros"``.
+        density: fraction of the sparsified weights kept active, in (0, 1] (None: ``"zeros"``).
         init: layer-wise distribution: ``"uniform"``, ``"er"``, ``"erk"`` (or any registered
             with :func:`fxsparse.budgets.register_init`), or an explicit ``{fqn: density}``
-            (layers it does not name get ``density``). Every scheme keeps the total active count
-            at ``density`` times the total; layers it would fill beyond 1 are made dense.
-            ``"zeros"`` (with ``density=None``): a pruned checkpoint's topology, each layer's
-            mask its weight's nonzero entries and its budget their count (layers ``dense=``
-            names stay dense).
+            (layers it does not name get ``density``): the total active count is ``density`` times the
+            total, layers filled beyond 1 made dense. ``"zeros"``: a pruned checkpoint's topology (docs/api.md).
         example_inputs: optional inputs the model is called with: a tensor or a tuple
             (positional), a dict (keyword: ``model(**batch)``), or ``(args_tuple, kwargs_dict)``.
             They tell the tracer how many positional inputs ``forward`` takes, give the shapes
@@ -104,8 +100,7 @@ def sparsify(
     captured, graphs = _capture(work, inputs, capture)  # 2. capture
     names = canonical_names(work)
     kept, skipped = _find(model, work, graphs, names, inputs, embeddings, exclude_patterns)  # 3. find weights
-    densities, counts = (_zeros_budget(work, kept, dense_patterns) if init == "zeros"  # 4. budgets
-                         else _budget(kept, graphs, inputs, density, init, dense_patterns, budget))
+    densities, counts = _budget(work, kept, graphs, inputs, density, init, dense_patterns, budget)  # 4. budgets
     try:
         for graph in graphs:
             functionalize(graph, {s.fqn for s in kept})  # 5. functionalize
@@ -217,12 +212,17 @@ def _find(
 
 
 def _budget(
-    kept: list[Any], graphs: list[torch.fx.GraphModule], inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
-    density: float, init: str | Mapping[str, float], dense_patterns: list[str] | None, budget: str,
+    work: nn.Module, kept: list[Any], graphs: list[torch.fx.GraphModule],
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, density: float | None, init: str | Mapping[str, float],
+    dense_patterns: list[str] | None, budget: str,
 ) -> tuple[dict[str, float], dict[str, int]]:
     """Step 4: ``(densities, counts)`` by weight FQN: the layers ``dense=`` names (or the
     scheme's default) kept dense, ``budgets.layer_densities`` (with ``budget="flops"``, the
-    eval-mode graph's inference FLOPs per layer) and exact ``budgets.active_counts``."""
+    eval-mode graph's inference FLOPs per layer) and exact ``budgets.active_counts``; for
+    ``init="zeros"`` the checkpoint's own counts (:func:`_zeros_budget`)."""
+    if init == "zeros":
+        return _zeros_budget(work, kept, dense_patterns)
+    assert density is not None
     shapes = {s.fqn: s.shape for s in kept}
     if dense_patterns is None:
         dense_names = budgets.default_dense(shapes, init)
