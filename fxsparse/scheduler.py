@@ -18,6 +18,7 @@ from fxsparse.graph_module import LayerChange, SparseGraphModule
 from fxsparse.masking import MASKER
 from fxsparse.methods import Method, available_methods, make_method, register_method
 from fxsparse.methods.base import compact_refusal
+from fxsparse.passes.compact import masked_nodes
 from fxsparse.schedules import GradualPruning, cosine_drop_fraction, end_step
 from fxsparse.topology import drop_count
 
@@ -273,5 +274,4 @@ def _record_points(sparse: SparseGraphModule, fqn: str) -> int:
     masked-weight nodes in the training graph, and the parameter hook of a weight an opaque
     leaf uses."""
     graph = (sparse._fxsparse.mode_graphs or {}).get(True, sparse.graph)
-    nodes = sum(1 for n in graph.nodes if n.op == "call_module" and n.target == MASKER and n.kwargs.get("name") == fqn)
-    return nodes + int(bool(sparse._fxsparse.sites[fqn].opaque))
+    return len(masked_nodes(graph, MASKER, fqn)) + int(bool(sparse._fxsparse.sites[fqn].opaque))

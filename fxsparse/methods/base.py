@@ -448,7 +448,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tenso
 
 
 def _refuse_nonfinite(
-    sparse: Any, names: list[str], growth: Mapping[str, torch.Tensor], what: str, reduced: Mapping[str, Any] = {},  # noqa: B006
+    sparse: Any, names: list[str], growth: Mapping[str, torch.Tensor], what: str, reduced: Mapping[str, Any] | None = None,
 ) -> None:
     """Raises FloatingPointError, before any mask changes, when a layer's weights (dropped by
     magnitude) or growth tensor (grown by magnitude) hold NaN or inf: ranking them would corrupt
@@ -466,7 +466,7 @@ def _refuse_nonfinite(
                 zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
         if not finite(weight):
             bad.append(f"{fqn} (weights)")
-        if (fqn in growth and not finite(growth[fqn])) or (fqn in reduced and not reduced[fqn].finite):
+        if (fqn in growth and not finite(growth[fqn])) or (reduced and fqn in reduced and not reduced[fqn].finite):
             bad.append(f"{fqn} (growth gradient)" if what == "rigl_step" else fqn)
     if bad:
         raise nonfinite_error(what, bad, "no mask was changed")

@@ -22,10 +22,11 @@ from fxsparse.compact import compact_linear
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.ops import packet, product_kind
 
-__all__ = ["compact_reads", "to_compact", "operands", "conv_stride"]
+__all__ = ["compact_reads", "to_compact", "operands", "conv_stride", "masked_nodes"]
 
 
-def _masked_nodes(graph: torch.fx.Graph, masker: str, fqn: str) -> list[torch.fx.Node]:
+def masked_nodes(graph: torch.fx.Graph, masker: str, fqn: str) -> list[torch.fx.Node]:
+    """The masked-weight nodes (calls of the ``masker`` submodule) of the weight ``fqn``."""
     return [n for n in graph.nodes if n.op == "call_module" and n.target == masker and n.kwargs.get("name") == fqn]
 
 
@@ -63,7 +64,7 @@ def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> st
     weight read elsewhere, through a view, under another name or by several kinds stays masked)."""
     kinds = set()
     for graph in graphs:
-        nodes = _masked_nodes(graph, masker, fqn)
+        nodes = masked_nodes(graph, masker, fqn)
         if not nodes:
             return None
         for node in nodes:
@@ -93,7 +94,7 @@ def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> st
 def to_compact(graph: torch.fx.Graph, masker: str, fqn: str, layer: str) -> None:
     """Rewrites the reads of ``fqn`` (qualified by :func:`compact_reads`) into calls of the
     compact layer at ``layer``, and drops the weight from the prologue."""
-    for node in _masked_nodes(graph, masker, fqn):
+    for node in masked_nodes(graph, masker, fqn):
         for user in list(node.users):
             x, bias = operands(user)
             with graph.inserting_before(user), warnings.catch_warnings():
