@@ -9,6 +9,7 @@
 
 from fxsparse import methods, registry
 from fxsparse.api import sparsify
+from fxsparse.oneshot import prune_oneshot
 from fxsparse.baselines import SmallDense, lottery_ticket, small_dense
 from fxsparse.accounting import FlopReport, GradualPruning, flop_report, flops
 from fxsparse.graph_module import LayerChange, SparseGraphModule
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sparsify",
+    "prune_oneshot",
     "export_inference",
     "SparseGraphModule",
     "LayerChange",

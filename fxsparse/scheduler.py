@@ -109,6 +109,7 @@ class TopologyScheduler:
         self.t_end = end_step(total_steps, end_fraction)
         self.step_count = 0
         self.last_changes: dict[str, LayerChange] | None = None
+        self.history: list[dict[str, Any]] = []  # one record per topology update (:meth:`stats`)
         self.scaler = scaler
         self.skipped_steps = 0  # steps not counted: non-finite gradients under a GradScaler
         self.what = make_method(method)  # what an update does (fxsparse.methods)
@@ -199,6 +200,7 @@ class TopologyScheduler:
         if updated:  # a rank whose masks diverged would update differently: stop it first
             assert_in_sync(self.sparse, weights=False)
             self.last_changes = self.what.update(self, step)
+            self.history.append(_record(step, None if self.what.prunes else self.drop_fraction(step), self.last_changes))
         self.what.after_step(self, step)
         self.step_count = step  # counted once done: a step that raised can be run again
         self._arm_for(step + 1)
@@ -219,6 +221,22 @@ class TopologyScheduler:
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found_inf, inv_scale)
         return not bool(found_inf.item())
 
+    def stats(self) -> dict[str, float]:
+        """Scalars for a training log: the step count, the module's density, and of the latest
+        topology update its step, drop fraction, connections dropped and grown (summed over
+        layers) and churn (grown / active). Integrations log these under ``fxsparse/``."""
+        out = {"step": float(self.step_count), "density": float(self.sparse.density), "updates": float(len(self.history))}
+        if self.history:
+            last = self.history[-1]
+            active = sum(layer["active"] for layer in last["layers"].values())
+            grown = sum(layer["grown"] for layer in last["layers"].values())
+            out.update(
+                update_step=float(last["step"]), drop_fraction=float(last["drop_fraction"]),
+                dropped=float(sum(layer["dropped"] for layer in last["layers"].values())), grown=float(grown),
+                churn=grown / active if active else 0.0,
+            )
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: the step count, the configuration, and the method's state
         (SNFS's dense momentum, the pruning schedule's start and targets)."""
@@ -226,7 +244,7 @@ class TopologyScheduler:
             "step_count": self.step_count, "total_steps": self.total_steps, "delta_t": self.delta_t,
             "alpha": self.alpha, "end_fraction": self.end_fraction, "method": self.method,
             "momentum": {}, "initial": {}, "final": {}, "pruning": None, **self.what.state_dict(),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps, "history": [dict(r) for r in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -235,6 +253,7 @@ class TopologyScheduler:
         self.t_end = end_step(self.total_steps, self.end_fraction)
         self.step_count = int(state["step_count"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.history = [dict(r) for r in state.get("history", [])]
         self.what = make_method(self.method)
         self.what.load_state_dict(state)
         self._one_backward = None  # observed again from the resumed steps
@@ -248,6 +267,21 @@ class TopologyScheduler:
 
 
 RigLScheduler = TopologyScheduler  # the name it had while it drove RigL alone
+
+
+def _record(step: int, drop_fraction: float | None, changes: dict[str, LayerChange]) -> dict[str, Any]:
+    """One entry of ``TopologyScheduler.history``: plain numbers, so that it pickles and logs.
+    ``drop_fraction`` None (pruning, which removes and grows nothing back): the fraction of the
+    active weights this update removed."""
+    if drop_fraction is None:
+        dropped = sum(c.dropped for c in changes.values())
+        before = sum(c.active for c in changes.values()) + dropped
+        drop_fraction = dropped / before if before else 0.0
+    return {
+        "step": step, "drop_fraction": float(drop_fraction),
+        "layers": {fqn: {"active": c.active, "dropped": c.dropped, "grown": c.grown, "regrown": c.regrown}
+                   for fqn, c in changes.items()},
+    }
 
 
 def growth_candidate_counts(sparse: SparseGraphModule, drop_fraction: float) -> dict[str, int] | None:

@@ -6,11 +6,15 @@ batch 128, 2 epochs): dense; static sparse (random ERK mask at density 0.1, neve
 RigL (Evci et al., "Rigging the Lottery", ICML 2020: same initial mask, then every 100 steps
 drop the smallest-magnitude weights and grow those with the largest dense gradient, drop fraction
 0.3 cosine-annealed to zero at 75% of training). Prints a table of test accuracy, achieved
-density and wall time, and optionally writes it with the config to a JSON file.
+density and wall time, and optionally writes it with the config to a JSON file (each sparse
+run's final per-layer counts and its topology updates included) and pictures of each sparse
+run's topology (``--figures DIR``, with matplotlib: fxsparse.plot's density bars, churn and mask
+heatmaps, and the methods compared).
 
 Run:
     python recipes/demo.py                          # the full demo
     python recipes/demo.py --limit-train 512 --epochs 1 --out runs/smoke.json   # smoke test
+    python recipes/demo.py --methods dense,static,set,rigl,snfs --out runs/demo.json --figures docs/img
 
 Measured (defaults, seeds 0, 1 and 2; AMD EPYC, 2 cores, torch.set_num_threads(2), torch 2.14.1
 CPU; test accuracy on the 10,000 test images, mean +- std over the 3 seeds):
@@ -39,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +90,7 @@ class Config:
     limit_train: int | None = None
     data_root: str | None = None
     out: str | None = None
+    figures: str | None = None  # a folder for the topology figures (PNG); None: none drawn
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,14 @@ class MethodResult:
     inference_flops: float = 1.0  # sparse / dense inference FLOPs (papers' convention)
     training_flops: float = 1.0  # the method's training FLOPs / dense training's
     size_mb: float = 0.0  # model size: active float32 weights + 1 bit per sparse weight + the rest
-    # per masked weight at the end of training: how many output units (filters, rows) hold no
-    # active weight and how many inputs (channels, columns) no active weight reads; see structure()
-    structure: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # per masked weight at the end of training: its shape and active count (the per-layer
+    # density figures), how many output units (filters, rows) hold no active weight and how many
+    # inputs (channels, columns) no active weight reads; see structure()
+    structure: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # TopologyScheduler.history: per topology update its step, drop fraction and per layer the
+    # active / dropped / grown / regrown counts (plain numbers: the churn figures need no model)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    figures: list[str] = dataclasses.field(default_factory=list)  # the PNGs --figures wrote for this run
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -134,6 +145,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--limit-train", type=int, default=None, help="use the first N images")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST directory")
     parser.add_argument("--out", default=None, help="write config and results to this JSON")
+    parser.add_argument(
+        "--figures", default=None, metavar="DIR",
+        help="write pictures of each sparse run's topology there (PNG, needs matplotlib): demo_<method>_"
+        "{density_bars,churn,masks}.png and the methods compared, demo_methods_{density,churn}.png",
+    )
     args = parser.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = sorted(set(methods) - set(_ALL_METHODS))
@@ -162,7 +178,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         methods=methods,
         limit_train=args.limit_train,
         data_root=args.data_root,
-        out=args.out,
+        out=args.out or None,
+        figures=args.figures or None,  # --figures "": none (scripts/demo.sh asks for them by default)
     )
 
 
@@ -247,6 +264,8 @@ def run_method(
     seconds = time.perf_counter() - start
     pruning = topology.pruning if topology is not None else None
     costs = _costs(method, sparse if sparse is not None else model, images[:1], cfg, total_steps, pruning)
+    history = list(topology.history) if topology is not None else []
+    figures = _run_figures(method, sparse, history, cfg) if sparse is not None and cfg.figures and rank == 0 else []
     return MethodResult(
         method=method,
         density=density,
@@ -255,28 +274,77 @@ def run_method(
         seconds=seconds,
         steps=total_steps,
         structure=structure(sparse) if sparse is not None else {},
+        history=history,
+        figures=figures,
         **costs,
     )
 
 
-def structure(sparse: fxsparse.SparseGraphModule) -> dict[str, dict[str, int]]:
-    """Per masked weight: ``outputs`` and ``inputs`` (its dims 0 and 1), ``empty_outputs`` (output
+def structure(sparse: fxsparse.SparseGraphModule) -> dict[str, dict[str, Any]]:
+    """Per masked weight, in graph order: its ``shape`` and ``active`` count (all a per-layer
+    density figure needs, so recipes/report.py draws one from the record alone) and, for a weight
+    of two or more dims, ``outputs`` and ``inputs`` (its dims 0 and 1), ``empty_outputs`` (output
     units with no active weight: a filter or row that computes only its bias) and
     ``unread_inputs`` (input channels or columns that no active weight reads)."""
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, mask in sparse.named_masks():
+        active = mask.detach().to(torch.bool).cpu()
+        out[name] = {"shape": list(active.shape), "active": int(active.sum())}
         if mask.dim() < 2:
             continue
-        active = mask.detach().to(torch.bool).cpu()
         per_output = active.flatten(1).any(dim=1)
         per_input = active.transpose(0, 1).flatten(1).any(dim=1)
-        out[name] = {
+        out[name] |= {
             "outputs": int(per_output.numel()),
             "inputs": int(per_input.numel()),
             "empty_outputs": int((~per_output).sum()),
             "unread_inputs": int((~per_input).sum()),
         }
     return out
+
+
+def _run_figures(
+    method: str, sparse: fxsparse.SparseGraphModule, history: list[dict[str, Any]], cfg: Config
+) -> list[str]:
+    """One sparse run's pictures (fxsparse.plot), drawn from the live module: where its budget
+    went (density bars against ERK and uniform at the target density), how much its topology moved
+    at each update (churn; only for a method that grows connections: static never updates and
+    pruning only removes) and which connections are alive (mask heatmaps). Returns the paths."""
+    import fxsparse.plot as plot
+
+    out = Path(cfg.figures)  # type: ignore[arg-type]
+    paths = [out / f"demo_{method}_density_bars.png", out / f"demo_{method}_masks.png"]
+    plot.density_bars(sparse, compare=("erk", "uniform"), density=cfg.density, path=paths[0])
+    plot.mask_heatmaps(sparse, path=paths[1])
+    if any(layer["grown"] for update in history for layer in update["layers"].values()):
+        paths.insert(1, out / f"demo_{method}_churn.png")
+        plot.churn(history, path=paths[1])
+    return [str(p) for p in paths]
+
+
+def _comparison_figures(record: dict[str, Any], out: Path) -> list[str]:
+    """The sparse methods side by side, drawn from the record as recipes/report.py draws a
+    study's (so the demo's pictures and the results pages' are the same figures)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # imported as a module (tests, study.py) rather than run
+        sys.path.insert(0, here)
+    import report
+
+    topologies, _ = report.record_topologies(record, "demo")
+    return report.topology_figures(topologies, out, "demo")
+
+
+def _matplotlib_or_note(cfg: Config, say: Any) -> Config:
+    """``cfg`` as given when matplotlib is importable or no figures are asked for; else ``cfg``
+    without figures, after a one-line note (matplotlib is optional: training never needs it)."""
+    if cfg.figures is None:
+        return cfg
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        say(f'note: --figures {cfg.figures} needs matplotlib (pip install "fxsparse[plot]"): no figures written')
+        return dataclasses.replace(cfg, figures=None)
+    return cfg
 
 
 def _costs(
@@ -373,6 +441,7 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
     _init_distributed()
     rank, world = _rank_and_world()
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # one report: other ranks are silent
+    cfg = _matplotlib_or_note(cfg, say)
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
 
@@ -394,20 +463,25 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
     total = time.perf_counter() - start
     say(_table(results))
     say(f"total wall time {total:.1f}s")
+    if rank != 0:
+        return results
 
-    if cfg.out is not None and rank == 0:
+    record = {
+        "recipe": "recipes/demo.py",
+        "config": dataclasses.asdict(cfg),
+        "results": [dataclasses.asdict(r) for r in results],
+        "total_seconds": total,
+        # CPU time of this process: what the run cost whatever else shared (or paused) the machine
+        "cpu_seconds": time.process_time(),
+        "finished_unix": time.time(),
+        "hardware": _hardware(),
+    }
+    if cfg.figures is not None:
+        figures = [f for r in results for f in r.figures] + _comparison_figures(record, Path(cfg.figures))
+        say(f"wrote {len(figures)} figures to {cfg.figures}" if figures else "no sparse method: no figures")
+    if cfg.out is not None:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "recipe": "recipes/demo.py",
-            "config": dataclasses.asdict(cfg),
-            "results": [dataclasses.asdict(r) for r in results],
-            "total_seconds": total,
-            # CPU time of this process: what the run cost whatever else shared (or paused) the machine
-            "cpu_seconds": time.process_time(),
-            "finished_unix": time.time(),
-            "hardware": _hardware(),
-        }
         out.write_text(json.dumps(record, indent=2) + "\n")
         say(f"wrote {out}")
     return results

@@ -6,7 +6,11 @@ model, method, init and density, and writes a Markdown report: accuracy by metho
 training and inference FLOP multipliers and model size (fxsparse.flop_report, the papers'
 conventions), the seeds behind every cell, and whether the papers' ordering RigL >= SET > static
 held in each column. With ``--plots`` it draws accuracy vs density and accuracy vs training FLOPs
-(matplotlib PNGs next to the report).
+(matplotlib PNGs next to the report) and, from the records that carry each sparse run's final
+per-layer counts and topology updates (recipes/demo.py's since the topology figures were added),
+the methods' per-layer densities against the ERK and uniform budgets and their churn per update
+(``img/study_<page>_methods_{density,churn}.png`` beside the report); the page names the records
+that lack those fields.
 
 Run:
     python recipes/report.py results/fashion_mnist --out docs/results.md --plots
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Run", "load_runs", "aggregate", "render", "plot", "main", "ExtRun", "load_extended", "ExtendedStudy",
-           "render_extended", "plot_extended"]
+           "render_extended", "plot_extended", "Topology", "record_topologies", "load_topologies", "topology_figures"]
 
 SENSITIVITY_ALPHAS = (0.1, 0.3, 0.5)
 SENSITIVITY_DELTA_T_FACTORS = (0.5, 1, 2)  # times the 1x schedule's delta_t
@@ -132,7 +136,8 @@ def _method_key(key: tuple[str, str, float]) -> tuple[int, str]:
     return (ORDER.index(method) if method in ORDER else len(ORDER), init)
 
 
-def render(groups: dict[tuple[str, str], dict[tuple[str, str, float], Cell]], commands: list[str], plots: list[str] = ()) -> str:
+def render(groups: dict[tuple[str, str], dict[tuple[str, str, float], Cell]], commands: list[str], plots: list[str] = (),
+           topology: list[str] = ()) -> str:
     """The Markdown report."""
     lines = ["# Results", ""]
     if commands:
@@ -183,6 +188,7 @@ def render(groups: dict[tuple[str, str], dict[tuple[str, str, float], Cell]], co
         lines.append("")
     for path in plots:
         lines += [f"![{Path(path).stem}]({Path(path).name})", ""]
+    lines += topology
     return "\n".join(lines)
 
 
@@ -426,7 +432,7 @@ EXT_DENSITIES = (0.05, 0.02)
 EXT_MULTIPLES = (1, 2, 5)
 
 
-def render_extended(study: ExtendedStudy, commands: list[str], plots: list[str] = ()) -> str:
+def render_extended(study: ExtendedStudy, commands: list[str], plots: list[str] = (), topology: list[str] = ()) -> str:
     """docs/extended_training.md: the four sections, each with its verdicts."""
     from fxsparse.schedules import end_step, is_update_step
 
@@ -470,6 +476,7 @@ def render_extended(study: ExtendedStudy, commands: list[str], plots: list[str] 
     lines += _implementation_section()
     for path in plots:
         lines += [f"![{Path(path).stem}]({Path(path).name})", ""]
+    lines += topology
     return "\n".join(lines)
 
 
@@ -790,6 +797,242 @@ def plot_extended(study: ExtendedStudy, out_dir: Path, stem: str) -> list[str]:
     return written
 
 
+# --- pictures of the topology: per-layer densities and churn, from the records alone -----------
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One sparse run's topology at the end of training and its updates, from a record that
+    carries them (recipes/demo.py writes each masked weight's ``shape`` and ``active`` count in
+    ``structure`` and the scheduler's ``history`` since the topology figures were added)."""
+
+    method: str
+    init: str
+    budget: str
+    density: float  # the run's target density
+    seed: int
+    epochs: int
+    delta_t: int
+    alpha: float
+    layers: tuple[tuple[str, tuple[int, ...], int], ...]  # (weight FQN, shape, active) in graph order
+    history: tuple[dict, ...]  # TopologyScheduler.history: one entry per update
+    source: str
+
+
+def record_topologies(record: dict, source: str) -> tuple[list[Topology], bool]:
+    """The sparse runs of one record that carry the figures' fields, and whether any sparse run
+    of it lacks them (a record made before they were recorded); dense runs have no topology."""
+    config = record.get("config", {})
+    found, lacking = [], False
+    for result in record.get("results", []):
+        if result["method"] in ("dense", "small_dense"):
+            continue
+        layers = result.get("structure") or {}
+        if "history" not in result or not layers or not all({"shape", "active"} <= set(c) for c in layers.values()):
+            lacking = True
+            continue
+        found.append(Topology(
+            method=result["method"], init=config.get("init", "erk"), budget=config.get("budget", "params"),
+            density=float(config.get("density", result.get("density", 1.0))), seed=int(config.get("seed", 0)),
+            epochs=int(config.get("epochs", 0)), delta_t=int(config.get("delta_t", 0)),
+            alpha=float(config.get("alpha", float("nan"))),
+            layers=tuple((fqn, tuple(c["shape"]), int(c["active"])) for fqn, c in layers.items()),
+            history=tuple(result["history"]), source=source,
+        ))
+    return found, lacking
+
+
+def load_topologies(paths: list[Path]) -> tuple[list[Topology], list[str], int]:
+    """Every sparse run under ``paths`` that carries the figures' fields; the record files with a
+    sparse run that does not (their names, for the page to say so); and how many records were read."""
+    files = _record_files(paths)
+    topologies, lacking = [], []
+    for file in files:
+        found, missing = record_topologies(json.loads(file.read_text()), str(file))
+        topologies += found
+        if missing:
+            lacking.append(file.name)
+    return topologies, lacking, len(files)
+
+
+def _budget_densities(layers: tuple[tuple[str, tuple[int, ...], int], ...], init: str, density: float) -> dict[str, float] | None:
+    """Per layer, the density ``fxsparse.sparsify(model, density, init)`` gives it (as
+    ``fxsparse.plot.init_densities`` solves it, from the shapes alone); None where ``init`` has no
+    budget at this density."""
+    from fxsparse import budgets
+
+    shapes = {fqn: shape for fqn, shape, _ in layers}
+    try:
+        densities = budgets.layer_densities(shapes, density, init, dense=budgets.default_dense(shapes, init))
+    except ValueError:
+        return None
+    counts = budgets.active_counts(shapes, densities)
+    return {fqn: counts[fqn] / math.prod(shape) for fqn, shape in shapes.items()}
+
+
+# one colour per method in every figure; the budgets are grey
+_COLORS = {"static": "C0", "set": "C1", "rigl": "C3", "snfs": "C2", "rigl-sg": "C4", "rigl-sm": "C5", "pruning": "C8",
+           "lottery": "C6", "erk budget": "0.35", "uniform budget": "0.7"}
+
+
+def topology_figures(topologies: list[Topology], out_dir: Path, prefix: str) -> list[str]:
+    """The sparse methods compared, from the records alone, one panel per (init, budget,
+    density) in a grid (rows the inits, columns the densities); returns the PNGs written:
+
+    - ``<prefix>_methods_density.png``: per layer, the ERK and uniform budgets at the panel's
+      density (as sparsify solves them) and each method's density at the end of training, mean
+      over seeds (log scale: the budgets span 0.01 to 1);
+    - ``<prefix>_methods_churn.png``: per topology update, the connections grown over the active
+      ones (``fxsparse.plot.churn_table``), mean over seeds, for each method that grows
+      connections, and the scheduled drop fraction (dashed); not drawn when no method grows.
+    """
+    if not topologies:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_density_figure(topologies, out_dir / f"{prefix}_methods_density.png")]
+    growing = [t for t in topologies if _grows(t)]
+    if growing:
+        written.append(_churn_figure(growing, out_dir / f"{prefix}_methods_churn.png"))
+    return written
+
+
+def _grid(topologies: list[Topology], height: float, title: str) -> tuple[object, list[tuple[object, tuple[str, str, float], list[Topology]]]]:
+    """A figure with one panel per (init, budget, density): rows (init, budget), columns the
+    densities, densest first; returns it and ``(axes, key, runs)`` of the panels that have runs."""
+    from matplotlib.figure import Figure
+
+    panels: dict[tuple[str, str, float], list[Topology]] = collections.defaultdict(list)
+    for t in topologies:
+        panels[(t.init, t.budget, t.density)].append(t)
+    rows = sorted({(i, b) for i, b, _ in panels})
+    columns = sorted({d for _, _, d in panels}, reverse=True)
+    fig = Figure(figsize=(5.0 * len(columns) + 2.0, height * len(rows) + 0.5), layout="constrained")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    fig.suptitle(title)
+    found = []
+    for r, (init, budget) in enumerate(rows):
+        for c, density in enumerate(columns):
+            key = (init, budget, density)
+            if key in panels:
+                axes[r][c].set_title(f"{init}, density {density:g}" + ("" if budget == "params" else f", {budget} budget"),
+                                     fontsize="medium")
+                found.append((axes[r][c], key, panels[key]))
+            else:
+                axes[r][c].set_axis_off()
+    return fig, found
+
+
+def _by_method(runs: list[Topology]) -> dict[str, list[Topology]]:
+    grouped: dict[str, list[Topology]] = collections.defaultdict(list)
+    for run in runs:
+        grouped[run.method].append(run)
+    return dict(sorted(grouped.items(), key=lambda kv: _method_key((kv[0], "", 0.0))))
+
+
+def _grows(run: Topology) -> bool:
+    return any(layer["grown"] for update in run.history for layer in update["layers"].values())
+
+
+def _save(fig: object, path: Path) -> str:
+    """One legend for the figure (every panel draws the same series), outside, then the PNG."""
+    handles: dict[str, object] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize="small")
+    fig.savefig(path, format="png", dpi=110)
+    return str(path)
+
+
+def _density_figure(topologies: list[Topology], path: Path) -> str:
+    fig, panels = _grid(topologies, 3.4, "per-layer density after training vs the ERK and uniform budgets")
+    for ax, (_, _, density), runs in panels:
+        layers = runs[0].layers
+        series = {f"{scheme} budget": _budget_densities(layers, scheme, density) for scheme in ("erk", "uniform")}
+        series = {label: values for label, values in series.items() if values is not None}
+        for method, each in _by_method(runs).items():
+            active = [dict((fqn, n) for fqn, _, n in run.layers) for run in each]
+            series[method] = {fqn: statistics.fmean(a[fqn] for a in active) / math.prod(shape) for fqn, shape, _ in layers}
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series.items()):
+            xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(layers))]
+            ax.bar(xs, [values[fqn] for fqn, _, _ in layers], width, label=label, color=_COLORS.get(label, "C9"),
+                   hatch="//" if label.endswith("budget") else None, edgecolor="white", linewidth=0.3)
+        ax.axhline(density, color="black", linestyle="--", linewidth=0.8, label="overall density")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels([fqn.removesuffix(".weight") for fqn, _, _ in layers], fontsize="small")
+        ax.set_ylabel("density (active / total)")
+    return _save(fig, path)
+
+
+def _churn_figure(topologies: list[Topology], path: Path) -> str:
+    from fxsparse.plot import churn_table
+
+    fig, panels = _grid(topologies, 3.0, "topology churn per update: connections grown / active, all layers")
+    for ax, _, runs in panels:
+        schedule = churn_table(list(runs[0].history))
+        ax.plot(schedule["step"], schedule["drop_fraction"], "--", color="0.4", label="drop fraction")
+        for method, each in _by_method(runs).items():
+            at: dict[int, list[float]] = collections.defaultdict(list)
+            for run in each:
+                table = churn_table(list(run.history))
+                for step, value in zip(table["step"], table["churn"]):
+                    at[step].append(value)
+            steps = sorted(at)
+            ax.plot(steps, [statistics.fmean(at[s]) for s in steps], "o-", markersize=3, color=_COLORS.get(method, "C9"),
+                    label=method)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("step")
+        ax.set_ylabel("grown / active")
+    return _save(fig, path)
+
+
+def _names(files: list[str], most: int = 8) -> str:
+    shown = ", ".join(files[:most])
+    return shown + (f" and {len(files) - most} more" if len(files) > most else "")
+
+
+def _topology_section(topologies: list[Topology], lacking: list[str], total: int, figures: list[str], page_dir: Path,
+                      plotted: bool, drawn: str = "") -> list[str]:
+    """The page's topology figures (drawn by :func:`topology_figures`) and which records could
+    not be drawn: records made before the per-layer counts and update history were recorded."""
+    if not topologies and not lacking:
+        return []
+    lines = ["## The topology after training", ""]
+    if lacking:
+        fields = ("the per-layer active counts and the topology update history that recipes/demo.py records since "
+                  "the topology figures were added")
+        if topologies:
+            lines += [f"{len(lacking)} of the {total} records lack {fields}: {_names(lacking)}; the figures below "
+                      "leave them out.", ""]
+        else:
+            # point at the demo's pictures meanwhile, where the page sits beside them
+            demo = (" The demo's pictures, one run of each method (`recipes/demo.py --figures DIR`): "
+                    "[recipes.md](recipes.md#pictures-of-the-topology).") if (page_dir / "recipes.md").exists() else ""
+            lines += [f"None of the {total} records carries {fields}: all {len(lacking)} records with sparse runs "
+                      "were made before, so no figure of the topology is drawn here; the study run again into a "
+                      f"fresh `--out-dir` draws them.{demo}", ""]
+    if topologies and not figures:
+        lines += [f"{len(topologies)} sparse runs carry them, "
+                  + (f"none of them the runs drawn here{drawn}." if plotted else "drawn with `--plots`."), ""]
+    for path in figures:
+        relative = Path(path).resolve().relative_to(page_dir.resolve()) if page_dir else Path(path)
+        lines += [f"![{Path(path).stem}]({relative.as_posix()})", ""]
+    if figures:
+        lines += [
+            f"Drawn from the records alone{drawn}: per layer, the density each method ended with (mean over "
+            "seeds) next to the ERK and uniform budgets at the run's density, as `fxsparse.sparsify` solves them "
+            "(static, SET and RigL keep their initial per-layer counts, SNFS and RigL-SG/SM move counts between "
+            "layers, pruning ends at its init's budget); and per update the churn, connections grown / active "
+            "summed over the layers (mean over seeds), under the scheduled drop fraction: the gap is the "
+            "connections dropped and grown straight back. Static never updates and pruning grows nothing, so "
+            "neither has a churn line. Per-run figures, masks included: `recipes/demo.py --figures DIR`.",
+            "",
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="result records or directories of them")
@@ -807,12 +1050,14 @@ def main(argv: list[str] | None = None) -> str:
     if not runs:
         sys.exit(f"error: no result records under {args.paths}; run recipes/study.py or recipes/train.py first")
     groups = aggregate(runs)
-    plots = []
+    plots, figures = [], []
+    out_dir, stem = (Path(args.out).parent, Path(args.out).stem) if args.out else (Path("."), "results")
+    topologies, lacking, total = load_topologies([Path(p) for p in args.paths])
     if args.plots:
-        out_dir = Path(args.out).parent if args.out else Path(".")
         out_dir.mkdir(parents=True, exist_ok=True)
-        plots = plot(groups, out_dir, Path(args.out).stem if args.out else "results")
-    text = render(groups, _commands(args, argv), plots)
+        plots = plot(groups, out_dir, stem)
+        figures = topology_figures(topologies, out_dir / "img", f"study_{stem}") if topologies else []
+    text = render(groups, _commands(args, argv), plots, _topology_section(topologies, lacking, total, figures, out_dir, args.plots))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
@@ -840,12 +1085,19 @@ def _main_extended(args: argparse.Namespace, argv: list[str] | None) -> str:
     if not runs:
         sys.exit(f"error: no result records under {args.paths}; run recipes/study.py --grid extended first")
     study = ExtendedStudy(runs, args.base_epochs, args.base_delta_t, load_pauses([Path(p) for p in args.paths]))
-    plots = []
+    plots, figures = [], []
+    out_dir, stem = (Path(args.out).parent, Path(args.out).stem) if args.out else (Path("."), "extended_training")
+    topologies, lacking, total = load_topologies([Path(p) for p in args.paths])
+    # the 1x schedule at its defaults: one panel per density, every method at the same schedule
+    base = [t for t in topologies if (t.init, t.budget, t.epochs, t.delta_t) == ("erk", "params", args.base_epochs, args.base_delta_t)
+            and math.isclose(t.alpha, 0.3)]
     if args.plots:
-        out_dir = Path(args.out).parent if args.out else Path(".")
         out_dir.mkdir(parents=True, exist_ok=True)
-        plots = plot_extended(study, out_dir, Path(args.out).stem if args.out else "extended_training")
-    text = render_extended(study, _commands(args, argv), plots)
+        plots = plot_extended(study, out_dir, stem)
+        figures = topology_figures(base, out_dir / "img", f"study_{stem}") if base else []
+    drawn = f" (the {len(base)} runs of the 1x schedule, ERK, fixed parameters, alpha 0.3, delta_t {args.base_delta_t})"
+    text = render_extended(study, _commands(args, argv), plots,
+                           _topology_section(topologies, lacking, total, figures, out_dir, args.plots, drawn))
     if args.out:
         Path(args.out).write_text(text + "\n")
     else:

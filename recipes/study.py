@@ -23,10 +23,14 @@ record: the base schedule is 2 epochs with a topology update every 20 steps (35 
 over seeds 0, 1, 2 (seed 0 of every cell first). About 2.5 hours on 2 cores:
     python recipes/study.py --grid extended --out-dir results/extended --workers 2
     python recipes/report.py results/extended --extended --out docs/extended_training.md --plots
-Each record carries its run's CPU time and finish time; report.py adds the runs' CPU times and
-measures the sweep's wall time as the union of the runs' spans, less the intervals listed in
-``pauses.jsonl`` beside the records (``{"paused": t0, "resumed": t1}``, unix seconds: whoever stops
-the workers with SIGSTOP to keep the machine quiet, for a benchmark say, appends one).
+Each record carries each sparse run's final per-layer active counts and its topology updates, from
+which ``report.py --plots`` draws the methods' per-layer densities and churn; ``--figures DIR``
+also draws each cell's own pictures (recipes/demo.py's ``--figures``, masks included) into
+``DIR/<cell name>/``. Each record carries its run's CPU time and finish time; report.py adds
+the runs' CPU times and measures the sweep's wall time as the union of the runs' spans, less the
+intervals listed in ``pauses.jsonl`` beside the records (``{"paused": t0, "resumed": t1}``, unix
+seconds: whoever stops the workers with SIGSTOP to keep the machine quiet, for a benchmark say,
+appends one).
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inits", default="uniform,erk")
     parser.add_argument("--methods", default="static,set,rigl,snfs,pruning")
     parser.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process")
+    parser.add_argument("--figures", default=None, metavar="DIR",
+                        help="draw each cell's topology figures (demo.py --figures, needs matplotlib) into DIR/<cell name>/")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker: run one cell
     args, extra = parser.parse_known_args(argv)  # anything else goes to demo.py (e.g. --epochs 1)
@@ -119,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         grid = extended_cells(seeds, args.base_epochs, args.base_delta_t)
     else:
         grid = cells(seeds, [float(d) for d in args.densities.split(",")], args.inits.split(","), args.methods.split(","))
+    if args.figures:  # one folder per cell: demo.py names its figures by method only
+        grid = [(name, [*cell, "--figures", str(Path(args.figures) / name)]) for name, cell in grid]
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [(name, cell) for name, cell in grid if not (out_dir / f"{name}.json").exists()]
     print(f"{len(grid)} cells, {len(todo)} to run, records in {out_dir}", flush=True)

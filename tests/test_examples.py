@@ -4,6 +4,7 @@ fxsparse does not ship, added as a subclass, trains under the scheduler with eve
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -62,3 +63,42 @@ def test_the_example_method_drops_by_its_own_score_and_grows_at_random(mest):
     sparse.verify()
     sparse(torch.randn(4, 12)).sum().backward()
     assert_inactive_zero_grad(sparse)
+
+
+# ---------------------------------------------------------------- the integrations' examples
+def test_the_trainer_example_trains_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    try:
+        from fxsparse.data import load_shakespeare
+
+        load_shakespeare()
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"the Shakespeare corpus (scripts/setup.sh installs it): {e}")
+    example = load_script("examples/trainer_gpt2.py")
+    trainer = example.main(["--steps", "20", "--out", str(tmp_path)])
+    assert trainer.state.global_step == 20 and (tmp_path / "checkpoint-10" / "fxsparse_scheduler.pt").is_file()
+    logged = [r for r in trainer.state.log_history if "fxsparse/updates" in r]
+    assert logged and logged[-1]["fxsparse/updates"] == 15.0  # every step up to 0.75 * 20 (delta_t = 1)
+    shutil.rmtree(tmp_path / "checkpoint-20")  # resume from step 10
+    resumed = example.main(["--steps", "20", "--out", str(tmp_path), "--resume"])
+    assert resumed.state.global_step == 20
+    for fqn, mask in trainer.model.masks.items():
+        assert torch.equal(resumed.model.masks[fqn], mask), fqn
+
+
+def test_the_lightning_example_trains(tmp_path):
+    pytest.importorskip("lightning")
+    model = load_script("examples/lightning_cnn.py").main(
+        ["--epochs", "1", "--limit", "512", "--synthetic", "--out", str(tmp_path)])
+    assert (tmp_path / "last.ckpt").is_file()
+    assert model.net.summary().active == pytest.approx(0.1 * model.net.summary().total, abs=1)
+
+
+def test_the_accelerate_example_trains(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    accelerate.state.AcceleratorState._reset_state(True)
+    sparse = load_script("examples/accelerate_loop.py").main(
+        ["--epochs", "1", "--limit", "1024", "--synthetic", "--out", str(tmp_path)])
+    accelerate.state.AcceleratorState._reset_state(True)
+    assert sparse.scheduler.step_count == 8 and sparse.scheduler.history == []  # delta_t 50 > 8 steps
+    assert (tmp_path / "custom_checkpoint_0.pkl").is_file()  # the scheduler, saved by save_state

@@ -4,6 +4,7 @@ write their records, resume exactly after a kill, and report.py aggregates the r
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -331,3 +332,84 @@ def test_extended_report_shows_where_each_methods_connections_go(tmp_path):
     assert "### Where the connections go" in text
     assert "| rigl, 0.02, 1x | 20.0 of 32 / 0.0 of 1 | 20.0 of 128 / 1000.0 of 3136 | 1 |" in text
     assert "- density 0.02, 1x: RigL leaves 40 output units empty and 1000 inputs unread over all layers; SET 2 and 300; static 0 and 280." in text
+
+
+_LAYERS = {"conv1.weight": [32, 1, 3, 3], "conv2.weight": [64, 32, 3, 3], "fc1.weight": [128, 3136], "fc2.weight": [10, 128]}
+
+
+def _with_topology(path: Path, active: dict[str, int], grown: int) -> None:
+    """Adds what recipes/demo.py records since the topology figures: per layer the final shape
+    and active count, and the scheduler's history (two updates)."""
+    record = json.loads(path.read_text())
+    record["results"][0]["structure"] = {fqn: {"shape": shape, "active": active[fqn]} for fqn, shape in _LAYERS.items()}
+    record["results"][0]["history"] = [
+        {"step": step, "drop_fraction": fraction,
+         "layers": {fqn: {"active": active[fqn], "dropped": grown, "grown": grown, "regrown": 0} for fqn in _LAYERS}}
+        for step, fraction in ((20, 0.3), (40, 0.15))
+    ]
+    path.write_text(json.dumps(record))
+
+
+def test_report_draws_the_topology_from_new_records_and_names_the_old_ones(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fxsparse import budgets
+
+    records = tmp_path / "records"
+    records.mkdir()
+    shapes = {fqn: tuple(shape) for fqn, shape in _LAYERS.items()}
+    erk = budgets.active_counts(shapes, budgets.layer_densities(shapes, 0.1, "erk"))
+    for seed in (0, 1):
+        for method, grown in (("static", 0), ("rigl", 5), ("snfs", 7)):
+            _record(records / f"{method}-{seed}.json", method, "erk", 0.1, seed, 0.85)
+            _with_topology(records / f"{method}-{seed}.json", erk, grown)
+    _record(records / "set-old.json", "set", "erk", 0.1, 0, 0.85)  # made before the fields: drawn without
+    _record(records / "dense-0.json", "dense", "erk", 0.1, 0, 0.9)  # no topology: not lacking any
+    out = tmp_path / "docs" / "results.md"
+    text = report.main([str(records), "--out", str(out), "--plots"])
+    assert "![study_results_methods_density](img/study_results_methods_density.png)" in text
+    assert "![study_results_methods_churn](img/study_results_methods_churn.png)" in text
+    assert "1 of the 8 records lack the per-layer active counts" in text and ": set-old.json; the figures below" in text
+    for kind in ("density", "churn"):
+        assert (out.parent / "img" / f"study_results_methods_{kind}.png").stat().st_size > 1000
+    topologies, lacking, total = report.load_topologies([records])
+    assert (len(topologies), lacking, total) == (6, ["set-old.json"], 8)
+    # the budgets the figure compares against: fxsparse.plot.init_densities's, from the shapes alone
+    budget = report._budget_densities(topologies[0].layers, "erk", 0.1)
+    assert budget == {fqn: erk[fqn] / math.prod(shape) for fqn, shape in shapes.items()}
+    import demo
+    import fxsparse
+    import fxsparse.plot
+    from fxsparse.models import small_cnn
+
+    sparse = fxsparse.sparsify(small_cnn(num_classes=10, width=8), density=0.3, init="erk", seed=0)
+    layers = tuple((fqn, tuple(c["shape"]), c["active"]) for fqn, c in demo.structure(sparse).items())
+    for init in ("erk", "uniform", "er"):
+        assert report._budget_densities(layers, init, 0.2) == fxsparse.plot.init_densities(sparse, init, 0.2)
+
+
+def test_report_renders_old_records_without_the_topology_fields(tmp_path):
+    main, extended = tmp_path / "main", tmp_path / "extended"
+    main.mkdir()
+    extended.mkdir()
+    for method in ("static", "rigl"):
+        _record(main / f"{method}.json", method, "erk", 0.1, 0, 0.85)
+        _ext_record(extended / f"{method}.json", method, 0, 0.85)
+    _record(main / "dense.json", "dense", "erk", 0.1, 0, 0.9)
+    text = report.main([str(main), "--plots", "--out", str(tmp_path / "docs" / "results.md")])
+    assert "| rigl | erk | 85.00 +- 0.00 |" in text  # the tables as before
+    assert "None of the 3 records carries the per-layer active counts" in text
+    assert "all 2 records with sparse runs were made before" in text and "![study_" not in text
+    assert not (tmp_path / "docs" / "img").exists()
+    text = report.main([str(extended), "--extended"])
+    assert "## The topology after training" in text and "None of the 2 records carries" in text
+
+
+def test_study_gives_each_cell_its_own_figures_folder(tmp_path, capsys):
+    import study
+
+    study.main(["--out-dir", str(tmp_path / "study"), "--seeds", "0", "--densities", "0.2", "--inits", "erk",
+                "--figures", str(tmp_path / "figures"), "--dry-run"])
+    listed = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert set(listed) == {"dense-seed0", "d0.2-erk-seed0"}
+    for name, args in listed.items():  # demo.py names figures by method: one folder per cell keeps them apart
+        assert args.endswith(f"--figures {tmp_path / 'figures' / name}")

@@ -103,3 +103,42 @@ def test_resume_gives_the_same_weights_and_masks_as_an_uninterrupted_run():
     _train(c, opt_c, sched_c, batches[17:])
     for name, tensor in a.state_dict().items():
         assert torch.equal(tensor, c.state_dict()[name]), name
+
+
+def test_history_and_stats_record_each_update_and_survive_resume():
+    sparse, opt, sched = _setup(total=20, delta_t=5)
+    assert sched.stats() == {"step": 0.0, "density": pytest.approx(sparse.density), "updates": 0.0}
+    _train(sparse, opt, sched, _batches(12))
+    assert [r["step"] for r in sched.history] == [5, 10]
+    last = sched.history[-1]
+    assert last["drop_fraction"] == pytest.approx(sched.drop_fraction(10))
+    assert {fqn: layer["grown"] for fqn, layer in last["layers"].items()} == {
+        fqn: change.grown for fqn, change in sched.last_changes.items()}
+    stats = sched.stats()
+    active = sum(layer["active"] for layer in last["layers"].values())
+    grown = sum(layer["grown"] for layer in last["layers"].values())
+    assert stats["updates"] == 2.0 and stats["update_step"] == 10.0 and stats["step"] == 12.0
+    assert grown > 0 and stats["churn"] == pytest.approx(grown / active)
+    twin = fxsparse.RigLScheduler(sparse, opt, total_steps=20, delta_t=5)
+    twin.load_state_dict(copy.deepcopy(sched.state_dict()))
+    assert twin.history == sched.history and twin.stats() == stats
+
+
+def test_a_pruning_history_records_the_fraction_each_update_removed():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    sparse = fxsparse.sparsify(net, 1.0, "uniform")
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.05)
+    sched = fxsparse.RigLScheduler(sparse, opt, total_steps=20, delta_t=4, method="pruning", density=0.2, init="erk")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        sparse(torch.randn(8, 16, generator=gen)).sum().backward()
+        if sched.step():
+            opt.step()
+        opt.zero_grad()
+    assert sched.history
+    for record in sched.history:
+        removed = sum(layer["dropped"] for layer in record["layers"].values())
+        before = sum(layer["active"] for layer in record["layers"].values()) + removed
+        assert record["drop_fraction"] == pytest.approx(removed / before)
+    assert sum(int(m.sum()) for m in sparse.masks.values()) < sum(m.numel() for m in sparse.masks.values())
