@@ -13,7 +13,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODE_FEATURES", "ModeNet", "HELPERS", "WrappedNet", "drop_path"]
+__all__ = ["MODE_FEATURES", "ModeNet", "HELPERS", "WrappedNet", "ComputedArgsNet", "drop_path"]
 
 MODE_FEATURES = ("drop_path", "dropout", "sdpa_dropout", "train_branch", "mode_constant")
 
@@ -107,6 +107,12 @@ def standardized_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.fx.wrap
+def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Given a weight computed outside it (normalized at the call): the product reads no parameter."""
+    return F.linear(x, w)
+
+
+@torch.fx.wrap
 def add_position(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """A matrix parameter passed in but used by no product (a position embedding)."""
     return x + pos
@@ -134,6 +140,8 @@ HELPERS = {
     "add_position": ("none", True),
     "gated": ("product", True),
     "call_layer": ("product", True),
+    "normalized_outside": ("computed", True),
+    "scaled_into_branchy": ("computed", False),
 }
 
 
@@ -153,6 +161,8 @@ class WrappedNet(nn.Module):
         self.gate = nn.Parameter(torch.randn(width, width) * 0.2)
         self.up = nn.Parameter(torch.randn(width, width) * 0.2)
         self.layer = nn.Linear(width, width)
+        self.normalized = nn.Parameter(torch.randn(width, width) * 0.2)
+        self.scaled = nn.Parameter(torch.randn(width, width) * 0.2)
         self.head = nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +181,10 @@ class WrappedNet(nn.Module):
                 x = x + gated(x, self.gate, self.up)
             elif helper == "call_layer":
                 x = torch.tanh(call_layer(x, self.layer))
+            elif helper == "normalized_outside":  # weight normalization at the call, then a wrapped linear
+                x = torch.tanh(plain_linear(x, self.normalized / self.normalized.norm(dim=1, keepdim=True)))
+            elif helper == "scaled_into_branchy":  # a computed weight into a function tracing cannot enter
+                x = torch.tanh(branchy_linear(x, self.scaled * 0.5))
         return self.head(x.mean(1))
 
     # the parameter each helper is given, and its kind (see HELPERS)
@@ -182,6 +196,8 @@ class WrappedNet(nn.Module):
         "add_position": ("pos",),
         "gated": ("gate", "up"),
         "call_layer": ("layer.weight",),
+        "normalized_outside": ("normalized",),
+        "scaled_into_branchy": ("scaled",),
     }
 
 
@@ -194,11 +210,31 @@ def declared_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> to
 
 
 class DeclaredNet(nn.Module):
-    def __init__(self, width: int = 8) -> None:
+    def __init__(self, width: int = 8, computed: bool = False) -> None:
         super().__init__()
+        self.computed = computed
         self.w = nn.Parameter(torch.randn(width, width))
         self.scale = nn.Parameter(torch.randn(width, width))
         self.head = nn.Linear(width, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.computed:  # the declared weight argument given a function of the parameter
+            return self.head(declared_linear(x, self.w * 0.5, self.scale))
         return self.head(declared_linear(x, self.w, self.scale))
+
+
+class ComputedArgsNet(nn.Module):
+    """Weights computed at the call of a wrapped function: normalized into a traceable linear,
+    scaled into an untraceable one, and a position embedding scaled into no product."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.normalized = nn.Parameter(torch.randn(width, width))
+        self.scaled = nn.Parameter(torch.randn(width, width))
+        self.pos = nn.Parameter(torch.randn(4, width))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = plain_linear(x, self.normalized / self.normalized.norm(dim=1, keepdim=True))
+        x = branchy_linear(x, self.scaled * 0.5)
+        return self.head(add_position(x, self.pos * 2.0).mean(1))

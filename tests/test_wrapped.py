@@ -110,6 +110,8 @@ def test_declared_weight_arguments_are_taken_at_their_word():
     fxsparse.register_leaf_function(declared_linear, weights=["w"])
     sparse = fxsparse.sparsify(DeclaredNet(), 0.5, "uniform", dense=[])
     assert "w" in sparse.masks and "scale" not in sparse.masks and "scale" not in dict(sparse.skipped)
+    computed = fxsparse.sparsify(DeclaredNet(computed=True), 0.5, "uniform", dense=[])
+    assert "w" not in computed.masks and "passed as the declared weight argument 'w'" in dict(computed.skipped)["w"]
     with pytest.raises(ValueError, match="expected weights= to name arguments"):
         fxsparse.register_leaf_function(declared_linear, weights=["weight"])
 
@@ -159,3 +161,32 @@ def test_a_standardized_convolution_inside_an_opaque_leaf_is_listed_not_masked()
     assert "StdConv2d" in skipped["0.std.weight"]
     assert {"0.plain.weight", "2.weight"} <= set(sparse.masks)  # a plain conv inside keeps the fallback
     assert check_model(net, torch.randn(2, 3, 8, 8)).ok
+
+
+def test_a_weight_computed_before_a_wrapped_call_is_listed_where_a_product_reads_it():
+    """``helper(x, w / w.norm(...))``: the argument is no parameter, the product inside reads a
+    function of one. Listed as computed (traced into, watched running, or unknown without inputs);
+    a computed argument no product reads is not listed once fxsparse can tell."""
+    from mode_models import ComputedArgsNet as Net
+
+    for inputs in (None, X):
+        sparse = fxsparse.sparsify(Net(), 0.5, "uniform", dense=[], example_inputs=inputs)
+        skipped = dict(sparse.skipped)
+        assert set(sparse.masks) == {"head.weight"}
+        assert skipped["normalized"].startswith("computed from it by truediv and passed as 'w' into the wrapped "
+                                                "function mode_models.plain_linear; there: computed into the weight")
+        assert "by mul and passed as 'w'" in skipped["scaled"] and "left dense" in skipped["scaled"]
+        if inputs is None:
+            assert "cannot trace into" in skipped["scaled"] and "example_inputs" in skipped["scaled"]
+        else:
+            assert "cannot trace into" not in skipped["scaled"]
+        assert "pos" not in skipped  # traced into: a sum, no product
+    assert check_model(Net(), X).ok
+    find_weights = importlib.import_module("fxsparse.passes.find_weights")
+    original = find_weights._computed_operand_params
+    try:  # the analysis that did not look at computed arguments: the check catches it
+        find_weights._computed_operand_params = lambda *args: {}
+        report = check_model(Net(), X)
+    finally:
+        find_weights._computed_operand_params = original
+    assert not report.ok and "normalized (computed into a product's operand)" in report.failure, report.failure

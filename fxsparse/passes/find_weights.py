@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,16 +254,21 @@ def _function_label(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', getattr(fn, '__name__', fn))}"
 
 
+def _bound_arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """The arguments of a call by parameter name (by position where the signature is unknown)."""
+    try:
+        return dict(inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return {f"argument {i}": a for i, a in enumerate([*node.args, *node.kwargs.values()])}
+
+
 def _operand_params(
     gm: torch.fx.GraphModule, node: torch.fx.Node, names: dict[str, str], params: dict[str, nn.Parameter],
 ) -> dict[str, str]:
     """The parameters of two or more dims a call is given as arguments (through views), by
     canonical FQN, with the name each argument has in the call."""
     given: dict[str, str] = {}
-    try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        bound = {f"argument {i}": a for i, a in enumerate([*node.args, *node.kwargs.values()])}
+    bound = _bound_arguments(node)
     for name, value in bound.items():
         for operand in _flat(value):
             fqn = _param_of(gm, operand, names)
@@ -275,6 +280,27 @@ def _operand_params(
                 if p.dim() >= 2 and path in names:  # a layer handed whole: its weights come along
                     given.setdefault(names[path], f"{name}.{pname}")
     return given
+
+
+def _computed_operand_params(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, names: dict[str, str], params: dict[str, nn.Parameter],
+    fixed: set[torch.fx.Node],
+) -> dict[str, tuple[str, str]]:
+    """The matrix parameters behind the arguments of a call that are computed from parameters
+    and constants alone (``fixed``) but are no parameter or view of one (``w * gain``, a
+    normalized weight), by canonical FQN: ``(argument name, the op computing it)``."""
+    bound = _bound_arguments(node)
+    computed: dict[str, tuple[str, str]] = {}
+    for name, value in bound.items():
+        for operand in _flat(value):
+            if not isinstance(operand, torch.fx.Node) or operand not in fixed or operand.op == "get_attr":
+                continue
+            if _param_of(gm, operand, names) is not None:
+                continue
+            for fqn in _parameters_behind(gm, operand, names):
+                if fqn in params and sum(d > 1 for d in params[fqn].shape) >= 2:
+                    computed.setdefault(fqn, (name, _label(operand.target)))
+    return computed
 
 
 def _module_of(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
@@ -301,22 +327,30 @@ _MAX_DEPTH = 3  # wrapped functions looked into within wrapped functions
 
 def _leaf_function_reads(
     gm: torch.fx.GraphModule, node: torch.fx.Node, given: dict[str, str], names: dict[str, str],
-    embeddings: bool, depth: int,
+    embeddings: bool, depth: int, computed: dict[str, tuple[str, str]] | None = None, fixed: set[torch.fx.Node] = frozenset(),
 ) -> tuple[set[str], dict[str, str]] | str:
     """What the wrapped function ``node`` calls does with the parameters ``given`` to it:
     ``(product weights, {fqn: why left dense})``, parameters in neither being no product weight
-    there; or a string saying why it cannot be told.
+    there; or a string saying why it cannot be told. ``computed``: the parameters behind
+    arguments computed from parameters alone (:func:`_computed_operand_params`); a product that
+    reads such an argument leaves them dense, with the reason.
 
     Weights declared with ``register_leaf_function(fn, weights=[...])`` are taken at their word.
     Otherwise the function's body is traced once more, alone, with the weights as attribute
-    reads of ``gm`` and every other argument a placeholder (its own constants kept), and the
-    result is analysed like any graph; Python control flow on an argument's value or shape
-    stops that trace (the reason the function was kept whole, often).
+    reads of ``gm``, the computed arguments as their computation (nodes of ``fixed``) and every
+    other argument a placeholder (its own constants kept), and the result is analysed like any
+    graph; Python control flow on an argument's value or shape stops that trace (the reason the
+    function was kept whole, often).
     """
     fn = node.target
+    computed = computed or {}
     declared = _TORCH_FUNCTION_WEIGHTS.get(fn, leaf_function_weights(fn))
     if declared is not None:  # an argument name, or a layer argument's name for its weights
-        return {fqn for fqn, arg in given.items() if arg in declared or arg.split(".", 1)[0] in declared}, {}
+        return {fqn for fqn, arg in given.items() if arg in declared or arg.split(".", 1)[0] in declared}, {
+            fqn: f"computed from it by {op} and passed as the declared weight argument {arg!r} of {fn.__name__}"
+                 f"{_COMPUTED_WHY}"
+            for fqn, (arg, op) in computed.items() if arg in declared
+        }
     if depth >= _MAX_DEPTH:
         return f"wrapped functions nested deeper than {_MAX_DEPTH}"
     tracer = torch.fx.Tracer()
@@ -327,10 +361,12 @@ def _leaf_function_reads(
 
     def copy_of(operand: torch.fx.Node) -> torch.fx.Node:
         if operand not in env:
-            if _param_of(gm, operand, names) is None:
-                env[operand] = graph.placeholder(f"arg_{len(env)}")
-            elif operand.op == "get_attr":
+            if operand.op == "get_attr" and (operand in fixed or _param_of(gm, operand, names) is not None):
                 env[operand] = graph.get_attr(str(operand.target))
+            elif operand in fixed and _param_of(gm, operand, names) is None:  # computed from parameters
+                env[operand] = graph.node_copy(operand, copy_of)
+            elif _param_of(gm, operand, names) is None:
+                env[operand] = graph.placeholder(f"arg_{len(env)}")
             else:  # a view of the weight: the same view of its read
                 source = view_source(operand)
                 env[operand] = graph.node_copy(operand, lambda n: copy_of(n) if n is source else placeholder(n))
@@ -357,36 +393,54 @@ def _leaf_function_reads(
     except Exception as e:  # noqa: BLE001 - any failure of the trace: the use is unknown
         text = str(e).strip().splitlines()
         return f"{type(e).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
-    return {s.fqn for s in sites} & set(given), {fqn: why for fqn, why in left if fqn in given}
+    return {s.fqn for s in sites} & set(given), {fqn: why for fqn, why in left if fqn in given or fqn in computed}
+
+
+_COMPUTED_WHY = (
+    ": the product reads a function of it, which a mask on the parameter would not make sparse; left dense"
+)
 
 
 def _record_leaf_reads(
-    node: torch.fx.Node, given: dict[str, str], reads: tuple[set[str], dict[str, str]] | str,
-    site: Callable[[str], WeightSite], blocked: dict[str, str],
+    found: _Findings, node: torch.fx.Node, given: dict[str, str], computed: dict[str, tuple[str, str]],
+    reads: tuple[set[str], dict[str, str]] | str,
 ) -> None:
     """Marks the weights a wrapped call uses as product weights for the module-level fallback,
     and puts the others a product reads there, or all of them when that is unknown, in
-    ``blocked`` with the reason."""
+    ``found.blocked`` with the reason; the parameters behind computed arguments (``computed``)
+    go to ``found.computed``, dense unless a product elsewhere reads them as they are."""
     label = _function_label(node.target)
+    name = getattr(node.target, "__name__", "fn")
     if isinstance(reads, str):
         for fqn, arg in given.items():
-            blocked.setdefault(fqn, (
+            found.blocked.setdefault(fqn, (
                 f"passed as {arg!r} into the wrapped function {label}, which fxsparse cannot trace "
                 f"into ({reads}), so how it uses the weight is unknown: left dense. Fix: pass "
                 f"example_inputs to sparsify (fxsparse then watches the function run), or declare "
-                f"its weight arguments with fxsparse.register_leaf_function("
-                f"{getattr(node.target, '__name__', 'fn')}, weights=[{arg!r}, ...])"
+                f"its weight arguments with fxsparse.register_leaf_function({name}, weights=[{arg!r}, ...])"
+            ))
+        for fqn, (arg, op) in computed.items():
+            found.computed.setdefault(fqn, (
+                f"computed from it by {op} and passed as {arg!r} into the wrapped function {label}, "
+                f"which fxsparse cannot trace into ({reads}): if a product reads it there, it reads a "
+                f"function of the parameter, which a mask on the parameter would not make sparse; left "
+                f"dense. Pass example_inputs to sparsify to have the function watched running"
             ))
         return
     products, left = reads
     for fqn in given:
         if fqn in products:
-            leaf = site(fqn)
+            leaf = found.site(fqn)
             where = f"{label} (wrapped function, argument {given[fqn]!r})"
             if where not in leaf.opaque:
                 leaf.opaque.append(where)
         elif fqn in left:
-            blocked.setdefault(fqn, f"inside the wrapped function {label}: {left[fqn]}")
+            found.blocked.setdefault(fqn, f"inside the wrapped function {label}: {left[fqn]}")
+    for fqn, (arg, op) in computed.items():
+        if fqn in left and fqn not in given:
+            found.computed.setdefault(
+                fqn, f"computed from it by {op} and passed as {arg!r} into the wrapped function {label}; there: {left[fqn]}",
+            )
 
 
 def _watch_leaf_calls(
@@ -403,21 +457,23 @@ def _watch_leaf_calls(
     wanted = {node.name: node for node in nodes}
     seen: dict[torch.fx.Node, tuple[set[str], dict[str, str]] | str] = {}
 
+    reads = ProductReads(params)  # over the whole run: it follows what is computed from parameters
+
     class Watcher(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             if n.name not in wanted:
                 return super().run_node(n)
-            with ProductReads(params) as reads:
-                result = super().run_node(n)
-            seen[wanted[n.name]] = reads.direct, {
-                fqn: "computed into a product's weight there (weight standardization or the like): a mask "
+            reads.direct, reads.computed = set(), set()
+            result = super().run_node(n)
+            seen[wanted[n.name]] = set(reads.direct), {
+                fqn: "computed into a product's weight (weight standardization or the like): a mask "
                      "on the parameter would not make the product sparse; left dense"
                 for fqn in reads.computed - reads.direct
             }
             return result
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reads:
             Watcher(twin).run(*graph_inputs(twin, *inputs))
     except Exception as e:  # noqa: BLE001 - the calls not reached stay unknown, with this reason
         text = str(e).strip().splitlines()
@@ -445,7 +501,8 @@ class _Findings:
     computed: dict[str, str] = field(default_factory=dict)  # parameters products read only through such a computation
     lookups: dict[str, list[torch.fx.Node]] = field(default_factory=dict)  # embedding tables: the nodes looking them up
     as_input: dict[str, str] = field(default_factory=dict)  # parameters read as the input operand of a linear/conv
-    watched: list[tuple[torch.fx.Node, dict[str, str], str]] = field(default_factory=list)  # wrapped calls to watch run
+    # wrapped calls to watch run: (node, given, computed, why they could not be traced into)
+    watched: list[tuple[torch.fx.Node, dict[str, str], dict[str, tuple[str, str]], str]] = field(default_factory=list)
 
     def site(self, fqn: str) -> WeightSite:
         """The site of ``fqn``, made at its first use."""
@@ -599,13 +656,16 @@ def _wrapped_call(found: _Findings, node: torch.fx.Node) -> None:
     to it are looked for inside (:func:`_leaf_function_reads`); a call that cannot be traced
     into is watched running (:func:`_watch_wrapped_calls`) when there are inputs to run on."""
     given = _operand_params(found.gm, node, found.names, found.params)
-    if not given:
+    computed = _computed_operand_params(found.gm, node, found.names, found.params, found.fixed)
+    if not given and not computed:
         return
-    reads = _leaf_function_reads(found.gm, node, given, found.names, found.embeddings, found.depth)
+    reads = _leaf_function_reads(
+        found.gm, node, given, found.names, found.embeddings, found.depth, computed, found.fixed,
+    )
     if isinstance(reads, str) and found.inputs is not None:
-        found.watched.append((node, given, reads))
+        found.watched.append((node, given, computed, reads))
     else:
-        _record_leaf_reads(node, given, reads, found.site, found.blocked)
+        _record_leaf_reads(found, node, given, computed, reads)
 
 
 def _input_operands(found: _Findings, node: torch.fx.Node) -> None:
@@ -662,10 +722,10 @@ def _watch_wrapped_calls(found: _Findings) -> None:
     (:func:`_watch_leaf_calls`); a call the run did not reach keeps its first reason."""
     if not found.watched:
         return
-    nodes = [node for node, _, _ in found.watched]
+    nodes = [node for node, *_ in found.watched]
     seen = _watch_leaf_calls(found.gm, nodes, found.inputs, found.names)  # type: ignore[arg-type]
-    for node, given, why in found.watched:
-        _record_leaf_reads(node, given, seen.get(node, why), found.site, found.blocked)
+    for node, given, computed, why in found.watched:
+        _record_leaf_reads(found, node, given, computed, seen.get(node, why))
 
 
 def _why_dense(found: _Findings, fqn: str) -> str | None:
