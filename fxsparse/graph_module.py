@@ -154,13 +154,24 @@ class SparseGraphModule(torch.fx.GraphModule):
         preserved.update(pytree_specs(self))
 
     def train(self, mode: bool = True) -> SparseGraphModule:
-        """Sets the mode as ``nn.Module.train`` does; a module captured by torch.export (which
-        bakes the mode into its graph) also switches to the graph captured in that mode."""
+        """Sets the mode as ``nn.Module.train`` does; a module whose modes compute differently
+        (a capture bakes the mode into its graph) also switches to the graph captured in that mode."""
         super().train(mode)
-        graphs = getattr(self, "_fxsparse", None) and self._fxsparse.mode_graphs
-        if graphs and self.graph is not graphs[bool(mode)]:
-            self.graph = graphs[bool(mode)]  # recompiles: only when the mode changes
+        self._follow_mode()
         return self
+
+    def _follow_mode(self) -> None:
+        """Runs the graph of the mode ``self.training`` says, however it was set."""
+        graphs = self.__dict__.get("_fxsparse") and self._fxsparse.mode_graphs
+        if graphs and self.graph is not graphs[bool(self.training)]:
+            self.graph = graphs[bool(self.training)]  # recompiles: only when the mode changes
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Code that restores modes by assignment (``module.training = mode``, as Lightning's
+        # evaluation loop does after validation) never calls train(): the graph follows here,
+        # and the submodules keep the modes they were given.
+        self._follow_mode()
+        return super().__call__(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseGraphModule:
         # .to(device) / .cuda() / .cpu(): an exported graph names the device it was captured on

@@ -133,3 +133,45 @@ def test_a_tensorboard_logger_gets_the_stats_and_the_masks(tmp_path):
     accumulator.Reload()
     assert {f"fxsparse/mask/{fqn}" for fqn in lit.net.masks} <= set(accumulator.Tags()["images"])
     assert {"fxsparse/churn", "fxsparse/updates"} <= set(accumulator.Tags()["scalars"])
+
+
+class ModeLit(lightning.LightningModule):
+    """A sparse net whose modes compute differently (drop path, a training-only head), validated
+    every epoch: Lightning restores the training mode after validation by assignment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from mode_models import ModeNet
+
+        torch.manual_seed(0)
+        x = torch.randn(2, 4, 6)
+        self.net = fxsparse.sparsify(ModeNet(("drop_path", "train_branch")), 0.5, "uniform", dense=[], example_inputs=x)
+        self.graphs_seen: list[tuple[str, bool]] = []
+
+    def _step(self, batch, stage):
+        x, y = batch
+        out = self.net(x)
+        self.graphs_seen.append((stage, self.net.graph is self.net._fxsparse.mode_graphs[True]))
+        return nn.functional.cross_entropy(out, y)
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_training_after_validation_runs_the_training_graph(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4, 6, generator=gen), torch.randint(0, 5, (16,), generator=gen))
+    lit = ModeLit()
+    assert lit.net._fxsparse.mode_graphs is not None
+    _trainer(tmp_path, [SparseTrainingCallback(delta_t=2)], max_epochs=2, enable_checkpointing=False).fit(
+        lit, torch.utils.data.DataLoader(data, batch_size=4), torch.utils.data.DataLoader(data, batch_size=8),
+    )
+    stages = [stage for stage, _ in lit.graphs_seen]
+    assert stages[0] == "val" and "val" in stages[stages.index("train"):]  # sanity check, then after each epoch
+    assert all(train_graph == (stage == "train") for stage, train_graph in lit.graphs_seen), lit.graphs_seen

@@ -163,3 +163,26 @@ def test_check_model_reports_a_module_that_keeps_the_mode_it_was_traced_in(monke
 def test_check_model_passes_mode_dependent_models(features):
     report = check_model(_model(features), X)
     assert report.ok, report.failure
+
+
+@pytest.mark.parametrize("capture", FRONT_ENDS)
+def test_the_graph_follows_a_mode_set_by_assignment(capture):
+    """``module.training = mode`` (how Lightning restores modes after validation) never calls
+    train(): the module still runs the graph of the mode it is in, and submodules keep theirs."""
+    model = _model(MODE_FEATURES)
+    sparse = fxsparse.sparsify(copy.deepcopy(model), 1.0, example_inputs=X, capture=capture)
+    assert sparse._fxsparse.mode_graphs is not None
+    for mode in (False, True, False):
+        for module in (*sparse.modules(), *model.modules()):
+            module.training = mode
+        with torch.no_grad():
+            torch.manual_seed(7)
+            want = model(X)
+            torch.manual_seed(7)
+            got = sparse(X)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"differs in {'train' if mode else 'eval'} mode")
+        assert sparse.graph is sparse._fxsparse.mode_graphs[mode]
+    sparse.train()
+    sparse.get_submodule("norm").training = False  # a submodule set apart (frozen normalization)
+    sparse(X)
+    assert sparse.graph is sparse._fxsparse.mode_graphs[True] and not sparse.get_submodule("norm").training
