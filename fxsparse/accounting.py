@@ -54,6 +54,25 @@ __all__ = [
 METHODS = ("dense", "static", "set", "rigl", "rigl-sg", "rigl-sm", "snfs", "pruning")
 
 
+def _mv_flops(matrix: Any, vector: Any, *_: Any, **__: Any) -> int:
+    return 2 * math.prod(matrix)
+
+
+def _addmv_flops(_bias: Any, matrix: Any, vector: Any, *_: Any, **__: Any) -> int:
+    return 2 * math.prod(matrix)
+
+
+def _trilinear_flops(first: Any, weight: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+    # F.bilinear: each output entry reads its weight slice (in1 x in2) once
+    return 2 * math.prod(out_shape) * math.prod(weight[1:]) if out_shape is not None and len(weight) == 3 else 0
+
+
+# products torch's FlopCounterMode does not count (its own table: mm, bmm, addmm, convolution ...)
+_EXTRA_FLOPS = {
+    torch.ops.aten.mv: _mv_flops, torch.ops.aten.addmv: _addmv_flops, torch.ops.aten._trilinear: _trilinear_flops,
+}
+
+
 @dataclass(frozen=True)
 class FlopRow:
     """One counted product: a weight (all its uses summed), an activation product, or a leaf.
@@ -493,7 +512,7 @@ class _Counter(torch.fx.Interpreter):
             return args[0]  # the masked-weight node hands the (zero-holding) weight through
         if n.op == "call_function" and n.target is compact_linear:
             return self._compact(n)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
             result = super().run_node(n)
         count = int(counter.get_total_flops())
         if n.op == "call_function" and (
@@ -509,7 +528,7 @@ class _Counter(torch.fx.Interpreter):
         dense weight (the density column then says how much of it is active)."""
         (x, layer, _, bias), _ = self.fetch_args_kwargs_from_env(n)
         weight = x.new_zeros(layer.shape, dtype=layer.values.dtype)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
             if layer.stride is not None:  # a 1x1 convolution
                 result = F.conv2d(x.to(weight.dtype), weight, bias, layer.stride)
             else:

@@ -305,6 +305,12 @@ def _export_error(e: BaseException) -> str:
             "graph can record: turn it off for training (transformers: config.layerdrop, "
             "encoder_layerdrop, decoder_layerdrop = 0) or express it with torch.cond."
         )
+    if "not a known type" in text and "Cache" in text:
+        lines.append(
+            "That is a key/value cache in the outputs (transformers' use_cache, on by default for "
+            "generation), which training does not use: set model.config.use_cache = False before "
+            "sparsify, or pass use_cache=False to the model's constructor"
+        )
     return ". ".join(line.rstrip(".") for line in lines) + "."
 
 

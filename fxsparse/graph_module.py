@@ -135,6 +135,28 @@ class SparsitySummary:
     __repr__ = __str__
 
 
+def _inputs_of_spec(spec: Any, device: torch.device) -> Any:
+    """Zeros of the shapes and dtypes an input spec (``_State.input_spec``) records, or None."""
+    if spec is None:
+        return None
+
+    def make(item: tuple[Any, ...]) -> Any:
+        return torch.zeros(item[1], dtype=item[2], device=device) if item[0] == "tensor" else item[1]
+
+    if len(spec) == 2 and isinstance(spec[1], dict):
+        return tuple(make(i) for i in spec[0]), {k: make(i) for k, i in spec[1].items()}
+    return tuple(make(item) for item in spec)
+
+
+def _follow_mode(sparse: SparseGraphModule) -> None:
+    """Has ``sparse`` run the graph of the mode ``sparse.training`` says, however it was set:
+    code that restores modes by assignment (``module.training = mode``, as Lightning's evaluation
+    loop does after validation) never calls ``train()``; the submodules keep the modes they have."""
+    graphs = sparse.__dict__.get("_fxsparse") and sparse._fxsparse.mode_graphs
+    if graphs and sparse.graph is not graphs[bool(sparse.training)]:
+        sparse.graph = graphs[bool(sparse.training)]  # recompiles: only when the mode changes
+
+
 class SparseGraphModule(torch.fx.GraphModule):
     """A traced model whose conv/linear/matmul weights are masked, with RigL topology updates.
 
@@ -157,20 +179,11 @@ class SparseGraphModule(torch.fx.GraphModule):
         """Sets the mode as ``nn.Module.train`` does; a module whose modes compute differently
         (a capture bakes the mode into its graph) also switches to the graph captured in that mode."""
         super().train(mode)
-        self._follow_mode()
+        _follow_mode(self)
         return self
 
-    def _follow_mode(self) -> None:
-        """Runs the graph of the mode ``self.training`` says, however it was set."""
-        graphs = self.__dict__.get("_fxsparse") and self._fxsparse.mode_graphs
-        if graphs and self.graph is not graphs[bool(self.training)]:
-            self.graph = graphs[bool(self.training)]  # recompiles: only when the mode changes
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Code that restores modes by assignment (``module.training = mode``, as Lightning's
-        # evaluation loop does after validation) never calls train(): the graph follows here,
-        # and the submodules keep the modes they were given.
-        self._follow_mode()
+        _follow_mode(self)  # a mode set by assignment (module.training = mode) never calls train()
         return super().__call__(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseGraphModule:
@@ -288,17 +301,8 @@ class SparseGraphModule(torch.fx.GraphModule):
     def example_inputs(self) -> Any:
         """Inputs of the shapes and dtypes ``sparsify`` was given (zeros), or None: a tuple of
         positional inputs, or ``(args, kwargs)`` when it was given keyword inputs."""
-        spec = self._fxsparse.input_spec
-        if spec is None:
-            return None
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
-
-        def make(item: tuple[Any, ...]) -> Any:
-            return torch.zeros(item[1], dtype=item[2], device=device) if item[0] == "tensor" else item[1]
-
-        if len(spec) == 2 and isinstance(spec[1], dict):
-            return tuple(make(i) for i in spec[0]), {k: make(i) for k, i in spec[1].items()}
-        return tuple(make(item) for item in spec)
+        return _inputs_of_spec(self._fxsparse.input_spec, device)
 
     def named_masks(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.masks.items()

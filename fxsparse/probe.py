@@ -29,7 +29,7 @@ _ATEN = torch.ops.aten
 PRODUCT_OPERANDS: dict[Any, tuple[int, ...]] = {
     _ATEN.mm: (0, 1), _ATEN.bmm: (0, 1), _ATEN.mv: (0, 1), _ATEN.matmul: (0, 1),
     _ATEN.addmm: (1, 2), _ATEN.baddbmm: (1, 2), _ATEN.addbmm: (1, 2), _ATEN.addmv: (1, 2),
-    _ATEN.linear: (0, 1), _ATEN._addmm_activation: (1, 2),
+    _ATEN.linear: (0, 1), _ATEN._addmm_activation: (1, 2), _ATEN._trilinear: (0, 1, 2),
     _ATEN.convolution: (0, 1), _ATEN._convolution: (0, 1),
     _ATEN.conv1d: (0, 1), _ATEN.conv2d: (0, 1), _ATEN.conv3d: (0, 1),
     _ATEN.conv_transpose1d: (0, 1), _ATEN.conv_transpose2d: (0, 1), _ATEN.conv_transpose3d: (0, 1),

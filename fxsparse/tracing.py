@@ -106,5 +106,21 @@ def trace(model: nn.Module, n_inputs: int = 1) -> torch.fx.GraphModule:
             f"and are listed in `skipped`), or the offending function with "
             f"fxsparse.register_leaf_function(fn)."
         ) from e
+    _refuse_root_values(model, graph)
     name = type(model).__name__
     return torch.fx.GraphModule(model, graph, class_name=name)
+
+
+def _refuse_root_values(model: nn.Module, graph: torch.fx.Graph) -> None:
+    """A model that passes itself (``self``) to a function the graph keeps whole: tracing records
+    an attribute read of the root, which no GraphModule can hold."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target == "":
+            users = ", ".join(sorted(getattr(u.target, "__name__", str(u.target)) for u in node.users))
+            raise TypeError(
+                f"expected a model torch.fx can trace symbolically, but {type(model).__name__} passes "
+                f"itself (self) as an argument to {users}, which the graph keeps whole; a torch.fx graph "
+                f"cannot hold its root module as a value. Fix: pass that function the submodules or "
+                f"weights it uses (fn(x, self.proj, self.norm) rather than fn(x, self)), or pass "
+                f"example_inputs and capture='export'."
+            )

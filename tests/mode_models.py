@@ -13,7 +13,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODE_FEATURES", "ModeNet", "HELPERS", "WrappedNet", "ComputedArgsNet", "drop_path"]
+__all__ = ["MODE_FEATURES", "ModeNet", "HELPERS", "WrappedNet", "ComputedArgsNet", "RootNet", "drop_path"]
 
 MODE_FEATURES = ("drop_path", "dropout", "sdpa_dropout", "train_branch", "mode_constant")
 
@@ -238,3 +238,22 @@ class ComputedArgsNet(nn.Module):
         x = plain_linear(x, self.normalized / self.normalized.norm(dim=1, keepdim=True))
         x = branchy_linear(x, self.scaled * 0.5)
         return self.head(add_position(x, self.pos * 2.0).mean(1))
+
+
+@torch.fx.wrap
+def through_root(x: torch.Tensor, root: nn.Module) -> torch.Tensor:
+    """Given the model itself: tracing cannot hold the root as a value."""
+    return F.linear(x, root.inner.weight) + F.linear(x, root.matrix)
+
+
+class RootNet(nn.Module):
+    """Passes itself (``self``) into a wrapped function."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.matrix = nn.Parameter(torch.randn(width, width) * 0.2)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(through_root(x, self).mean(1))

@@ -165,3 +165,13 @@ def test_mixture_of_experts_weights_are_sparsified_through_the_grouped_product()
         assert grad is not None and bool(grad[~mask].eq(0).all()) and bool(grad[mask].ne(0).any()), fqn
     sparse.rigl_step(0.3)
     sparse.verify()
+
+
+def test_a_key_value_cache_in_the_outputs_is_refused_with_the_remedy():
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)  # use_cache on
+    model = transformers.GPT2LMHeadModel(config)
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
+    with pytest.raises(TypeError, match=r"key/value cache in the outputs .* model.config.use_cache = False"):
+        fxsparse.sparsify(model, 0.5, example_inputs=inputs)
+    model.config.use_cache = False  # the remedy the message gives
+    assert check_model(model, inputs).ok

@@ -190,3 +190,15 @@ def test_a_weight_computed_before_a_wrapped_call_is_listed_where_a_product_reads
     finally:
         find_weights._computed_operand_params = original
     assert not report.ok and "normalized (computed into a product's operand)" in report.failure, report.failure
+
+
+def test_a_model_passing_itself_into_a_wrapped_function_gets_a_clear_error_or_the_export_front_end():
+    from mode_models import RootNet
+
+    model = RootNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"RootNet passes itself \(self\) as an argument to through_root"):
+        fxsparse.sparsify(model, 0.5, "uniform", dense=[])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    sparse = fxsparse.sparsify(model, 0.5, "uniform", dense=[], example_inputs=X)  # auto: export captures it
+    assert sparse.capture == "export" and {"inner.weight", "matrix", "head.weight"} <= set(sparse.masks)

@@ -39,6 +39,7 @@ from fxsparse.passes.functionalize import plain_call
 from fxsparse.passes.ops import (
     ATEN_WEIGHT_ARGS,
     FUNCTION_INPUT_ARGS,
+    FUNCTION_LIST_ARGS,
     FUNCTION_WEIGHT_ARGS,
     LAYERS,
     LOOKUP_ARGS,
@@ -46,6 +47,7 @@ from fxsparse.passes.ops import (
     REWRITABLE_MODULES,
     VIEW_FUNCTIONS,
     is_rewritable,
+    operands_at,
     packet,
     schema_weight_positions,
     view_source,
@@ -101,13 +103,15 @@ _timm_leaf_weights()
 def leaf_product_weights(module: nn.Module) -> dict[str, str]:
     """The conv/linear/matmul weights used inside ``module``, by name relative to it, with what
     uses them: weights of conv/linear submodules (of any subclass), the projections of
-    ``nn.MultiheadAttention``, the input and hidden matrices of ``nn.RNN``/``LSTM``/``GRU``, and
+    ``nn.MultiheadAttention``, the weight of ``nn.Bilinear``, the input and hidden matrices of ``nn.RNN``/``LSTM``/``GRU``, and
     what :func:`register_leaf_weights` declared."""
     found: dict[str, str] = {}
     for sub_name, sub in module.named_modules():
         prefix = f"{sub_name}." if sub_name else ""
         kind = type(sub).__name__
         if isinstance(sub, REWRITABLE_MODULES) and isinstance(getattr(sub, "weight", None), nn.Parameter):
+            found[prefix + "weight"] = kind
+        if isinstance(sub, nn.Bilinear):
             found[prefix + "weight"] = kind
         if isinstance(sub, nn.MultiheadAttention):
             for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
@@ -192,8 +196,8 @@ def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
     if node.op == "call_function":
         if packet(node.target) is _ATEN.einsum:  # einsum(equation, tensors, path=None)
             return list(node.args[1]) if len(node.args) > 1 else []
-        if node.target is torch.einsum:
-            operands = node.args[1:]
+        if node.target is torch.einsum or packet(node.target) in FUNCTION_LIST_ARGS:  # operands, or a list of them
+            operands = node.args[1:] if node.target is torch.einsum else node.args
             if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
                 operands = operands[0]
             return list(operands)
@@ -204,13 +208,9 @@ def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
             positions = schema_weight_positions(node.target)
             names = [a.name for a in node.target._schema.arguments]
             return [node.args[i] if i < len(node.args) else node.kwargs.get(names[i]) for i in positions]
-        operands = [node.args[i] for i in positions if i < len(node.args)]
-        if "weight" in node.kwargs and node.target in FUNCTION_WEIGHT_ARGS:
-            operands.append(node.kwargs["weight"])
-        return operands
+        return operands_at(node, positions)
     if node.op == "call_method":
-        positions = METHOD_WEIGHT_ARGS.get(str(node.target), ())
-        return [node.args[i] for i in positions if i < len(node.args)]
+        return operands_at(node, METHOD_WEIGHT_ARGS.get(str(node.target), ()))
     return []
 
 
@@ -231,7 +231,6 @@ _TORCH_FUNCTION_WEIGHTS: dict[Any, frozenset[str]] = {
     F.multi_head_attention_forward: frozenset(
         {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight"}
     ),
-    torch.chain_matmul: frozenset({"matrices"}),
 }
 if hasattr(F, "grouped_mm"):
     _TORCH_FUNCTION_WEIGHTS[F.grouped_mm] = frozenset({"mat_a", "mat_b"})
@@ -670,8 +669,7 @@ def _wrapped_call(found: _Findings, node: torch.fx.Node) -> None:
 
 def _input_operands(found: _Findings, node: torch.fx.Node) -> None:
     """Parameters read as the input operand of a linear/conv (a learned query or latent)."""
-    for position in _input_positions(found.gm, node):
-        operand = node.args[position] if position < len(node.args) else None
+    for operand in operands_at(node, _input_positions(found.gm, node)):
         fqn = found.matrix_of(operand)
         if fqn is not None:
             found.as_input.setdefault(fqn, (

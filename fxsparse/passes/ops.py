@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "FUNCTION_WEIGHT_ARGS", "METHOD_WEIGHT_ARGS", "ATEN_WEIGHT_ARGS", "FUNCTION_INPUT_ARGS", "LOOKUP_ARGS",
+    "FUNCTION_WEIGHT_ARGS", "FUNCTION_LIST_ARGS", "METHOD_WEIGHT_ARGS", "ATEN_WEIGHT_ARGS", "FUNCTION_INPUT_ARGS", "LOOKUP_ARGS",
     "VIEW_METHODS", "VIEW_FUNCTIONS", "VIEW_ATTRS", "ATEN_VIEWS", "REWRITABLE_MODULES", "LAYERS",
-    "packet", "view_source", "schema_weight_positions", "is_rewritable", "product_kind",
+    "ARGUMENT_NAMES", "operands_at", "packet", "view_source", "schema_weight_positions", "is_rewritable", "product_kind",
 ]
 
 # Functional consumers and the positions of their weight operands.
@@ -41,6 +41,12 @@ FUNCTION_WEIGHT_ARGS: dict[Callable[..., Any], tuple[int, ...]] = {
     torch.addmm: (1, 2),
     torch.baddbmm: (1, 2),
     torch.addbmm: (1, 2),
+    torch.mv: (0, 1),
+    torch.addmv: (1, 2),
+    torch.inner: (0, 1),
+    torch.tensordot: (0, 1),
+    torch.linalg.matmul: (0, 1),
+    F.bilinear: (2,),
 }
 METHOD_WEIGHT_ARGS: dict[str, tuple[int, ...]] = {
     "matmul": (0, 1),
@@ -50,6 +56,42 @@ METHOD_WEIGHT_ARGS: dict[str, tuple[int, ...]] = {
     "bmm": (0, 1),
     "addmm": (1, 2),
     "baddbmm": (1, 2),
+    "addbmm": (1, 2),
+    "mv": (0, 1),
+    "addmv": (1, 2),
+    "inner": (0, 1),
+}
+# The names of the arguments by position, for operands given by keyword (torch.mm(x, mat2=w)).
+_CONV_NAMES = ("input", "weight")
+ARGUMENT_NAMES: dict[Any, tuple[str, ...]] = {
+    F.linear: _CONV_NAMES, F.conv1d: _CONV_NAMES, F.conv2d: _CONV_NAMES, F.conv3d: _CONV_NAMES,
+    F.conv_transpose1d: _CONV_NAMES, F.conv_transpose2d: _CONV_NAMES, F.conv_transpose3d: _CONV_NAMES,
+    torch.matmul: ("input", "other"), torch.linalg.matmul: ("input", "other"), torch.inner: ("input", "other"),
+    torch.mm: ("input", "mat2"), torch.bmm: ("input", "mat2"), torch.mv: ("input", "vec"),
+    torch.addmm: ("input", "mat1", "mat2"), torch.baddbmm: ("input", "batch1", "batch2"),
+    torch.addbmm: ("input", "batch1", "batch2"), torch.addmv: ("input", "mat", "vec"),
+    torch.tensordot: ("a", "b"), F.bilinear: ("input1", "input2", "weight"),
+    "matmul": ("self", "other"), "mm": ("self", "mat2"), "bmm": ("self", "mat2"), "mv": ("self", "vec"),
+    "inner": ("self", "other"), "addmm": ("self", "mat1", "mat2"), "baddbmm": ("self", "batch1", "batch2"),
+    "addbmm": ("self", "batch1", "batch2"), "addmv": ("self", "mat", "vec"),
+}
+
+
+def operands_at(node: torch.fx.Node, positions: tuple[int, ...]) -> list[Any]:
+    """The arguments of ``node`` at ``positions``, given by position or by keyword."""
+    names = ARGUMENT_NAMES.get(node.target, ())
+    found = []
+    for i in positions:
+        if i < len(node.args):
+            found.append(node.args[i])
+        elif i < len(names) and names[i] in node.kwargs:
+            found.append(node.kwargs[names[i]])
+    return found
+
+
+# Products of a list of matrices: every one is an operand.
+FUNCTION_LIST_ARGS: set[Any] = {
+    torch.linalg.multi_dot, torch.chain_matmul, torch.ops.aten.linalg_multi_dot, torch.ops.aten.chain_matmul,
 }
 # Shape-only ops a weight may pass through on its way to the product (w.t(), w.T, ...).
 VIEW_METHODS = {
@@ -72,6 +114,8 @@ ATEN_WEIGHT_ARGS: dict[Any, tuple[int, ...]] = {
     _ATEN.convolution: (1,), _ATEN._convolution: (1,),
     _ATEN.matmul: (0, 1), _ATEN.mm: (0, 1), _ATEN.bmm: (0, 1),
     _ATEN.addmm: (1, 2), _ATEN.baddbmm: (1, 2), _ATEN.addbmm: (1, 2),
+    _ATEN.mv: (0, 1), _ATEN.addmv: (1, 2), _ATEN.inner: (0, 1), _ATEN.tensordot: (0, 1),
+    _ATEN.bilinear: (2,), _ATEN._trilinear: (0, 1, 2),
 }
 ATEN_VIEWS = {
     _ATEN.t, _ATEN.transpose, _ATEN.permute, _ATEN.view, _ATEN.reshape, _ATEN._unsafe_view,
@@ -143,7 +187,15 @@ def view_source(node: torch.fx.Node) -> Any:
         return node.args[0] if node.args else None
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in VIEW_ATTRS:
         return node.args[0]
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 and _whole(node.args[1]):
+        return node.args[0]  # w[None], w[..., None], w[:]: every entry, new axes at most
     return None
+
+
+def _whole(index: Any) -> bool:
+    """An index that keeps every entry of what it indexes (``None``, ``...``, ``:``)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or p == slice(None) for p in parts)
 
 # The products export_inference lowers to compressed layers, by kind (the weight is the second
 # operand), matched at both levels.
