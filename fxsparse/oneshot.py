@@ -353,12 +353,26 @@ def _axis_back(operand: torch.fx.Node, masked: torch.fx.Node, axis: int, ndim: i
     return axis
 
 
-def _row_axes(shapes: Mapping[str, tuple[int, ...]], uses: list[_Use]) -> dict[str, int]:
-    """The axis of output units of every sparsified weight (the same in all its products), for
-    ``group="row"``; raises where it cannot be told."""
+def output_axes(sparse: SparseGraphModule) -> dict[str, int | None]:
+    """The axis of output units of each sparse weight as the products of the graph now running
+    read it: 0 for linear and convolution weights, 1 for a transposed convolution's and for a
+    weight stored ``(in, out)`` (GPT-2's ``Conv1D``, ``x @ W``); None where that cannot be told
+    (a reshape, einsum, products that disagree, an opaque module, a compact layer)."""
+    shapes = {fqn: site.shape for fqn, site in sparse._fxsparse.sites.items()}
+    return {fqn: found.pop() if len(found) == 1 else None for fqn, found in _axes_read(shapes, _uses(sparse.graph, shapes)).items()}
+
+
+def _axes_read(shapes: Mapping[str, tuple[int, ...]], uses: list[_Use]) -> dict[str, set[int | None]]:
     axes: dict[str, set[int | None]] = {fqn: set() for fqn in shapes}
     for use in uses:
         axes[use.fqn].add(use.row_axis)
+    return axes
+
+
+def _row_axes(shapes: Mapping[str, tuple[int, ...]], uses: list[_Use]) -> dict[str, int]:
+    """The axis of output units of every sparsified weight (the same in all its products), for
+    ``group="row"``; raises where it cannot be told."""
+    axes = _axes_read(shapes, uses)
     bad = sorted(fqn for fqn, found in axes.items() if len(found) != 1 or None in found)
     if bad:
         raise ValueError(

@@ -40,6 +40,7 @@ import torch
 
 from fxsparse import budgets
 from fxsparse.graph_module import SparseGraphModule
+from fxsparse.oneshot import output_axes
 
 __all__ = ["density_bars", "churn", "mask_heatmaps", "log_tensorboard", "init_densities", "reduce_mask", "churn_table"]
 
@@ -273,7 +274,9 @@ def mask_heatmaps(
     Each mask is drawn as :func:`reduce_mask` makes it: a convolution's kernels reduced to the
     fraction of each kernel active (``out x in``), rows the output units, columns the inputs,
     and a side over ``max_size`` block-averaged. Empty rows are output units that lost every
-    connection.
+    connection. A weight stored ``(in, out)`` (GPT-2's ``Conv1D``, a transposed convolution) is
+    drawn transposed, so rows are outputs there too (:func:`fxsparse.oneshot.output_axes`); one
+    whose output axis cannot be told is drawn as stored, its axes labelled ``dim 0`` / ``dim 1``.
 
     Args:
         sparse: the SparseGraphModule.
@@ -304,16 +307,19 @@ def mask_heatmaps(
     fig = Figure(figsize=(3.2 * cols + 0.8, 3.0 * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     image = None
+    outputs = output_axes(sparse)
     for ax, fqn in zip(axes, chosen):
-        mask = masks[fqn]
+        mask, known = masks[fqn], outputs.get(fqn) in (0, 1)
+        if mask.ndim > 1 and outputs.get(fqn) == 1:  # stored (in, out ...): drawn outputs down all the same
+            mask = mask.transpose(0, 1)
         rows, cols = (mask.shape[0], mask.shape[1]) if mask.ndim > 1 else (1, mask.shape[0])
         # extent in units of the weight: the ticks read output / input indices even when downsampled
         image = ax.imshow(reduce_mask(mask, max_size).numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
                           interpolation="nearest", aspect="auto", extent=(0, cols, rows, 0))
-        shape = "x".join(map(str, mask.shape))
+        shape = "x".join(map(str, masks[fqn].shape))
         ax.set_title(f"{_short(fqn)}\n{shape}, density {int(mask.sum()) / mask.numel():.3f}", fontsize="small")
-        ax.set_xlabel("input" if mask.ndim > 1 else "weight", fontsize="small")
-        ax.set_ylabel("output" if mask.ndim > 1 else "", fontsize="small")
+        ax.set_xlabel(("input" if known else "dim 1") if mask.ndim > 1 else "weight", fontsize="small")
+        ax.set_ylabel(("output" if known else "dim 0 (as stored)") if mask.ndim > 1 else "", fontsize="small")
         ax.tick_params(labelsize="x-small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # cells are units or blocks of them
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))

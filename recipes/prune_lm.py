@@ -435,10 +435,11 @@ def _figure_section(figures: dict[str, str]) -> list[str]:
     lines = ["## The masks", "",
              "The first seed's model pruned one-shot at the lowest density, the first four masked layers (bright: "
              "kept), by score (`python recipes/prune_lm.py --report --figures docs/img`, "
-             "`fxsparse.plot.mask_heatmaps`, which draws each weight as stored). GPT-2's `Conv1D` weights are stored "
-             "`(in, out)`, so here the rows are input features and the columns output units (the axis labels assume "
-             "`(out, in)`). Wanda compares within each output unit, so every column keeps the same count, and its "
-             "horizontal stripes are input features of large activation norm; magnitude compares over the layer.", ""]
+             "`fxsparse.plot.mask_heatmaps`). GPT-2's `Conv1D` weights are stored `(in, out)`; the heatmaps draw "
+             "them transposed, rows the output units and columns the input features, as for any layer "
+             "(`fxsparse.oneshot.output_axes`). Wanda compares within each output unit, so every row keeps the same "
+             "count, and its vertical stripes are input features of large activation norm; magnitude compares over "
+             "the layer.", ""]
     for score, path in figures.items():
         lines += [f"{score}:", "", f"![{score} masks]({path})", ""]
     return lines

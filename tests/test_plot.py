@@ -221,6 +221,30 @@ def test_mask_heatmaps_layer_choice(trained):
         plot.mask_heatmaps(sparse, layers=["5.bias"])
 
 
+def test_mask_heatmaps_draw_outputs_down_whatever_the_storage():
+    class Stored(nn.Module):  # GPT-2's Conv1D: weight (in, out), addmm(bias, x, weight); and an einsum
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1d = nn.Parameter(torch.randn(12, 5))
+            self.linear = nn.Linear(5, 7)
+            self.mixed = nn.Parameter(torch.randn(7, 7))
+
+        def forward(self, x):
+            h = torch.addmm(torch.zeros(5), x, self.conv1d)
+            return torch.einsum("bi,io->bo", self.linear(h), self.mixed)
+
+    sparse = fxsparse.sparsify(Stored(), 0.5, "uniform", dense=[])
+    assert fxsparse.oneshot.output_axes(sparse) == {"conv1d": 1, "linear.weight": 0, "mixed": None}
+    fig = plot.mask_heatmaps(sparse)
+    drawn = {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.images}
+    conv1d, linear, mixed = drawn["conv1d"], drawn["linear"], drawn["mixed"]
+    assert conv1d.images[0].get_array().tolist() == sparse.masks["conv1d"].t().float().tolist()  # 5 outputs down
+    assert (conv1d.get_ylabel(), conv1d.get_xlabel()) == ("output", "input") and "12x5" in conv1d.get_title()
+    assert linear.images[0].get_array().tolist() == sparse.masks["linear.weight"].float().tolist()
+    assert mixed.images[0].get_array().tolist() == sparse.masks["mixed"].float().tolist()
+    assert mixed.get_ylabel().startswith("dim 0") and mixed.get_xlabel() == "dim 1"
+
+
 # ----------------------------------------------------------------------------- files, import
 def test_path_writes_png_files(trained, tmp_path):
     sparse, scheduler = trained
