@@ -206,8 +206,6 @@ def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
             positions = ATEN_WEIGHT_ARGS.get(packet(node.target), ())
         if not positions and isinstance(node.target, torch._ops.OpOverload) and packet(node.target) not in LOOKUP_ARGS:
             positions = schema_weight_positions(node.target)
-            names = [a.name for a in node.target._schema.arguments]
-            return [node.args[i] if i < len(node.args) else node.kwargs.get(names[i]) for i in positions]
         return operands_at(node, positions)
     if node.op == "call_method":
         return operands_at(node, METHOD_WEIGHT_ARGS.get(str(node.target), ()))
@@ -360,11 +358,12 @@ def _leaf_function_reads(
 
     def copy_of(operand: torch.fx.Node) -> torch.fx.Node:
         if operand not in env:
-            if operand.op == "get_attr" and (operand in fixed or _param_of(gm, operand, names) is not None):
+            param = _param_of(gm, operand, names)
+            if operand.op == "get_attr" and (param is not None or operand in fixed):
                 env[operand] = graph.get_attr(str(operand.target))
-            elif operand in fixed and _param_of(gm, operand, names) is None:  # computed from parameters
+            elif param is None and operand in fixed:  # computed from parameters: the same computation
                 env[operand] = graph.node_copy(operand, copy_of)
-            elif _param_of(gm, operand, names) is None:
+            elif param is None:
                 env[operand] = graph.placeholder(f"arg_{len(env)}")
             else:  # a view of the weight: the same view of its read
                 source = view_source(operand)

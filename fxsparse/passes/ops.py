@@ -78,8 +78,10 @@ ARGUMENT_NAMES: dict[Any, tuple[str, ...]] = {
 
 
 def operands_at(node: torch.fx.Node, positions: tuple[int, ...]) -> list[Any]:
-    """The arguments of ``node`` at ``positions``, given by position or by keyword."""
-    names = ARGUMENT_NAMES.get(node.target, ())
+    """The arguments of ``node`` at ``positions``, given by position or by keyword (named by
+    ``ARGUMENT_NAMES``, or by the schema of an ATen op)."""
+    schema = getattr(node.target, "_schema", None)
+    names = tuple(a.name for a in schema.arguments) if schema is not None else ARGUMENT_NAMES.get(node.target, ())
     found = []
     for i in positions:
         if i < len(node.args):
