@@ -19,6 +19,7 @@ from fxsparse.registry import (
     register_grow_score, register_init, register_leaf_function, register_leaf_module, register_leaf_weights,
 )
 from fxsparse.scheduler import RigLScheduler, TopologyScheduler
+from fxsparse.serialization import load_masks, save_masks
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,6 @@ __all__ = [
     "register_leaf_module",
     "register_leaf_function",
     "register_leaf_weights",
+    "save_masks",
+    "load_masks",
 ]

@@ -28,6 +28,7 @@ from fxsparse.masking import Masker
 from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_in
 from fxsparse.passes.functionalize import functionalize
 from fxsparse.passes.mask_weights import mask_weights
+from fxsparse.unwrap import skeleton_of
 
 __all__ = ["sparsify"]
 
@@ -96,7 +97,7 @@ def sparsify(
     density, dense_patterns, exclude_patterns, inputs = _validate_arguments(
         model, density, init, seed, dense, exclude, budget, example_inputs, embeddings, layout
     )
-    work = _copy(model)  # 1. copy
+    work = _copy(model)  # 1. copy (and the skeleton unwrap() rebuilds the model from)
     captured, graphs = _capture(work, inputs, capture)  # 2. capture
     names = canonical_names(work)
     kept, skipped = _find(model, work, graphs, names, inputs, embeddings, exclude_patterns)  # 3. find weights
@@ -106,6 +107,7 @@ def sparsify(
             functionalize(graph, {s.fqn for s in kept})  # 5. functionalize
         sparse = _build(model, work, captured, graphs[0])  # 6. the SparseGraphModule, its masks
         state = _masks_and_state(sparse, kept, skipped, densities, counts, seed, init, inputs, captured.how)
+        state.skeleton = skeleton_of(model, copy_model)
         _mask(sparse, state, captured, work, names, several=len(graphs) > 1)  # 7. mask
         _attach(sparse, state, model.training)  # 8. attach state
     except Exception as e:
@@ -122,7 +124,14 @@ def _validate_arguments(
     exclude patterns, (args, kwargs) of the example inputs or None)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module to sparsify, got {type(model).__name__}")
-    if init == "zeros":
+    if _given_masks(init) is not None:
+        if density is not None or budget != "params":
+            raise ValueError(
+                f"init={{fqn: mask}} takes each layer's mask and budget from the masks given (a saved run's "
+                f"topology, fxsparse.load_masks), so density must be None and budget 'params', got density={density!r}, "
+                f"budget={budget!r}"
+            )
+    elif init == "zeros":
         if density is not None:
             raise ValueError(
                 f"init='zeros' takes each layer's mask and budget from the zeros of its weights (a pruned "
@@ -222,6 +231,9 @@ def _budget(
     ``init="zeros"`` the checkpoint's own counts (:func:`_zeros_budget`)."""
     if init == "zeros":
         return _zeros_budget(work, kept, dense_patterns)
+    given = _given_masks(init)
+    if given is not None:
+        return _masks_budget(given, kept, dense_patterns)
     assert density is not None
     shapes = {s.fqn: s.shape for s in kept}
     if dense_patterns is None:
@@ -257,6 +269,45 @@ def _zeros_budget(work: nn.Module, kept: list[Any], dense_patterns: list[str] | 
     return {s.fqn: counts[s.fqn] / math.prod(s.shape) for s in kept}, counts
 
 
+def _given_masks(init: Any) -> dict[str, torch.Tensor] | None:
+    """The masks of ``init={fqn: mask}`` (tensors), or None for any other ``init``."""
+    if not isinstance(init, Mapping) or not init or not all(isinstance(v, torch.Tensor) for v in init.values()):
+        if isinstance(init, Mapping) and any(isinstance(v, torch.Tensor) for v in init.values()):
+            raise TypeError("expected init to map every FQN to a density (float) or every FQN to a mask (tensor), not both")
+        return None
+    return dict(init)
+
+
+def _masks_budget(
+    given: Mapping[str, torch.Tensor], kept: list[Any], dense_patterns: list[str] | None,
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Step 4 for ``init={fqn: mask}``: each layer's count is its mask's True entries. Every
+    sparsified layer needs a mask of its weight's shape with 0/1 values and at least one 1."""
+    if dense_patterns is not None:
+        raise ValueError("init={fqn: mask} gives every layer's topology: dense= does not apply; give an all-True mask instead")
+    shapes = {s.fqn: tuple(s.shape) for s in kept}
+    unknown = sorted(set(given) - set(shapes))
+    lacking = [fqn for fqn in shapes if fqn not in given]
+    if unknown or lacking:
+        raise ValueError(
+            f"init={{fqn: mask}} must give a mask for each sparsified weight and no other: "
+            + (f"no such sparsifiable weight {unknown[:5]}; " if unknown else "")
+            + (f"no mask for {lacking[:5]}; " if lacking else "")
+            + "pass the masks of a module sparsified from the same model (leave a weight out with exclude=[...])"
+        )
+    counts = {}
+    for fqn, shape in shapes.items():
+        mask = given[fqn]
+        values_ok = mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
+        if tuple(mask.shape) != shape or not values_ok or not bool(mask.any()):
+            raise ValueError(
+                f"init={{fqn: mask}}: the mask of {fqn!r} must be a 0/1 tensor of its weight's shape {shape} with an "
+                f"active entry, got shape {tuple(mask.shape)}, dtype {mask.dtype}, {int((mask != 0).sum())} active"
+            )
+        counts[fqn] = int((mask != 0).sum())
+    return {fqn: counts[fqn] / math.prod(shapes[fqn]) for fqn in shapes}, counts
+
+
 def _build(model: nn.Module, work: nn.Module, captured: Captured, gm: torch.fx.GraphModule) -> SparseGraphModule:
     """Step 6: the :class:`SparseGraphModule` of the (functionalized) train-mode graph ``gm``,
     holding every parameter and buffer of ``work`` in the original's order, with the ``Masker``
@@ -283,12 +334,14 @@ def _masks_and_state(
 ) -> _State:
     """Step 6, continued: the ``_State`` of ``sparse`` (attached in step 8), with one random mask
     buffer per kept weight (:func:`_add_mask`) and its ``_Site``."""
+    given = _given_masks(init)
     state = _State(
-        skipped=skipped, seed=seed, init=init if isinstance(init, str) else "custom",
+        skipped=skipped, seed=seed, init=init if isinstance(init, str) else "masks" if given else "custom",
         input_spec=_input_spec(inputs), capture=how,
     )
     for s in kept:
-        mask_name = _add_mask(sparse, s.fqn, counts[s.fqn], seed, from_zeros=init == "zeros")
+        mask_name = _add_mask(sparse, s.fqn, counts[s.fqn], seed, from_zeros=init == "zeros",
+                              given=None if given is None else given[s.fqn])
         state.sites[s.fqn] = _Site(mask_name, s.shape, densities[s.fqn], counts[s.fqn], bool(s.opaque))
     return state
 
@@ -351,11 +404,12 @@ def _unread_layer_weights(
     return found
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """``copy.deepcopy(model)``, except that tensors an earlier forward left in plain attributes
     of its modules (a recurrent state, a cache: results of autograd, which deepcopy refuses) are
-    copied detached. The copy never shares them with ``model``, which is left as it was."""
-    memo: dict[int, Any] = {}
+    copied detached. The copy never shares them with ``model``, which is left as it was.
+    ``memo``: deepcopy's, prefilled with what given objects become (the skeleton's meta tensors)."""
+    memo = {} if memo is None else memo
     for module in model.modules():
         for value in vars(module).values():
             _detached_copies(value, memo, depth=3)
@@ -552,16 +606,21 @@ def _follow_module_order(source: nn.Module, target: nn.Module) -> None:
             table.update(items)
 
 
-def _add_mask(sparse: SparseGraphModule, fqn: str, active: int, seed: int, from_zeros: bool = False) -> str:
+def _add_mask(
+    sparse: SparseGraphModule, fqn: str, active: int, seed: int, from_zeros: bool = False, given: torch.Tensor | None = None,
+) -> str:
     """Registers a random mask with exactly ``active`` True entries beside the weight ``fqn``
-    (``from_zeros``: the weight's nonzero entries, or every entry where ``active`` is all)."""
+    (``from_zeros``: the weight's nonzero entries, or every entry where ``active`` is all;
+    ``given``: that mask)."""
     owner_name, _, pname = fqn.rpartition(".")
     owner = sparse.get_submodule(owner_name)
     weight = sparse.get_parameter(fqn)
     name = f"{pname}_mask"
     while hasattr(owner, name):
         name = f"{name}_"
-    if from_zeros:
+    if given is not None:
+        mask = (given != 0).to(weight.device).contiguous()
+    elif from_zeros:
         mask = torch.ones_like(weight, dtype=torch.bool) if active == weight.numel() else weight.detach() != 0
         mask = mask.contiguous()
     else:

@@ -186,12 +186,17 @@ class CompactWeight(nn.Module):
 CHUNK = 32
 
 
-def _times_transpose(matrix: torch.Tensor, rows: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``rows @ matrix.T`` for a CSR ``matrix`` and a dense 2-D ``rows``, as ``matrix @ rows.T``."""
+def _times_transpose(
+    matrix: torch.Tensor, rows: torch.Tensor, out_features: int, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``rows @ matrix.T`` for a CSR ``matrix`` and a dense 2-D ``rows``, as ``matrix @ rows.T``
+    (written into ``out``, a 2-D ``[n, out_features]`` tensor, where given)."""
     n = rows.shape[0]
     if rows.device.type != "cpu" or n <= CHUNK:
-        return torch.sparse.mm(matrix, rows.t()).t()
-    out = rows.new_empty(n, out_features)
+        product = torch.sparse.mm(matrix, rows.t()).t()
+        return product if out is None else out.copy_(product)
+    if out is None:
+        out = rows.new_empty(n, out_features)
     for start in range(0, n, CHUNK):
         block = rows[start:start + CHUNK]
         out[start:start + block.shape[0]] = torch.sparse.mm(matrix, block.t().contiguous()).t()
@@ -208,13 +213,17 @@ class _CompactLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = x.dtype
         flat = x.reshape(-1, layer.cols).to(values.dtype)
+        # the output is made in its final shape, not a view of a 2-D result: autograd forbids
+        # in-place ops (an inplace activation next) on views a custom Function returns
+        result = flat.new_empty(*x.shape[:-1], layer.rows)
+        out = result.view(-1, layer.rows)
         with torch.autocast(x.device.type, enabled=False):  # the sparse kernels compute in the values' dtype
-            out = _times_transpose(_csr(layer.crow, layer.col, values, (layer.rows, layer.cols)), flat, layer.rows)
+            _times_transpose(_csr(layer.crow, layer.col, values, (layer.rows, layer.cols)), flat, layer.rows, out)
             if bias is not None:
-                out = out + bias.to(values.dtype)
+                out += bias.to(values.dtype)
         ctx.save_for_backward(flat, values)
         ctx.layer, ctx.masker, ctx.shape, ctx.dtype, ctx.has_bias = layer, masker, x.shape, dtype, bias is not None
-        return out.reshape(*x.shape[:-1], layer.rows)
+        return result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]

@@ -225,8 +225,10 @@ def load_cifar(
     Raises:
         FileNotFoundError: If the files are missing; the message says how to get them.
         ValueError: An unknown ``name`` or a malformed file.
+        fxsparse.safe_io.UnsafeFileError: a batch file that is a pickle of anything but arrays
+            and plain containers (it is read without running code).
     """
-    import pickle
+    from fxsparse.safe_io import load_arrays_pickle
 
     if name not in _CIFAR_LAYOUT:
         raise ValueError(f"expected name 'cifar10' or 'cifar100', got {name!r}")
@@ -250,7 +252,7 @@ def load_cifar(
     images, labels = [], []
     for file in files:
         with open(directory / file, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = load_arrays_pickle(handle, what=repr(str(directory / file)))
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"expected rows of 3072 pixels in {str(directory / file)!r}, got shape {data.shape}")

@@ -57,6 +57,7 @@ from tqdm import tqdm
 _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 import fxsparse  # noqa: E402
+from fxsparse.safe_io import load_torch  # noqa: E402  (weights_only: a checkpoint never runs code)
 import lm  # noqa: E402  (recipes/lm.py: data, model, evaluation)
 import train  # noqa: E402  (recipes/train.py: the config, the dense recipe, the lr schedule)
 from fxsparse.oneshot import prune_oneshot  # noqa: E402
@@ -115,7 +116,7 @@ def dense_checkpoint(args: argparse.Namespace, extra: list[str], seed: int) -> P
     checkpoint = Path(args.runs_dir) / f"dense-seed{seed}" / train.CHECKPOINT
     if not checkpoint.exists():
         return None
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]
+    saved = load_torch(checkpoint, map_location="cpu", what="checkpoint")["config"]
     wanted = dataclasses.asdict(config(args, extra, seed))
     same = all(saved.get(k) == v for k, v in wanted.items() if k not in _RUN_FIELDS)
     return checkpoint if same else None
@@ -193,7 +194,7 @@ def run_job(args: argparse.Namespace, extra: list[str], job: str) -> None:
     cfg = config(args, extra, seed)
     data = train.load_data(cfg)
     dense = lm.build(cfg, len(data["vocab"]))
-    dense.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    dense.load_state_dict(load_torch(checkpoint, map_location="cpu", what="checkpoint")["model"])
     common = {"seed": seed, "steps": args.steps, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
               "config": dataclasses.asdict(cfg)}
     began = time.time()
@@ -247,7 +248,7 @@ def mask_figures(args: argparse.Namespace, extra: list[str], directory: Path) ->
     cfg = config(args, extra, seed)
     data = train.load_data(cfg)
     dense = lm.build(cfg, len(data["vocab"]))
-    dense.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    dense.load_state_dict(load_torch(checkpoint, map_location="cpu", what="checkpoint")["model"])
     batches = calibration(cfg, data["train"], args.calibration_batches)
     figures = {}
     for score in args.scores.split(","):

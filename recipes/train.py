@@ -51,6 +51,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 import fxsparse  # noqa: E402
+from fxsparse.safe_io import load_torch  # noqa: E402  (weights_only: a checkpoint never runs code)
 from fxsparse import data as fxdata  # noqa: E402
 from fxsparse import models  # noqa: E402
 
@@ -255,10 +256,10 @@ def build(cfg: Config, vocab_size: int = 0) -> tuple[nn.Module, fxsparse.SparseG
         return fxsparse.small_dense(lambda w: _model_fn(cfg, w), cfg.density, cfg.init).model, None, dense
     if cfg.method == "lottery":
         source = Path(cfg.ticket_from)  # type: ignore[arg-type]
-        final = torch.load(source / "checkpoint.pt", weights_only=False)
+        final = load_torch(source / "checkpoint.pt", what="checkpoint")
         trained = fxsparse.sparsify(dense, 1.0)
         trained.load_state_dict(final["model"], budget="adopt")  # the run's final topology
-        initial = torch.load(source / "init.pt", weights_only=False)
+        initial = load_torch(source / "init.pt", what="checkpoint")
         ticket = fxsparse.lottery_ticket(trained, initial)
         return ticket, ticket, dense
     density = 1.0 if cfg.method == "pruning" else cfg.density
@@ -480,7 +481,7 @@ def load_checkpoint(path: Path, cfg: Config, device: torch.device) -> dict[str, 
         if previous.is_file() and previous.resolve() != path.resolve() else "; no previous checkpoint is kept"
     )
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = load_torch(path, map_location=device, what="checkpoint")
     except Exception as e:  # truncated, corrupted, not a torch file
         raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(e).__name__}: {e}){fallback}") from e
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]

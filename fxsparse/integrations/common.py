@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fxsparse.graph_module import SparseGraphModule
+from fxsparse.serialization import untie_shared_tensors  # noqa: F401  (re-exported: its former home)
 
 __all__ = ["find_sparse", "plain_optimizer", "SkippedStep", "make_scheduler", "scheduler_options", "log_scalars",
            "untie_shared_tensors", "tensorboard_writer", "log_topology"]
@@ -95,23 +96,6 @@ class SkippedStep:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-
-
-def untie_shared_tensors(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """A state-dict post-hook: every tensor of ``state_dict`` whose storage an earlier entry
-    already holds (tied weights: an LM head and its input embedding) becomes a copy, so that
-    safetensors, which refuses shared memory, can save it; loading it back writes the same
-    values into the one parameter both names refer to. Module-level, so a module holding it
-    still pickles."""
-    seen: set[int] = set()
-    for key, value in state_dict.items():
-        if not key.startswith(prefix) or not isinstance(value, torch.Tensor) or value.device.type == "meta":
-            continue
-        storage = value.untyped_storage().data_ptr()
-        if storage in seen:
-            state_dict[key] = value.detach().clone()
-        else:
-            seen.add(storage)
 
 
 def tensorboard_writer(log_dir: str) -> Any:

@@ -28,14 +28,33 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from fxsparse.safe_io import load_torch
+from fxsparse.serialization import save_masks
 from fxsparse.integrations.common import (
     SkippedStep, find_sparse, log_scalars, log_topology, make_scheduler, scheduler_options, tensorboard_writer,
     untie_shared_tensors,
 )
 
-__all__ = ["SparseTrainingCallback", "STATE_FILE"]
+__all__ = ["SparseTrainingCallback", "STATE_FILE", "save_model_files"]
 
 STATE_FILE = "fxsparse_scheduler.pt"  # beside the model and optimizer in each checkpoint-N/
+
+
+def save_model_files(sparse: Any, directory: str | os.PathLike[str]) -> None:
+    """Writes what makes a directory holding ``Trainer``'s ``model.safetensors`` of a sparse
+    module loadable by ``from_pretrained``: the model's ``config.json`` (and its generation
+    config) and the masks (``fxsparse_masks.safetensors``). ``Trainer`` saves a module that is
+    not a ``PreTrainedModel`` as its state dict only; that state dict holds the model's own keys
+    (weights with their zeros) plus the masks, which ``from_pretrained`` reports as unexpected
+    and ignores."""
+    model = sparse.unwrap(share=True)
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "save_pretrained", None)):
+        config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+        generation.save_pretrained(directory)
+    save_masks(sparse, directory)
 
 
 class SparseTrainingCallback(TrainerCallback):
@@ -55,6 +74,13 @@ class SparseTrainingCallback(TrainerCallback):
     ``Trainer``; the scheduler's state (step count, update history, SNFS's momentum) is saved
     as ``fxsparse_scheduler.pt`` in each ``checkpoint-N`` directory and loaded on resume, so a
     resumed run makes the uninterrupted run's updates. A resumed run without that file raises.
+
+    Saving: each ``checkpoint-N`` and, at the end of training, ``output_dir`` get the model's
+    ``config.json``, its generation config and ``fxsparse_masks.safetensors``
+    (:func:`save_model_files`), so that ``trainer.save_model()`` (into ``output_dir``) and every
+    checkpoint load with ``AutoModel*.from_pretrained`` as the original class. For a clean
+    directory anywhere (no mask keys in the weights file): ``trainer.model.save_pretrained(dir)``.
+    The scheduler's file is read back with ``weights_only=True``: a checkpoint never runs code.
 
     Tied weights (an LM head sharing its input embedding): ``Trainer`` saves a model that is not
     a ``PreTrainedModel`` with safetensors, which refuses shared memory, so the callback gives the
@@ -99,7 +125,7 @@ class SparseTrainingCallback(TrainerCallback):
             raise RuntimeError("fxsparse: Trainer gave the callback no model or optimizer at on_train_begin")
         self.scheduler = make_scheduler(model, optimizer, state.max_steps, self.options, getattr(optimizer, "scaler", None))
         if state.global_step > 0:  # resumed: Trainer has loaded the masks, weights and optimizer
-            self.scheduler.load_state_dict(torch.load(self._state_path(args, state), weights_only=False))
+            self.scheduler.load_state_dict(load_torch(self._state_path(args, state), what="the topology scheduler's state"))
         self._logged = len(self.scheduler.history)
         wanted = "tensorboard" in (args.report_to or []) if self.tensorboard is None else self.tensorboard
         if wanted and state.is_world_process_zero:
@@ -130,15 +156,20 @@ class SparseTrainingCallback(TrainerCallback):
             self._skip = None
         self._logged = log_topology(self._writer, self.scheduler, state.global_step, self._logged)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     model: Any = None, **kwargs: Any) -> None:
+        if args.should_save and model is not None:  # what trainer.save_model() then completes in output_dir
+            save_model_files(find_sparse(model), args.output_dir)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: Any = None, **kwargs: Any) -> None:
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if args.should_save and os.path.isdir(directory):
             torch.save(self.scheduler.state_dict(), os.path.join(directory, STATE_FILE))
+            save_model_files(find_sparse(model), directory)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
