@@ -107,9 +107,8 @@ def sparsify(
             functionalize(graph, {s.fqn for s in kept})  # 5. functionalize
         sparse = _build(model, work, captured, graphs[0])  # 6. the SparseGraphModule, its masks
         state = _masks_and_state(sparse, kept, skipped, densities, counts, seed, init, inputs, captured.how)
-        state.skeleton = skeleton_of(model, copy_model)
         _mask(sparse, state, captured, work, names, several=len(graphs) > 1)  # 7. mask
-        _attach(sparse, state, model.training)  # 8. attach state
+        _attach(sparse, state, model)  # 8. attach state
     except Exception as e:
         raise RuntimeError(f"fxsparse failed while rewriting {type(model).__name__}: {e}") from e
     apply_layout(sparse, layout, inputs)  # 9. layout: compact layers where they are faster
@@ -360,11 +359,13 @@ def _mask(
         state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked)
 
 
-def _attach(sparse: SparseGraphModule, state: _State, training: bool) -> None:
-    """Step 8: the code recompiled, the state attached, the mode of the original model."""
+def _attach(sparse: SparseGraphModule, state: _State, model: nn.Module) -> None:
+    """Step 8: the code recompiled, the state attached with the model's skeleton (what
+    ``unwrap()`` rebuilds the model from), the mode of the original model."""
+    state.skeleton = skeleton_of(model, copy_model)
     sparse.recompile()
     sparse._set_state(state)
-    sparse.train(training)
+    sparse.train(model.training)
 
 
 def _unread_layer_weights(

@@ -18,14 +18,14 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fxsparse import methods, serialization
+from fxsparse import methods
+from fxsparse.interop import ModelInterop
 from fxsparse.accounting import _batch_size, flop_report
 from fxsparse.capture import graph_from_state, graph_state, pytree_specs
 from fxsparse.compact import CompactWeight
 from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_
 from fxsparse.methods.base import LayerChange, derived_seed, finite
 from fxsparse.registry import GROW_SCORES, grow_scores, register_grow_score
-from fxsparse.unwrap import unwrap
 from fxsparse.state import StateDictError, adopt_loaded, check_keys, check_masks, invariant_problems, save_compact, take_compact
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
@@ -58,6 +58,7 @@ class _State:
     mode_graphs: dict[bool, torch.fx.Graph] | None = None
     layouts: dict[str, Any] = field(default_factory=dict)  # fqn -> fxsparse.layouts.LayoutChoice
     skeleton: nn.Module | None = None  # the model sparsify was given, weights on meta (fxsparse.unwrap)
+    checkpointing: dict[str, Any] | None = None  # fxsparse.checkpointing: graphs as captured, blocks
 
 
 def grow_score_needs_gradient(name: str) -> bool:
@@ -159,7 +160,7 @@ def _follow_mode(sparse: SparseGraphModule) -> None:
         sparse.graph = graphs[bool(sparse.training)]  # recompiles: only when the mode changes
 
 
-class SparseGraphModule(torch.fx.GraphModule):
+class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
     """A traced model whose conv/linear/matmul weights are masked, with RigL topology updates.
 
     Made by :func:`fxsparse.sparsify`; see its docstring for an example. Every parameter keeps
@@ -308,29 +309,6 @@ class SparseGraphModule(torch.fx.GraphModule):
 
     def named_masks(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.masks.items()
-
-    # ------------------------------------------------------------------------------ going out
-    def unwrap(self, *, share: bool = False) -> nn.Module:
-        """The model ``sparsify`` was given (its class, config and attributes) holding this
-        module's weights, inactive entries exactly zero (compact layers materialized), and its
-        buffers; ``model.fxsparse_masks`` holds the masks. It computes what this module computes
-        in eval mode. ``share=True``: the same tensors, no copy (training this module changes it;
-        call again after a topology update). See docs/after_training.md."""
-        return unwrap(self, share=share)
-
-    def save_pretrained(self, directory: str | Any, **kwargs: Any) -> Any:
-        """Writes the unwrapped model into ``directory`` as its library saves it (transformers:
-        its ``save_pretrained(directory, **kwargs)``; others: ``model.safetensors``) and the masks
-        beside it (``fxsparse_masks.safetensors``, :func:`fxsparse.load_masks`)."""
-        return serialization.save_pretrained(self, directory, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``generate`` of the unwrapped model (transformers), on this module's own tensors: the
-        KV cache and every decoding option of the model, with the trained sparse weights."""
-        model = self.unwrap(share=True)
-        if not callable(getattr(model, "generate", None)):
-            raise AttributeError(f"{type(model).__name__}, the model this module was made from, has no generate()")
-        return model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------------------ invariants
     def verify(self) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 from fxsparse.budgets import available_inits, register_init
 from fxsparse.compact import compact_linear
 from fxsparse.masking import mask_prologue, zero_dirty
+from fxsparse.segments import call_module, run_checkpointed
 
 __all__ = [
     "Registry", "METHODS", "GROW_SCORES", "GrowScore", "register_grow_score", "grow_scores",
@@ -132,7 +133,7 @@ METHODS: Registry[type] = Registry("method")
 LEAF_MODULES: set[type[nn.Module]] = set()
 # mask_prologue is the prologue of every SparseGraphModule: re-tracing its code (torch.save, a
 # second sparsify attempt) must record it, not run it on proxies.
-LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty, compact_linear}
+LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty, compact_linear, run_checkpointed, call_module}
 # the arguments of a leaf function that it uses as conv/linear/matmul weights, where declared
 LEAF_FUNCTION_WEIGHTS: dict[Callable[..., Any], frozenset[str]] = {}
 

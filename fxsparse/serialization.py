@@ -41,9 +41,7 @@ def save_masks(masks: Mapping[str, torch.Tensor] | Any, path: str | os.PathLike[
     """
     from safetensors.torch import save_file
 
-    from fxsparse.graph_module import SparseGraphModule
-
-    if isinstance(masks, SparseGraphModule):
+    if isinstance(masks, nn.Module):  # a SparseGraphModule
         sparse = masks
         metadata = {"density": sparse.density, "init": sparse._fxsparse.init, "seed": sparse._fxsparse.seed,
                     "updates": int(sparse.get_buffer("fxsparse_updates")), **metadata}
