@@ -289,7 +289,7 @@ def _masks_budget(
     lacking = [fqn for fqn in shapes if fqn not in given]
     if unknown or lacking:
         raise ValueError(
-            f"init={{fqn: mask}} must give a mask for each sparsified weight and no other: "
+            "init={fqn: mask} must give a mask for each sparsified weight and no other: "
             + (f"no such sparsifiable weight {unknown[:5]}; " if unknown else "")
             + (f"no mask for {lacking[:5]}; " if lacking else "")
             + "pass the masks of a module sparsified from the same model (leave a weight out with exclude=[...])"

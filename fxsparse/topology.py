@@ -567,13 +567,14 @@ def zero_state_at(tensors: list[torch.Tensor], index: torch.Tensor) -> None:
         _zero_at(tensor, index)
 
 
-def _zero_at(tensor: torch.Tensor, index: torch.Tensor) -> None:
+def _zero_at(tensor: torch.Tensor, index: torch.Tensor, value: float | bool = 0) -> None:
+    """Sets the entries at flat (logical, row-major) positions ``index`` to ``value``."""
     if tensor.is_contiguous():
-        tensor.view(-1).index_fill_(0, index.to(tensor.device), 0)
-    else:  # e.g. channels-last state: go through positions, not memory order
+        tensor.view(-1).index_fill_(0, index.to(tensor.device), value)
+    else:  # e.g. a channels-last weight, state or mask: go through positions, not memory order
         flags = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
         flags[index.to(tensor.device)] = True
-        tensor.masked_fill_(flags.view(tensor.shape), 0)
+        tensor.masked_fill_(flags.view(tensor.shape), value)
 
 
 @torch.no_grad()
@@ -588,9 +589,8 @@ def apply_update(
     New connections start at 0 with zeroed optimizer state (RigL section 3); dropped ones are
     zeroed so an inactive weight holds 0 and its momentum cannot move it.
     """
-    flat = mask.view(-1)
-    flat.index_fill_(0, update.dropped_idx.to(flat.device), False)
-    flat.index_fill_(0, update.grown_idx.to(flat.device), True)
+    _zero_at(mask, update.dropped_idx, False)
+    _zero_at(mask, update.grown_idx, True)
     for changed in (update.dropped_idx, update.grown_idx):
         _zero_at(weight, changed)
         zero_state_at([t for t in state if t.shape == weight.shape], changed)

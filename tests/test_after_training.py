@@ -226,3 +226,107 @@ def test_timm_loads_the_unwrapped_checkpoint(tmp_path, suffix):
     loaded = timm.create_model("resnet18", pretrained=False, num_classes=5, checkpoint_path=str(path))
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), sparse(x))
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 24, length: int = 12) -> None:
+        self.ids = torch.randint(1, VOCAB, (n, length), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def _trainer_run(out, gradient_checkpointing: bool):
+    from fxsparse.integrations.transformers import SparseTrainingCallback
+
+    data = _Tokens()
+    example = torch.utils.data.default_collate([data[i] for i in range(4)])
+    sparse = fxsparse.sparsify(_llama(attention_dropout=0.1), 0.25, example_inputs=example)
+    args = transformers.TrainingArguments(
+        str(out), max_steps=6, per_device_train_batch_size=4, save_steps=3, logging_steps=1, report_to="none",
+        use_cpu=True, learning_rate=3e-3, seed=0, disable_tqdm=True, gradient_checkpointing=gradient_checkpointing)
+    trainer = transformers.Trainer(model=sparse, args=args, train_dataset=data, callbacks=[SparseTrainingCallback(delta_t=2)])
+    trainer.train()
+    return trainer, sparse
+
+
+def test_trainer_checkpointing_and_a_directory_from_pretrained_loads(tmp_path):
+    trainer, sparse = _trainer_run(tmp_path / "plain", gradient_checkpointing=False)
+    checkpointed, sparse_ckpt = _trainer_run(tmp_path / "checkpointed", gradient_checkpointing=True)
+    assert sparse_ckpt.is_gradient_checkpointing and not sparse.is_gradient_checkpointing
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (trainer, checkpointed)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]  # dropout on: the recomputation replays it
+    assert all(torch.equal(sparse.masks[f], sparse_ckpt.masks[f]) for f in sparse.masks)
+    assert any(r.get("fxsparse/updates") for r in trainer.state.log_history)
+    # trainer.save_model() into output_dir, and every checkpoint, load as the original class
+    trainer.save_model()
+    sparse.eval()
+    batch = {"input_ids": _Tokens()[0]["input_ids"][None]}
+    with torch.no_grad():
+        expected = _out(sparse(input_ids=batch["input_ids"], labels=batch["input_ids"]))
+    for directory in (tmp_path / "plain", tmp_path / "plain" / "checkpoint-6"):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory)
+        assert type(loaded).__name__ == "LlamaForCausalLM"
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(**batch).logits, expected)
+        masks = fxsparse.load_masks(directory)
+        assert all(torch.equal(masks[f], m) for f, m in sparse.masks.items())
+    assert (tmp_path / "plain" / "checkpoint-3" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_timm_style_loop_with_ema_channels_last_and_amp(compiled):
+    """timm's train.py loop: channels-last, bf16 autocast, torch.compile, model EMA (ModelEmaV3)
+    of a sparse model, RigL updates every 2 steps. EMA of a changing topology: each weight's
+    average runs while it is active; the EMA copy takes the model's masks at every update, so its
+    entries are zero where the model's are inactive (a dropped connection's average is zeroed, a
+    regrown one restarts from 0)."""
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    sparse = fxsparse.sparsify(timm.create_model("resnet10t", pretrained=False, num_classes=5), 0.2)
+    sparse = sparse.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(sparse, decay=0.8)
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
+    scheduler = fxsparse.TopologyScheduler(sparse, opt, total_steps=8, delta_t=2, end_fraction=1.0)
+    run = torch.compile(sparse) if compiled else sparse
+    counts = {f: int(m.sum()) for f, m in sparse.masks.items()}
+    for step in range(8):
+        x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 5, (4,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(run(x), y)
+        loss.backward()
+        if scheduler.step():
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(sparse, step=step)
+    assert len(scheduler.history) >= 3
+    sparse.verify()
+    assert {f: int(m.sum()) for f, m in sparse.masks.items()} == counts
+    state = ema.module.state_dict()
+    for fqn, mask in sparse.masks.items():
+        assert torch.equal(ema.module.masks[fqn], mask)
+        assert not state[fqn][~mask].any()  # the EMA is zero where the model is inactive
+    ema.module.verify()
+    assert any(not torch.equal(state[f], sparse.get_parameter(f)) for f in sparse.masks)  # an average, not a copy
+    # the EMA model goes out like any sparse module
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ema.module.eval().unwrap()(x), ema.module(x))
+
+
+def test_the_after_training_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from scripts import ROOT
+
+    done = subprocess.run([sys.executable, "examples/after_training.py", "--steps", "6", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "from_pretrained gave LlamaForCausalLM" in done.stdout and "same masks" in done.stdout
+    assert (tmp_path / "model" / fxsparse.serialization.MASKS_FILE).is_file()

@@ -137,3 +137,26 @@ def test_every_n_layers_and_errors():
     flat = fxsparse.sparsify(nn.Linear(4, 4), 0.5)
     with pytest.raises(ValueError, match="no repeated blocks"):
         flat.gradient_checkpointing_enable()
+
+
+def test_blocks_are_the_models_own():
+    from fxsparse.passes.checkpoint import block_paths
+
+    resnet = timm.create_model("resnet18", pretrained=False)
+    assert block_paths(resnet) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    convnext = timm.create_model("convnext_atto", pretrained=False)
+    assert block_paths(convnext)[:3] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0"]
+    assert block_paths(_llama(layers=4), every_n_layers=3) == ["model.layers.0", "model.layers.3"]
+    assert block_paths(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == []
+
+
+def test_a_resnet_trains_alike_with_checkpointed_stages():
+    sparse = fxsparse.sparsify(timm.create_model("resnet18", pretrained=False, num_classes=5), 0.3)
+    checkpointed = copy.deepcopy(sparse)
+    assert len(checkpointed.gradient_checkpointing_enable() or fxsparse.checkpointing.checkpointed_blocks(checkpointed)) == 8
+    x = torch.randn(4, 3, 32, 32)
+    losses = [_step(m, lambda s: s(x).pow(2).mean(), 0) for m in (sparse, checkpointed)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for a, b in zip(sparse.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert torch.equal(sparse.get_buffer("layer2.0.bn1.running_mean"), checkpointed.get_buffer("layer2.0.bn1.running_mean"))

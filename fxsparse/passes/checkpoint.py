@@ -32,20 +32,20 @@ __all__ = ["checkpoint_blocks", "block_paths", "SEGMENT_PREFIX"]
 
 def block_paths(model: nn.Module, every_n_layers: int = 1) -> list[str]:
     """The module paths of ``model``'s repeated blocks, every ``every_n_layers``-th: transformers'
-    ``GradientCheckpointingLayer`` instances where the model has them, else the children of the
-    ``nn.ModuleList`` / ``nn.Sequential`` holding the most parameters (timm's
-    ``blocks``, a ResNet stage's blocks are found through their largest list)."""
+    ``GradientCheckpointingLayer`` instances where the model has them, else the children of every
+    innermost ``nn.ModuleList`` / ``nn.Sequential`` whose children are modules of one class with
+    submodules of their own (timm's ``blocks``, a ResNet's four stages of blocks, ConvNeXt's
+    ``stages.<i>.blocks``), in the model's order."""
     found = [p for p, m in model.named_modules() if any(c.__name__ == "GradientCheckpointingLayer" for c in type(m).__mro__)]
     if not found:
-        best, size = None, 0
-        for path, module in model.named_modules():
-            if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 1:
-                n = sum(p.numel() for p in module.parameters())
-                if n > size:
-                    best, size = (path, module), n
-        if best is not None:
-            path, module = best
-            found = [f"{path}.{name}" if path else name for name, _ in module.named_children()]
+        lists = [(path, module) for path, module in model.named_modules()
+                 if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module)
+                 and len({type(child) for child in module.children()}) == 1
+                 and any(True for _ in next(iter(module.children())).children())]
+        paths = [path for path, _ in lists]
+        innermost = [(path, module) for path, module in lists
+                     if not any(other != path and (not path or other.startswith(path + ".")) for other in paths)]
+        found = [f"{path}.{name}" if path else name for path, module in innermost for name, _ in module.named_children()]
     return found[::max(1, int(every_n_layers))]
 
 
@@ -75,7 +75,7 @@ def checkpoint_blocks(
         if any(n.op in ("placeholder", "output") for n in span) or any(
                 SEGMENT_PREFIX in str(n.target) for n in span):
             continue
-        if _segment(graph, span, block, options, install, derived):
+        if _segment(root, graph, span, block, options, install, derived):
             done.append(block)
     graph.lint()
     return done
@@ -93,8 +93,17 @@ def _parameter_derived(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     return derived
 
 
+def _is_buffer(root: nn.Module, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    try:
+        module = root.get_submodule(owner) if owner else root
+    except AttributeError:
+        return False
+    return name in module._buffers
+
+
 def _segment(
-    graph: torch.fx.Graph, span: list[torch.fx.Node], block: str, options: Mapping[str, Any], install: Any,
+    root: nn.Module, graph: torch.fx.Graph, span: list[torch.fx.Node], block: str, options: Mapping[str, Any], install: Any,
     derived: set[torch.fx.Node],
 ) -> bool:
     """Cuts ``span`` out of ``graph`` into a checkpointed call; False where nothing in it is
@@ -135,6 +144,10 @@ def _segment(
     sub.output(tuple(env[n] for n in outputs))
     name = SEGMENT_PREFIX + block.replace(".", "_")
     segment = torch.fx.GraphModule(nn.Module(), sub, class_name="CheckpointedBlock")
+    # what a recomputation must leave as the forward left it (fxsparse.segments.run_checkpointed):
+    # buffers read through get_attr, and every leaf module (its buffers: BatchNorm's statistics)
+    segment.state_inputs = [i for i, node in enumerate(inputs) if node.op == "get_attr" and _is_buffer(root, str(node.target))]
+    segment.state_inputs += list(range(len(inputs), len(inputs) + len(leaf_targets)))
     name = install(name, segment)
     with graph.inserting_before(first):
         segment_node = graph.get_attr(name)
