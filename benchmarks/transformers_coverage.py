@@ -576,9 +576,77 @@ def check_one(model_type: str, max_params: float = 50e6, progress: Callable[[str
         coverage=report.coverage,
         masked_params=report.masked_params,
         skipped=[list(s) for s in report.skipped][:40],
-        seconds=round(time.perf_counter() - start, 1),
     )
+    if report.ok:
+        progress(f"signatures {type(model).__name__}")
+        record["signatures"] = check_signatures(model, inputs)
+    record["seconds"] = round(time.perf_counter() - start, 1)
     return record
+
+
+OPTIONAL = ("attention_mask", "labels")  # what a data collator and Trainer add to a batch
+
+
+def check_signatures(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The sparse module made from the main inputs alone (no attention mask, no labels) run as a
+    training loop runs it: at another batch size and sequence length, and with the attention mask
+    and labels where the model takes them; each output compared with the unwrapped model's (eval
+    mode, the same weights). ``{"status": "ok" | "failed" | "n/a", "calls": [...], "reason"}``."""
+    import torch
+
+    import fxsparse
+
+    main = {k: v for k, v in inputs.items() if k not in OPTIONAL}
+    extra = {k: v for k, v in inputs.items() if k in OPTIONAL}
+    calls = [("other shape", _reshaped(main))]
+    if extra:
+        calls += [(f"+ {', '.join(sorted(extra))}", dict(inputs)), (f"other shape + {', '.join(sorted(extra))}", _reshaped(inputs))]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sparse = fxsparse.sparsify(model, 0.1, example_inputs=main, capture="auto").eval()
+            reference = sparse.unwrap().eval()
+    except Exception as e:  # noqa: BLE001 - the record says why
+        return {"status": "n/a", "reason": f"sparsify from the main inputs alone: {_reason(e)}"}
+    done = []
+    for name, call in calls:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got, expected = _outputs(sparse(**call)), _outputs(reference(**call))
+            if set(got) != set(expected):
+                raise AssertionError(f"outputs {sorted(got)} against the model's {sorted(expected)}")
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
+        except Exception as e:  # noqa: BLE001
+            return {"status": "failed", "calls": done, "reason": f"{name} ({_describe(call)}): {_reason(e)}"}
+        done.append(name)
+    return {"status": "ok", "calls": done, "capture": sparse.capture}
+
+
+def _reshaped(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` at batch ``BATCH + 1`` (the first row repeated) and, for integer tensors with
+    a sequence dim of ``LENGTH``, ``LENGTH - 5`` tokens (the first ones)."""
+    import torch
+
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == BATCH:
+            value = torch.cat([value, value[:1]])
+            if not value.is_floating_point() and value.dim() > 1 and value.shape[1] == LENGTH:
+                value = value[:, : LENGTH - 5]
+        out[key] = value
+    return out
+
+
+def _outputs(result: Any) -> dict[str, Any]:
+    """The tensors of a model's output (a ModelOutput, a dict, a tuple or a tensor) by name."""
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        return {"out": result}
+    items = result.items() if hasattr(result, "items") else enumerate(result)
+    return {str(k): v for k, v in items if isinstance(v, torch.Tensor)}
 
 
 def _count_on_meta(auto: Any, config: Any) -> int | None:
@@ -760,6 +828,28 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
         f"On the passing models, {100 * masked / weights if weights else float('nan'):.2f}% of conv/linear/matmul "
         f"weight parameters are sparsified (the rest are listed in `skipped`: embeddings, tied heads, weights the "
         f"capture cannot see).",
+    ]
+    signed = [r for r in passing if r.get("signatures")]
+    if signed:
+        sig = collections.Counter(r["signatures"]["status"] for r in signed)
+        failing = sorted(r["type"] for r in signed if r["signatures"]["status"] == "failed")
+        lines += [
+            "",
+            "## Other shapes and keywords",
+            "",
+            f"Of the {len(passing)} passing model types, {len(signed)} were also sparsified from their main inputs "
+            f"alone (no attention mask, no labels) and called as a training loop calls them: at batch {BATCH + 1} "
+            f"and {LENGTH - 5} tokens, then with the attention mask and labels where the model takes them (captured "
+            f"again on first call: `fxsparse.recapture`), each output compared with the unwrapped model's. "
+            f"{sig.get('ok', 0)} ok, {sig.get('failed', 0)} failed"
+            + (f" ({', '.join(failing)})" if failing else "")
+            + f", {sig.get('n/a', 0)} could not be sparsified from the main inputs alone"
+            + (f"; not checked: {len(passing) - len(signed)} (recorded before the check existed)." if len(passing) > len(signed) else "."),
+        ]
+        for r in sorted(signed, key=lambda r: r["type"]):
+            if r["signatures"]["status"] != "ok":
+                lines.append(f"- {r['type']}: {r['signatures']['status']}: {_short(r['signatures'].get('reason'), 200)}")
+    lines += [
         "",
         "## Failures by reason",
         "",

@@ -28,6 +28,7 @@ from fxsparse.masking import Masker
 from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_in
 from fxsparse.passes.functionalize import functionalize
 from fxsparse.passes.mask_weights import mask_weights
+from fxsparse.recapture import adopt_and_mask, read_by, signature_of
 from fxsparse.unwrap import skeleton_of
 
 __all__ = ["sparsify"]
@@ -37,6 +38,7 @@ def sparsify(
     model: nn.Module, density: float | None, init: str | Mapping[str, float] = "erk", *,
     example_inputs: Any = None, seed: int = 0, dense: Iterable[str] | None = None, exclude: Iterable[str] = (),
     budget: str = "params", capture: str = "auto", embeddings: bool = False, layout: str | Mapping[str, str] = "masked",
+    inplace: bool = False,
 ) -> SparseGraphModule:
     """Returns a sparse copy of ``model``: every conv/linear/matmul weight read through a mask.
 
@@ -79,6 +81,11 @@ def sparsify(
             of linear layers and of ``x @ W`` held as their active values, computed by sparse
             kernels, where a timed step on ``example_inputs`` (else density <= 0.2) finds that
             faster; a ``{fqn pattern: layout}`` dict decides per layer (:mod:`fxsparse.layouts`).
+        inplace: build the sparse module on ``model``'s own tensors and modules instead of a
+            copy, for a model too big to copy: ``model`` is then unusable on its own (its
+            weights are masked in place, its modules hold masks; use ``sparse.unwrap()``), and
+            after an error it may be left half changed. Peak extra memory: the masks (1 byte a
+            weight) and the capture's, not a second model (docs/transformers.md, "Memory").
 
     Returns:
         A :class:`SparseGraphModule` (a ``torch.fx.GraphModule``).
@@ -97,7 +104,7 @@ def sparsify(
     density, dense_patterns, exclude_patterns, inputs = _validate_arguments(
         model, density, init, seed, dense, exclude, budget, example_inputs, embeddings, layout
     )
-    work = _copy(model)  # 1. copy (and the skeleton unwrap() rebuilds the model from)
+    work = _copy(model, inplace)  # 1. copy, or the model itself in place
     captured, graphs = _capture(work, inputs, capture)  # 2. capture
     names = canonical_names(work)
     kept, skipped = _find(model, work, graphs, names, inputs, embeddings, exclude_patterns)  # 3. find weights
@@ -166,11 +173,14 @@ def _validate_arguments(
     return density, dense_patterns, exclude_patterns, inputs
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def _copy(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Step 1: the copy every later step works on (:func:`copy_model`); ``model`` is never
-    touched. A model that already carries fxsparse's attributes is refused."""
+    touched. ``inplace``: ``model`` itself. A model that already carries fxsparse's attributes
+    is refused."""
+    if not isinstance(inplace, bool):
+        raise TypeError(f"expected inplace to be a bool, got {type(inplace).__name__} {inplace!r}")
     try:
-        work = copy_model(model)
+        work = model if inplace else copy_model(model)
     except Exception as e:
         raise TypeError(
             f"expected a model that copy.deepcopy can copy (sparsify never edits yours), but "
@@ -338,6 +348,8 @@ def _masks_and_state(
         skipped=skipped, seed=seed, init=init if isinstance(init, str) else "masks" if given else "custom",
         input_spec=_input_spec(inputs), capture=how,
     )
+    if how == "export" and inputs is not None:
+        state.signature = signature_of(sparse, *inputs)  # what the graphs are specific to (fxsparse.recapture)
     for s in kept:
         mask_name = _add_mask(sparse, s.fqn, counts[s.fqn], seed, from_zeros=init == "zeros",
                               given=None if given is None else given[s.fqn])
@@ -354,7 +366,7 @@ def _mask(
     leaf are masked by the module-level fallback (``hooked``)."""
     masked = {f: site.mask for f, site in state.sites.items() if not site.opaque}
     hooked = {f: site.mask for f, site in state.sites.items() if site.opaque}
-    mask_weights(sparse, _read_by(sparse.graph, masked, names), names, MASKER, hooked=hooked)
+    mask_weights(sparse, read_by(sparse.graph, masked, names), names, MASKER, hooked=hooked)
     if several:
         state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked)
 
@@ -447,80 +459,24 @@ def _mode_graphs(
     sparse: SparseGraphModule, captured: Captured, work: nn.Module, masked: Mapping[str, str],
     names: Mapping[str, str], hooked: Mapping[str, str],
 ) -> dict[bool, torch.fx.Graph]:
-    """The eval-mode graph masked like the train-mode one, reading ``sparse``'s attributes.
-
-    Parameters and buffers are the model's own in both graphs (same tensors, same names). What
-    else the eval graph reads is adopted: a symbolic trace's targets are the model's own paths
-    (the root's ``_tensor_constant<i>`` of each trace distinct), installed at the same path where
-    ``sparse`` lacks them (a module only eval mode calls); an exported graph's constants are
-    adopted under new names; tensors among them become non-persistent buffers (GraphModule makes
-    the train graph's tensor attributes buffers too), so that a copy made in one mode keeps what
-    the other mode reads.
-    """
-    eval_gm = captured.eval
-    assert eval_gm is not None
+    """The eval-mode graph masked like the train-mode one, reading ``sparse``'s attributes
+    (:func:`fxsparse.recapture.adopt_and_mask`: a symbolic trace's own paths are installed at the
+    same path where ``sparse`` lacks them, an exported graph's constants under new names)."""
+    assert captured.eval is not None
     own = {name for name, _ in work.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in work.named_buffers(remove_duplicate=False)}
-    for node in eval_gm.graph.nodes:
-        if node.op not in ("get_attr", "call_module") or str(node.target) in own:
-            continue
-        target = str(node.target)
-        value = resolve(eval_gm, target)
-        present = resolve(sparse, target)
-        if present is value:
-            continue
-        if captured.how == "symbolic" and present is None:
-            name = target
-        else:
-            name = "fxsparse_eval_" + target.replace(".", "_")
-            while resolve(sparse, name) is not None:
-                name += "_"
-        _install(sparse, name, value)
-        node.target = name
-    train_graph = sparse.graph
-    eval_graph = eval_gm.graph
-    sparse.graph = eval_graph  # the pass inserts get_attr nodes: let them resolve on sparse
-    try:
-        mask_weights(sparse, _read_by(eval_graph, masked, names), names, MASKER, hooked=hooked)
-    finally:
-        sparse.graph = train_graph
-    return {True: train_graph, False: eval_graph}
-
-
-def _read_by(graph: torch.fx.Graph, masked: Mapping[str, str], names: Mapping[str, str]) -> dict[str, str]:
-    """The masked weights ``graph`` reads (a head computed in one mode only is not read in the
-    other's graph)."""
-    read = {names.get(str(n.target)) for n in graph.nodes if n.op == "get_attr"}
-    return {fqn: mask for fqn, mask in masked.items() if fqn in read}
-
-
-def _install(module: nn.Module, target: str, value: Any) -> None:
-    """Puts ``value`` at the dotted path ``target`` of ``module`` (containers made as needed): a
-    submodule, a non-persistent buffer for a tensor that is no parameter, else an attribute."""
-    *path, field = target.split(".")
-    owner = module
-    for part in path:
-        child = getattr(owner, part, None)
-        if child is None:
-            child = nn.Module()
-            owner.add_module(part, child)
-        owner = child
-    if isinstance(value, nn.Module):
-        owner.add_module(field, value)
-    elif isinstance(value, nn.Parameter):
-        owner.register_parameter(field, value)
-    elif isinstance(value, torch.Tensor):
-        owner.register_buffer(field, value, persistent=False)
-    else:
-        setattr(owner, field, value)
+    eval_graph = adopt_and_mask(sparse, captured.eval, own, masked, names, hooked, prefix="fxsparse_eval_",
+                                same_paths=captured.how == "symbolic")
+    return {True: sparse.graph, False: eval_graph}
 
 
 def _fresh_tensors(module: nn.Module) -> None:
-    """Gives ``module`` new parameter and buffer objects (same values, ties kept).
+    """Gives ``module`` new parameter and buffer objects (on the same storage: no copy of the
+    model; ties kept).
 
     torch.export leaves weak references to the tensors it captured (its fake-tensor memo), and
     ``torch.utils.swap_tensors`` refuses tensors with weak references: the sparse module's own
-    tensors must be free of them, as a traced module's are.
+    tensor objects must be free of them, as a traced module's are.
     """
     fresh: dict[int, torch.Tensor] = {}
     for sub in module.modules():
@@ -529,7 +485,7 @@ def _fresh_tensors(module: nn.Module) -> None:
                 if tensor is None:
                     continue
                 if id(tensor) not in fresh:
-                    copy_ = tensor.detach().clone()
+                    copy_ = tensor.detach()
                     if isinstance(tensor, nn.Parameter):
                         copy_ = nn.Parameter(copy_, requires_grad=tensor.requires_grad)
                     fresh[id(tensor)] = copy_

@@ -168,6 +168,40 @@ def _dynamic_spec(value: Any) -> Any:
     return torch.utils._pytree.tree_map(spec, value)
 
 
+def _widened(value: Any) -> Any:
+    """``value`` with every dim :func:`_dynamic_spec` makes dynamic that has size 1 doubled
+    (the tensor concatenated with itself along it): torch.export specializes a dim whose example
+    size is 1 (its "0/1 specialization"), so an example of batch 1 would capture a module that
+    runs batch 1 only."""
+
+    def widen(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        for dim in range(min(1 if x.is_floating_point() or x.is_complex() else 2, x.dim())):
+            if x.shape[dim] == 1:
+                x = torch.cat([x, x], dim=dim)
+        return x
+
+    return torch.utils._pytree.tree_map(widen, value)
+
+
+def _export_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """torch.export with the batch and sequence dims dynamic (:func:`_dynamic_spec`), from the
+    example widened where those dims have size 1 (:func:`_widened`), else from the example."""
+    attempts = [(_widened(args), _widened(kwargs))]
+    if any(a is not b for a, b in zip(torch.utils._pytree.tree_leaves(attempts[0]),
+                                      torch.utils._pytree.tree_leaves((args, kwargs)))):
+        attempts.append((args, kwargs))  # a model that needs a size of 1 where it was given one
+    for i, (a, k) in enumerate(attempts):
+        spec = (_dynamic_spec(a), _dynamic_spec(k))
+        try:
+            return torch.export.export(model, a, k, dynamic_shapes={**_named(model, spec[0]), **spec[1]}, strict=False)
+        except Exception:
+            if i == len(attempts) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], modes: tuple[bool, ...]) -> Captured:
     was_training = model.training
     graphs: dict[bool, torch.fx.GraphModule] = {}
@@ -178,10 +212,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mod
             program = None
             if dynamic:
                 try:
-                    spec = (_dynamic_spec(args), _dynamic_spec(kwargs))
-                    program = torch.export.export(
-                        model, args, kwargs, dynamic_shapes={**_named(model, spec[0]), **spec[1]}, strict=False
-                    )
+                    program = _export_dynamic(model, args, kwargs)
                 except Exception as e:  # some models only export at the example's exact shapes
                     dynamic = False
                     why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -195,6 +226,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mod
             if program is None:
                 program = torch.export.export(model, args, kwargs, strict=False)
             graphs[mode] = _for_training(program.module())
+            _note_fixed_dims(program, graphs[mode])
     except Exception as e:
         mode = "train" if model.training else "eval"
         raise TypeError(
@@ -484,6 +516,49 @@ def graph_inputs(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[s
     return tuple(torch.utils._pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys})))
 
 
+def _note_fixed_dims(program: Any, gm: torch.fx.GraphModule) -> None:
+    """Writes ``node.meta["fxsparse.input_shape"]`` (the example's shape with None at the dims
+    torch.export kept dynamic, which are symbolic in its placeholders) on each input placeholder
+    of the module ``program.module()`` made, from the program's own placeholders."""
+    users = set(program.graph_signature.user_inputs)
+    source = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in users]
+    target = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(source) != len(target):
+        return
+    for src, dst in zip(source, target):
+        shape = getattr(src.meta.get("val"), "shape", None)
+        if shape is not None:
+            dst.meta["fxsparse.input_shape"] = tuple(int(s) if isinstance(s, int) else None for s in shape)
+
+
+def static_dims(graph: torch.fx.Graph) -> list[tuple[str, tuple[int | None, ...] | None]]:
+    """Per placeholder of an exported graph, in order: its name and the example's shape with
+    None at dynamic dims (:func:`_note_fixed_dims`), or None where not known."""
+    return [(str(n.target), n.meta.get("fxsparse.input_shape")) for n in graph.nodes if n.op == "placeholder"]
+
+
+def check_shapes(gm: torch.fx.GraphModule, expected: list[tuple[str, tuple[int | None, ...] | None]],
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raises a ValueError naming the input, the dim and the example's shape where a call's
+    tensor has another size in a dim the exported graph fixed (before the graph runs, where the
+    error would come from deep inside the model's code)."""
+    values = graph_inputs(gm, args, kwargs)
+    for (name, shape), value in zip(expected, values):
+        if shape is None or not isinstance(value, torch.Tensor) or all(s is None for s in shape):
+            continue
+        wrong = value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape))
+        if wrong:
+            example = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            dims = [d for d, (s, v) in enumerate(zip(shape, value.shape)) if s is not None and s != v]
+            raise ValueError(
+                f"fxsparse: input {name!r} has shape {tuple(value.shape)}, but the sparse module was captured by "
+                f"torch.export from an example of shape {example} (* marks the dims it keeps dynamic): "
+                + (f"dim {dims[0]} cannot change" if dims else f"it takes {len(shape)} dims")
+                + ". Sparsify from an example of the shape you train with (a batch of 1 is widened to keep the batch "
+                "dynamic; dims other than batch and sequence are fixed)"
+            )
+
+
 # --- pickling an exported graph ------------------------------------------------------------------
 # ATen op overloads do not pickle; a graph is stored as its nodes with the ops by name.
 
@@ -532,7 +607,7 @@ def graph_state(graph: torch.fx.Graph) -> dict[str, Any]:
     specs of an exported graph)."""
     nodes = [
         (n.op, n.name, _encode(n.target) if n.op == "call_function" else n.target, _encode(n.args), _encode(n.kwargs),
-         {k: v for k, v in n.meta.items() if k in ("fxsparse.weight", "fxsparse.masked", "stack_trace")})
+         {k: v for k, v in n.meta.items() if k in ("fxsparse.weight", "fxsparse.masked", "fxsparse.input_shape", "nn_module_stack", "stack_trace")})
         for n in graph.nodes
     ]
     return {"nodes": nodes, "codegen": graph._codegen}

@@ -21,7 +21,7 @@ from torch import nn
 from fxsparse.passes.checkpoint import block_paths, checkpoint_blocks
 from fxsparse.segments import SEGMENT_PREFIX
 
-__all__ = ["enable", "disable", "checkpointed_blocks", "SEGMENT_PREFIX"]
+__all__ = ["enable", "disable", "options", "checkpointed_blocks", "SEGMENT_PREFIX"]
 
 def enable(sparse: Any, options: Mapping[str, Any] | None = None, every_n_layers: int = 1, offload: bool = False) -> list[str]:
     """Checkpoints every ``every_n_layers``-th block of ``sparse``; ``options`` go to
@@ -53,7 +53,8 @@ def enable(sparse: Any, options: Mapping[str, Any] | None = None, every_n_layers
         for name in [n for n in sparse._modules if n.startswith(SEGMENT_PREFIX)]:
             del sparse._modules[name]
         raise ValueError(f"fxsparse could not find the nodes of any of the blocks {blocks[:3]}... in the graph")
-    state.checkpointing = {"graphs": originals, "blocks": sorted(done)}
+    state.checkpointing = {"graphs": originals, "blocks": sorted(done),
+                           "enable": {"options": options, "every_n_layers": every_n_layers, "offload": offload}}
     _install(sparse, rewritten)
     return sorted(done)
 
@@ -68,6 +69,12 @@ def disable(sparse: Any) -> None:
     _install(sparse, originals)
     for name in [n for n in sparse._modules if n.startswith(SEGMENT_PREFIX)]:
         del sparse._modules[name]
+
+
+def options(sparse: Any) -> dict[str, Any] | None:
+    """The arguments :func:`enable` was given, or None when checkpointing is off."""
+    state = sparse._fxsparse
+    return dict(state.checkpointing["enable"]) if state.checkpointing else None
 
 
 def checkpointed_blocks(sparse: Any) -> list[str]:

@@ -9,6 +9,7 @@ restores the exact topology and random growth continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +19,11 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fxsparse import methods
+from fxsparse import checkpointing, methods
 from fxsparse.interop import ModelInterop
+from fxsparse.recapture import follow_signature
 from fxsparse.accounting import _batch_size, flop_report
-from fxsparse.capture import graph_from_state, graph_state, pytree_specs
+from fxsparse.capture import check_shapes, graph_from_state, graph_state, pytree_specs, static_dims
 from fxsparse.compact import CompactWeight
 from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_
 from fxsparse.methods.base import LayerChange, derived_seed, finite
@@ -59,6 +61,9 @@ class _State:
     layouts: dict[str, Any] = field(default_factory=dict)  # fqn -> fxsparse.layouts.LayoutChoice
     skeleton: nn.Module | None = None  # the model sparsify was given, weights on meta (fxsparse.unwrap)
     checkpointing: dict[str, Any] | None = None  # fxsparse.checkpointing: graphs as captured, blocks
+    # export: the call signature the graphs are of, and the graphs of the others seen (fxsparse.recapture)
+    signature: Any = None
+    signatures: dict[Any, Any] = field(default_factory=dict)
 
 
 def grow_score_needs_gradient(name: str) -> bool:
@@ -160,6 +165,32 @@ def _follow_mode(sparse: SparseGraphModule) -> None:
         sparse.graph = graphs[bool(sparse.training)]  # recompiles: only when the mode changes
 
 
+def _advertise_signature(sparse: SparseGraphModule) -> None:
+    """Gives an exported module's ``forward`` the model's signature: the graph's own takes only
+    the example's keywords, but the module takes every keyword the model takes (other keyword
+    sets are captured on first call), and frameworks read the signature to decide what to pass
+    (``Trainer`` drops the dataset columns ``forward`` does not name, ``labels`` among them)."""
+    state = sparse.__dict__.get("_fxsparse")
+    if state is None or state.capture != "export" or state.skeleton is None:
+        return
+    try:
+        type(sparse).forward.__signature__ = inspect.signature(type(state.skeleton).forward)
+    except (TypeError, ValueError):  # a forward without a signature to read
+        pass
+
+
+def _check_call(sparse: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The inputs of an exported graph checked against the dims torch.export fixed (a clear
+    error instead of one from deep inside the model's code); the fixed dims of each graph are
+    found once."""
+    cached = sparse.__dict__.get("_fxsparse_static")
+    if cached is None or cached[0] is not sparse.graph:
+        cached = (sparse.graph, static_dims(sparse.graph))
+        sparse.__dict__["_fxsparse_static"] = cached
+    if any(fixed for _, fixed in cached[1]):
+        check_shapes(sparse, cached[1], args, kwargs)
+
+
 class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
     """A traced model whose conv/linear/matmul weights are masked, with RigL topology updates.
 
@@ -169,8 +200,14 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
 
     _fxsparse: _State
 
+    def recompile(self) -> Any:
+        result = super().recompile()
+        _advertise_signature(self)
+        return result
+
     def _set_state(self, state: _State) -> None:
         self._fxsparse = state
+        _advertise_signature(self)
         # GraphModule.__deepcopy__ re-creates the module from its graph and then restores the
         # attributes named here, so the python-side state survives deepcopy; an exported graph's
         # code reads the pytree specs of its inputs and outputs.
@@ -186,7 +223,12 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        exported = self.__dict__.get("_fxsparse") is not None and self._fxsparse.capture == "export"
+        if exported:  # other keywords or another dtype than the graphs were captured with: theirs
+            follow_signature(self, args, kwargs)
         _follow_mode(self)  # a mode set by assignment (module.training = mode) never calls train()
+        if exported:
+            _check_call(self, args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseGraphModule:
@@ -208,12 +250,31 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         state = getattr(self, "_fxsparse", None)
         if state is not None and state.mode_graphs:
             # an exported graph's code cannot be re-traced (pytree specs, ATen ops): pickle the
-            # module's tables and each mode's graph as data (fxsparse.capture.graph_state)
-            graphs = {mode: graph_state(graph) for mode, graph in state.mode_graphs.items()}
-            tables = (dict(self._modules), dict(self._parameters), dict(self._buffers), set(self._non_persistent_buffers_set))
-            specs = pytree_specs(self)
-            return (_unpickle_exported, (tables, graphs, dataclasses.replace(state, mode_graphs=None), self.training,
-                                         specs, type(self).__name__))
+            # module's tables and each mode's graph as data (fxsparse.capture.graph_state); the
+            # graphs as captured where checkpointing rewrote them (it is turned on again), the
+            # current call signature's only (others are captured again when called)
+            checkpoint = checkpointing.options(self)
+            captured = state.checkpointing["graphs"] if checkpoint else state.mode_graphs
+            graphs = {mode: graph_state(graph) for mode, graph in captured.items()}
+            modules = {k: v for k, v in self._modules.items() if not k.startswith(checkpointing.SEGMENT_PREFIX)}
+            tables = (modules, dict(self._parameters), dict(self._buffers), set(self._non_persistent_buffers_set))
+            kept = dataclasses.replace(state, mode_graphs=None, signatures={}, checkpointing=None)
+            return (_unpickle_exported, (tables, graphs, kept, self.training, pytree_specs(self), type(self).__name__,
+                                         checkpoint))
+        checkpoint = checkpointing.options(self) if state is not None else None
+        if checkpoint is not None:  # pickled as captured (segments re-trace badly), checkpointed again when loaded
+            checkpointing.disable(self)
+            try:
+                _, (body, import_block) = super().__reduce__()
+            finally:
+                checkpointing.enable(self, **checkpoint)
+            # the body holds the state object itself, which now says checkpointing again
+            unsegmented = dataclasses.replace(state, checkpointing=None)
+            body = {**body, "_fxsparse": unsegmented}
+            if isinstance(body.get("meta"), dict):
+                preserved = {**body["meta"].get(_PRESERVED, {}), "_fxsparse": unsegmented}
+                body["meta"] = {**body["meta"], _PRESERVED: preserved}
+            return (_unpickle, (body, import_block, checkpoint))
         _, (body, import_block) = super().__reduce__()
         return (_unpickle, (body, import_block))
 
@@ -457,7 +518,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
 
 def _unpickle_exported(
     tables: tuple[dict[str, Any], dict[str, Any], dict[str, Any], set[str]], graphs: dict[bool, dict[str, Any]],
-    state: _State, training: bool, specs: dict[str, Any], class_name: str,
+    state: _State, training: bool, specs: dict[str, Any], class_name: str, checkpoint: dict[str, Any] | None = None,
 ) -> SparseGraphModule:
     """Rebuilds a module captured by torch.export from its tables and its graphs' data."""
     modules, parameters, buffers, non_persistent = tables
@@ -476,14 +537,29 @@ def _unpickle_exported(
     sparse.recompile()
     sparse._set_state(dataclasses.replace(state, mode_graphs=mode_graphs))
     sparse.training = training
+    if checkpoint is not None:
+        checkpointing.enable(sparse, **checkpoint)
     return sparse
 
 
-def _unpickle(body: dict[str, Any], import_block: str) -> SparseGraphModule:
+def _unpickle(body: dict[str, Any], import_block: str, checkpoint: dict[str, Any] | None = None) -> SparseGraphModule:
+    import torch.fx._symbolic_trace as symbolic
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
-    forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
-    return _deserialize_graph_module(forward, body, graph_module_cls=SparseGraphModule)  # type: ignore[return-value]
+    # the code's import block calls torch.fx.wrap("<dotted name>") for wrapped functions, which
+    # registers them for every later trace under a name its globals lack: every later
+    # symbolic_trace then fails with a KeyError. Keep torch's registry as it was.
+    registry = getattr(symbolic, "_wrapped_fns_to_patch", {})
+    before = set(registry)
+    try:
+        forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
+        sparse = _deserialize_graph_module(forward, body, graph_module_cls=SparseGraphModule)
+    finally:
+        for key in set(registry) - before:
+            del registry[key]
+    if checkpoint is not None:
+        checkpointing.enable(sparse, **checkpoint)
+    return sparse  # type: ignore[return-value]
 
 
 def _follow_device(self: SparseGraphModule) -> None:

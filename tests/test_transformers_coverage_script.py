@@ -38,6 +38,27 @@ def test_one_model_type_passes_every_check_from_a_tiny_config():
     assert 0.5 < record["coverage"] <= 1.0 and record["masked_params"] > 0
     assert record["params"] < 100_000  # tiny: widths 32, 2 layers, vocabulary 256
     assert any("check_model BertLMHeadModel" in s for s in steps)  # what a timeout would report
+    # sparsified from input_ids alone, it runs other shapes and takes the mask and labels it lacked
+    assert record["signatures"] == {"status": "ok", "capture": "export", "calls": [
+        "other shape", "+ attention_mask, labels", "other shape + attention_mask, labels"]}
+
+
+def test_the_signature_check_reports_a_call_that_fails(monkeypatch):
+    import torch
+
+    script = _script()
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    ids = torch.randint(1, 50, (script.BATCH, script.LENGTH))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    assert script.check_signatures(model, inputs)["status"] == "ok"
+    # a reshaped call whose token ids are out of the vocabulary: the model itself fails on it
+    monkeypatch.setattr(script, "_reshaped", lambda given: {**given, "input_ids": torch.full((3, 11), 999)})
+    result = script.check_signatures(model, inputs)
+    assert result["status"] == "failed" and result["calls"] == [] and result["reason"].startswith("other shape")
 
 
 def test_a_model_type_without_a_model_class_is_said_so():
@@ -63,7 +84,8 @@ def test_tiny_config_shrinks_nested_sub_configs_and_keeps_them_consistent():
 FAKE = [
     {"type": "bert", "model": "BertLMHeadModel", "config": "tiny", "status": "ok", "stage": None, "reason": None,
      "capture": "export", "coverage": 0.68, "masked_params": 17408, "seconds": 12.5, "torch": "2.x",
-     "transformers": "5.x", "command": "benchmarks/transformers_coverage.py --only bert"},
+     "transformers": "5.x", "command": "benchmarks/transformers_coverage.py --only bert",
+     "signatures": {"status": "ok", "calls": ["other shape"], "capture": "export"}},
     {"type": "layoutlm", "model": "LayoutLMForMaskedLM", "config": "tiny", "status": "failed",
      "stage": "rigl_step", "reason": "rigl_step: ValueError: no growth gradient | for 1 layer",
      "capture": "export", "coverage": 0.7, "masked_params": 100, "seconds": 11.0, "torch": "2.x",
@@ -99,6 +121,7 @@ def test_page_counts_outcomes_and_lists_every_type_with_its_reason(tmp_path):
     assert "| layoutlm | LayoutLMForMaskedLM | tiny | failed at rigl_step |" in text
     assert "no growth gradient \\| for 1 layer" in text  # a | in a reason does not break the table
     assert "- 1 x `timeout: more than 120 s (while check_model SwinModel)`: swin" in text
+    assert "## Other shapes and keywords" in text and "1 were also sparsified" in text and "1 ok, 0 failed" in text
     table = text.split("## Every model type", 1)[1]
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header
     assert [r.split(" | ")[0][2:] for r in rows] == sorted(r["type"] for r in FAKE)  # every type, sorted
