@@ -21,7 +21,7 @@ from torch import nn
 
 from fxsparse import budgets
 from fxsparse.accounting import layer_flops
-from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, resolve, split_inputs
+from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, split_inputs
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
 from fxsparse.layouts import apply_layout, check_layout
 from fxsparse.masking import Masker
