@@ -24,7 +24,7 @@ from fxsparse.accounting import layer_flops
 from fxsparse.capture import Captured, capture as capture_graph, pytree_specs, split_inputs
 from fxsparse.graph_module import MASKER, UPDATES, SparseGraphModule, _Site, _State, derived_seed
 from fxsparse.layouts import apply_layout, check_layout
-from fxsparse.masking import Masker
+from fxsparse.masking import Masker, mask_on, zero_inactive_
 from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_in
 from fxsparse.passes.functionalize import functionalize
 from fxsparse.passes.mask_weights import mask_weights
@@ -342,7 +342,9 @@ def _masks_and_state(
     inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str,
 ) -> _State:
     """Step 6, continued: the ``_State`` of ``sparse`` (attached in step 8), with one random mask
-    buffer per kept weight (:func:`_add_mask`) and its ``_Site``."""
+    buffer per kept weight (:func:`_draw_mask`, :func:`_add_mask`) and its ``_Site``. The masks are
+    drawn largest first (each from its own generator: the order changes no mask), so the large
+    momentary index of the largest layer's draw comes before any mask is held."""
     given = _given_masks(init)
     state = _State(
         skipped=skipped, seed=seed, init=init if isinstance(init, str) else "masks" if given else "custom",
@@ -350,9 +352,12 @@ def _masks_and_state(
     )
     if how == "export" and inputs is not None:
         state.signature = signature_of(sparse, *inputs)  # what the graphs are specific to (fxsparse.recapture)
+    drawn = {}
+    for s in sorted(kept, key=lambda s: -math.prod(s.shape)):
+        drawn[s.fqn] = _draw_mask(sparse.get_parameter(s.fqn), s.fqn, counts[s.fqn], seed, from_zeros=init == "zeros",
+                                  given=None if given is None else given[s.fqn])
     for s in kept:
-        mask_name = _add_mask(sparse, s.fqn, counts[s.fqn], seed, from_zeros=init == "zeros",
-                              given=None if given is None else given[s.fqn])
+        mask_name = _add_mask(sparse, s.fqn, drawn.pop(s.fqn))
         state.sites[s.fqn] = _Site(mask_name, s.shape, densities[s.fqn], counts[s.fqn], bool(s.opaque))
     return state
 
@@ -563,18 +568,12 @@ def _follow_module_order(source: nn.Module, target: nn.Module) -> None:
             table.update(items)
 
 
-def _add_mask(
-    sparse: SparseGraphModule, fqn: str, active: int, seed: int, from_zeros: bool = False, given: torch.Tensor | None = None,
-) -> str:
-    """Registers a random mask with exactly ``active`` True entries beside the weight ``fqn``
-    (``from_zeros``: the weight's nonzero entries, or every entry where ``active`` is all;
-    ``given``: that mask)."""
-    owner_name, _, pname = fqn.rpartition(".")
-    owner = sparse.get_submodule(owner_name)
-    weight = sparse.get_parameter(fqn)
-    name = f"{pname}_mask"
-    while hasattr(owner, name):
-        name = f"{name}_"
+def _draw_mask(
+    weight: torch.Tensor, fqn: str, active: int, seed: int, from_zeros: bool = False, given: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A random bool mask of ``weight``'s shape with exactly ``active`` True entries, from the
+    generator of ``(seed, fqn)`` (``from_zeros``: the weight's nonzero entries, or every entry
+    where ``active`` is all; ``given``: that mask)."""
     if given is not None:
         mask = (given != 0).to(weight.device).contiguous()
     elif from_zeros:
@@ -582,11 +581,25 @@ def _add_mask(
         mask = mask.contiguous()
     else:
         generator = torch.Generator().manual_seed(derived_seed(seed, fqn))
-        chosen = torch.randperm(weight.numel(), generator=generator)[:active]
+        # int32 positions where they fit: the same permutation as int64 at half the memory (a 33 M-entry
+        # LM head would take 262 MB of int64 for a moment)
+        index = torch.int32 if weight.numel() < 2**31 else torch.int64
+        chosen = torch.randperm(weight.numel(), generator=generator, dtype=index)[:active]
         mask = torch.zeros(weight.numel(), dtype=torch.bool)
         mask[chosen] = True
         mask = mask.view(weight.shape).to(weight.device)
+    return mask
+
+
+def _add_mask(sparse: SparseGraphModule, fqn: str, mask: torch.Tensor) -> str:
+    """Registers ``mask`` beside the weight ``fqn`` and zeroes the weight where it is False;
+    returns the mask's name."""
+    owner_name, _, pname = fqn.rpartition(".")
+    owner = sparse.get_submodule(owner_name)
+    weight = sparse.get_parameter(fqn)
+    name = f"{pname}_mask"
+    while hasattr(owner, name):
+        name = f"{name}_"
     owner.register_buffer(name, mask, persistent=True)
-    with torch.no_grad():
-        weight.masked_fill_(~mask, 0)
+    zero_inactive_(weight, mask_on(mask, weight))  # in slices: no weight-sized temporary
     return f"{owner_name}.{name}" if owner_name else name
