@@ -37,6 +37,7 @@ from fxsparse.passes.ops import REWRITABLE_MODULES, is_rewritable, view_source
 from fxsparse.compact import compact_linear
 from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
+from fxsparse.recapture import follow_signature
 from fxsparse.capture import capture, graph_inputs, pytree_specs, split_inputs
 
 __all__ = [
@@ -361,12 +362,16 @@ def _training(mode: str) -> bool:
 
 
 def _graph_of(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], training: bool) -> torch.fx.GraphModule:
-    """The graph module of ``module`` in the given mode, without changing ``module``: a graph
-    module's own graph, or that of its mode where it holds one per mode (a SparseGraphModule
-    whose graphs differ between modes), else a capture in that mode."""
+    """The graph module of ``module`` in the given mode, without changing what ``module``
+    computes: a graph module's own graph, or that of its mode where it holds one per mode (a
+    SparseGraphModule whose graphs differ between modes), else a capture in that mode. An
+    exported SparseGraphModule first takes the graphs of ``example``'s call signature
+    (:func:`fxsparse.recapture.follow_signature`: a training loop may have left it on another)."""
     if not isinstance(module, torch.fx.GraphModule):
         return capture(module, example, "auto", modes=(training,)).train
     state = getattr(module, "_fxsparse", None)
+    if state is not None and state.capture == "export":
+        follow_signature(module, *example)
     graphs = getattr(state, "mode_graphs", None)
     if not graphs or graphs[training] is module.graph:
         return module

@@ -38,31 +38,29 @@ def sparsify(
     model: nn.Module, density: float | None, init: str | Mapping[str, float] = "erk", *,
     example_inputs: Any = None, seed: int = 0, dense: Iterable[str] | None = None, exclude: Iterable[str] = (),
     budget: str = "params", capture: str = "auto", embeddings: bool = False, layout: str | Mapping[str, str] = "masked",
-    inplace: bool = False,
-) -> SparseGraphModule:
+    inplace: bool = False) -> SparseGraphModule:
     """Returns a sparse copy of ``model``: every conv/linear/matmul weight read through a mask.
 
     The model is traced with torch.fx (timm's no-trace registries honoured); every parameter that
     is the weight operand of a convolution, linear layer or matrix product in the graph, whatever
     module owns it, gets one bool mask with an exact number of active weights, drawn at random
-    from ``seed``. Inactive weights are set to zero. ``model`` itself is never modified.
+    from ``seed``. Inactive weights are set to zero. ``model`` itself is never modified (unless ``inplace``).
 
     Args:
         model: any module torch.fx can trace (see :func:`fxsparse.register_leaf_module`).
         density: fraction of the sparsified weights kept active, in (0, 1] (None: ``"zeros"``).
         init: layer-wise distribution: ``"uniform"``, ``"er"``, ``"erk"`` (or any registered
-            with :func:`fxsparse.budgets.register_init`), or an explicit ``{fqn: density}``
-            (layers it does not name get ``density``): the total active count is ``density`` times the
-            total, layers filled beyond 1 made dense. ``"zeros"``: a pruned checkpoint's topology (docs/api.md).
+            with :func:`fxsparse.budgets.register_init`), an explicit ``{fqn: density}`` (layers it does
+            not name get ``density``; the total is kept, layers filled beyond 1 made dense), ``{fqn: mask}``
+            (density None: a saved topology) or ``"zeros"`` (a pruned checkpoint's, docs/api.md).
         example_inputs: optional inputs the model is called with: a tensor or a tuple
             (positional), a dict (keyword: ``model(**batch)``), or ``(args_tuple, kwargs_dict)``.
             They tell the tracer how many positional inputs ``forward`` takes, give the shapes
             for FLOP accounting (``budget="flops"``, the FLOP columns of ``summary()``), and are
             what torch.export runs the model on (``capture="export"``).
         seed: seed of the initial random masks (and of random growth); same seed, same masks.
-        dense: FQN patterns (``fnmatch``) of weights kept at density 1, their parameters taken out
-            of the budget. ``None`` means the papers' default: the first layer dense for
-            ``"uniform"``, nothing for the other schemes.
+        dense: FQN patterns (``fnmatch``) of weights kept at density 1, out of the budget. ``None``:
+            the papers' default (the first layer dense for ``"uniform"``, none for the others).
         exclude: FQN patterns of weights not sparsified at all (neither masked nor counted).
         budget: what ``density`` is a fraction of. ``"params"``: the active weights are
             ``density`` times the sparsified weights. ``"flops"``: the layer densities (same
@@ -81,18 +79,14 @@ def sparsify(
             of linear layers and of ``x @ W`` held as their active values, computed by sparse
             kernels, where a timed step on ``example_inputs`` (else density <= 0.2) finds that
             faster; a ``{fqn pattern: layout}`` dict decides per layer (:mod:`fxsparse.layouts`).
-        inplace: build the sparse module on ``model``'s own tensors and modules instead of a
-            copy, for a model too big to copy: ``model`` is then unusable on its own (its
-            weights are masked in place, its modules hold masks; use ``sparse.unwrap()``), and
-            after an error it may be left half changed. Peak extra memory: the masks (1 byte a
-            weight) and the capture's, not a second model (docs/transformers.md, "Memory").
+        inplace: build on ``model``'s own tensors and modules, not a copy (a model too big to
+            copy): ``model`` is then unusable alone (``sparse.unwrap()``), half changed after an error.
 
     Returns:
         A :class:`SparseGraphModule` (a ``torch.fx.GraphModule``).
 
     Raises:
-        TypeError: ``model`` is not a module or cannot be traced.
-        ValueError: bad ``density``/``init``/patterns, or no sparsifiable weight.
+        TypeError / ValueError: ``model`` cannot be traced; bad arguments; no sparsifiable weight.
 
     Example:
         >>> import torch, fxsparse

@@ -179,6 +179,20 @@ def _advertise_signature(sparse: SparseGraphModule) -> None:
         pass
 
 
+def _before_call(sparse: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """What a call does before the graph runs: an exported module takes the graphs of the call's
+    signature (other keywords or another dtype than they were captured with: fxsparse.recapture);
+    every module the graph of its mode, however the mode was set (``module.training = mode``, as
+    Lightning's evaluation loop does, never calls ``train()``); an exported graph's inputs are
+    checked against the dims torch.export fixed."""
+    exported = sparse.__dict__.get("_fxsparse") is not None and sparse._fxsparse.capture == "export"
+    if exported:
+        follow_signature(sparse, args, kwargs)
+    _follow_mode(sparse)
+    if exported:
+        _check_call(sparse, args, kwargs)
+
+
 def _check_call(sparse: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """The inputs of an exported graph checked against the dims torch.export fixed (a clear
     error instead of one from deep inside the model's code); the fixed dims of each graph are
@@ -223,12 +237,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        exported = self.__dict__.get("_fxsparse") is not None and self._fxsparse.capture == "export"
-        if exported:  # other keywords or another dtype than the graphs were captured with: theirs
-            follow_signature(self, args, kwargs)
-        _follow_mode(self)  # a mode set by assignment (module.training = mode) never calls train()
-        if exported:
-            _check_call(self, args, kwargs)
+        _before_call(self, args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseGraphModule:
@@ -246,37 +255,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return self._fxsparse.capture
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # GraphModule pickles its code and re-traces it as a plain GraphModule; rebuild ours.
-        state = getattr(self, "_fxsparse", None)
-        if state is not None and state.mode_graphs:
-            # an exported graph's code cannot be re-traced (pytree specs, ATen ops): pickle the
-            # module's tables and each mode's graph as data (fxsparse.capture.graph_state); the
-            # graphs as captured where checkpointing rewrote them (it is turned on again), the
-            # current call signature's only (others are captured again when called)
-            checkpoint = checkpointing.options(self)
-            captured = state.checkpointing["graphs"] if checkpoint else state.mode_graphs
-            graphs = {mode: graph_state(graph) for mode, graph in captured.items()}
-            modules = {k: v for k, v in self._modules.items() if not k.startswith(checkpointing.SEGMENT_PREFIX)}
-            tables = (modules, dict(self._parameters), dict(self._buffers), set(self._non_persistent_buffers_set))
-            kept = dataclasses.replace(state, mode_graphs=None, signatures={}, checkpointing=None)
-            return (_unpickle_exported, (tables, graphs, kept, self.training, pytree_specs(self), type(self).__name__,
-                                         checkpoint))
-        checkpoint = checkpointing.options(self) if state is not None else None
-        if checkpoint is not None:  # pickled as captured (segments re-trace badly), checkpointed again when loaded
-            checkpointing.disable(self)
-            try:
-                _, (body, import_block) = super().__reduce__()
-            finally:
-                checkpointing.enable(self, **checkpoint)
-            # the body holds the state object itself, which now says checkpointing again
-            unsegmented = dataclasses.replace(state, checkpointing=None)
-            body = {**body, "_fxsparse": unsegmented}
-            if isinstance(body.get("meta"), dict):
-                preserved = {**body["meta"].get(_PRESERVED, {}), "_fxsparse": unsegmented}
-                body["meta"] = {**body["meta"], _PRESERVED: preserved}
-            return (_unpickle, (body, import_block, checkpoint))
-        _, (body, import_block) = super().__reduce__()
-        return (_unpickle, (body, import_block))
+        return _reduce(self)  # GraphModule pickles its code and re-traces it as a plain GraphModule
 
     # ----------------------------------------------------------------------------------- views
     @property
@@ -514,6 +493,41 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
             ValueError: an unknown layer, or a count above the layer's active count.
         """
         return methods.prune(self, counts, optimizer)
+
+
+def _reduce(self: SparseGraphModule) -> tuple[Any, ...]:
+    """How a SparseGraphModule pickles: rebuilt as one (GraphModule would rebuild a plain
+    GraphModule by re-tracing its code)."""
+    state = getattr(self, "_fxsparse", None)
+    if state is not None and state.mode_graphs:
+        # an exported graph's code cannot be re-traced (pytree specs, ATen ops): pickle the
+        # module's tables and each mode's graph as data (fxsparse.capture.graph_state); the
+        # graphs as captured where checkpointing rewrote them (it is turned on again), the
+        # current call signature's only (others are captured again when called)
+        checkpoint = checkpointing.options(self)
+        captured = state.checkpointing["graphs"] if checkpoint else state.mode_graphs
+        graphs = {mode: graph_state(graph) for mode, graph in captured.items()}
+        modules = {k: v for k, v in self._modules.items() if not k.startswith(checkpointing.SEGMENT_PREFIX)}
+        tables = (modules, dict(self._parameters), dict(self._buffers), set(self._non_persistent_buffers_set))
+        kept = dataclasses.replace(state, mode_graphs=None, signatures={}, checkpointing=None)
+        return (_unpickle_exported, (tables, graphs, kept, self.training, pytree_specs(self), type(self).__name__,
+                                     checkpoint))
+    checkpoint = checkpointing.options(self) if state is not None else None
+    if checkpoint is not None:  # pickled as captured (segments re-trace badly), checkpointed again when loaded
+        checkpointing.disable(self)
+        try:
+            _, (body, import_block) = torch.fx.GraphModule.__reduce__(self)
+        finally:
+            checkpointing.enable(self, **checkpoint)
+        # the body holds the state object itself, which now says checkpointing again
+        unsegmented = dataclasses.replace(state, checkpointing=None)
+        body = {**body, "_fxsparse": unsegmented}
+        if isinstance(body.get("meta"), dict):
+            preserved = {**body["meta"].get(_PRESERVED, {}), "_fxsparse": unsegmented}
+            body["meta"] = {**body["meta"], _PRESERVED: preserved}
+        return (_unpickle, (body, import_block, checkpoint))
+    _, (body, import_block) = torch.fx.GraphModule.__reduce__(self)
+    return (_unpickle, (body, import_block))
 
 
 def _unpickle_exported(

@@ -34,10 +34,19 @@ __all__ = ["signature_of", "follow_signature", "adopt_and_mask", "read_by", "ins
 
 
 def signature_of(sparse: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What an exported graph is specific to: the number of positional inputs, the keyword names
-    (with whether each is None) and the floating dtype of the parameters."""
+    """What an exported graph is specific to: each positional and keyword input's kind (a tensor,
+    or the value itself of a None, bool, number or string, which torch.export bakes into the
+    graph) and the floating dtype of the parameters."""
     dtype = next((p.dtype for p in sparse.parameters() if p.is_floating_point()), None)
-    return (len(args), tuple(sorted((k, v is None) for k, v in kwargs.items())), str(dtype))
+    return (tuple(_kind(a) for a in args), tuple(sorted((k, _kind(v)) for k, v in kwargs.items())), str(dtype))
+
+
+def _kind(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    return type(value).__name__
 
 
 def follow_signature(sparse: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
