@@ -55,10 +55,22 @@ def test_the_signature_check_reports_a_call_that_fails(monkeypatch):
     ids = torch.randint(1, 50, (script.BATCH, script.LENGTH))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
     assert script.check_signatures(model, inputs)["status"] == "ok"
-    # a reshaped call whose token ids are out of the vocabulary: the model itself fails on it
-    monkeypatch.setattr(script, "_reshaped", lambda given: {**given, "input_ids": torch.full((3, 11), 999)})
+    # the sparse module's outputs (read second in each call) differing from the model's: failed
+    real, reads = script._outputs, []
+
+    def shifted(result):
+        reads.append(1)
+        return {k: v + 1 for k, v in real(result).items()} if len(reads) % 2 == 0 else real(result)
+
+    monkeypatch.setattr(script, "_outputs", shifted)
     result = script.check_signatures(model, inputs)
     assert result["status"] == "failed" and result["calls"] == [] and result["reason"].startswith("other shape")
+    # a reshaped call the model itself cannot take (token ids out of its vocabulary): skipped, said so
+    monkeypatch.setattr(script, "_outputs", real)
+    monkeypatch.setattr(script, "_reshaped", lambda given: {**given, "input_ids": torch.full((3, 11), 999)})
+    result = script.check_signatures(model, inputs)
+    assert result["status"] == "ok" and result["calls"] == ["+ attention_mask, labels"]
+    assert all("the model itself fails" in s for s in result["skipped"]) and len(result["skipped"]) == 2
 
 
 def test_a_model_type_without_a_model_class_is_said_so():
