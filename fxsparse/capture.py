@@ -525,10 +525,23 @@ def _note_fixed_dims(program: Any, gm: torch.fx.GraphModule) -> None:
     target = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(source) != len(target):
         return
+    ranges = getattr(program, "range_constraints", {}) or {}
+
+    def fixed(size: Any) -> int | None:
+        if isinstance(size, int):
+            return int(size)
+        # a symbolic size that is a constant, or that the model's code pinned: a one-value range
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if getattr(expr, "is_number", False):
+            return int(expr)
+        bounds = ranges.get(expr)
+        lower, upper = getattr(bounds, "lower", None), getattr(bounds, "upper", None)
+        return int(lower) if lower is not None and lower == upper else None
+
     for src, dst in zip(source, target):
         shape = getattr(src.meta.get("val"), "shape", None)
         if shape is not None:
-            dst.meta["fxsparse.input_shape"] = tuple(int(s) if isinstance(s, int) else None for s in shape)
+            dst.meta["fxsparse.input_shape"] = tuple(fixed(s) for s in shape)
 
 
 def static_dims(graph: torch.fx.Graph) -> list[tuple[str, tuple[int | None, ...] | None]]:

@@ -195,3 +195,22 @@ def test_trainer_keeps_the_columns_the_model_takes(tmp_path):
     trainer = transformers.Trainer(model=sparse, args=args, train_dataset=data)
     trainer.train()
     assert len([r for r in trainer.state.log_history if "loss" in r]) == 3
+
+
+class _Loop(nn.Module):
+    """A Python loop over the sequence: torch.export unrolls it, pinning that dim to the example's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return torch.stack([self.lin(h[:, t]) for t in range(ids.shape[1])], 1)
+
+
+def test_a_dim_the_models_code_pins_is_refused_clearly():
+    sparse = fxsparse.sparsify(_Loop(), 0.5, example_inputs=torch.randint(0, 10, (2, 5)), capture="export")
+    assert sparse(torch.randint(0, 10, (3, 5))).shape == (3, 5, 4)  # the batch stays dynamic
+    with pytest.raises(ValueError, match=r"example of shape \(\*, 5\).*dim 1 cannot change"):
+        sparse(torch.randint(0, 10, (3, 7)))
