@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-# glibc keeps freed memory unless told otherwise; the children must return it for the peak to mean anything
-CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+from measure import run_variants, status_kb  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -57,7 +56,7 @@ def child(args: argparse.Namespace) -> dict:
         return t
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    base = _rss_kb()
+    base = status_kb("VmRSS")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = sparse(**batch)["loss"]
     loss.backward()
@@ -65,11 +64,6 @@ def child(args: argparse.Namespace) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": args.variant, "loss": float(loss), "step_peak_mb": (max(peak, before) - base) / 1024,
             "kept_mb": kept / 2**20}
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def main() -> None:
@@ -85,13 +79,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(child(args)))
         return
-    results = {}
-    for variant in ("plain", "checkpointed"):
-        command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=_REPO_ROOT, env={**os.environ, **CHILD_ENV})
-        if done.returncode != 0:
-            raise SystemExit(f"the {variant} child failed:\n{done.stderr[-3000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_variants(__file__, sys.argv[1:], ["plain", "checkpointed"], _REPO_ROOT)
     plain, ckpt = results["plain"], results["checkpointed"]
     print(f"Llama {args.layers} layers x {args.width}, batch {args.batch} x {args.seq} tokens, density 0.1, "
           f"{args.threads} threads")

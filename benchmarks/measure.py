@@ -218,3 +218,30 @@ def quiet_repeats(fn: Any, wanted: int, desc: str, *, max_other_load: float, max
     if len(quiet) < wanted:
         return quiet + noisy, 0
     return quiet, len(noisy)
+
+
+# glibc keeps freed memory for reuse unless told otherwise: a child process that measures its own
+# peak resident memory must return what it frees
+CHILD_MEMORY_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``: resident now, ``VmHWM``: its peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def run_variants(script: str, argv: list[str], variants: list[str], cwd: Path) -> dict[str, dict[str, Any]]:
+    """Runs ``script *argv --variant v`` in a child process of its own for each variant (with
+    :data:`CHILD_MEMORY_ENV`); each child prints its record as JSON on its last line."""
+    import json
+    import subprocess
+
+    results = {}
+    for variant in variants:
+        command = [sys.executable, script, *argv, "--variant", variant]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**os.environ, **CHILD_MEMORY_ENV})
+        if done.returncode != 0:
+            raise SystemExit(f"the {variant} child failed:\n{done.stderr[-3000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results

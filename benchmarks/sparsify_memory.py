@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+from measure import run_variants, status_kb  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -49,13 +44,13 @@ def child(args: argparse.Namespace) -> dict:
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     ids = torch.randint(1, args.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     gc.collect()
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) starts again from here
         f.write("5")
     began = time.perf_counter()
     sparse = fxsparse.sparsify(model, 0.2, example_inputs={"input_ids": ids}, inplace=args.variant == "inplace")
     seconds = time.perf_counter() - began
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     masks_mb = sum(m.numel() for m in sparse.masks.values()) / 2**20
     return {"variant": args.variant, "params": params, "model_mb": model_mb, "peak_extra_mb": (peak - before) / 1024,
             "masks_mb": masks_mb, "seconds": seconds}
@@ -74,13 +69,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(child(args)))
         return
-    results = {}
-    for variant in ("copy", "inplace"):
-        command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=_REPO_ROOT, env={**os.environ, **CHILD_ENV})
-        if done.returncode != 0:
-            raise SystemExit(f"the {variant} child failed:\n{done.stderr[-3000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_variants(__file__, sys.argv[1:], ["copy", "inplace"], _REPO_ROOT)
     first = results["copy"]
     print(f"Llama, {first['params'] / 1e6:.0f} M parameters ({first['model_mb']:.0f} MB fp32), density 0.2, torch.export "
           f"front-end, {args.threads} threads")

@@ -19,30 +19,14 @@ import torchvision
 from torch import nn
 
 import fxsparse
+from tiny_transformers import VOCAB
+from tiny_transformers import bert as _bert
+from tiny_transformers import ids as _ids
+from tiny_transformers import llama as _llama
 from fxsparse.unwrap import MASKS_ATTRIBUTE
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 61
-
-
-def _llama(**overrides) -> nn.Module:
-    config = transformers.AutoConfig.for_model(
-        "llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_cache=False, **overrides)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def _bert() -> nn.Module:
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64, num_labels=3)
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config)
-
-
-def _ids(batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _out(result):
