@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsparse.capture import resolve
+
 __all__ = ["skeleton_of", "unwrap", "MASKS_ATTRIBUTE"]
 
 MASKS_ATTRIBUTE = "fxsparse_masks"  # the unwrapped model's masks, {fqn: bool tensor}
@@ -82,13 +84,7 @@ def unwrap(sparse: Any, *, share: bool = False) -> nn.Module:
 def _tensor_at(sparse: nn.Module, fqn: str, compact: dict[str, torch.Tensor]) -> torch.Tensor | None:
     if fqn in compact:
         return compact[fqn]
-    *path, field = fqn.split(".")
-    owner: Any = sparse
-    for part in path:
-        owner = getattr(owner, part, None)
-        if not isinstance(owner, nn.Module):
-            return None
-    found = owner._parameters.get(field, owner._buffers.get(field))
+    found = resolve(sparse, fqn)
     return found if isinstance(found, torch.Tensor) else None
 
 
