@@ -25,7 +25,8 @@ from fxsparse.recapture import follow_signature
 from fxsparse.accounting import _batch_size, flop_report
 from fxsparse.capture import check_shapes, graph_from_state, graph_state, pytree_specs, static_dims
 from fxsparse.compact import CompactWeight
-from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_
+from fxsparse import sharding
+from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_, zero_inactive_all_
 from fxsparse.methods.base import LayerChange, derived_seed, finite
 from fxsparse.registry import GROW_SCORES, grow_scores, register_grow_score
 from fxsparse.state import StateDictError, adopt_loaded, check_keys, check_masks, invariant_problems, save_compact, take_compact
@@ -64,6 +65,7 @@ class _State:
     # export: the call signature the graphs are of, and the graphs of the others seen (fxsparse.recapture)
     signature: Any = None
     signatures: dict[Any, Any] = field(default_factory=dict)
+    blocks: dict[str, Any] | None = None  # fxsparse.blocks: graphs as captured, the blocks kept as modules
 
 
 def grow_score_needs_gradient(name: str) -> bool:
@@ -186,11 +188,54 @@ def _before_call(sparse: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[
     Lightning's evaluation loop does, never calls ``train()``); an exported graph's inputs are
     checked against the dims torch.export fixed."""
     exported = sparse.__dict__.get("_fxsparse") is not None and sparse._fxsparse.capture == "export"
+    if sparse.__dict__.get("_fxsparse") is not None:
+        sync_shards(sparse)
     if exported:
         follow_signature(sparse, args, kwargs)
     _follow_mode(sparse)
     if exported:
         _check_call(sparse, args, kwargs)
+
+
+def _owners(sparse: SparseGraphModule) -> list[tuple[nn.Module, str]]:
+    """(owner module, parameter name) of every sparse weight a module attribute holds, found
+    once per module object: where ``fully_shard`` puts its DTensors."""
+    cached = sparse.__dict__.get("_fxsparse_owners")
+    if cached is None or cached[0] != id(sparse):
+        found = []
+        for fqn, site in sparse._fxsparse.sites.items():
+            owner_name, _, name = fqn.rpartition(".")
+            owner = sparse.get_submodule(owner_name) if owner_name else sparse
+            if not site.compact and name in owner._parameters:
+                found.append((owner, name))
+        cached = (id(sparse), found)
+        sparse.__dict__["_fxsparse_owners"] = cached
+    return cached[1]
+
+
+def sync_shards(sparse: SparseGraphModule) -> bool:
+    """Under ``fully_shard``: shards the masks like their weights (once), zeroes the inactive
+    entries of every weight's shard and hooks its gradient; the masker then leaves the
+    gathered weights alone (:mod:`fxsparse.sharding`). Runs before FSDP gathers anything: a
+    call's first step, and before updates, state dicts and loads. True when sharded."""
+    masker = sparse.masker
+    if not any(sharding.is_sharded(owner._parameters[name]) for owner, name in _owners(sparse)):
+        masker.sharded = False
+        return False
+    sharding.shard_masks(sparse)
+    names = sharding.sharded_sites(sparse)
+    weights, masks = [], []
+    with torch.no_grad():
+        for fqn in names:
+            weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
+            weights.append(weight)
+            masks.append(masker.mask_on(fqn, mask, weight))
+            masker._masks[fqn] = mask
+            if weight.requires_grad and not masker.serves(fqn, weight):
+                masker._hook(fqn, weight, False)
+        zero_inactive_all_(weights, masks)
+    masker.sharded = True
+    return True
 
 
 def _check_call(sparse: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -371,6 +416,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         calls it itself) and :meth:`verify` then passes.
         """
         masker = self.masker
+        sync_shards(self)
         for fqn, site in self._fxsparse.sites.items():
             if not site.compact:  # a compact layer has no inactive weights
                 weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
@@ -479,6 +525,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
             >>> changes = model.rigl_step(0.3, optimizer=opt)   # doctest: +SKIP
         """
         method = methods.base.checked_step(drop_fraction, optimizer, grow, grow_from, redistribute, method)
+        sync_shards(self)
         return methods.drop_and_grow(self, method, drop_fraction, optimizer, grow_from)
 
     @torch.no_grad()
@@ -492,6 +539,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         Raises:
             ValueError: an unknown layer, or a count above the layer's active count.
         """
+        sync_shards(self)
         return methods.prune(self, counts, optimizer)
 
 

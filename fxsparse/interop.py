@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from fxsparse import blocks as _blocks
 from fxsparse import checkpointing, serialization
 from fxsparse.unwrap import unwrap
 
@@ -66,3 +67,18 @@ class ModelInterop:
     @property
     def is_gradient_checkpointing(self) -> bool:
         return bool(checkpointing.checkpointed_blocks(self))
+
+    def keep_blocks(self, blocks: Any = None) -> list[str]:
+        """Makes the model's repeated blocks (or the module paths ``blocks``) modules whose own
+        forward runs, as they are in the model: what ``fully_shard`` on each block (FSDP2) and
+        other per-block wrappers need. Returns the blocks' paths. See :mod:`fxsparse.blocks`."""
+        return _blocks.keep(self, blocks)
+
+    def release_blocks(self) -> None:
+        """Undoes :meth:`keep_blocks`: the graphs as captured again."""
+        _blocks.release(self)
+
+    @property
+    def kept_blocks(self) -> list[str]:
+        """The paths of the blocks :meth:`keep_blocks` made modules whose forward runs."""
+        return _blocks.kept_blocks(self)

@@ -57,6 +57,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxsparse.sharding import is_sharded, local
 from fxsparse.topology import GrowthCandidates, growth_candidates
 
 __all__ = ["Masker", "MASKER", "UPDATES", "mask_grad_", "zero_inactive_", "zero_inactive_all_", "mask_grads_all_", "mask_prologue", "mask_on", "bit_mask"]
@@ -72,14 +73,16 @@ def mask_on(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     ``bits(like) * mask`` keeps every bit of an active entry (``x * 1``) and zeroes an inactive
     one (``x * 0``), NaN and inf patterns included: an integer-times-bool multiply, about twice
     as fast as a float-times-bool one on CPU."""
-    return mask.to(device=like.device, dtype=torch.bool)
+    return local(mask).to(device=local(like).device, dtype=torch.bool)
 
 
 bit_mask = mask_on  # its name while it returned an integer copy of the mask
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    # an integer view of the same memory, outside autograd (no version-counter bump on `tensor`)
+    # an integer view of the same memory, outside autograd (no version-counter bump on `tensor`);
+    # of a sharded tensor, the rank's own part
+    tensor = local(tensor)
     return tensor.data.view(_BITS[tensor.element_size()])
 
 
@@ -272,6 +275,10 @@ class Masker(nn.Module):
             passes cannot be ranked from candidates).
         backwards: backward passes that ended since the counter was reset (the scheduler counts
             them per step).
+        sharded: the weights are sharded (FSDP2's ``fully_shard``; :mod:`fxsparse.sharding`):
+            the shards are zeroed before FSDP gathers them and their gradients masked and
+            recorded when the backward ends, so the graph's own prologue and masked-weight
+            nodes hand the gathered weights through.
     """
 
     def __init__(self) -> None:
@@ -288,8 +295,11 @@ class Masker(nn.Module):
         self.candidates: dict[str, GrowthCandidates] = {}
         self.spoiled: set[str] = set()
         self.backwards = 0
+        self.sharded = False
 
     def forward(self, weight: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+        if self.sharded:  # a gathered weight, built from zeroed shards; its gradient is recorded on the shard
+            return weight
         if weight.grad_fn is not None:
             # computed each forward (a parametrization): masked out of place, never written
             weight = torch.where(mask, weight, weight.new_zeros(()))
@@ -315,6 +325,8 @@ class Masker(nn.Module):
         masked when it is accumulated. Weights named in ``hooked`` (used inside opaque leaf
         modules, where no masked-weight node sees them) also get their dense growth gradient
         recorded by a hook on the parameter."""
+        if self.sharded:  # the shards were zeroed before FSDP gathered these weights
+            return
         leaves, on = [], []
         for name, weight, mask in zip(names, weights, masks):
             self._masks[name] = mask
@@ -361,6 +373,9 @@ class Masker(nn.Module):
         pending = self._pending
         due, pending.due, pending.task = pending.due, {}, None
         self.backwards += 1
+        if self.sharded:
+            self._flush_shards(due)
+            return
         leaves, on = [], []
         for name, weight in due.items():
             grad = weight.grad
@@ -372,6 +387,32 @@ class Masker(nn.Module):
                 leaves.append(weight)
                 on.append(mask_on(self._masks[name], grad))
         mask_grads_all_(leaves, on)
+
+    def _flush_shards(self, due: dict[str, torch.Tensor]) -> None:
+        """The end of a backward on sharded weights: each rank's part of the reduce-scattered
+        gradient is dense (the forward read ``w == w * m``): kept as the growth gradient while
+        armed, then masked in place."""
+        bits, on = [], []
+        for name, weight in due.items():
+            grad = weight.grad
+            if grad is None or not self.serves(name, weight):
+                continue
+            mask = self._masks[name]
+            if self.armed:
+                self._record_shard(name, grad, mask)
+            bits.append(_bits(grad))
+            on.append(mask_on(mask, grad))
+        _mul_bits_all(bits, on)
+
+    def _record_shard(self, name: str, grad: torch.Tensor, mask: torch.Tensor) -> None:
+        dense = local(grad).detach().clone()
+        held = self.grads.get(name)
+        if held is not None and self.accumulate and is_sharded(held):
+            # .grad kept accumulating, but its inactive entries were masked after the last
+            # backward: add back what was recorded there
+            dense += torch.where(local(mask), 0, local(held))
+        self.grads[name] = type(grad).from_local(dense, grad.device_mesh, grad.placements, run_check=False,
+                                                 shape=grad.shape, stride=grad.stride()) if is_sharded(grad) else dense
 
     def mask_gradient(self, name: str, weight: torch.Tensor) -> None:
         """Zeroes the inactive entries of ``weight.grad`` (the post-accumulate-grad hook's work).
@@ -430,7 +471,7 @@ class Masker(nn.Module):
         self.__dict__.pop("_due", None)  # pickled by fxsparse <= 0.4
         self.__dict__.pop("_queued", None)
         self._pending = _Pending(self)
-        for key, default in (("plan", {}), ("candidates", {}), ("spoiled", set()), ("backwards", 0)):
+        for key, default in (("plan", {}), ("candidates", {}), ("spoiled", set()), ("backwards", 0), ("sharded", False)):
             self.__dict__.setdefault(key, default)  # pickled by fxsparse <= 0.4
         self.__dict__.pop("_bit_masks", None)  # pickled by fxsparse <= 0.3: a per-weight integer cache
 

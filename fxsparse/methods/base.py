@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fxsparse import budgets, topology
+from fxsparse import budgets, sharding, topology
 from fxsparse.masking import UPDATES, zero_inactive_
 from fxsparse.registry import GROW_SCORES, register_grow_score
 from fxsparse.schedules import is_update_step
@@ -208,10 +208,13 @@ def drop_and_grow(
             return topology.update_from_candidates(mask, weight, reduced[fqn], drop_fraction, absolute=True)
         drop = method.drop_scores(sparse, fqn, weight, mask, grads.get(fqn))
         score = method.grow_scores(sparse, fqn, weight, mask, grads.get(fqn), update_index)
+        if sharding.is_sharded(mask):  # the same selection over every rank's shard (collectives)
+            _, k, g = sharding.drop_and_grow_counts(mask, drop_fraction, counts[fqn])
+            return sharding.update_mask(mask, drop, score, k, g, absolute=True)
         return topology.update_mask(mask, drop, score, drop_fraction, scratch=True, absolute=True, grow_count=counts[fqn])
 
     todo = [fqn for fqn in sites if fqn in counts]
-    parallel = method.threadsafe() and _on_cpu(sparse, todo)
+    parallel = method.threadsafe() and _on_cpu(sparse, todo) and not _sharded(sparse, todo)
     results = dict(zip(todo, topology.map_layers(select, todo, [math.prod(sites[f].shape) for f in todo], parallel=parallel)))
     changes = _apply(sparse, results, optimizer)
     sparse.get_buffer(UPDATES).add_(1)
@@ -236,10 +239,15 @@ def prune(sparse: Any, counts: Mapping[str, int], optimizer: torch.optim.Optimiz
 
     @torch.no_grad()  # grad mode is per thread
     def select(fqn: str) -> topology.TopologyUpdate:
-        return topology.prune_mask(sparse._mask(fqn), sparse._leaf_weight(fqn).detach(), counts[fqn])
+        mask, weight = sparse._mask(fqn), sparse._leaf_weight(fqn).detach()
+        if sharding.is_sharded(mask):
+            active, k = sharding.prune_counts(mask, counts[fqn])
+            return sharding.update_mask(mask, weight, weight, k, 0, absolute=True)
+        return topology.prune_mask(mask, weight, counts[fqn])
 
     results = dict(zip(todo, topology.map_layers(
-        select, todo, [math.prod(sites[fqn].shape) for fqn in todo], parallel=_on_cpu(sparse, todo)
+        select, todo, [math.prod(sites[fqn].shape) for fqn in todo],
+        parallel=_on_cpu(sparse, todo) and not _sharded(sparse, todo),
     )))
     changes = _apply(sparse, results, optimizer, zero_grad=True)
     for fqn in results:
@@ -271,8 +279,12 @@ def _apply(
             changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown)
             continue
         weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(site.mask)
-        topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
-        if zero_grad and weight.grad is not None:
+        if sharding.is_sharded(mask):  # each rank writes the positions in its rows
+            grad = [weight.grad] if zero_grad and weight.grad is not None else []
+            sharding.apply_update(weight, mask, result, _optimizer_state(optimizer, weight) + grad)
+        else:
+            topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
+        if zero_grad and weight.grad is not None and not sharding.is_sharded(mask):
             topology.zero_state_at([weight.grad], result.dropped_idx)
         site.active += result.grown_idx.numel() - result.dropped_idx.numel()
         changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown)
@@ -345,9 +357,23 @@ def _redistribution(
                     f"{type(optimizer).__name__} holds none (yet); use SGD with momentum or "
                     f"Adam/AdamW, and update after their first step"
                 )
-        value = float(source.detach().abs().mul_(mask).sum()) / max(site.active, 1)
+        value = _masked_abs_sum(source, mask) / max(site.active, 1)
         scores[fqn] = value if math.isfinite(value) else 0.0
     return budgets.redistribute(total, capacity, scores)
+
+
+def _masked_abs_sum(source: torch.Tensor, mask: torch.Tensor) -> float:
+    """The sum of ``|source|`` over the active entries (over every shard of sharded ones)."""
+    if sharding.is_sharded(mask):
+        part = float(sharding.local(source).detach().abs().mul_(sharding.local(mask)).sum(dtype=torch.float64))
+        return float(sharding.all_sum(part, sharding.span_of(mask).group, torch.float64))
+    return float(source.detach().abs().mul_(mask).sum())
+
+
+def _sharded(sparse: Any, names: list[str]) -> bool:
+    """Whether any named layer's mask is sharded: its selection runs collectives, in one order
+    on every rank (never on threads)."""
+    return any(sharding.is_sharded(sparse._mask(fqn)) for fqn in names)
 
 
 def _on_cpu(sparse: Any, names: list[str]) -> bool:
@@ -417,6 +443,8 @@ def finite(tensor: torch.Tensor) -> bool:
     exact elementwise check only when the sum is not finite (it may have overflowed)."""
     if not tensor.is_floating_point():
         return True
+    if sharding.is_sharded(tensor):  # every rank's part
+        return sharding.all_true(finite(sharding.local(tensor)), sharding.span_of(tensor).group)
     return bool(torch.isfinite(tensor.detach().sum())) or bool(torch.isfinite(tensor).all())
 
 
@@ -491,6 +519,8 @@ def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
         return
     world = dist.get_world_size()
     for tensor in tensors:
+        if sharding.is_sharded(tensor):  # FSDP's reduce-scatter averaged it already
+            continue
         dist.all_reduce(tensor)
         tensor.div_(world)
 

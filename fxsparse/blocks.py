@@ -1,0 +1,134 @@
+"""A sparse module's blocks as modules whose own forward runs: what per-block ``fully_shard``
+(FSDP2) and other per-block wrappers need.
+
+``sparse.keep_blocks()`` cuts the model's repeated blocks (:func:`fxsparse.passes.checkpoint.
+block_paths` on the skeleton ``sparsify`` kept: transformers' decoder layers, timm's ``blocks``,
+ResNet stages' blocks; or the paths given) out of every graph of the module
+(:func:`fxsparse.passes.blocks.cut_block`) and installs each as a
+:class:`~fxsparse.passes.blocks.SparseBlock` at its path; a container the model had as a
+``ModuleList`` / ``Sequential`` becomes one again, so ``for block in sparse.model.layers`` works.
+Names, ``state_dict`` keys, masks, outputs and gradients are unchanged. The graphs as captured
+are kept: :func:`release` puts them back, and a pickle holds them (the blocks are cut again when
+it loads).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch.fx
+from torch import nn
+
+from fxsparse import checkpointing
+from fxsparse.masking import MASKER
+from fxsparse.passes.blocks import SparseBlock, cut_block
+from fxsparse.passes.checkpoint import block_paths
+
+__all__ = ["keep", "release", "kept_blocks"]
+
+
+def keep(sparse: Any, blocks: Iterable[str] | None = None) -> list[str]:
+    """Makes each block of ``sparse`` (the model's repeated blocks, or the paths ``blocks``) a
+    module whose forward runs; returns the paths made so. Raises ValueError naming a path that
+    is not a submodule, or when no block could be cut out of the graph."""
+    state = sparse._fxsparse
+    if state.blocks is not None:
+        release(sparse)
+    if blocks is None:
+        if state.skeleton is None:
+            raise TypeError("fxsparse: finding the model's blocks needs its skeleton, which modules made by sparsify keep; pass blocks=[...]")
+        paths = block_paths(state.skeleton)
+    else:
+        paths = [blocks] if isinstance(blocks, str) else list(blocks)
+    for path in paths:
+        try:
+            sparse.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"fxsparse: {path!r} is not a submodule of the sparse module; blocks are module paths "
+                             f"such as {', '.join(repr(p) for p in block_paths(state.skeleton)[:2]) or 'layers.0'}") from None
+    if not paths:
+        raise ValueError(f"fxsparse found no repeated blocks in {type(state.skeleton).__name__}; name them: keep_blocks(['layers.0', ...])")
+    checkpoint = checkpointing.options(sparse)
+    if checkpoint is not None:
+        checkpointing.disable(sparse)
+    originals = dict(state.mode_graphs) if state.mode_graphs else {None: sparse.graph}
+    cut: dict[str, dict[Any, torch.fx.Graph]] = {}
+    rewritten = {}
+    for mode, graph in originals.items():
+        new = copy.deepcopy(graph)
+        for path in sorted(paths, key=lambda p: -p.count(".")):  # inner blocks first
+            found = cut_block(sparse, new, path, MASKER)
+            if found is not None:
+                cut.setdefault(path, {})[mode] = found[0]
+        rewritten[mode] = new
+    if not cut:
+        if checkpoint is not None:
+            checkpointing.enable(sparse, **checkpoint)
+        raise ValueError(f"fxsparse could not find the nodes of any of the blocks {paths[:3]} in the graph")
+    for path in sorted(cut, key=lambda p: -p.count(".")):
+        _install_block(sparse, path, cut[path])
+    state.blocks = {"graphs": originals, "paths": [p for p in paths if p in cut]}
+    checkpointing._install(sparse, rewritten)
+    if checkpoint is not None:
+        checkpointing.enable(sparse, **checkpoint)
+    return list(state.blocks["paths"])
+
+
+def release(sparse: Any) -> None:
+    """Puts the graphs as captured back: the blocks are containers again (their state stays)."""
+    state = sparse._fxsparse
+    if state.blocks is None:
+        return
+    checkpoint = checkpointing.options(sparse)
+    if checkpoint is not None:
+        checkpointing.disable(sparse)
+    originals = state.blocks["graphs"]
+    for path in sorted(state.blocks["paths"], key=lambda p: p.count(".")):
+        block = sparse.get_submodule(path)
+        if isinstance(block, SparseBlock):
+            container = nn.Module()
+            container._modules, container._parameters, container._buffers = block._modules, block._parameters, block._buffers
+            container._non_persistent_buffers_set = block._non_persistent_buffers_set
+            container.training = block.training
+            _set(sparse, path, container)
+    state.blocks = None
+    checkpointing._install(sparse, originals)
+    if checkpoint is not None:
+        checkpointing.enable(sparse, **checkpoint)
+
+
+def kept_blocks(sparse: Any) -> list[str]:
+    """The paths of the blocks whose forward runs (empty when none)."""
+    state = sparse._fxsparse
+    return list(state.blocks["paths"]) if state.blocks else []
+
+
+def _set(sparse: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = sparse.get_submodule(parent_path) if parent_path else sparse
+    parent._modules[name] = module
+
+
+def _install_block(sparse: Any, path: str, graphs: dict[Any, torch.fx.Graph]) -> None:
+    container = sparse.get_submodule(path)
+    _set(sparse, path, SparseBlock(container, graphs, path))
+    parent_path = path.rpartition(".")[0]
+    skeleton = sparse._fxsparse.skeleton
+    if not parent_path or skeleton is None:
+        return
+    try:
+        kind = type(skeleton.get_submodule(parent_path))
+    except AttributeError:
+        return
+    parent = sparse.get_submodule(parent_path)
+    for list_kind in (nn.ModuleList, nn.Sequential):
+        if issubclass(kind, list_kind) and not isinstance(parent, list_kind):
+            # the model's list again (iterable, indexable); its forward is never called by the graph
+            replacement = list_kind()
+            replacement._modules = parent._modules
+            replacement._parameters, replacement._buffers = parent._parameters, parent._buffers
+            replacement.training = parent.training
+            _set(sparse, parent_path, replacement)
+            return

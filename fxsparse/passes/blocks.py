@@ -1,0 +1,214 @@
+"""The model's blocks as modules of their own inside a captured graph.
+
+A captured graph inlines its submodules: ``model.layers.0`` keeps the leaves and parameters the
+graph reads, but its own ``forward`` never runs, so what frameworks install on a block (FSDP2's
+``fully_shard``, which gathers a block's parameters in its pre-forward hook and frees them after)
+never fires. This pass cuts each block's nodes (``node.meta["nn_module_stack"]``) out of the
+graph into a graph module that *is* the block: it is installed at the block's path in place of
+the container, owns the same submodules, parameters and buffers under the same names (no
+``state_dict`` key changes), reads its own parameters and masks inside its forward, and is
+called by the parent graph through ``call_module``. So ``fully_shard(sparse.layers[0])`` gathers
+and frees that block's weights around its forward, as it does for the model itself.
+
+A block's graph reads only its own attributes: the masked weights of the block (get_attr, the
+masker's node) are computed inside it; everything else it reads (activations, the root's
+parameters and buffers, shared leaf modules outside it, the masker) comes in as arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch.fx
+from torch import nn
+
+from fxsparse.capture import graph_from_state, graph_state
+from fxsparse.segments import call_module
+
+__all__ = ["cut_block", "SparseBlock"]
+
+
+class SparseBlock(torch.fx.GraphModule):
+    """A block of a sparse module with its own forward (one graph per mode where the modes
+    compute differently). Its parameters, buffers and submodules are those of the container it
+    replaced, under the same names."""
+
+    def __init__(self, container: nn.Module, graphs: dict[Any, torch.fx.Graph], path: str) -> None:
+        first = graphs[True] if True in graphs else next(iter(graphs.values()))
+        super().__init__(container, first, class_name="SparseBlock")
+        # the container's own state, all of it (GraphModule copied only what the graph reads)
+        self._modules = container._modules
+        self._parameters = container._parameters
+        self._buffers = container._buffers
+        self._non_persistent_buffers_set = container._non_persistent_buffers_set
+        self.block_graphs = dict(graphs)
+        self.block_path = path
+        self.training = container.training
+
+    def _follow_mode(self) -> None:
+        graphs = self.block_graphs
+        graph = graphs.get(bool(self.training), graphs.get(None))
+        if graph is not None and graph is not self.graph:
+            self.graph = graph  # recompiles: only when the mode changes
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._follow_mode()
+        return super().__call__(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparseBlock:
+        # GraphModule's deepcopy rebuilds a module from what the graph reads: keep all the state
+        container = nn.Module()
+        for key in _MODULE_STATE:
+            if key in self.__dict__:
+                container.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
+        copied = SparseBlock(container, {mode: copy.deepcopy(g) for mode, g in self.block_graphs.items()}, self.block_path)
+        copied.__dict__.update({k: v for k, v in container.__dict__.items() if k.endswith("hooks") or k.endswith("hooks_with_kwargs")})
+        memo[id(self)] = copied
+        return copied
+
+    def __reduce__(self) -> Any:
+        # GraphModule pickles its code and re-traces it: pickle the graphs as data instead
+        state = {key: self.__dict__[key] for key in _MODULE_STATE if key in self.__dict__}
+        graphs = {mode: graph_state(graph) for mode, graph in self.block_graphs.items()}
+        return (_rebuild_block, (state, graphs, self.block_path))
+
+
+def _rebuild_block(state: dict[str, Any], graphs: dict[Any, Any], path: str) -> SparseBlock:
+    container = nn.Module()
+    container.__dict__.update(state)
+    block = SparseBlock(container, {mode: graph_from_state(g) for mode, g in graphs.items()}, path)
+    block.__dict__.update({k: v for k, v in state.items() if k.endswith("hooks") or k.endswith("hooks_with_kwargs")})
+    return block
+
+
+_MODULE_STATE = tuple(nn.Module().__dict__)  # what every nn.Module holds: parameters, buffers, modules, hooks, mode
+
+
+def _in_block(node: torch.fx.Node, block: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        if path == block or path.startswith(block + "."):
+            return True
+    return False
+
+
+def _under(target: Any, block: str) -> bool:
+    return isinstance(target, str) and target.startswith(block + ".")
+
+
+def _body(graph: torch.fx.Graph, block: str, masker: str) -> list[torch.fx.Node]:
+    """The nodes the block computes, in graph order: those its module stack places in it, and
+    the masked weights of its own parameters (the masker's nodes reading only its attributes)."""
+    own = {n for n in graph.nodes if n.op == "get_attr" and _under(n.target, block)}
+    body = []
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output") or node in own:
+            continue
+        if node.op == "call_module" and node.target == masker:
+            attrs = [i for i in node.all_input_nodes]
+            if attrs and all(i in own for i in attrs):
+                body.append(node)
+            continue
+        if _in_block(node, block):
+            body.append(node)
+    return body
+
+
+def cut_block(
+    root: nn.Module, graph: torch.fx.Graph, block: str, masker: str,
+) -> tuple[torch.fx.Graph, torch.fx.Node] | None:
+    """Rewrites ``graph`` so that ``block``'s nodes run as one ``call_module(block, ...)``;
+    returns the block's own graph (its get_attr and call_module targets relative to the block)
+    and the call node, or None where the block's nodes cannot be cut out (none found, or
+    interleaved with what depends on them)."""
+    body = _body(graph, block, masker)
+    if not body:
+        return None
+    body_set = set(body)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    prefix = block + "."
+    inputs: list[torch.fx.Node] = []  # what the block reads from outside (activations, foreign attributes)
+    leaves: list[str] = []  # leaf modules outside the block that it calls
+    for node in body:
+        if node.op == "call_module" and not _under(node.target, block) and node.target not in (*leaves, masker):
+            leaves.append(str(node.target))
+        for i in node.all_input_nodes:
+            if i not in body_set and not (i.op == "get_attr" and _under(i.target, block)) and i not in inputs:
+                inputs.append(i)
+    outputs = [n for n in body if any(u not in body_set for u in n.users)]
+    if not outputs:
+        return None
+    # the call goes before the first of its nodes that comes after its last input, and every
+    # outside use of what it computes must come after that
+    after = max((order[i] for i in inputs), default=-1)
+    later = [order[n] for n in body if order[n] > after]
+    if not later:
+        return None
+    where = min(later)
+    if any(order[u] <= where for n in outputs for u in n.users if u not in body_set):
+        return None
+    sub = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in inputs:
+        env[node] = sub.placeholder(f"in_{node.name}")
+    modules = {target: sub.placeholder(f"module_{target.replace('.', '_')}") for target in [masker, *leaves]}
+
+    def read(node: torch.fx.Node) -> torch.fx.Node:
+        if node not in env:  # one of the block's own attributes, read inside it
+            assert node.op == "get_attr" and _under(node.target, block)
+            env[node] = sub.get_attr(str(node.target)[len(prefix):])
+            env[node].meta = dict(node.meta)
+        return env[node]
+
+    for node in body:
+        args = torch.fx.map_arg(node.args, read)
+        kwargs = torch.fx.map_arg(node.kwargs, read)
+        if node.op == "call_module" and not _under(node.target, block):
+            env[node] = sub.call_function(call_module, (modules[str(node.target)], *args), kwargs)
+        elif node.op == "call_module":
+            env[node] = sub.call_module(str(node.target)[len(prefix):], args, kwargs)
+        else:
+            env[node] = sub.node_copy(node, read)
+        env[node].meta = dict(node.meta)
+    sub.output(tuple(env[n] for n in outputs))
+    sub.lint()
+    anchor = next(n for n in graph.nodes if order[n] == where)
+    with graph.inserting_before(anchor):
+        module_nodes = [_attr(graph, anchor, t) for t in [masker, *leaves]]
+        call = graph.call_module(block, (*inputs, *module_nodes))
+        call.meta["nn_module_stack"] = {block: (block, nn.Module)}
+        call.meta["fxsparse.block"] = block
+        results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+    for node, result in zip(outputs, results):
+        result.meta = dict(node.meta)
+        node.replace_all_uses_with(result, delete_user_cb=lambda user: user not in body_set)
+    for node in reversed(body):
+        graph.erase_node(node)
+    for node in list(graph.nodes):  # the block's attributes nothing outside it reads any more
+        if node.op == "get_attr" and _under(node.target, block) and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    return sub, call
+
+
+def _attr(graph: torch.fx.Graph, anchor: torch.fx.Node, target: str) -> torch.fx.Node:
+    for node in graph.nodes:
+        if node is anchor:
+            break
+        if node.op == "get_attr" and node.target == target:
+            return node
+    return graph.get_attr(target)
+
+
+def cut_blocks(root: nn.Module, graph: torch.fx.Graph, blocks: Iterable[str], masker: str) -> dict[str, torch.fx.Graph]:
+    """:func:`cut_block` of every block, in order; the graphs of those that were cut."""
+    done = {}
+    for block in blocks:
+        found = cut_block(root, graph, block, masker)
+        if found is not None:
+            done[block] = found[0]
+    return done
