@@ -34,6 +34,7 @@ Nothing here runs unless a sparse weight is a DTensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["is_sharded", "local", "Span", "span_of", "shard_like", "shard_masks", "sharded_sites",
-           "rows_of", "all_sum", "all_true", "select", "gathered_bytes",
+           "rows_of", "all_sum", "all_true", "candidates", "merge", "select", "plan", "all_gather_in", "gathered_bytes",
            "update_mask", "apply_update", "local_scores", "count_active"]
 
 
@@ -133,14 +134,17 @@ def sharded_sites(sparse: Any) -> list[str]:
     return [fqn for fqn, site in sparse._fxsparse.sites.items() if not site.compact and is_sharded(sparse._leaf_weight(fqn))]
 
 
-def shard_masks(sparse: Any) -> bool:
-    """Makes every mask of a sharded weight a DTensor sharded like it (idempotent); True when
-    any sparse weight is sharded. Raises ValueError before any change for what cannot be
-    sharded: a compact layer, a parametrized weight."""
+def shard_masks(sparse: Any) -> int:
+    """Makes every mask of a sharded weight a DTensor sharded like it (idempotent); returns how
+    many it sharded now. Raises ValueError before any change for what cannot be sharded: a
+    compact layer, a block whose forward never runs."""
     sites = sparse._fxsparse.sites
     names = sharded_sites(sparse)
     if not names:
-        return False
+        return 0
+    if not any(not is_sharded(sparse._mask(fqn)) for fqn in names):
+        return 0
+    _refuse_inlined_blocks(sparse)
     compact = [fqn for fqn, site in sites.items() if site.compact]
     if compact:
         raise ValueError(
@@ -160,7 +164,26 @@ def shard_masks(sparse: Any) -> bool:
         if mask.shape != weight.shape:
             raise ValueError(f"fxsparse: the mask of {fqn} has shape {tuple(mask.shape)}, its weight {tuple(weight.shape)}")
         owner._buffers[name] = shard_like(mask.to(torch.bool), weight)
-    return True
+    return len(names)
+
+
+def _refuse_inlined_blocks(sparse: Any) -> None:
+    """Raises ValueError when ``fully_shard`` wrapped a submodule whose forward never runs (the
+    graph inlines it): FSDP would never gather its weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from fxsparse.passes.blocks import SparseBlock
+
+    stray = [name for name, module in sparse.named_modules()
+             if name and isinstance(module, FSDPModule) and not isinstance(module, SparseBlock)]
+    if stray:
+        raise ValueError(
+            f"fxsparse: fully_shard wrapped {stray[0]!r}{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}, "
+            "whose forward never runs: the sparse module's graph computes it inline, so FSDP would never gather "
+            "its weights. Call sparse.keep_blocks() (the model's repeated blocks; or keep_blocks(['path', ...])) "
+            "right after sparsify and before fully_shard, and wrap the blocks it returns: "
+            "for path in sparse.keep_blocks(): fully_shard(sparse.get_submodule(path))"
+        )
 
 
 # --------------------------------------------------------------------------- collectives
@@ -194,35 +217,85 @@ def gathered_bytes(k: int, ranks: int) -> int:
     return 0 if k <= 0 else 16 * k * ranks
 
 
-def select(
-    values: np.ndarray, k: int, largest: bool, where: np.ndarray, inside: bool, span: Span, *,
+def candidates(
+    values: np.ndarray, k: int, largest: bool, where: np.ndarray, inside: bool, offset: int, *,
     absolute: bool = False, extra: np.ndarray | None = None,
-) -> np.ndarray:
-    """The global flat positions of the ``k`` largest (smallest) keys over the domain split
-    across the ranks of ``span``: each rank's domain is its local positions ``i`` with
-    ``where[i] == inside`` plus its local ``extra`` positions; keys are ``values`` (``|values|``
-    with ``absolute``). The same array on every rank, ties by ascending global position: what
-    :func:`fxsparse.topology._extreme` selects from the whole tensor. A collective (unless
-    ``k <= 0``): every rank of the group calls it with the same ``k``."""
-    import torch.distributed as dist
+) -> tuple[np.ndarray, np.ndarray]:
+    """One rank's part of a selection: the global positions and keys (float64) of the best
+    ``min(k, domain)`` of its shard (which starts at flat position ``offset``) under the order
+    (key, then position); its domain is its local positions ``i`` with ``where[i] == inside``
+    plus its local ``extra`` positions; keys are ``values`` (``|values|`` with ``absolute``).
+    Whatever the global best ``k`` hold of this shard is among these."""
+    if k <= 0 or values.size == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+    mine = _extreme(values, k, largest, where, inside, absolute=absolute, extra=extra)
+    return mine.astype(np.int64) + offset, _keys(values, mine, absolute).astype(np.float64)
 
+
+def merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int, largest: bool) -> np.ndarray:
+    """The global best ``k`` (ascending positions) of every rank's :func:`candidates`: one
+    total order, (key, then position), whatever the split."""
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    mine = _extreme(values, k, largest, where, inside, absolute=absolute, extra=extra) if values.size else np.empty(0, np.int64)
-    keys = _keys(values, mine, absolute).astype(np.float64)
-    packed = torch.full((2 * k,), _PAD, dtype=torch.int64)
-    packed[: mine.size] = torch.from_numpy(mine.astype(np.int64) + span.offset)
-    packed[k: k + mine.size] = torch.from_numpy(keys).view(torch.int64)
-    parts = [torch.empty_like(packed) for _ in range(span.ranks)]
-    dist.all_gather(parts, packed, group=span.group)
-    index = np.concatenate([p[:k].numpy() for p in parts])
-    key = np.concatenate([p[k:].view(torch.float64).numpy() for p in parts])
-    valid = index != _PAD
-    index, key = index[valid], key[valid]
+    index = np.concatenate([p[0] for p in parts])
+    key = np.concatenate([p[1] for p in parts])
     if index.size == 0:
         return index
-    # duplicates arrive from replicas (HSDP's replicate dimension is not in the group: none here)
     return np.sort(_pick(index, key, k, largest))
+
+
+Gather = Callable[[torch.Tensor], list[torch.Tensor]]  # every rank's tensor of one all_gather, in rank order
+
+
+def all_gather_in(group: Any, ranks: int) -> Gather:
+    """The all_gather of ``group`` (``ranks`` ranks) as a :data:`Gather`."""
+    import torch.distributed as dist
+
+    def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(ranks)]
+        dist.all_gather(out, tensor, group=group)
+        return out
+
+    return gather
+
+
+def select(
+    values: np.ndarray, k: int, largest: bool, where: np.ndarray, inside: bool, offset: int, gather: Gather, *,
+    absolute: bool = False, extra: np.ndarray | None = None,
+) -> np.ndarray:
+    """The global flat positions of the ``k`` largest (smallest) keys over a domain split across
+    ranks (this rank's part described as in :func:`candidates`): the same array on every rank,
+    ties by ascending global position, what :func:`fxsparse.topology._extreme` selects from the
+    whole tensor. A collective through ``gather`` (unless ``k <= 0``): every rank calls it with
+    the same ``k``. Each rank sends its candidates padded to ``k``: positions, then the keys'
+    float64 bits, in one int64 tensor."""
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    index, keys = candidates(values, k, largest, where, inside, offset, absolute=absolute, extra=extra)
+    packed = torch.full((2 * k,), _PAD, dtype=torch.int64)
+    packed[: index.size] = torch.from_numpy(index)
+    packed[k: k + index.size] = torch.from_numpy(keys).view(torch.int64)
+    parts = []
+    for part in gather(packed):
+        valid = part[:k] != _PAD
+        parts.append((part[:k][valid].numpy(), part[k:].view(torch.float64)[valid].numpy()))
+    return merge(parts, k, largest)
+
+
+def plan(
+    flat: np.ndarray, drop_values: np.ndarray, grow_values: np.ndarray, k: int, g: int, absolute: bool, offset: int,
+    gather: Gather,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One rank's part of a sharded drop-and-grow: (dropped, grown, regrown) by global position,
+    the same on every rank. ``flat``: the rank's mask part (flat bool); ``drop_values`` /
+    ``grow_values``: its scores; drop ``k`` by (|score| with ``absolute``), then grow ``g``
+    among the positions inactive after the drop (a just-dropped one may come back: regrown)."""
+    drop = select(drop_values, k, False, flat, True, offset, gather, absolute=absolute)
+    mine = drop[(drop >= offset) & (drop < offset + flat.size)] - offset
+    grow = select(grow_values, g, True, flat, False, offset, gather, extra=mine)
+    back = np.isin(grow, drop, assume_unique=True)  # dropped and grown again: it keeps its value
+    dropped = drop[~np.isin(drop, grow[back], assume_unique=True)]
+    return dropped, grow[~back], int(back.sum())
 
 
 # ----------------------------------------------------------------------- the topology update
@@ -250,11 +323,9 @@ def update_mask(
     ``g``): the same update as one process makes from the whole tensors, by global position."""
     span = span_of(mask)
     flat = mask._local_tensor.reshape(-1).numpy()
-    drop = select(_as_numpy(local_scores(drop_score, mask)), k, False, flat, True, span, absolute=absolute)
-    grow = select(_as_numpy(local_scores(grow_score, mask)), g, True, flat, False, span, extra=span.holds(drop))
-    back = np.isin(grow, drop, assume_unique=True)  # dropped and grown again: it keeps its value
-    dropped = drop[~np.isin(drop, grow[back], assume_unique=True)]
-    return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grow[~back]), int(back.sum()))
+    drop, grow = _as_numpy(local_scores(drop_score, mask)), _as_numpy(local_scores(grow_score, mask))
+    dropped, grown, regrown = plan(flat, drop, grow, k, g, absolute, span.offset, all_gather_in(span.group, span.ranks))
+    return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grown), regrown)
 
 
 def prune_counts(mask: torch.Tensor, count: int) -> tuple[int, int]:

@@ -1,0 +1,185 @@
+"""FSDP2 (``fully_shard`` per block and on the root) on 2 CPU processes (gloo), against one process
+with the same global batch: every method makes the same masks and weights (float64, so that
+rounding cannot flip a choice; bf16 autocast to its precision), with ``reshard_after_forward``
+True and False and gradient accumulation without gradient sync; masks are sharded like their
+weights and every shard holds exact zeros at its inactive positions after every step; a
+``torch.distributed.checkpoint`` saved at 2 ranks loads at 1 rank and into a plain sparse
+module, and back, and a resume from it is exact."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fxsparse
+from fxsparse.sharding import is_sharded
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+STEPS, DELTA_T, BATCH = 8, 2, 8
+CASES = {  # name: (method, scheduler kwargs, reshard_after_forward, micro-batches, bf16 autocast)
+    "rigl": ("rigl", {}, True, 1, False),
+    "rigl no reshard": ("rigl", {}, False, 1, False),
+    "rigl accumulate": ("rigl", {}, True, 2, False),
+    "rigl bf16": ("rigl", {}, True, 1, True),
+    "set": ("set", {}, True, 1, False),
+    "snfs": ("snfs", {}, True, 1, False),
+    "rigl-sg": ("rigl-sg", {}, True, 1, False),
+    "rigl-sm": ("rigl-sm", {}, True, 1, False),
+    "static": ("static", {}, True, 1, False),
+    "pruning": ("pruning", {"density": 0.2}, True, 1, False),
+}
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.fc1 = torch.nn.Linear(8, 17)  # 17 rows: not divisible by 2 ranks
+        self.fc2 = torch.nn.Linear(17, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.layers = torch.nn.ModuleList([Block() for _ in range(3)])
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _dtype(case: str) -> torch.dtype:
+    return torch.float32 if CASES[case][4] else torch.float64
+
+
+def _sparse(case: str) -> fxsparse.SparseGraphModule:
+    torch.manual_seed(0)
+    method = CASES[case][0]
+    sparse = fxsparse.sparsify(Net().to(_dtype(case)), 1.0 if method == "pruning" else 0.4, "erk", seed=3)
+    assert sparse.keep_blocks() == ["layers.0", "layers.1", "layers.2"]
+    return sparse
+
+
+def _shard(sparse: fxsparse.SparseGraphModule, reshard: bool = True) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in sparse.layers:  # the FSDP2 recipe: each block, then the root
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(sparse, mesh=mesh, reshard_after_forward=reshard)
+
+
+def _data(case: str, steps: int = STEPS):
+    gen = torch.Generator().manual_seed(7)
+    micro = CASES[case][3]
+    return [[(torch.randn(BATCH, 4, generator=gen, dtype=_dtype(case)), torch.randint(0, 5, (BATCH,), generator=gen))
+             for _ in range(micro)] for _ in range(steps)]
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().clone()
+
+
+def _check_shards(sparse: fxsparse.SparseGraphModule, grads: bool) -> None:
+    """Per shard: the mask is this rank's rows only, and inactive entries (of the gradient) are zero."""
+    for fqn, mask in sparse.masks.items():
+        weight = sparse.get_parameter(fqn)
+        assert is_sharded(mask) and is_sharded(weight), fqn
+        assert mask.placements == weight.placements and mask._local_tensor.shape == weight._local_tensor.shape, fqn
+        local = (weight.grad if grads else weight)._local_tensor
+        assert bool(local[~mask._local_tensor].eq(0).all()), (fqn, "grad" if grads else "weight")
+
+
+def _train(case: str, rank: int = 0, world: int = 1, steps: int = STEPS, sparse=None, state=None):
+    method, kwargs, reshard, micro, bf16 = CASES[case]
+    sparse = sparse if sparse is not None else _sparse(case)
+    if world > 1 and not is_sharded(sparse.get_parameter("head.weight")):
+        _shard(sparse, reshard)
+    optimizer = torch.optim.Adam(sparse.parameters(), lr=0.01)
+    scheduler = fxsparse.RigLScheduler(sparse, optimizer, STEPS, delta_t=DELTA_T, end_fraction=1.0, method=method, **kwargs)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    share = BATCH // world
+    # bf16 rounds each rank's weight gradient (a sum over its half of the batch) before the ranks'
+    # average: one process computes the halves as two micro-batches to round the same sums
+    halves = 2 if bf16 and world == 1 else 1
+    for batches in _data(case)[scheduler.step_count: scheduler.step_count + steps]:
+        for i, (x, y) in enumerate(batches):
+            if world > 1:
+                sparse.set_requires_gradient_sync(i == len(batches) - 1)  # accumulate without sync
+            x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+            for part in range(halves):
+                rows = slice(part * len(x) // halves, (part + 1) * len(x) // halves)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = torch.nn.functional.cross_entropy(sparse(x[rows]), y[rows]) / (len(batches) * halves)
+                loss.backward()
+        if world > 1:
+            _check_shards(sparse, grads=True)
+        if scheduler.step():
+            optimizer.step()
+        optimizer.zero_grad()
+        if world > 1:
+            _check_shards(sparse, grads=False)
+    return sparse, optimizer, scheduler
+
+
+def _result(sparse, scheduler):
+    return {"masks": {f: _full(m) for f, m in sparse.masks.items()},
+            "weights": {f: _full(sparse.get_parameter(f)) for f in sparse.masks},
+            "updates": len(scheduler.history)}
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _methods_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    try:
+        results = {}
+        for case in CASES:
+            sparse, _, scheduler = _train(case, rank, world)
+            results[case] = _result(sparse, scheduler)
+        if rank == 0:
+            torch.save(results, os.path.join(out, "methods.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_method_makes_the_one_process_topology_under_fully_shard(tmp_path):
+    mp.spawn(_methods_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "methods.pt")
+    for case, (method, *_rest) in CASES.items():
+        single_module, _, single_scheduler = _train(case)
+        single = _result(single_module, single_scheduler)
+        assert sharded[case]["updates"] == single["updates"] == (0 if method == "static" else 4), case
+        moved = False
+        for fqn, mask in single["masks"].items():
+            assert torch.equal(sharded[case]["masks"][fqn], mask), (case, fqn)
+            tolerance = {"rtol": 1e-5, "atol": 1e-6} if CASES[case][4] else {"rtol": 1e-7, "atol": 1e-10}
+            torch.testing.assert_close(sharded[case]["weights"][fqn], single["weights"][fqn], **tolerance)
+            moved |= not torch.equal(mask, _sparse(case).masks[fqn])
+        assert moved or method == "static", f"{case}: the topology never changed, the test would prove nothing"
