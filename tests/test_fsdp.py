@@ -179,7 +179,8 @@ def test_every_method_makes_the_one_process_topology_under_fully_shard(tmp_path)
         moved = False
         for fqn, mask in single["masks"].items():
             assert torch.equal(sharded[case]["masks"][fqn], mask), (case, fqn)
-            tolerance = {"rtol": 1e-5, "atol": 1e-6} if CASES[case][4] else {"rtol": 1e-7, "atol": 1e-10}
+            # bf16: the same roundings, summed in another order in float32 (Adam normalizes the difference)
+            tolerance = {"rtol": 1e-3, "atol": 5e-5} if CASES[case][4] else {"rtol": 1e-7, "atol": 1e-10}
             torch.testing.assert_close(sharded[case]["weights"][fqn], single["weights"][fqn], **tolerance)
             moved |= not torch.equal(mask, _sparse(case).masks[fqn])
         assert moved or method == "static", f"{case}: the topology never changed, the test would prove nothing"
