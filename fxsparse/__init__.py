@@ -7,7 +7,7 @@
     ['0.weight', '2.weight']
 """
 
-from fxsparse import methods, registry
+from fxsparse import dcp, methods, registry, sharding
 from fxsparse.api import sparsify
 from fxsparse.oneshot import prune_oneshot
 from fxsparse.baselines import SmallDense, lottery_ticket, small_dense
@@ -38,6 +38,8 @@ __all__ = [
     "Method",
     "methods",
     "registry",
+    "dcp",
+    "sharding",
     "available_methods",
     "small_dense",
     "SmallDense",

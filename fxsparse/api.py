@@ -29,6 +29,7 @@ from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_i
 from fxsparse.passes.functionalize import functionalize
 from fxsparse.passes.mask_weights import mask_weights
 from fxsparse.recapture import adopt_and_mask, read_by, signature_of
+from fxsparse.blocks import restore_containers
 from fxsparse.unwrap import skeleton_of
 
 __all__ = ["sparsify"]
@@ -376,6 +377,7 @@ def _attach(sparse: SparseGraphModule, state: _State, model: nn.Module) -> None:
     state.skeleton = skeleton_of(model, copy_model)
     sparse.recompile()
     sparse._set_state(state)
+    restore_containers(sparse)
     sparse.train(model.training)
 
 

@@ -23,10 +23,10 @@ from torch import nn
 
 from fxsparse import checkpointing
 from fxsparse.masking import MASKER
-from fxsparse.passes.blocks import SparseBlock, cut_block
+from fxsparse.passes.blocks import SparseBlock, cut_block, make_block
 from fxsparse.passes.checkpoint import block_paths
 
-__all__ = ["keep", "release", "kept_blocks"]
+__all__ = ["keep", "release", "kept_blocks", "restore_containers"]
 
 
 def keep(sparse: Any, blocks: Iterable[str] | None = None) -> list[str]:
@@ -113,22 +113,44 @@ def _set(sparse: nn.Module, path: str, module: nn.Module) -> None:
 
 def _install_block(sparse: Any, path: str, graphs: dict[Any, torch.fx.Graph]) -> None:
     container = sparse.get_submodule(path)
-    _set(sparse, path, SparseBlock(container, graphs, path))
-    parent_path = path.rpartition(".")[0]
     skeleton = sparse._fxsparse.skeleton
-    if not parent_path or skeleton is None:
-        return
     try:
-        kind = type(skeleton.get_submodule(parent_path))
+        kind = type(skeleton.get_submodule(path)) if skeleton is not None else None
+    except AttributeError:
+        kind = None
+    _set(sparse, path, make_block(container, graphs, path, kind))
+    parent_path = path.rpartition(".")[0]
+    if parent_path:
+        _restore(sparse, parent_path)
+
+
+def restore_containers(sparse: Any) -> None:
+    """Gives every container the model had as an ``nn.ModuleList`` / ``nn.Sequential`` that type
+    back (torch.fx keeps plain ``nn.Module`` containers), with the same children: iterable and
+    indexable as in the model (``for layer in sparse.model.layers``). The graph never calls them."""
+    skeleton = sparse._fxsparse.skeleton
+    if skeleton is None:
+        return
+    for path, module in skeleton.named_modules():
+        if path and isinstance(module, (nn.ModuleList, nn.Sequential)):
+            _restore(sparse, path)
+
+
+def _restore(sparse: Any, path: str) -> None:
+    skeleton = sparse._fxsparse.skeleton
+    try:
+        kind = type(skeleton.get_submodule(path)) if skeleton is not None else nn.Module
+        parent = sparse.get_submodule(path)
     except AttributeError:
         return
-    parent = sparse.get_submodule(parent_path)
+    if type(parent) is not nn.Module:  # already a list, or a module of the model's own class
+        return
     for list_kind in (nn.ModuleList, nn.Sequential):
-        if issubclass(kind, list_kind) and not isinstance(parent, list_kind):
-            # the model's list again (iterable, indexable); its forward is never called by the graph
+        if issubclass(kind, list_kind):
             replacement = list_kind()
             replacement._modules = parent._modules
             replacement._parameters, replacement._buffers = parent._parameters, parent._buffers
+            replacement._non_persistent_buffers_set = parent._non_persistent_buffers_set
             replacement.training = parent.training
-            _set(sparse, parent_path, replacement)
+            _set(sparse, path, replacement)
             return

@@ -25,6 +25,7 @@ from fxsparse.recapture import follow_signature
 from fxsparse.accounting import _batch_size, flop_report
 from fxsparse.capture import check_shapes, graph_from_state, graph_state, pytree_specs, static_dims
 from fxsparse.compact import CompactWeight
+from fxsparse import blocks as _blocks
 from fxsparse import sharding
 from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_, zero_inactive_all_
 from fxsparse.methods.base import LayerChange, derived_seed, finite
@@ -300,7 +301,13 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return self._fxsparse.capture
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _reduce(self)  # GraphModule pickles its code and re-traces it as a plain GraphModule
+        return _reduce(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
+        copied = super().__deepcopy__(memo)  # rebuilds the containers as plain modules
+        if copied.__dict__.get("_fxsparse") is not None:
+            _blocks.restore_containers(copied)
+        return copied  # GraphModule pickles its code and re-traces it as a plain GraphModule
 
     # ----------------------------------------------------------------------------------- views
     @property

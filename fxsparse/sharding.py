@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxsparse.topology import TopologyUpdate, _as_numpy, _extreme, _keys, _pick, _zero_at, drop_count
+from fxsparse.topology import TopologyUpdate, _as_numpy, _extreme, _keys, _pick, _zero_at
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["is_sharded", "local", "Span", "span_of", "shard_like", "shard_masks", "sharded_sites",
-           "rows_of", "all_sum", "all_true", "candidates", "merge", "select", "plan", "all_gather_in", "gathered_bytes",
+           "rows_of", "all_sum", "all_true", "all_true_each", "candidates", "merge", "select", "plan", "all_gather_in", "gathered_bytes", "traffic",
            "update_mask", "apply_update", "local_scores", "count_active"]
 
 
@@ -207,6 +207,17 @@ def all_true(flag: bool, group: Any = None) -> bool:
     return all_sum(0 if flag else 1, group) == 0
 
 
+def all_true_each(flags: list[bool], group: Any = None) -> list[bool]:
+    """Per entry, whether it holds on every rank of ``group``: one all-reduce for all of them."""
+    import torch.distributed as dist
+
+    if not flags:
+        return []
+    tensor = torch.tensor([0 if f else 1 for f in flags], dtype=torch.int64)
+    dist.all_reduce(tensor, group=group)
+    return [int(v) == 0 for v in tensor]
+
+
 # Selection: the positions and keys of one selection travel as one int64 tensor per rank
 # (positions, then the keys' float64 bits), padded to k: one all_gather.
 _PAD = -1
@@ -247,6 +258,18 @@ def merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int, largest: bool) -> 
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]  # every rank's tensor of one all_gather, in rank order
 
 
+@dataclass
+class Traffic:
+    """What the topology updates of this process received: collectives and bytes (the
+    all_gathers of the selections; the scalar all-reduces of counts are not counted)."""
+
+    collectives: int = 0
+    received: int = 0
+
+
+traffic = Traffic()  # read (and reset) by benchmarks/fsdp.py
+
+
 def all_gather_in(group: Any, ranks: int) -> Gather:
     """The all_gather of ``group`` (``ranks`` ranks) as a :data:`Gather`."""
     import torch.distributed as dist
@@ -254,6 +277,8 @@ def all_gather_in(group: Any, ranks: int) -> Gather:
     def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
         out = [torch.empty_like(tensor) for _ in range(ranks)]
         dist.all_gather(out, tensor, group=group)
+        traffic.collectives += 1
+        traffic.received += ranks * tensor.numel() * tensor.element_size()
         return out
 
     return gather
@@ -326,19 +351,6 @@ def update_mask(
     drop, grow = _as_numpy(local_scores(drop_score, mask)), _as_numpy(local_scores(grow_score, mask))
     dropped, grown, regrown = plan(flat, drop, grow, k, g, absolute, span.offset, all_gather_in(span.group, span.ranks))
     return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grown), regrown)
-
-
-def prune_counts(mask: torch.Tensor, count: int) -> tuple[int, int]:
-    """(active, how many a prune to ``count`` drops) of a sharded mask."""
-    active = count_active(mask)
-    return active, active - count
-
-
-def drop_and_grow_counts(mask: torch.Tensor, drop_fraction: float, grow_count: int | None) -> tuple[int, int, int]:
-    """(active, k, g) of a sharded mask's update: counted over all shards."""
-    active = count_active(mask)
-    k = drop_count(active, drop_fraction)
-    return active, k, k if grow_count is None else grow_count
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fxsparse import sharding
+
 __all__ = ["save_compact", "take_compact", "adopt_loaded", "StateDictError", "check_keys", "check_masks", "invariant_problems"]
 
 
@@ -65,7 +67,8 @@ def check_masks(sparse: nn.Module, state_dict: dict[str, Any], prefix: str, budg
             problems.append(f"{key}: expected a bool mask (or 0/1 values), got {value.dtype} with other values")
         else:
             state_dict[key] = value.to(torch.bool)
-            counts[fqn] = int(state_dict[key].count_nonzero())
+            counts[fqn] = sharding.count_active(state_dict[key]) if sharding.is_sharded(state_dict[key]) \
+                else int(state_dict[key].count_nonzero())
             if budget == "keep" and site.target_density >= 1.0 and counts[fqn] != math.prod(shape):
                 over_budget = True
                 problems.append(

@@ -104,16 +104,15 @@ def _check_shards(sparse: fxsparse.SparseGraphModule, grads: bool) -> None:
         assert bool(local[~mask._local_tensor].eq(0).all()), (fqn, "grad" if grads else "weight")
 
 
-def _train(case: str, rank: int = 0, world: int = 1, steps: int = STEPS, sparse=None, state=None):
+def _train(case: str, rank: int = 0, world: int = 1, steps: int = STEPS, load=None, save=None):
     method, kwargs, reshard, micro, bf16 = CASES[case]
-    sparse = sparse if sparse is not None else _sparse(case)
-    if world > 1 and not is_sharded(sparse.get_parameter("head.weight")):
+    sparse = _sparse(case)
+    if world > 1:
         _shard(sparse, reshard)
     optimizer = torch.optim.Adam(sparse.parameters(), lr=0.01)
     scheduler = fxsparse.RigLScheduler(sparse, optimizer, STEPS, delta_t=DELTA_T, end_fraction=1.0, method=method, **kwargs)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if load is not None:
+        fxsparse.dcp.load(load, sparse, optimizer, scheduler)
     share = BATCH // world
     # bf16 rounds each rank's weight gradient (a sum over its half of the batch) before the ranks'
     # average: one process computes the halves as two micro-batches to round the same sums
@@ -135,6 +134,8 @@ def _train(case: str, rank: int = 0, world: int = 1, steps: int = STEPS, sparse=
         optimizer.zero_grad()
         if world > 1:
             _check_shards(sparse, grads=False)
+    if save is not None:
+        fxsparse.dcp.save(save, sparse, optimizer, scheduler)
     return sparse, optimizer, scheduler
 
 
@@ -159,6 +160,7 @@ def _methods_worker(rank: int, world: int, port: int, out: str) -> None:
             results[case] = _result(sparse, scheduler)
         if rank == 0:
             torch.save(results, os.path.join(out, "methods.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -184,3 +186,164 @@ def test_every_method_makes_the_one_process_topology_under_fully_shard(tmp_path)
             torch.testing.assert_close(sharded[case]["weights"][fqn], single["weights"][fqn], **tolerance)
             moved |= not torch.equal(mask, _sparse(case).masks[fqn])
         assert moved or method == "static", f"{case}: the topology never changed, the test would prove nothing"
+
+
+def _llama():
+    import tiny_transformers
+
+    return tiny_transformers.llama().double()
+
+
+def _vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5).double()
+
+
+MODELS = {"llama": (_llama, ["model.layers.0", "model.layers.1"]), "vit": (_vit, ["blocks.0", "blocks.1"])}
+
+
+def _model_batches(name: str):
+    gen = torch.Generator().manual_seed(11)
+    if name == "llama":
+        import tiny_transformers
+
+        return [torch.randint(1, tiny_transformers.VOCAB, (4, 12), generator=gen) for _ in range(4)]
+    return [(torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64), torch.randint(0, 5, (4,), generator=gen)) for _ in range(4)]
+
+
+def _model_loss(name: str, sparse, batch, rank: int, world: int) -> torch.Tensor:
+    share = 4 // world
+    if name == "llama":
+        ids = batch[rank * share:(rank + 1) * share]
+        logits = sparse(ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    x, y = batch[0][rank * share:(rank + 1) * share], batch[1][rank * share:(rank + 1) * share]
+    return torch.nn.functional.cross_entropy(sparse(x), y)
+
+
+def _train_model(name: str, rank: int = 0, world: int = 1):
+    build, blocks = MODELS[name]
+    batches = _model_batches(name)
+    example = (batches[0][:1],) if name == "llama" else None
+    sparse = fxsparse.sparsify(build(), 0.3, "erk", seed=5, example_inputs=example)
+    assert sparse.keep_blocks() == blocks
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for path in blocks:
+            fully_shard(sparse.get_submodule(path), mesh=mesh)
+        fully_shard(sparse, mesh=mesh)
+    optimizer = torch.optim.AdamW(sparse.parameters(), lr=0.01)
+    scheduler = fxsparse.RigLScheduler(sparse, optimizer, 4, delta_t=2, end_fraction=1.0)
+    for batch in batches:
+        _model_loss(name, sparse, batch, rank, world).backward()
+        if scheduler.step():
+            optimizer.step()
+        optimizer.zero_grad()
+    return sparse, scheduler
+
+
+def _models_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    try:
+        results = {name: _result(*_train_model(name, rank, world)) for name in MODELS}
+        if rank == 0:
+            torch.save(results, os.path.join(out, "models.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_transformer_from_a_config_and_a_timm_vit_train_with_rigl_sharded_per_block(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    mp.spawn(_models_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "models.pt")
+    for name in MODELS:
+        single = _result(*_train_model(name))
+        assert sharded[name]["updates"] == single["updates"] == 2, name
+        for fqn, mask in single["masks"].items():
+            assert torch.equal(sharded[name]["masks"][fqn], mask), (name, fqn)
+            torch.testing.assert_close(sharded[name]["weights"][fqn], single["weights"][fqn], rtol=1e-7, atol=1e-10)
+
+
+def _checkpoint_worker(rank: int, world: int, port: int, out: str, case: str, load: str | None, save: str | None) -> None:
+    _init(rank, world, port)
+    try:
+        sparse, _, scheduler = _train(case, rank, world, steps=4, load=load, save=save)
+        result = _result(sparse, scheduler)  # a collective: every rank gathers
+        if rank == 0:
+            torch.save(result, os.path.join(out, f"{case} {'resumed' if load else 'saved'}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _same(a, b, exact: bool = False) -> None:
+    assert a["updates"] == b["updates"]
+    for fqn in a["masks"]:
+        assert torch.equal(a["masks"][fqn], b["masks"][fqn]), fqn
+        if exact:
+            assert torch.equal(a["weights"][fqn], b["weights"][fqn]), fqn
+        else:
+            torch.testing.assert_close(a["weights"][fqn], b["weights"][fqn], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["rigl", "snfs"])
+def test_a_sharded_checkpoint_loads_at_one_rank_and_back_and_resumes_exactly(tmp_path, case):
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    # 2 ranks train 4 steps (2 updates) and save
+    mp.spawn(_checkpoint_worker, args=(2, _free_port(), str(tmp_path), case, None, two), nprocs=2, join=True)
+    saved = torch.load(tmp_path / f"{case} saved.pt")
+    # one process, no process group: a plain sparse module loads it, bit for bit, and saves it again
+    sparse = _sparse(case)
+    optimizer = torch.optim.Adam(sparse.parameters(), lr=0.01)
+    scheduler = fxsparse.RigLScheduler(sparse, optimizer, STEPS, delta_t=DELTA_T, end_fraction=1.0, method=CASES[case][0])
+    fxsparse.dcp.load(two, sparse, optimizer, scheduler)
+    assert scheduler.step_count == 4 and not any(is_sharded(m) for m in sparse.masks.values())
+    _same(_result(sparse, scheduler), saved, exact=True)
+    sparse.verify()
+    fxsparse.dcp.save(one, sparse, optimizer, scheduler)
+    # resumed at one rank, and at two ranks from the one-rank checkpoint: the uninterrupted run
+    uninterrupted = _result(*_train(case)[::2])
+    _same(_result(*_train(case, steps=4, load=two)[::2]), uninterrupted)
+    mp.spawn(_checkpoint_worker, args=(2, _free_port(), str(tmp_path), case, one, None), nprocs=2, join=True)
+    _same(torch.load(tmp_path / f"{case} resumed.pt"), uninterrupted)
+
+
+def _refusals_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, port)
+    messages = {}
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        inlined = fxsparse.sparsify(Net(), 0.4, "erk")  # no keep_blocks(): the blocks run inline
+        for block in inlined.layers:  # the containers are the model's ModuleList, iterable
+            fully_shard(block, mesh=mesh)
+        fully_shard(inlined, mesh=mesh)
+        compact = fxsparse.sparsify(Net(), 0.4, "erk", layout={"head.weight": "compact"})
+        fully_shard(compact, mesh=mesh)
+        for name, module in (("inlined", inlined), ("compact", compact)):
+            try:
+                module(torch.randn(2, 4))
+                messages[name] = None
+            except ValueError as error:
+                messages[name] = str(error)
+        if rank == 0:
+            torch.save(messages, os.path.join(out, "refusals.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_what_cannot_run_sharded_is_refused_with_what_to_do(tmp_path):
+    mp.spawn(_refusals_worker, args=(1, _free_port(), str(tmp_path)), nprocs=1, join=True)
+    messages = torch.load(tmp_path / "refusals.pt")
+    assert "keep_blocks()" in messages["inlined"] and "'layers.0'" in messages["inlined"]
+    assert "layout='masked'" in messages["compact"] and "head.weight" in messages["compact"]

@@ -209,8 +209,8 @@ def drop_and_grow(
         drop = method.drop_scores(sparse, fqn, weight, mask, grads.get(fqn))
         score = method.grow_scores(sparse, fqn, weight, mask, grads.get(fqn), update_index)
         if sharding.is_sharded(mask):  # the same selection over every rank's shard (collectives)
-            _, k, g = sharding.drop_and_grow_counts(mask, drop_fraction, counts[fqn])
-            return sharding.update_mask(mask, drop, score, k, g, absolute=True)
+            k = topology.drop_count(sites[fqn].active, drop_fraction)  # the layer's count, over every shard
+            return sharding.update_mask(mask, drop, score, k, k if counts[fqn] is None else counts[fqn], absolute=True)
         return topology.update_mask(mask, drop, score, drop_fraction, scratch=True, absolute=True, grow_count=counts[fqn])
 
     todo = [fqn for fqn in sites if fqn in counts]
@@ -241,8 +241,7 @@ def prune(sparse: Any, counts: Mapping[str, int], optimizer: torch.optim.Optimiz
     def select(fqn: str) -> topology.TopologyUpdate:
         mask, weight = sparse._mask(fqn), sparse._leaf_weight(fqn).detach()
         if sharding.is_sharded(mask):
-            active, k = sharding.prune_counts(mask, counts[fqn])
-            return sharding.update_mask(mask, weight, weight, k, 0, absolute=True)
+            return sharding.update_mask(mask, weight, weight, sites[fqn].active - counts[fqn], 0, absolute=True)
         return topology.prune_mask(mask, weight, counts[fqn])
 
     results = dict(zip(todo, topology.map_layers(
@@ -482,20 +481,26 @@ def _refuse_nonfinite(
     magnitude) or growth tensor (grown by magnitude) hold NaN or inf: ranking them would corrupt
     the topology. Only what the model computes with counts: inactive entries are zeroed (as
     every forward does) before a second look."""
-    bad = []
-    masker = sparse.masker
+    checks: list[tuple[str, bool]] = []  # (what, finite on this rank)
+    masker, sharded = sparse.masker, False
     for fqn in names:
         layer = sparse.compact_layer(fqn)
         if layer is not None:  # only active values exist
             weight = layer.values
         else:
             weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
-            if not finite(weight):  # inactive entries may hold an edit's NaN: they do not count
+            if not finite(sharding.local(weight)):  # inactive entries may hold an edit's NaN: they do not count
                 zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
-        if not finite(weight):
-            bad.append(f"{fqn} (weights)")
-        if (fqn in growth and not finite(growth[fqn])) or (reduced and fqn in reduced and not reduced[fqn].finite):
-            bad.append(f"{fqn} (growth gradient)" if what == "rigl_step" else fqn)
+        sharded |= sharding.is_sharded(weight)
+        checks.append((f"{fqn} (weights)", finite(sharding.local(weight))))
+        label = f"{fqn} (growth gradient)" if what == "rigl_step" else fqn
+        if fqn in growth:
+            checks.append((label, finite(sharding.local(growth[fqn]))))
+        if reduced and fqn in reduced:
+            checks.append((label, reduced[fqn].finite))
+    # sharded: every rank's shards, in one all-reduce
+    flags = sharding.all_true_each([ok for _, ok in checks]) if sharded else [ok for _, ok in checks]
+    bad = list(dict.fromkeys(label for (label, _), ok in zip(checks, flags) if not ok))
     if bad:
         raise nonfinite_error(what, bad, "no mask was changed")
 

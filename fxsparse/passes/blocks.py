@@ -17,7 +17,6 @@ parameters and buffers, shared leaf modules outside it, the masker) comes in as 
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -28,63 +27,80 @@ from torch import nn
 from fxsparse.capture import graph_from_state, graph_state
 from fxsparse.segments import call_module
 
-__all__ = ["cut_block", "SparseBlock"]
+__all__ = ["cut_block", "cut_blocks", "SparseBlock", "block_class", "make_block"]
 
 
-class SparseBlock(torch.fx.GraphModule):
-    """A block of a sparse module with its own forward (one graph per mode where the modes
-    compute differently). Its parameters, buffers and submodules are those of the container it
-    replaced, under the same names."""
+class SparseBlock(nn.Module):
+    """A block of a sparse module with its own forward: the block's nodes of each graph of the
+    module (one per mode where the modes compute differently), run on the block's own state.
+    Its parameters, buffers and submodules are those of the container it replaced, under the same
+    names. Blocks of one model class share one class named as the model's (a subclass of this
+    one, :func:`block_class`), so wrappers that pick blocks by class (FSDP auto-wrap policies by
+    ``transformer_layer_cls``, ``_no_split_modules``) find every one of them."""
 
-    def __init__(self, container: nn.Module, graphs: dict[Any, torch.fx.Graph], path: str) -> None:
-        first = graphs[True] if True in graphs else next(iter(graphs.values()))
-        super().__init__(container, first, class_name="SparseBlock")
-        # the container's own state, all of it (GraphModule copied only what the graph reads)
+    def __init__(self, container: nn.Module, graphs: dict[Any, torch.fx.Graph], path: str, kind: type | None = None) -> None:
+        super().__init__()
         self._modules = container._modules
         self._parameters = container._parameters
         self._buffers = container._buffers
         self._non_persistent_buffers_set = container._non_persistent_buffers_set
+        self.training = container.training
         self.block_graphs = dict(graphs)
         self.block_path = path
-        self.training = container.training
+        self.block_kind = kind
+        self._forwards: dict[Any, Any] = {}
 
-    def _follow_mode(self) -> None:
-        graphs = self.block_graphs
-        graph = graphs.get(bool(self.training), graphs.get(None))
-        if graph is not None and graph is not self.graph:
-            self.graph = graph  # recompiles: only when the mode changes
+    def _forward_of(self, mode: Any) -> Any:
+        # the graph's code as a function of the block: compiled by a GraphModule (which copies
+        # references to what the graph reads), called with this block as `self`
+        if mode not in self._forwards:
+            self._forwards[mode] = type(torch.fx.GraphModule(self, self.block_graphs[mode])).forward
+        return self._forwards[mode]
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._follow_mode()
-        return super().__call__(*args, **kwargs)
+    @property
+    def graph(self) -> torch.fx.Graph:
+        """The graph of the block's current mode."""
+        return self.block_graphs[self._mode()]
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> SparseBlock:
-        # GraphModule's deepcopy rebuilds a module from what the graph reads: keep all the state
-        container = nn.Module()
-        for key in _MODULE_STATE:
-            if key in self.__dict__:
-                container.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
-        copied = SparseBlock(container, {mode: copy.deepcopy(g) for mode, g in self.block_graphs.items()}, self.block_path)
-        copied.__dict__.update({k: v for k, v in container.__dict__.items() if k.endswith("hooks") or k.endswith("hooks_with_kwargs")})
-        memo[id(self)] = copied
-        return copied
+    def _mode(self) -> Any:
+        return bool(self.training) if bool(self.training) in self.block_graphs else next(iter(self.block_graphs))
+
+    def forward(self, *args: Any) -> Any:
+        return self._forward_of(self._mode())(self, *args)
 
     def __reduce__(self) -> Any:
-        # GraphModule pickles its code and re-traces it: pickle the graphs as data instead
+        # the compiled functions do not pickle or copy: the graphs do, as data, and compile again
         state = {key: self.__dict__[key] for key in _MODULE_STATE if key in self.__dict__}
         graphs = {mode: graph_state(graph) for mode, graph in self.block_graphs.items()}
-        return (_rebuild_block, (state, graphs, self.block_path))
+        return (_rebuild_block, (state, graphs, self.block_path, self.block_kind))
 
-
-def _rebuild_block(state: dict[str, Any], graphs: dict[Any, Any], path: str) -> SparseBlock:
-    container = nn.Module()
-    container.__dict__.update(state)
-    block = SparseBlock(container, {mode: graph_from_state(g) for mode, g in graphs.items()}, path)
-    block.__dict__.update({k: v for k, v in state.items() if k.endswith("hooks") or k.endswith("hooks_with_kwargs")})
-    return block
+    def extra_repr(self) -> str:
+        return f"block of {self.block_kind.__name__ if self.block_kind else 'a model'} at {self.block_path!r}"
 
 
 _MODULE_STATE = tuple(nn.Module().__dict__)  # what every nn.Module holds: parameters, buffers, modules, hooks, mode
+_CLASSES: dict[type, type] = {}
+
+
+def block_class(kind: type | None) -> type:
+    """The :class:`SparseBlock` subclass of the blocks of model class ``kind``, named as it."""
+    if kind is None:
+        return SparseBlock
+    if kind not in _CLASSES:
+        _CLASSES[kind] = type(kind.__name__, (SparseBlock,), {"__module__": __name__, "__qualname__": kind.__name__})
+    return _CLASSES[kind]
+
+
+def make_block(container: nn.Module, graphs: dict[Any, torch.fx.Graph], path: str, kind: type | None = None) -> SparseBlock:
+    """The block of model class ``kind`` at ``path`` (see :class:`SparseBlock`)."""
+    return block_class(kind)(container, graphs, path, kind)
+
+
+def _rebuild_block(state: dict[str, Any], graphs: dict[Any, Any], path: str, kind: type | None = None) -> SparseBlock:
+    container = nn.Module()
+    block = make_block(container, {mode: graph_from_state(g) for mode, g in graphs.items()}, path, kind)
+    block.__dict__.update(state)  # parameters, buffers, modules, hooks, mode
+    return block
 
 
 def _in_block(node: torch.fx.Node, block: str) -> bool:
