@@ -347,3 +347,23 @@ def test_what_cannot_run_sharded_is_refused_with_what_to_do(tmp_path):
     messages = torch.load(tmp_path / "refusals.pt")
     assert "keep_blocks()" in messages["inlined"] and "'layers.0'" in messages["inlined"]
     assert "layout='masked'" in messages["compact"] and "head.weight" in messages["compact"]
+
+
+def test_lightning_model_parallel_strategy_shards_per_block_and_makes_the_one_process_topology(tmp_path):
+    pytest.importorskip("lightning")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "lightning_fsdp.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    for devices in (2, 1):
+        done = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    sharded, single = (torch.load(tmp_path / f"devices{d}.pt") for d in (2, 1))
+    assert sharded["sharded"] and not single["sharded"]
+    assert [r["step"] for r in sharded["history"]] == [2, 4, 6, 8] and sharded["history"] == single["history"]
+    for fqn, mask in single["masks"].items():
+        assert torch.equal(sharded["masks"][fqn], mask), fqn
+        torch.testing.assert_close(sharded["weights"][fqn], single["weights"][fqn], rtol=1e-7, atol=1e-10)
