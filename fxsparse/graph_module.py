@@ -92,7 +92,7 @@ class SparsitySummary:
             per_layer = {r.name: r for r in flop_report(module, inputs).rows if r.kind == "weight"}
         rows = []
         for fqn, mask in module.masks.items():
-            active = int(mask.sum())
+            active = module._fxsparse.sites[fqn].active if sharding.is_sharded(mask) else int(mask.sum())
             row = {"name": fqn, "shape": tuple(mask.shape), "density": active / mask.numel(),
                    "active": active, "total": mask.numel()}
             if inputs is not None:
@@ -360,10 +360,11 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
 
     @property
     def density(self) -> float:
-        """Active over total weights of the sparsified layers."""
+        """Active over total weights of the sparsified layers (of sharded masks: the layers'
+        budgets, which every update and load keeps equal to the masks; no communication)."""
         active = total = 0
-        for mask in self.masks.values():
-            active += int(mask.sum())
+        for fqn, mask in self.masks.items():
+            active += self._fxsparse.sites[fqn].active if sharding.is_sharded(mask) else int(mask.sum())
             total += mask.numel()
         return active / total
 

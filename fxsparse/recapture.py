@@ -56,6 +56,14 @@ def follow_signature(sparse: Any, args: tuple[Any, ...], kwargs: Mapping[str, An
     key = signature_of(sparse, args, kwargs)
     if key == state.signature or state.signature is None:  # None: made before signatures were kept
         return False
+    if sparse.masker.sharded and key not in state.signatures:
+        raise ValueError(
+            f"fxsparse: the module was called with inputs it was not captured with (keywords {sorted(kwargs)}, "
+            f"{len(args)} positional), which needs a new capture, but its weights are sharded (fully_shard) and a "
+            "capture reads whole weights; nothing was changed. Sparsify from an example called as training calls "
+            "the module (example_inputs=((), {'input_ids': ids, 'labels': ids}) for a transformers model called "
+            "with labels), or call it as it was captured"
+        )
     kept = checkpointing.options(sparse)
     if kept is not None:
         checkpointing.disable(sparse)

@@ -98,14 +98,17 @@ def check_masks(sparse: nn.Module, state_dict: dict[str, Any], prefix: str, budg
 def invariant_problems(sparse: nn.Module) -> list[str]:
     """What :meth:`SparseGraphModule.verify` finds wrong: masks of the wrong dtype or shape or
     off their budget, inactive weights that are not zero, a parametrized weight an opaque leaf
-    reads with non-zero inactive entries. Empty when every invariant holds."""
+    reads with non-zero inactive entries. Empty when every invariant holds. Of sharded weights
+    (FSDP), each rank checks its shards and the counts are summed over the ranks: a collective,
+    every rank calls it."""
     problems = []
     for fqn, site in sparse._fxsparse.sites.items():
         weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
         if mask.dtype != torch.bool or mask.shape != weight.shape:
             problems.append(f"{fqn}: mask {mask.dtype} {tuple(mask.shape)} vs weight {tuple(weight.shape)}")
             continue
-        active = int(mask.sum())
+        active = sharding.count_active(mask) if sharding.is_sharded(mask) else int(mask.sum())
+        weight, mask = sharding.local(weight), sharding.local(mask)  # a rank checks its own shards
         if active != site.active:
             problems.append(f"{fqn}: {active} active weights, budget {site.active}")
         owner, _, name = fqn.rpartition(".")

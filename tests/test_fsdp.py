@@ -134,6 +134,7 @@ def _train(case: str, rank: int = 0, world: int = 1, steps: int = STEPS, load=No
         optimizer.zero_grad()
         if world > 1:
             _check_shards(sparse, grads=False)
+    sparse.verify()  # sharded: each rank checks its shards, counts summed over the ranks
     if save is not None:
         fxsparse.dcp.save(save, sparse, optimizer, scheduler)
     return sparse, optimizer, scheduler
@@ -142,7 +143,7 @@ def _train(case: str, rank: int = 0, world: int = 1, steps: int = STEPS, load=No
 def _result(sparse, scheduler):
     return {"masks": {f: _full(m) for f, m in sparse.masks.items()},
             "weights": {f: _full(sparse.get_parameter(f)) for f in sparse.masks},
-            "updates": len(scheduler.history)}
+            "updates": len(scheduler.history), "density": sparse.density}
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -178,6 +179,7 @@ def test_every_method_makes_the_one_process_topology_under_fully_shard(tmp_path)
         single_module, _, single_scheduler = _train(case)
         single = _result(single_module, single_scheduler)
         assert sharded[case]["updates"] == single["updates"] == (0 if method == "static" else 4), case
+        assert sharded[case]["density"] == single["density"], case
         moved = False
         for fqn, mask in single["masks"].items():
             assert torch.equal(sharded[case]["masks"][fqn], mask), (case, fqn)
