@@ -1,7 +1,7 @@
 """FSDP2 (``fully_shard`` per block and on the root) on 2 CPU processes (gloo), against one process
 with the same global batch: every method makes the same masks and weights (float64, so that
 rounding cannot flip a choice; bf16 autocast to its precision), with ``reshard_after_forward``
-True and False and gradient accumulation without gradient sync; masks are sharded like their
+True and False, gradient accumulation without gradient sync and activation checkpointing; masks are sharded like their
 weights and every shard holds exact zeros at its inactive positions after every step; a
 ``torch.distributed.checkpoint`` saved at 2 ranks loads at 1 rank and into a plain sparse
 module, and back, and a resume from it is exact."""
@@ -27,6 +27,7 @@ CASES = {  # name: (method, scheduler kwargs, reshard_after_forward, micro-batch
     "rigl no reshard": ("rigl", {}, False, 1, False),
     "rigl accumulate": ("rigl", {}, True, 2, False),
     "rigl bf16": ("rigl", {}, True, 1, True),
+    "rigl checkpointed": ("rigl", {}, True, 1, False),  # activation checkpointing of every block
     "set": ("set", {}, True, 1, False),
     "snfs": ("snfs", {}, True, 1, False),
     "rigl-sg": ("rigl-sg", {}, True, 1, False),
@@ -70,6 +71,9 @@ def _sparse(case: str) -> fxsparse.SparseGraphModule:
     method = CASES[case][0]
     sparse = fxsparse.sparsify(Net().to(_dtype(case)), 1.0 if method == "pruning" else 0.4, "erk", seed=3)
     assert sparse.keep_blocks() == ["layers.0", "layers.1", "layers.2"]
+    if "checkpointed" in case:  # the blocks' activations recomputed in the backward, FSDP gathering again
+        sparse.gradient_checkpointing_enable()
+        assert sparse.is_gradient_checkpointing
     return sparse
 
 
