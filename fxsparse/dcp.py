@@ -3,8 +3,8 @@
 Under FSDP each rank writes its shards of the weights, the masks (sharded like their weights,
 :mod:`fxsparse.sharding`) and the optimizer state; a checkpoint loads at any number of ranks,
 into a sharded module or a plain ``sparsify``d one (DCP reshards by FQN), and a resume from it
-is exact. DCP stores values that are not tensors by pickling them and loads them with
-``torch.load(weights_only=False)``: a checkpoint holding the optimizer's ``param_groups`` or a
+is exact. DCP stores values that are not tensors by pickling them and loads them with an
+unrestricted ``torch.load``: a checkpoint holding the optimizer's ``param_groups`` or a
 scheduler's state that way can run code when it is loaded. So :func:`save` writes tensors only:
 everything else (learning rates, betas, the scheduler's counters and history) travels as JSON in
 a ``uint8`` tensor, and :func:`load` reads it back with ``json``::

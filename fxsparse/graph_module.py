@@ -220,7 +220,7 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
     gathered weights alone (:mod:`fxsparse.sharding`). Runs before FSDP gathers anything: a
     call's first step, and before updates, state dicts and loads. True when sharded."""
     masker = sparse.masker
-    if not any(sharding.is_sharded(owner._parameters[name]) for owner, name in _owners(sparse)):
+    if not any(sharding.is_sharded(owner._parameters.get(name)) for owner, name in _owners(sparse)):
         masker.sharded = False
         return False
     sharding.shard_masks(sparse)

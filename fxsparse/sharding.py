@@ -172,10 +172,8 @@ def _refuse_inlined_blocks(sparse: Any) -> None:
     graph inlines it): FSDP would never gather its weights."""
     from torch.distributed.fsdp import FSDPModule
 
-    from fxsparse.passes.blocks import SparseBlock
-
-    stray = [name for name, module in sparse.named_modules()
-             if name and isinstance(module, FSDPModule) and not isinstance(module, SparseBlock)]
+    stray = [name for name, module in sparse.named_modules()  # a kept block's class says so (SparseBlock)
+             if name and isinstance(module, FSDPModule) and not getattr(type(module), "fxsparse_block", False)]
     if stray:
         raise ValueError(
             f"fxsparse: fully_shard wrapped {stray[0]!r}{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}, "

@@ -38,6 +38,8 @@ class SparseBlock(nn.Module):
     one, :func:`block_class`), so wrappers that pick blocks by class (FSDP auto-wrap policies by
     ``transformer_layer_cls``, ``_no_split_modules``) find every one of them."""
 
+    fxsparse_block = True  # what fxsparse.sharding checks (it does not import this module)
+
     def __init__(self, container: nn.Module, graphs: dict[Any, torch.fx.Graph], path: str, kind: type | None = None) -> None:
         super().__init__()
         self._modules = container._modules
