@@ -15,10 +15,11 @@ RigL). For each it prints, per rank:
   (:data:`fxsparse.sharding.traffic`), its wall time beyond a plain step, and that cost
   amortized over ``delta_t = 100`` steps as a share of a step.
 
-Then what the design would cost at 8 and 64 ranks, computed from the measured per-layer drop
-counts: a rank receives ``16 * k * ranks`` bytes per selection (two selections a layer), against
-the ``3 * (ranks - 1) / ranks`` times the parameter bytes FSDP itself moves per step (all-gather
-in the forward and the backward, reduce-scatter).
+Then what the update would cost at 8 and 64 ranks: the measured layers (whole masks, weights and
+growth gradients at an update step, gathered) are split by rows as FSDP splits them and the
+sharded update itself runs with the ranks as threads, counting the bytes rank 0 receives; against
+the ``3 * (ranks - 1) / ranks`` times the parameter bytes FSDP itself moves per step and rank
+(all-gather in the forward and the backward, reduce-scatter).
 
     .venv/bin/python benchmarks/fsdp.py --layers 8 --width 512 --rounds 10
 """
@@ -33,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,10 +119,10 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
             "optimizer": sum(_local_bytes(v) for v in state), "masks": sum(_local_bytes(m) for m in masks)}
 
 
-def _rounds(layers: int, width: int, rounds: int, batch: int, length: int, rank: int, world: int) -> dict:
+def _rounds(layers_count: int, width: int, rounds: int, batch: int, length: int, rank: int, world: int) -> dict:
     torch.manual_seed(rank)
     ids = torch.randint(0, 1024, (batch // world, length))
-    made = {v: _make(v, layers, width, world) for v in VARIANTS}
+    made = {v: _make(v, layers_count, width, world) for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
 
     def step(variant: str, update: bool = False) -> float:
@@ -145,14 +147,30 @@ def _rounds(layers: int, width: int, rounds: int, batch: int, length: int, rank:
         for variant in order.next():
             times[variant].append(step(variant))
     memory = {v: _state_bytes(made[v][0], made[v][2]) for v in VARIANTS}
+    layers = _layer_data(made["FSDP fxsparse"], ids, rank)
     # one RigL update under FSDP: its traffic and its time beyond a plain step
     sharding.traffic.collectives = sharding.traffic.received = 0
     update_time = step("FSDP fxsparse", update=True)
     traffic = (sharding.traffic.collectives, sharding.traffic.received)
-    sparse = made["FSDP fxsparse"][0]
-    drops = [math.floor(0.3 * site.active) for site in sparse._fxsparse.sites.values()]
-    return {"times": times, "memory": memory, "update": update_time, "traffic": traffic, "drops": drops,
-            "parameter_bytes": sum(p.numel() * 4 for p in Transformer(layers, width).parameters())}
+    return {"times": times, "memory": memory, "update": update_time, "traffic": traffic, "layers": layers,
+            "parameter_bytes": sum(p.numel() * 4 for p in Transformer(layers_count, width).parameters())}
+
+
+def _layer_data(made: tuple, ids: torch.Tensor, rank: int) -> list[tuple[Any, Any, Any]] | None:
+    """Every layer's whole mask, |weight| and |growth gradient| at an update step (gathered; a
+    collective), on rank 0: what the projection to more ranks replays."""
+    model, module, optimizer, _ = made
+    model.arm_growth(True, accumulate=True)
+    logits = module(ids)
+    F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    data = []
+    for fqn, mask in model.masks.items():
+        whole = tuple(t.numpy() for t in (mask.full_tensor(), model.get_parameter(fqn).detach().full_tensor().abs(),
+                                          model.masker.grads[fqn].full_tensor().abs()))  # numpy: pickled by value
+        data.append(whole if rank == 0 else None)
+    model.arm_growth(False)
+    optimizer.zero_grad(set_to_none=False)
+    return data if rank == 0 else None
 
 
 def _worker(rank: int, world: int, port: int, args: tuple, queue) -> None:
@@ -178,13 +196,17 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def project(drops: list[int], parameter_bytes: int, step_fraction: float, ranks: int, delta_t: int = 100) -> tuple[int, float]:
-    """(bytes a rank receives in one update, that traffic amortized over ``delta_t`` steps as a
-    share of FSDP's own traffic in a step) at ``ranks`` ranks. ``step_fraction`` is unused: kept
-    for the table's columns."""
-    update = sum(2 * sharding.gathered_bytes(k, ranks) for k in drops)
-    per_step = 3 * (ranks - 1) / ranks * parameter_bytes
-    return update, update / delta_t / per_step
+def project(layers: list[tuple[Any, Any, Any]], ranks: int, drop_fraction: float = 0.3) -> tuple[int, int]:
+    """(collectives, bytes rank 0 receives) in one RigL update of these layers (whole mask,
+    |weight|, |growth gradient|) split over ``ranks`` ranks: the sharded update itself, run with
+    the ranks as threads (:func:`fxsparse.sharding.simulate`)."""
+    collectives = received = 0
+    for mask, weight, grad in layers:
+        k = math.floor(drop_fraction * int(mask.sum()))
+        _, gather = sharding.simulate(torch.from_numpy(mask), torch.from_numpy(weight), torch.from_numpy(grad), k, k, True, ranks)
+        collectives += gather.collectives
+        received += gather.received
+    return collectives, received
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -197,9 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    mp.start_processes(_worker, args=(2, _free_port(), (args.layers, args.width, args.rounds, args.batch, args.length), queue),
-                       nprocs=2, join=True, start_method="spawn")
-    result = queue.get()
+    processes = mp.start_processes(_worker, args=(2, _free_port(), (args.layers, args.width, args.rounds, args.batch, args.length),
+                                                  queue), nprocs=2, join=False, start_method="spawn")
+    result = queue.get()  # before joining: a large result fills the pipe until it is read
+    while not processes.join():
+        pass
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 2 processes (gloo, 1 thread each), transformer "
           f"{args.layers} x {args.width} ({result['parameter_bytes'] / 4 / 1e6:.1f} M parameters), global batch "
           f"{args.batch} x {args.length}, AdamW, density 0.1 ERK, {args.rounds} rounds")
@@ -219,11 +243,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\none RigL update (drop fraction 0.3) under FSDP at 2 ranks: {collectives} all_gathers, {received:,} bytes "
           f"received by rank 0; {result['update'] * 1e3:.1f} ms against a {step * 1e3:.1f} ms step: "
           f"{extra * 1e3:.1f} ms extra, amortized over delta_t=100 steps {100 * extra / 100 / step:.3f}% of a step")
-    print("\n| ranks | bytes a rank receives per update | amortized over delta_t=100, share of FSDP's own per-step traffic |")
-    print("|---|---|---|")
+    print("\nthe same update at more ranks (the measured layers' masks, weights and gradients, split by rows; the ranks as "
+          "threads):")
+    print("| ranks | all_gathers | bytes rank 0 receives per update | FSDP's own traffic per step, per rank | "
+          "update amortized over delta_t=100, share of that |")
+    print("|---|---|---|---|---|")
     for ranks in (2, 8, 64):
-        update, share = project(result["drops"], result["parameter_bytes"], 0.0, ranks)
-        print(f"| {ranks} | {update:,} | {100 * share:.3f}% |")
+        collectives, received = project(result["layers"], ranks)
+        per_step = 3 * (ranks - 1) / ranks * result["parameter_bytes"]  # all-gather forward and backward, reduce-scatter
+        print(f"| {ranks} | {collectives} | {received:,} | {per_step:,.0f} | {100 * received / 100 / per_step:.3f}% |")
     return result
 
 

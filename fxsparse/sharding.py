@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["is_sharded", "local", "Span", "span_of", "shard_like", "shard_masks", "sharded_sites",
-           "rows_of", "all_sum", "all_true", "all_true_each", "candidates", "merge", "select", "plan", "all_gather_in", "gathered_bytes", "traffic",
+           "rows_of", "all_sum", "all_true", "all_true_each", "candidates", "merge", "select", "plan", "all_gather_in", "gathered_bytes", "traffic", "THRESHOLD_FROM", "ThreadGather", "simulate",
            "update_mask", "apply_update", "local_scores", "count_active"]
 
 
@@ -282,40 +282,94 @@ def all_gather_in(group: Any, ranks: int) -> Gather:
     return gather
 
 
+# From this many candidates a rank could send (k times the ranks), a selection first finds a
+# threshold that the global best k all reach, from a sample of every rank's candidates, and each
+# rank sends only those beyond it: what a rank receives stays near k entries whatever the number
+# of ranks (instead of k from every rank). Below it, one all_gather of everything costs less.
+THRESHOLD_FROM = 1 << 16
+_SAMPLES_PER_RANK = 8  # quantiles of its candidates a rank shares per rank in the group
+
+
 def select(
-    values: np.ndarray, k: int, largest: bool, where: np.ndarray, inside: bool, offset: int, gather: Gather, *,
+    values: np.ndarray, k: int, largest: bool, where: np.ndarray, inside: bool, offset: int, gather: Gather, ranks: int, *,
     absolute: bool = False, extra: np.ndarray | None = None,
 ) -> np.ndarray:
     """The global flat positions of the ``k`` largest (smallest) keys over a domain split across
     ranks (this rank's part described as in :func:`candidates`): the same array on every rank,
     ties by ascending global position, what :func:`fxsparse.topology._extreme` selects from the
     whole tensor. A collective through ``gather`` (unless ``k <= 0``): every rank calls it with
-    the same ``k``. Each rank sends its candidates padded to ``k``: positions, then the keys'
-    float64 bits, in one int64 tensor."""
+    the same ``k``.
+
+    Each rank's best ``min(k, domain)`` are candidates. With few of them overall (below
+    :data:`THRESHOLD_FROM`) every rank sends all of its own, padded to ``k`` (positions, then
+    the keys' float64 bits, one int64 tensor). Otherwise three rounds: every rank shares
+    quantiles of its candidates' keys (``q`` candidates at least as good as key ``s``); every
+    rank computes the same threshold ``T``, the best sampled key whose guaranteed count over the
+    ranks reaches ``k``, so the global ``k``-th key is at least as good as ``T`` and every one of
+    the best ``k`` is among the candidates as good as ``T``; the ranks share how many those are,
+    and send only them, padded to the largest count."""
     if k <= 0:
         return np.empty(0, dtype=np.int64)
     index, keys = candidates(values, k, largest, where, inside, offset, absolute=absolute, extra=extra)
-    packed = torch.full((2 * k,), _PAD, dtype=torch.int64)
+    if ranks > 1 and k * ranks >= THRESHOLD_FROM:
+        index, keys = _beyond_threshold(index, keys, k, largest, ranks, gather)
+        width = int(max(t.item() for t in gather(torch.tensor([index.size], dtype=torch.int64))))
+    else:
+        width = k
+    if width == 0:
+        return np.empty(0, dtype=np.int64)
+    packed = torch.full((2 * width,), _PAD, dtype=torch.int64)
     packed[: index.size] = torch.from_numpy(index)
-    packed[k: k + index.size] = torch.from_numpy(keys).view(torch.int64)
+    packed[width: width + index.size] = torch.from_numpy(keys).view(torch.int64)
     parts = []
     for part in gather(packed):
-        valid = part[:k] != _PAD
-        parts.append((part[:k][valid].numpy(), part[k:].view(torch.float64)[valid].numpy()))
+        valid = part[:width] != _PAD
+        parts.append((part[:width][valid].numpy(), part[width:].view(torch.float64)[valid].numpy()))
     return merge(parts, k, largest)
+
+
+def _beyond_threshold(
+    index: np.ndarray, keys: np.ndarray, k: int, largest: bool, ranks: int, gather: Gather,
+) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's candidates as good as the threshold every rank computes alike (see :func:`select`)."""
+    samples = _SAMPLES_PER_RANK * ranks
+    order = np.argsort(-keys if largest else keys, kind="stable")  # best first
+    best = keys[order]
+    packed = torch.full((2 * samples,), _PAD, dtype=torch.int64)  # (count, key bits) pairs
+    if best.size:  # the count at a quantile, and the key there
+        counts = np.unique(np.ceil(np.arange(1, samples + 1) * best.size / samples).astype(np.int64))
+        packed[: counts.size] = torch.from_numpy(counts)
+        packed[samples: samples + counts.size] = torch.from_numpy(best[counts - 1].astype(np.float64)).view(torch.int64)
+    pairs = []  # of every rank: sampled keys, best first, and how many of its candidates are at least as good
+    for part in gather(packed):
+        valid = part[:samples] != _PAD
+        pairs.append((part[samples:].view(torch.float64)[valid].numpy(), part[:samples][valid].numpy()))
+    tried = np.unique(np.concatenate([p[0] for p in pairs]))
+    tried = tried[::-1] if largest else tried  # best first
+    guaranteed = np.zeros(tried.size, dtype=np.int64)  # over the ranks, at least this many as good as each
+    for sampled, counts in pairs:
+        if sampled.size:
+            reach = np.searchsorted(-sampled, -tried, side="right") if largest else np.searchsorted(sampled, tried, side="right")
+            guaranteed += np.where(reach > 0, counts[np.maximum(reach - 1, 0)], 0)
+    enough = np.flatnonzero(guaranteed >= k)
+    if enough.size == 0:  # fewer than k candidates in all: every one of them
+        return index, keys
+    threshold = tried[enough[0]]  # the best threshold whose guaranteed count reaches k
+    keep = keys >= threshold if largest else keys <= threshold
+    return index[keep], keys[keep]
 
 
 def plan(
     flat: np.ndarray, drop_values: np.ndarray, grow_values: np.ndarray, k: int, g: int, absolute: bool, offset: int,
-    gather: Gather,
+    gather: Gather, ranks: int,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One rank's part of a sharded drop-and-grow: (dropped, grown, regrown) by global position,
     the same on every rank. ``flat``: the rank's mask part (flat bool); ``drop_values`` /
     ``grow_values``: its scores; drop ``k`` by (|score| with ``absolute``), then grow ``g``
     among the positions inactive after the drop (a just-dropped one may come back: regrown)."""
-    drop = select(drop_values, k, False, flat, True, offset, gather, absolute=absolute)
+    drop = select(drop_values, k, False, flat, True, offset, gather, ranks, absolute=absolute)
     mine = drop[(drop >= offset) & (drop < offset + flat.size)] - offset
-    grow = select(grow_values, g, True, flat, False, offset, gather, extra=mine)
+    grow = select(grow_values, g, True, flat, False, offset, gather, ranks, extra=mine)
     back = np.isin(grow, drop, assume_unique=True)  # dropped and grown again: it keeps its value
     dropped = drop[~np.isin(drop, grow[back], assume_unique=True)]
     return dropped, grow[~back], int(back.sum())
@@ -347,7 +401,7 @@ def update_mask(
     span = span_of(mask)
     flat = mask._local_tensor.reshape(-1).numpy()
     drop, grow = _as_numpy(local_scores(drop_score, mask)), _as_numpy(local_scores(grow_score, mask))
-    dropped, grown, regrown = plan(flat, drop, grow, k, g, absolute, span.offset, all_gather_in(span.group, span.ranks))
+    dropped, grown, regrown = plan(flat, drop, grow, k, g, absolute, span.offset, all_gather_in(span.group, span.ranks), span.ranks)
     return TopologyUpdate(mask, torch.from_numpy(dropped), torch.from_numpy(grown), regrown)
 
 
@@ -363,3 +417,65 @@ def apply_update(weight: torch.Tensor, mask: torch.Tensor, update: TopologyUpdat
     changed = torch.cat([dropped, grown])
     for tensor in [weight, *(t for t in state if tuple(t.shape) == tuple(weight.shape))]:
         _zero_at(local(tensor), changed)
+
+
+# ------------------------------------------------------------------- one process, many ranks
+class ThreadGather:
+    """all_gather among ``ranks`` threads of one process, counting what rank 0 receives: to run
+    the sharded update of a whole tensor as any number of ranks would (:func:`simulate`)."""
+
+    def __init__(self, ranks: int) -> None:
+        import threading
+
+        self.slots: list[torch.Tensor | None] = [None] * ranks
+        self.barrier = threading.Barrier(ranks)
+        self.collectives = 0
+        self.received = 0  # bytes, by rank 0
+
+    def of(self, rank: int) -> Gather:
+        def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            out = [slot.clone() for slot in self.slots if slot is not None]
+            self.barrier.wait()
+            if rank == 0:
+                self.collectives += 1
+                self.received += sum(t.numel() * t.element_size() for t in out)
+            return out
+
+        return gather
+
+
+def simulate(
+    mask: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor, k: int, g: int, absolute: bool, ranks: int,
+) -> tuple[list[tuple[np.ndarray, np.ndarray, int]], ThreadGather]:
+    """:func:`plan` of whole tensors split by rows over ``ranks`` ranks (FSDP2's split: ceil(rows
+    / ranks) rows a rank, the last ones short or empty), the ranks as threads: every rank's result
+    and the gather (collectives, bytes rank 0 received)."""
+    import threading
+
+    rows = mask.shape[0]
+    row = math.prod(mask.shape[1:])
+    size = math.ceil(rows / ranks)
+    gather = ThreadGather(ranks)
+    results: list[Any] = [None] * ranks
+    errors: list[BaseException] = []
+    flat_mask, flat_drop, flat_grow = mask.reshape(-1).numpy(), _as_numpy(drop), _as_numpy(grow)
+
+    def run(rank: int) -> None:
+        start, stop = min(rank * size, rows) * row, min((rank + 1) * size, rows) * row
+        try:
+            results[rank] = plan(flat_mask[start:stop], flat_drop[start:stop], flat_grow[start:stop], k, g, absolute,
+                                 start, gather.of(rank), ranks)
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+            errors.append(error)
+            gather.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results, gather
