@@ -220,7 +220,9 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
     gathered weights alone (:mod:`fxsparse.sharding`). Runs before FSDP gathers anything: a
     call's first step, and before updates, state dicts and loads. True when sharded."""
     masker = sparse.masker
-    if not any(sharding.is_sharded(owner._parameters.get(name)) for owner, name in _owners(sparse)):
+    plain = nn.Parameter  # a DTensor parameter is of another type: the type check is the cheap one
+    if not any(type(p) is not plain and sharding.is_sharded(p)
+               for p in (owner._parameters.get(name) for owner, name in _owners(sparse))):
         masker.sharded = False
         return False
     sharding.shard_masks(sparse)
