@@ -198,17 +198,19 @@ def _before_call(sparse: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[
         _check_call(sparse, args, kwargs)
 
 
-def _owners(sparse: SparseGraphModule) -> list[tuple[nn.Module, str]]:
-    """(owner module, parameter name) of every sparse weight a module attribute holds, found
-    once per module object: where ``fully_shard`` puts its DTensors."""
+def _owners(sparse: SparseGraphModule) -> list[tuple[str, dict[str, Any], str, dict[str, Any], str]]:
+    """(fqn, the parameter table and name of its weight, the buffer table and name of its mask)
+    of every sparse weight a module attribute holds, found once per module object: where
+    ``fully_shard`` puts its DTensors and ``sharding.shard_masks`` the masks."""
     cached = sparse.__dict__.get("_fxsparse_owners")
     if cached is None or cached[0] != id(sparse):
         found = []
         for fqn, site in sparse._fxsparse.sites.items():
             owner_name, _, name = fqn.rpartition(".")
             owner = sparse.get_submodule(owner_name) if owner_name else sparse
+            mask_owner, _, mask_name = site.mask.rpartition(".")
             if not site.compact and name in owner._parameters:
-                found.append((owner, name))
+                found.append((fqn, owner._parameters, name, sparse.get_submodule(mask_owner)._buffers, mask_name))
         cached = (id(sparse), found)
         sparse.__dict__["_fxsparse_owners"] = cached
     return cached[1]
@@ -219,24 +221,33 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
     entries of every weight's shard and hooks its gradient; the masker then leaves the
     gathered weights alone (:mod:`fxsparse.sharding`). Runs before FSDP gathers anything: a
     call's first step, and before updates, state dicts and loads. True when sharded."""
-    masker = sparse.masker
+    masker = sparse._modules[MASKER]
+    owners = _owners(sparse)
+    params = [table.get(name) for _, table, name, _, _ in owners]
     plain = nn.Parameter  # a DTensor parameter is of another type: the type check is the cheap one
-    if not any(type(p) is not plain and sharding.is_sharded(p)
-               for p in (owner._parameters.get(name) for owner, name in _owners(sparse))):
+    if not any(type(p) is not plain and sharding.is_sharded(p) for p in params):
         masker.sharded = False
         return False
-    sharding.shard_masks(sparse)
-    names = sharding.sharded_sites(sparse)
-    weights, masks = [], []
-    with torch.no_grad():
-        for fqn in names:
+    # what to zero, found again only when a weight or mask object changed (fully_shard, a load with assign)
+    key = tuple(map(id, params)) + tuple(id(table.get(name)) for _, _, _, table, name in owners)
+    cached = sparse.__dict__.get("_fxsparse_shards")
+    if cached is None or cached[0] != key:
+        sharding.shard_masks(sparse)
+        names = sharding.sharded_sites(sparse)
+        found = []
+        for fqn in names:  # the shards themselves: no DTensor dispatch per call
             weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
-            weights.append(weight)
-            masks.append(masker.mask_on(fqn, mask, weight))
+            found.append((fqn, weight, mask, sharding.local(weight), sharding.local(mask)))
+        key = tuple(map(id, (table.get(name) for _, table, name, _, _ in owners)))
+        key += tuple(id(table.get(name)) for _, _, _, table, name in owners)
+        cached = (key, found)
+        sparse.__dict__["_fxsparse_shards"] = cached
+    with torch.no_grad():
+        for fqn, weight, mask, _, _ in cached[1]:
             masker._masks[fqn] = mask
             if weight.requires_grad and not masker.serves(fqn, weight):
                 masker._hook(fqn, weight, False)
-        zero_inactive_all_(weights, masks)
+        zero_inactive_all_([entry[3] for entry in cached[1]], [entry[4] for entry in cached[1]])
     masker.sharded = True
     return True
 
