@@ -23,19 +23,51 @@ from torch import nn
 
 from fxsparse import checkpointing
 from fxsparse.masking import MASKER
-from fxsparse.passes.blocks import SparseBlock, cut_block, make_block
+from fxsparse.passes.blocks import SparseBlock, cut_block, demote, is_wrapped, promote
 from fxsparse.passes.checkpoint import block_paths
 
-__all__ = ["keep", "release", "kept_blocks", "restore_containers"]
+__all__ = ["keep", "release", "kept_blocks", "keep_wrapped", "restore_containers"]
 
 
 def keep(sparse: Any, blocks: Iterable[str] | None = None) -> list[str]:
     """Makes each block of ``sparse`` (the model's repeated blocks, or the paths ``blocks``) a
-    module whose forward runs; returns the paths made so. Raises ValueError naming a path that
-    is not a submodule, or when no block could be cut out of the graph."""
+    module whose forward runs, in place (the same module objects: what ``fully_shard`` already
+    wrapped stays wrapped); blocks kept before stay kept. Returns the paths kept. Raises
+    ValueError naming a path that is not a submodule, or when no block could be cut out."""
     state = sparse._fxsparse
-    if state.blocks is not None:
-        release(sparse)
+    paths = _paths(sparse, blocks)
+    kept = list(state.blocks["paths"]) if state.blocks else []
+    new = [p for p in paths if p not in kept]
+    if not new:
+        return kept
+    checkpoint = checkpointing.options(sparse)
+    if checkpoint is not None:
+        checkpointing.disable(sparse)
+    current = dict(state.mode_graphs) if state.mode_graphs else {None: sparse.graph}
+    originals = state.blocks["graphs"] if state.blocks else current
+    cut: dict[str, dict[Any, torch.fx.Graph]] = {}
+    rewritten = {}
+    for mode, graph in current.items():
+        graph = copy.deepcopy(graph)
+        for path in sorted(new, key=lambda p: -p.count(".")):  # inner blocks first
+            found = cut_block(sparse, graph, path, MASKER)
+            if found is not None:
+                cut.setdefault(path, {})[mode] = found[0]
+        rewritten[mode] = graph
+    if cut:
+        for path in sorted(cut, key=lambda p: -p.count(".")):
+            _install_block(sparse, path, cut[path])
+        state.blocks = {"graphs": originals, "paths": kept + [p for p in new if p in cut]}
+        checkpointing._install(sparse, rewritten)
+    if checkpoint is not None:
+        checkpointing.enable(sparse, **checkpoint)
+    if not cut:
+        raise ValueError(f"fxsparse could not find the nodes of any of the blocks {new[:3]} in the graph")
+    return list(state.blocks["paths"])
+
+
+def _paths(sparse: Any, blocks: Iterable[str] | None) -> list[str]:
+    state = sparse._fxsparse
     if blocks is None:
         if state.skeleton is None:
             raise TypeError("fxsparse: finding the model's blocks needs its skeleton, which modules made by sparsify keep; pass blocks=[...]")
@@ -50,53 +82,43 @@ def keep(sparse: Any, blocks: Iterable[str] | None = None) -> list[str]:
                              f"such as {', '.join(repr(p) for p in block_paths(state.skeleton)[:2]) or 'layers.0'}") from None
     if not paths:
         raise ValueError(f"fxsparse found no repeated blocks in {type(state.skeleton).__name__}; name them: keep_blocks(['layers.0', ...])")
-    checkpoint = checkpointing.options(sparse)
-    if checkpoint is not None:
-        checkpointing.disable(sparse)
-    originals = dict(state.mode_graphs) if state.mode_graphs else {None: sparse.graph}
-    cut: dict[str, dict[Any, torch.fx.Graph]] = {}
-    rewritten = {}
-    for mode, graph in originals.items():
-        new = copy.deepcopy(graph)
-        for path in sorted(paths, key=lambda p: -p.count(".")):  # inner blocks first
-            found = cut_block(sparse, new, path, MASKER)
-            if found is not None:
-                cut.setdefault(path, {})[mode] = found[0]
-        rewritten[mode] = new
-    if not cut:
-        if checkpoint is not None:
-            checkpointing.enable(sparse, **checkpoint)
-        raise ValueError(f"fxsparse could not find the nodes of any of the blocks {paths[:3]} in the graph")
-    for path in sorted(cut, key=lambda p: -p.count(".")):
-        _install_block(sparse, path, cut[path])
-    state.blocks = {"graphs": originals, "paths": [p for p in paths if p in cut]}
-    checkpointing._install(sparse, rewritten)
-    if checkpoint is not None:
-        checkpointing.enable(sparse, **checkpoint)
-    return list(state.blocks["paths"])
+    return paths
 
 
 def release(sparse: Any) -> None:
-    """Puts the graphs as captured back: the blocks are containers again (their state stays)."""
+    """Puts the graphs as captured back: the blocks are plain containers again (their state
+    stays). Raises ValueError for blocks ``fully_shard`` wrapped (their forward must run)."""
     state = sparse._fxsparse
     if state.blocks is None:
         return
+    wrapped = [p for p in state.blocks["paths"] if is_wrapped(sparse.get_submodule(p))]
+    if wrapped:
+        raise ValueError(f"fxsparse: fully_shard wrapped the block {wrapped[0]!r}, whose forward must run; its blocks stay kept")
     checkpoint = checkpointing.options(sparse)
     if checkpoint is not None:
         checkpointing.disable(sparse)
     originals = state.blocks["graphs"]
-    for path in sorted(state.blocks["paths"], key=lambda p: p.count(".")):
-        block = sparse.get_submodule(path)
-        if isinstance(block, SparseBlock):
-            container = nn.Module()
-            container._modules, container._parameters, container._buffers = block._modules, block._parameters, block._buffers
-            container._non_persistent_buffers_set = block._non_persistent_buffers_set
-            container.training = block.training
-            _set(sparse, path, container)
+    for path in state.blocks["paths"]:
+        demote(sparse.get_submodule(path))
     state.blocks = None
     checkpointing._install(sparse, originals)
     if checkpoint is not None:
         checkpointing.enable(sparse, **checkpoint)
+
+
+def keep_wrapped(sparse: Any) -> list[str]:
+    """Keeps the blocks ``fully_shard`` wrapped while the graph inlined them (the FSDP recipe run
+    without :func:`keep` first): the wrapped containers become blocks in place, their FSDP
+    state and hooks untouched. Returns the paths it kept (empty when none was inlined)."""
+    stray = [name for name, module in sparse.named_modules()
+             if name and is_wrapped(module) and not isinstance(module, SparseBlock)]
+    if not stray:
+        return []
+    try:
+        keep(sparse, stray)
+    except ValueError:
+        return []  # fxsparse.sharding refuses what stays inlined, with the remedy
+    return stray
 
 
 def kept_blocks(sparse: Any) -> list[str]:
@@ -118,7 +140,7 @@ def _install_block(sparse: Any, path: str, graphs: dict[Any, torch.fx.Graph]) ->
         kind = type(skeleton.get_submodule(path)) if skeleton is not None else None
     except AttributeError:
         kind = None
-    _set(sparse, path, make_block(container, graphs, path, kind))
+    promote(container, graphs, path, kind)
     parent_path = path.rpartition(".")[0]
     if parent_path:
         _restore(sparse, parent_path)

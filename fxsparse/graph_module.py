@@ -232,6 +232,7 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
     key = tuple(map(id, params)) + tuple(id(table.get(name)) for _, _, _, table, name in owners)
     cached = sparse.__dict__.get("_fxsparse_shards")
     if cached is None or cached[0] != key:
+        _blocks.keep_wrapped(sparse)  # blocks fully_shard wrapped before keep_blocks(): kept now, in place
         sharding.shard_masks(sparse)
         names = sharding.sharded_sites(sparse)
         found = []
@@ -274,7 +275,16 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
     _fxsparse: _State
 
     def recompile(self) -> Any:
-        result = super().recompile()
+        # GraphModule compiles onto type(self), its per-instance class; a wrapper that swapped the
+        # class (fully_shard's FSDP<...> subclass) must not get the code: its __call__ would
+        # call itself. Compile onto the per-instance class under it.
+        wrapper = type(self)
+        own = next((c for c in wrapper.__mro__ if c.__qualname__.endswith("<locals>.GraphModuleImpl")), wrapper)
+        self.__class__ = own
+        try:
+            result = super().recompile()
+        finally:
+            self.__class__ = wrapper
         _advertise_signature(self)
         return result
 

@@ -27,7 +27,7 @@ from torch import nn
 from fxsparse.capture import graph_from_state, graph_state
 from fxsparse.segments import call_module
 
-__all__ = ["cut_block", "cut_blocks", "SparseBlock", "block_class", "make_block"]
+__all__ = ["cut_block", "cut_blocks", "SparseBlock", "block_class", "make_block", "promote", "demote", "is_wrapped"]
 
 
 class SparseBlock(nn.Module):
@@ -96,6 +96,57 @@ def block_class(kind: type | None) -> type:
 def make_block(container: nn.Module, graphs: dict[Any, torch.fx.Graph], path: str, kind: type | None = None) -> SparseBlock:
     """The block of model class ``kind`` at ``path`` (see :class:`SparseBlock`)."""
     return block_class(kind)(container, graphs, path, kind)
+
+
+def _fsdp_class(cls: type, wrapped: type) -> type:
+    """``cls`` as ``fully_shard`` would have made it (``FSDP<name>``, FSDPModule first), with what
+    the class ``wrapped`` (the one FSDP made for the plain container) added."""
+    from torch.distributed.fsdp import FSDPModule
+
+    key = (cls, wrapped)
+    if key not in _FSDP_CLASSES:
+        extra = {k: v for k, v in vars(wrapped).items() if k not in ("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__")}
+        _FSDP_CLASSES[key] = type(f"FSDP{cls.__name__}", (FSDPModule, cls), extra)
+    return _FSDP_CLASSES[key]
+
+
+_FSDP_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` wrapped ``module``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def promote(module: nn.Module, graphs: dict[Any, torch.fx.Graph], path: str, kind: type | None = None) -> SparseBlock:
+    """Makes the container ``module`` (a plain ``nn.Module`` the graph inlines, maybe wrapped by
+    ``fully_shard``) the block of model class ``kind`` at ``path`` in place: the same object, so
+    whatever holds it (its parent, FSDP's state and hooks) holds the block."""
+    cls = block_class(kind)
+    current = type(module)
+    if not is_wrapped(module) and (current is nn.Module or isinstance(module, SparseBlock)):
+        module.__class__ = cls
+    elif is_wrapped(module) and (current.__mro__[2] is nn.Module or isinstance(module, SparseBlock)):
+        module.__class__ = _fsdp_class(cls, current)  # FSDP made FSDP<container>: FSDP<block> now
+    else:
+        raise TypeError(f"fxsparse: the block {path!r} is a {current.__name__}, not a container of the graph's")
+    module.block_graphs = dict(graphs)
+    module.block_path = path
+    module.block_kind = kind
+    module._forwards = {}
+    return module  # type: ignore[return-value]
+
+
+def demote(module: nn.Module) -> None:
+    """Undoes :func:`promote` of a block ``fully_shard`` did not wrap: a plain container again."""
+    if isinstance(module, SparseBlock) and not is_wrapped(module):
+        for name in ("block_graphs", "block_path", "block_kind", "_forwards"):
+            module.__dict__.pop(name, None)
+        module.__class__ = nn.Module
 
 
 def _rebuild_block(state: dict[str, Any], graphs: dict[Any, Any], path: str, kind: type | None = None) -> SparseBlock:
