@@ -14,7 +14,7 @@ import torch
 
 import fxsparse
 import torch.nn.functional as F
-from hypothesis import assume
+from hypothesis import assume, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -165,3 +165,10 @@ def sparsify(model: nn.Module, density: float, init: str = "erk", **kwargs: obje
         sizes = [m.numel() for m in fxsparse.sparsify(model, 1.0).masks.values()]
         assume(len(sizes) == 1 or sizes[0] < density * sum(sizes) * (1 - 1e-9))
     return fxsparse.sparsify(model, density, init, **kwargs)
+
+
+def heavy() -> settings:
+    """Half the loaded profile's examples (at least 25), for the properties whose every example
+    sparsifies, copies or captures and trains several generated models: CI's 200 become 100
+    (docs/invariants.md says which), the suite stays under its time budget."""
+    return settings(max_examples=max(25, settings.default.max_examples // 2))

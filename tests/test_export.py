@@ -17,7 +17,7 @@ from torch import nn
 import fxsparse
 import fxsparse.export as export_mod
 from fxsparse.export import ExportError, LayerChoice, SparseConv2d, SparseLinear, SparseMatmul, export_inference
-from strategies import build, net_specs, sparsify
+from strategies import build, heavy, net_specs, sparsify
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 LOWERED = (SparseLinear, SparseConv2d, SparseMatmul)
@@ -48,6 +48,7 @@ def _train(sparse, x, steps=3):
         optimizer.zero_grad()
 
 
+@heavy()
 @given(net_specs(), st.sampled_from([0.5, 0.2, 0.05]), st.integers(1, 4))
 def test_exported_outputs_equal_the_sparse_module_for_every_kernel(spec, density, batch):
     sparse = sparsify(build(spec), density)

@@ -19,7 +19,7 @@ from invariants import (
     snapshot,
     train_step,
 )
-from strategies import build, densities, net_specs, sparsify
+from strategies import build, densities, heavy, net_specs, sparsify
 
 INITS = ["uniform", "er", "erk"]
 
@@ -52,6 +52,7 @@ def test_sparsify_finds_every_weight_with_its_exact_budget(spec, density, init, 
     assert not any(hasattr(m, "weight_mask") for m in model.modules())
 
 
+@heavy()
 @given(net_specs())
 def test_density_one_computes_exactly_what_the_model_computes(spec):
     model = build(spec)
@@ -72,6 +73,7 @@ def test_density_one_computes_exactly_what_the_model_computes(spec):
         assert torch.equal(p.grad, grads[name]), name
 
 
+@heavy()
 @given(net_specs(), densities(), st.sampled_from(INITS))
 def test_inactive_weights_cannot_influence_output_and_get_no_gradient(spec, density, init):
     sparse = sparsify(build(spec), density, init)
@@ -90,6 +92,7 @@ OPTIMIZERS = {
 }
 
 
+@heavy()
 @given(
     net_specs(),
     st.floats(0.05, 0.9),
@@ -118,6 +121,7 @@ def test_rigl_steps_keep_counts_zero_new_weights_and_their_state(spec, density, 
         assert_inactive_zero_grad(sparse)
 
 
+@heavy()
 @given(net_specs(), densities(), st.sampled_from(INITS), st.integers(0, 1000))
 def test_state_dict_deepcopy_and_dtype_keep_masks_and_outputs(spec, density, init, seed):
     model = build(spec)
