@@ -253,6 +253,26 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
     return True
 
 
+def _below_wrappers(sparse: SparseGraphModule, compile: Any) -> Any:
+    """Runs GraphModule's ``recompile`` onto the module's per-instance class: GraphModule compiles
+    onto ``type(self)``, and a wrapper that swapped the class (fully_shard's ``FSDP<...>``
+    subclass) must not get the code, whose ``__call__`` would then call itself."""
+    wrapper = type(sparse)
+    own = next((c for c in wrapper.__mro__ if c.__qualname__.endswith("<locals>.GraphModuleImpl")), wrapper)
+    sparse.__class__ = own
+    try:
+        return compile()
+    finally:
+        sparse.__class__ = wrapper
+
+
+def _restored(copied: SparseGraphModule) -> SparseGraphModule:
+    """A deep copy with the model's container types back (``fxsparse.blocks.restore_containers``)."""
+    if copied.__dict__.get("_fxsparse") is not None:
+        _blocks.restore_containers(copied)
+    return copied
+
+
 def _check_call(sparse: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """The inputs of an exported graph checked against the dims torch.export fixed (a clear
     error instead of one from deep inside the model's code); the fixed dims of each graph are
@@ -275,16 +295,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
     _fxsparse: _State
 
     def recompile(self) -> Any:
-        # GraphModule compiles onto type(self), its per-instance class; a wrapper that swapped the
-        # class (fully_shard's FSDP<...> subclass) must not get the code: its __call__ would
-        # call itself. Compile onto the per-instance class under it.
-        wrapper = type(self)
-        own = next((c for c in wrapper.__mro__ if c.__qualname__.endswith("<locals>.GraphModuleImpl")), wrapper)
-        self.__class__ = own
-        try:
-            result = super().recompile()
-        finally:
-            self.__class__ = wrapper
+        result = _below_wrappers(self, super().recompile)
         _advertise_signature(self)
         return result
 
@@ -327,10 +338,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return _reduce(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
-        copied = super().__deepcopy__(memo)  # rebuilds the containers as plain modules
-        if copied.__dict__.get("_fxsparse") is not None:
-            _blocks.restore_containers(copied)
-        return copied  # GraphModule pickles its code and re-traces it as a plain GraphModule
+        return _restored(super().__deepcopy__(memo))  # GraphModule rebuilds containers as plain modules  # GraphModule pickles its code and re-traces it as a plain GraphModule
 
     # ----------------------------------------------------------------------------------- views
     @property
