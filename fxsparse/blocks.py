@@ -50,7 +50,7 @@ def keep(sparse: Any, blocks: Iterable[str] | None = None) -> list[str]:
     for mode, graph in current.items():
         graph = copy.deepcopy(graph)
         for path in sorted(new, key=lambda p: -p.count(".")):  # inner blocks first
-            found = cut_block(sparse, graph, path, MASKER)
+            found = cut_block(graph, path, MASKER)
             if found is not None:
                 cut.setdefault(path, {})[mode] = found[0]
         rewritten[mode] = graph

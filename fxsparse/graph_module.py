@@ -92,7 +92,7 @@ class SparsitySummary:
             per_layer = {r.name: r for r in flop_report(module, inputs).rows if r.kind == "weight"}
         rows = []
         for fqn, mask in module.masks.items():
-            active = module._fxsparse.sites[fqn].active if sharding.is_sharded(mask) else int(mask.sum())
+            active = _active(module, fqn, mask)
             row = {"name": fqn, "shape": tuple(mask.shape), "density": active / mask.numel(),
                    "active": active, "total": mask.numel()}
             if inputs is not None:
@@ -223,15 +223,13 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
     call's first step, and before updates, state dicts and loads. True when sharded."""
     masker = sparse._modules[MASKER]
     owners = _owners(sparse)
-    params = [table.get(name) for _, table, name, _, _ in owners]
     plain = nn.Parameter  # a DTensor parameter is of another type: the type check is the cheap one
-    if not any(type(p) is not plain and sharding.is_sharded(p) for p in params):
+    if not any(type(p) is not plain and sharding.is_sharded(p) for p in (table.get(name) for _, table, name, _, _ in owners)):
         masker.sharded = False
         return False
     # what to zero, found again only when a weight or mask object changed (fully_shard, a load with assign)
-    key = tuple(map(id, params)) + tuple(id(table.get(name)) for _, _, _, table, name in owners)
     cached = sparse.__dict__.get("_fxsparse_shards")
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != _identities(owners):
         _blocks.keep_wrapped(sparse)  # blocks fully_shard wrapped before keep_blocks(): kept now, in place
         sharding.shard_masks(sparse)
         names = sharding.sharded_sites(sparse)
@@ -239,9 +237,7 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
         for fqn in names:  # the shards themselves: no DTensor dispatch per call
             weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
             found.append((fqn, weight, mask, sharding.local(weight), sharding.local(mask)))
-        key = tuple(map(id, (table.get(name) for _, table, name, _, _ in owners)))
-        key += tuple(id(table.get(name)) for _, _, _, table, name in owners)
-        cached = (key, found)
+        cached = (_identities(owners), found)  # after keeping blocks and sharding masks
         sparse.__dict__["_fxsparse_shards"] = cached
     with torch.no_grad():
         for fqn, weight, mask, _, _ in cached[1]:
@@ -251,6 +247,19 @@ def sync_shards(sparse: SparseGraphModule) -> bool:
         zero_inactive_all_([entry[3] for entry in cached[1]], [entry[4] for entry in cached[1]])
     masker.sharded = True
     return True
+
+
+def _identities(owners: list[tuple[str, dict[str, Any], str, dict[str, Any], str]]) -> tuple[int, ...]:
+    """The ids of every sparse weight and mask object the module holds now."""
+    weights = (id(table.get(name)) for _, table, name, _, _ in owners)
+    masks = (id(table.get(name)) for _, _, _, table, name in owners)
+    return (*weights, *masks)
+
+
+def _active(module: Any, fqn: str, mask: torch.Tensor) -> int:
+    """The active count of a layer: its mask's, or of a sharded mask the layer's budget, which
+    every update and load keeps equal to it (no communication)."""
+    return module._fxsparse.sites[fqn].active if sharding.is_sharded(mask) else int(mask.sum())
 
 
 def _below_wrappers(sparse: SparseGraphModule, compile: Any) -> Any:
@@ -335,10 +344,10 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return self._fxsparse.capture
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _reduce(self)
+        return _reduce(self)  # GraphModule pickles its code and re-traces it as a plain GraphModule
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
-        return _restored(super().__deepcopy__(memo))  # GraphModule rebuilds containers as plain modules  # GraphModule pickles its code and re-traces it as a plain GraphModule
+        return _restored(super().__deepcopy__(memo))  # GraphModule rebuilds containers as plain modules
 
     # ----------------------------------------------------------------------------------- views
     @property
@@ -391,11 +400,10 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
 
     @property
     def density(self) -> float:
-        """Active over total weights of the sparsified layers (of sharded masks: the layers'
-        budgets, which every update and load keeps equal to the masks; no communication)."""
+        """Active over total weights of the sparsified layers (no communication when sharded)."""
         active = total = 0
         for fqn, mask in self.masks.items():
-            active += self._fxsparse.sites[fqn].active if sharding.is_sharded(mask) else int(mask.sum())
+            active += _active(self, fqn, mask)
             total += mask.numel()
         return active / total
 

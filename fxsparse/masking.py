@@ -377,10 +377,7 @@ class Masker(nn.Module):
             self._flush_shards(due)
             return
         leaves, on = [], []
-        for name, weight in due.items():
-            grad = weight.grad
-            if grad is None or not self.serves(name, weight):
-                continue
+        for name, weight, grad in self._served_grads(due):
             if name in self.grads:  # a recorded gradient may share .grad's storage: a masked copy
                 self.mask_gradient(name, weight)
             else:
@@ -388,15 +385,19 @@ class Masker(nn.Module):
                 on.append(mask_on(self._masks[name], grad))
         mask_grads_all_(leaves, on)
 
+    def _served_grads(self, due: dict[str, torch.Tensor]) -> Any:
+        """(name, parameter, its gradient) of the noted parameters that have a gradient and that
+        this masker still serves."""
+        for name, weight in due.items():
+            if weight.grad is not None and self.serves(name, weight):
+                yield name, weight, weight.grad
+
     def _flush_shards(self, due: dict[str, torch.Tensor]) -> None:
         """The end of a backward on sharded weights: each rank's part of the reduce-scattered
         gradient is dense (the forward read ``w == w * m``): kept as the growth gradient while
         armed, then masked in place."""
         bits, on = [], []
-        for name, weight in due.items():
-            grad = weight.grad
-            if grad is None or not self.serves(name, weight):
-                continue
+        for name, _, grad in self._served_grads(due):
             mask = self._masks[name]
             if self.armed:
                 self._record_shard(name, grad, mask)

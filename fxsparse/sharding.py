@@ -20,8 +20,8 @@ optimizer steps, is the shard. So everything fxsparse does to a weight is done t
 - **The exact topology** (:func:`update_mask`): one total order, (score, then flat position),
   selects on every shard split what one process selects. Each rank selects its best
   ``min(k, local candidates)`` under that order (a rank's share of the global best ``k`` is among
-  its local best ``k``), the ranks all-gather them (position and key, 12 bytes a candidate,
-  padded to ``k``), and every rank merges the same list into the same ``k``. The drop runs
+  its local best ``k``), the ranks all-gather them (position and key, 16 bytes a candidate,
+  padded to ``k``; on large layers only those beyond a sampled threshold, :func:`select`), and every rank merges the same list into the same ``k``. The drop runs
   first, then the growth among the positions inactive after it (a just-dropped one may come
   back). Ties across the shard boundary, empty shards, ``k`` beyond a shard's candidates and
   ``k == 0`` (no collective at all) follow from that order. The update is written by global
@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["is_sharded", "local", "Span", "span_of", "shard_like", "shard_masks", "sharded_sites",
-           "rows_of", "all_sum", "all_true", "all_true_each", "candidates", "merge", "select", "plan", "all_gather_in", "gathered_bytes", "traffic", "THRESHOLD_FROM", "ThreadGather", "simulate",
+           "rows_of", "all_sum", "all_true", "all_true_each", "candidates", "merge", "select", "plan", "all_gather_in", "traffic", "THRESHOLD_FROM", "ThreadGather", "simulate",
            "update_mask", "apply_update", "local_scores", "count_active"]
 
 
@@ -221,11 +221,6 @@ def all_true_each(flags: list[bool], group: Any = None) -> list[bool]:
 _PAD = -1
 
 
-def gathered_bytes(k: int, ranks: int) -> int:
-    """The bytes one rank receives in one :func:`select` of ``k`` over ``ranks`` ranks."""
-    return 0 if k <= 0 else 16 * k * ranks
-
-
 def candidates(
     values: np.ndarray, k: int, largest: bool, where: np.ndarray, inside: bool, offset: int, *,
     absolute: bool = False, extra: np.ndarray | None = None,
@@ -388,7 +383,9 @@ def local_scores(score: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def count_active(mask: torch.Tensor) -> int:
-    """The active entries of a sharded mask, over all its shards."""
+    """The active entries of a mask; of a sharded one, over all its shards (a collective)."""
+    if not is_sharded(mask):
+        return int(mask.count_nonzero())
     span = span_of(mask)
     return int(all_sum(int(mask._local_tensor.count_nonzero()), span.group))
 

@@ -67,8 +67,7 @@ def check_masks(sparse: nn.Module, state_dict: dict[str, Any], prefix: str, budg
             problems.append(f"{key}: expected a bool mask (or 0/1 values), got {value.dtype} with other values")
         else:
             state_dict[key] = value.to(torch.bool)
-            counts[fqn] = sharding.count_active(state_dict[key]) if sharding.is_sharded(state_dict[key]) \
-                else int(state_dict[key].count_nonzero())
+            counts[fqn] = sharding.count_active(state_dict[key])
             if budget == "keep" and site.target_density >= 1.0 and counts[fqn] != math.prod(shape):
                 over_budget = True
                 problems.append(
@@ -107,7 +106,7 @@ def invariant_problems(sparse: nn.Module) -> list[str]:
         if mask.dtype != torch.bool or mask.shape != weight.shape:
             problems.append(f"{fqn}: mask {mask.dtype} {tuple(mask.shape)} vs weight {tuple(weight.shape)}")
             continue
-        active = sharding.count_active(mask) if sharding.is_sharded(mask) else int(mask.sum())
+        active = sharding.count_active(mask)
         weight, mask = sharding.local(weight), sharding.local(mask)  # a rank checks its own shards
         if active != site.active:
             problems.append(f"{fqn}: {active} active weights, budget {site.active}")

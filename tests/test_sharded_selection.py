@@ -93,7 +93,3 @@ def test_merge_refuses_nothing_and_keeps_one_total_order():
     assert sharding.merge(parts, 0, True).tolist() == []
     assert sharding.merge(parts, 9, False).tolist() == [1, 3, 5]
 
-
-@pytest.mark.parametrize("k", [0, 1, 4])
-def test_gathered_bytes(k):
-    assert sharding.gathered_bytes(k, 8) == 16 * k * 8

@@ -283,8 +283,8 @@ def _apply(
             sharding.apply_update(weight, mask, result, _optimizer_state(optimizer, weight) + grad)
         else:
             topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
-        if zero_grad and weight.grad is not None and not sharding.is_sharded(mask):
-            topology.zero_state_at([weight.grad], result.dropped_idx)
+            if zero_grad and weight.grad is not None:
+                topology.zero_state_at([weight.grad], result.dropped_idx)
         site.active += result.grown_idx.numel() - result.dropped_idx.numel()
         changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown)
     return changes

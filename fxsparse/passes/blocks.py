@@ -18,16 +18,16 @@ parameters and buffers, shared leaf modules outside it, the masker) comes in as 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 from typing import Any
 
 import torch.fx
 from torch import nn
 
 from fxsparse.capture import graph_from_state, graph_state
+from fxsparse.passes.checkpoint import in_block, replace_span
 from fxsparse.segments import call_module
 
-__all__ = ["cut_block", "cut_blocks", "SparseBlock", "block_class", "make_block", "promote", "demote", "is_wrapped"]
+__all__ = ["cut_block", "SparseBlock", "block_class", "make_block", "promote", "demote", "is_wrapped"]
 
 
 class SparseBlock(nn.Module):
@@ -156,15 +156,6 @@ def _rebuild_block(state: dict[str, Any], graphs: dict[Any, Any], path: str, kin
     return block
 
 
-def _in_block(node: torch.fx.Node, block: str) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    for value in stack.values():
-        path = value[0] if isinstance(value, tuple) else str(value)
-        if path == block or path.startswith(block + "."):
-            return True
-    return False
-
-
 def _under(target: Any, block: str) -> bool:
     return isinstance(target, str) and target.startswith(block + ".")
 
@@ -178,18 +169,16 @@ def _body(graph: torch.fx.Graph, block: str, masker: str) -> list[torch.fx.Node]
         if node.op in ("placeholder", "output") or node in own:
             continue
         if node.op == "call_module" and node.target == masker:
-            attrs = [i for i in node.all_input_nodes]
+            attrs = node.all_input_nodes
             if attrs and all(i in own for i in attrs):
                 body.append(node)
             continue
-        if _in_block(node, block):
+        if in_block(node, block):
             body.append(node)
     return body
 
 
-def cut_block(
-    root: nn.Module, graph: torch.fx.Graph, block: str, masker: str,
-) -> tuple[torch.fx.Graph, torch.fx.Node] | None:
+def cut_block(graph: torch.fx.Graph, block: str, masker: str) -> tuple[torch.fx.Graph, torch.fx.Node] | None:
     """Rewrites ``graph`` so that ``block``'s nodes run as one ``call_module(block, ...)``;
     returns the block's own graph (its get_attr and call_module targets relative to the block)
     and the call node, or None where the block's nodes cannot be cut out (none found, or
@@ -252,11 +241,7 @@ def cut_block(
         call.meta["nn_module_stack"] = {block: (block, nn.Module)}
         call.meta["fxsparse.block"] = block
         results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
-    for node, result in zip(outputs, results):
-        result.meta = dict(node.meta)
-        node.replace_all_uses_with(result, delete_user_cb=lambda user: user not in body_set)
-    for node in reversed(body):
-        graph.erase_node(node)
+    replace_span(graph, body, outputs, results)
     for node in list(graph.nodes):  # the block's attributes nothing outside it reads any more
         if node.op == "get_attr" and _under(node.target, block) and not node.users:
             graph.erase_node(node)
@@ -271,13 +256,3 @@ def _attr(graph: torch.fx.Graph, anchor: torch.fx.Node, target: str) -> torch.fx
         if node.op == "get_attr" and node.target == target:
             return node
     return graph.get_attr(target)
-
-
-def cut_blocks(root: nn.Module, graph: torch.fx.Graph, blocks: Iterable[str], masker: str) -> dict[str, torch.fx.Graph]:
-    """:func:`cut_block` of every block, in order; the graphs of those that were cut."""
-    done = {}
-    for block in blocks:
-        found = cut_block(root, graph, block, masker)
-        if found is not None:
-            done[block] = found[0]
-    return done

@@ -26,7 +26,7 @@ from torch import nn
 
 from fxsparse.segments import SEGMENT_PREFIX, call_module, run_checkpointed
 
-__all__ = ["checkpoint_blocks", "block_paths", "SEGMENT_PREFIX"]
+__all__ = ["checkpoint_blocks", "block_paths", "in_block", "replace_span", "SEGMENT_PREFIX"]
 
 
 
@@ -49,7 +49,8 @@ def block_paths(model: nn.Module, every_n_layers: int = 1) -> list[str]:
     return found[::max(1, int(every_n_layers))]
 
 
-def _in_block(node: torch.fx.Node, block: str) -> bool:
+def in_block(node: torch.fx.Node, block: str) -> bool:
+    """Whether ``node`` was traced inside the module at path ``block`` (its ``nn_module_stack``)."""
     stack = node.meta.get("nn_module_stack") or {}
     for value in stack.values():
         path = value[0] if isinstance(value, tuple) else str(value)
@@ -68,7 +69,7 @@ def checkpoint_blocks(
     derived = _parameter_derived(graph)
     for block in blocks:
         nodes = list(graph.nodes)
-        inside = [i for i, n in enumerate(nodes) if _in_block(n, block)]
+        inside = [i for i, n in enumerate(nodes) if in_block(n, block)]
         if not inside:
             continue
         span = nodes[inside[0]: inside[-1] + 1]
@@ -155,9 +156,17 @@ def _segment(
         call = graph.call_function(run_checkpointed, (segment_node, dict(options), *inputs, *module_nodes))
         call.meta["fxsparse.checkpoint"] = block
         results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+    replace_span(graph, body, outputs, results)
+    return True
+
+
+def replace_span(graph: torch.fx.Graph, body: list[torch.fx.Node], outputs: list[torch.fx.Node],
+                 results: list[torch.fx.Node]) -> None:
+    """Has what ``body`` computed for the rest of ``graph`` (``outputs``) read from ``results``
+    instead, then erases ``body``."""
+    inside = set(body)
     for node, result in zip(outputs, results):
         result.meta = dict(node.meta)
-        node.replace_all_uses_with(result, delete_user_cb=lambda user: user not in body_set)
+        node.replace_all_uses_with(result, delete_user_cb=lambda user: user not in inside)
     for node in reversed(body):
         graph.erase_node(node)
-    return True
