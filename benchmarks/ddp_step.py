@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import RoundOrder, ci_text  # noqa: E402
+from measure import RoundOrder, ci_text, free_port, init_gloo  # noqa: E402
 from step_time import build_dense  # noqa: E402
 
 import fxsparse  # noqa: E402
@@ -76,21 +75,13 @@ def _rounds(name: str, rounds: int, batch: int, rank: int, world: int, broadcast
 
 
 def _worker(rank: int, world: int, port: int, name: str, rounds: int, batch: int, broadcast_buffers: bool, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         times = _rounds(name, rounds, batch, rank, world, broadcast_buffers)
         if rank == 0:
             queue.put(times)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ratio(times: dict[str, list[float]]) -> str:
@@ -115,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         single = _rounds(name, args.rounds, args.batch, 0, 1)
         context = mp.get_context("spawn")
         queue = context.SimpleQueue()
-        mp.start_processes(_worker, args=(2, _free_port(), name, args.rounds, args.batch, not args.no_broadcast_buffers, queue), nprocs=2,
+        mp.start_processes(_worker, args=(2, free_port(), name, args.rounds, args.batch, not args.no_broadcast_buffers, queue), nprocs=2,
                            join=True, start_method="spawn")
         ddp = queue.get()
         dense_ms = f"{statistics.median(single['dense']) * 1e3:.1f} / {statistics.median(ddp['dense']) * 1e3:.1f}"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import RoundOrder, ci_text  # noqa: E402
+from measure import RoundOrder, ci_text, free_port, init_gloo  # noqa: E402
 
 import fxsparse  # noqa: E402
 from fxsparse import sharding  # noqa: E402
@@ -174,9 +173,7 @@ def _layer_data(made: tuple, ids: torch.Tensor, rank: int) -> list[tuple[Any, An
 
 
 def _worker(rank: int, world: int, port: int, args: tuple, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         result = _rounds(*args, rank, world)
         if rank == 0:
@@ -184,12 +181,6 @@ def _worker(rank: int, world: int, port: int, args: tuple, queue) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mb(n: float) -> str:
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    processes = mp.start_processes(_worker, args=(2, _free_port(), (args.layers, args.width, args.rounds, args.batch, args.length),
+    processes = mp.start_processes(_worker, args=(2, free_port(), (args.layers, args.width, args.rounds, args.batch, args.length),
                                                   queue), nprocs=2, join=False, start_method="spawn")
     result = queue.get()  # before joining: a large result fills the pipe until it is read
     while not processes.join():

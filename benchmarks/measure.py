@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 __all__ = ["median_ci", "ci_text", "RoundOrder", "OtherLoad", "quiet_repeats", "verdict", "LibraryClock", "cpu_name",
-           "timed_ms"]
+           "timed_ms", "free_port", "init_gloo"]
 
 
 def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -245,3 +245,22 @@ def run_variants(script: str, argv: list[str], variants: list[str], cwd: Path) -
             raise SystemExit(f"the {variant} child failed:\n{done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Joins the gloo group of ``world`` benchmark processes on 127.0.0.1:``port`` as ``rank``,
+    one torch thread a process."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -4,7 +4,6 @@ with the same global batch (float64, so rounding cannot flip a choice)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 import fxsparse
 from fxsparse.distributed import assert_in_sync, fingerprint
+from gloo import free_port, init
 
 METHODS = {"rigl": {}, "snfs": {}, "rigl-sm": {}, "set": {}, "pruning": {"density": 0.2}, "rigl compact": {}}
 LAYOUTS = {"rigl compact": {"5.weight": "compact"}}  # the linear head stored as its active weights
@@ -61,9 +61,7 @@ def _train(method, rank=0, world=1, check=lambda sparse: None):
 
 
 def _worker(rank, world, port, out):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init(rank, world, port)
     try:
         result = {}
         for method in METHODS:
@@ -84,15 +82,10 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_two_processes_hold_identical_masks_and_weights_and_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["edit_detected"] and ranks[1]["edit_detected"]
     for method in METHODS:

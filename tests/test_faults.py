@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 
 import fxsparse
 from fxsparse.graph_module import StateDictError
+from gloo import free_port, init
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -275,16 +275,9 @@ def test_a_checkpoint_of_another_run_is_refused(fashion, tmp_path):
 # --- data parallel: a rank whose masks diverged ----------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _diverging_worker(rank, world, port, out):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init(rank, world, port)
     try:
         sparse, optimizer, scheduler = _setup("rigl", delta_t=3)
         # without broadcast_buffers, DDP does not overwrite the other ranks' masks with rank 0's
@@ -310,7 +303,7 @@ def _diverging_worker(rank, world, port, out):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_a_rank_with_different_masks_is_caught_before_the_next_update(tmp_path):
-    mp.spawn(_diverging_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_diverging_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["outcome"].startswith("step 3:") and "rank 1 differs" in result["outcome"], result

@@ -9,7 +9,6 @@ module, and back, and a resume from it is exact."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 
 import fxsparse
 from fxsparse.sharding import is_sharded
+from gloo import free_port, init
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 
@@ -157,14 +157,8 @@ def _result(sparse, scheduler):
             "updates": len(scheduler.history), "density": sparse.density}
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
 def _methods_worker(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
+    init(rank, world, port)
     try:
         results = {}
         for case in CASES:
@@ -177,14 +171,8 @@ def _methods_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_method_makes_the_one_process_topology_under_fully_shard(tmp_path):
-    mp.spawn(_methods_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_methods_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "methods.pt")
     for case, (method, *_rest) in CASES.items():
         single_module, _, single_scheduler = _train(case)
@@ -268,7 +256,7 @@ def _train_model(name: str, rank: int = 0, world: int = 1):
 
 
 def _models_worker(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
+    init(rank, world, port)
     try:
         results = {}
         for name in MODELS:
@@ -284,7 +272,7 @@ def _models_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_a_transformer_from_a_config_and_a_timm_vit_train_with_rigl_sharded_per_block(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("timm")
-    mp.spawn(_models_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_models_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "models.pt")
     for name in MODELS:
         module, scheduler = _train_model(name)
@@ -298,7 +286,7 @@ def test_a_transformer_from_a_config_and_a_timm_vit_train_with_rigl_sharded_per_
 
 
 def _checkpoint_worker(rank: int, world: int, port: int, out: str, case: str, load: str | None, save: str | None) -> None:
-    _init(rank, world, port)
+    init(rank, world, port)
     try:
         sparse, _, scheduler = _train(case, rank, world, steps=4, load=load, save=save)
         result = _result(sparse, scheduler)  # a collective: every rank gathers
@@ -323,7 +311,7 @@ def _same(a, b, exact: bool = False) -> None:
 def test_a_sharded_checkpoint_loads_at_one_rank_and_back_and_resumes_exactly(tmp_path, case):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     # 2 ranks train 4 steps (2 updates) and save
-    mp.spawn(_checkpoint_worker, args=(2, _free_port(), str(tmp_path), case, None, two), nprocs=2, join=True)
+    mp.spawn(_checkpoint_worker, args=(2, free_port(), str(tmp_path), case, None, two), nprocs=2, join=True)
     saved = torch.load(tmp_path / f"{case} saved.pt")
     # one process, no process group: a plain sparse module loads it, bit for bit, and saves it again
     sparse = _sparse(case)
@@ -337,7 +325,7 @@ def test_a_sharded_checkpoint_loads_at_one_rank_and_back_and_resumes_exactly(tmp
     # resumed at one rank, and at two ranks from the one-rank checkpoint: the uninterrupted run
     uninterrupted = _result(*_train(case)[::2])
     _same(_result(*_train(case, steps=4, load=two)[::2]), uninterrupted)
-    mp.spawn(_checkpoint_worker, args=(2, _free_port(), str(tmp_path), case, one, None), nprocs=2, join=True)
+    mp.spawn(_checkpoint_worker, args=(2, free_port(), str(tmp_path), case, one, None), nprocs=2, join=True)
     _same(torch.load(tmp_path / f"{case} resumed.pt"), uninterrupted)
 
 
@@ -345,7 +333,7 @@ def _refusals_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _init(rank, world, port)
+    init(rank, world, port)
     messages = {}
     try:
         mesh = init_device_mesh("cpu", (world,))
@@ -364,7 +352,7 @@ def _refusals_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_what_cannot_run_sharded_is_refused_with_what_to_do(tmp_path):
-    mp.spawn(_refusals_worker, args=(1, _free_port(), str(tmp_path)), nprocs=1, join=True)
+    mp.spawn(_refusals_worker, args=(1, free_port(), str(tmp_path)), nprocs=1, join=True)
     messages = torch.load(tmp_path / "refusals.pt")
     assert "layout='masked'" in messages["compact"] and "head.weight" in messages["compact"]
 
