@@ -38,7 +38,7 @@ from fxsparse.compact import compact_linear
 from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
 from fxsparse.recapture import follow_signature
-from fxsparse.capture import capture, graph_inputs, pytree_specs, split_inputs
+from fxsparse.capture import Runner, capture, graph_inputs, pytree_specs, split_inputs
 
 __all__ = [
     "FlopRow",
@@ -473,7 +473,7 @@ def _fake_limits() -> tuple[type[BaseException], ...]:
 _FAKE_LIMITS = _fake_limits()
 
 
-class _Counter(torch.fx.Interpreter):
+class _Counter(Runner):
     """Runs the graph (on fake tensors) and counts the products of every node."""
 
     def __init__(self, gm: torch.fx.GraphModule, names: Mapping[str, str], masker: str | None, fake: bool) -> None:

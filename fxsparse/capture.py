@@ -35,7 +35,7 @@ from fxsparse.tracing import trace
 
 __all__ = [
     "CAPTURES", "PYTREE_SPECS", "Captured", "capture", "split_inputs", "graph_inputs", "pytree_specs",
-    "graph_state", "graph_from_state", "inline_wrappers", "same_graph", "resolve",
+    "graph_state", "graph_from_state", "inline_wrappers", "same_graph", "resolve", "Runner",
 ]
 
 CAPTURES = ("auto", "symbolic", "export")
@@ -491,6 +491,34 @@ def _named(model: nn.Module, positional: tuple[Any, ...]) -> dict[str, Any]:
     if len(params) < len(positional):  # *args: export takes a tuple in order then
         raise TypeError("positional inputs beyond forward's named parameters")
     return dict(zip(params, positional, strict=False))
+
+
+def _mutable(value: Any) -> Any:
+    """``value`` with every list and dict a fresh mutable one (tuples rebuilt around them)."""
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
+class Runner(torch.fx.Interpreter):
+    """Runs a graph node by node the way its generated code runs it.
+
+    ``torch.fx.Interpreter`` hands a node's list and dict arguments over as the graph's own
+    ``immutable_list`` / ``immutable_dict``, where the module's code builds fresh literals: a
+    wrapped function that mutates an argument it receives (torchvision's
+    ``shifted_window_attention_3d`` pads its ``window_size`` list in place) runs in the module but
+    raises ``TypeError: 'immutable_list' object does not support mutation`` under a plain
+    interpreter. This one passes mutable copies, so whatever watches or counts the run sees the
+    calls the module makes.
+    """
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
 
 
 def graph_inputs(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsparse.capture import graph_inputs
+from fxsparse.capture import Runner, graph_inputs
 from fxsparse.compact import CompactWeight, compact_linear, density_rule
 from fxsparse.masking import MASKER, Masker
 from fxsparse.passes.compact import compact_reads, operands, to_compact
@@ -185,7 +185,7 @@ def _visit_inputs(
                 consumers[user] = node.kwargs["name"]
     seen: set[str] = set()
 
-    class Recorder(torch.fx.Interpreter):
+    class Recorder(Runner):
         def run_node(self, n: torch.fx.Node) -> Any:
             x = operands(n)[0] if n in consumers else None
             if isinstance(x, torch.fx.Node):

@@ -113,6 +113,14 @@ def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.fx.wrap
+def windowed_linear(x: torch.Tensor, w: torch.Tensor, window: list[int]) -> torch.Tensor:
+    """Mutates the list it is given, as torchvision's ``shifted_window_attention_3d`` pads its
+    ``window_size``: an interpreter handing over the graph's immutable list cannot run it."""
+    window[0] = min(window[0], x.shape[1])
+    return F.linear(x, w)
+
+
+@torch.fx.wrap
 def add_position(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """A matrix parameter passed in but used by no product (a position embedding)."""
     return x + pos
@@ -142,6 +150,7 @@ HELPERS = {
     "call_layer": ("product", True),
     "normalized_outside": ("computed", True),
     "scaled_into_branchy": ("computed", False),
+    "windowed_linear": ("product", False),
 }
 
 
@@ -163,6 +172,7 @@ class WrappedNet(nn.Module):
         self.layer = nn.Linear(width, width)
         self.normalized = nn.Parameter(torch.randn(width, width) * 0.2)
         self.scaled = nn.Parameter(torch.randn(width, width) * 0.2)
+        self.windowed = nn.Parameter(torch.randn(width, width) * 0.2)
         self.head = nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +195,8 @@ class WrappedNet(nn.Module):
                 x = torch.tanh(plain_linear(x, self.normalized / self.normalized.norm(dim=1, keepdim=True)))
             elif helper == "scaled_into_branchy":  # a computed weight into a function tracing cannot enter
                 x = torch.tanh(branchy_linear(x, self.scaled * 0.5))
+            elif helper == "windowed_linear":
+                x = torch.tanh(windowed_linear(x, self.windowed, [8, 8]))
         return self.head(x.mean(1))
 
     # the parameter each helper is given, and its kind (see HELPERS)
@@ -198,6 +210,7 @@ class WrappedNet(nn.Module):
         "call_layer": ("layer.weight",),
         "normalized_outside": ("normalized",),
         "scaled_into_branchy": ("scaled",),
+        "windowed_linear": ("windowed",),
     }
 
 

@@ -202,3 +202,14 @@ def test_a_model_passing_itself_into_a_wrapped_function_gets_a_clear_error_or_th
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
     sparse = fxsparse.sparsify(model, 0.5, "uniform", dense=[], example_inputs=X)  # auto: export captures it
     assert sparse.capture == "export" and {"inner.weight", "matrix", "head.weight"} <= set(sparse.masks)
+
+
+def test_a_wrapped_function_that_mutates_a_list_argument_is_watched_running():
+    # torchvision's Swin3D pads its window_size list in place: watched under a plain
+    # torch.fx.Interpreter, which hands over the graph's immutable list, the call raised and its
+    # 48 attention weights were listed; the module's own code passes a fresh list
+    model = _net(("windowed_linear",))
+    sparse = fxsparse.sparsify(copy.deepcopy(model), 0.5, "uniform", dense=[], example_inputs=X)
+    assert "windowed" in sparse.masks, dict(sparse.skipped).get("windowed")
+    assert sparse._fxsparse.sites["windowed"].opaque
+    assert check_model(model, X).ok

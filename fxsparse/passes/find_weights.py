@@ -33,7 +33,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsparse.capture import resolve
+from fxsparse.capture import Runner, graph_inputs, resolve
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.functionalize import plain_call
 from fxsparse.passes.ops import (
@@ -447,7 +447,6 @@ def _watch_leaf_calls(
 ) -> dict[torch.fx.Node, tuple[set[str], dict[str, str]] | str]:
     """Runs a copy of ``gm`` on ``inputs`` and watches each wrapped call of ``nodes`` run
     (:class:`fxsparse.probe.ProductReads`): the parameters a product kernel reads inside."""
-    from fxsparse.capture import graph_inputs
     from fxsparse.probe import ProductReads
 
     twin = copy.deepcopy(gm)
@@ -457,7 +456,7 @@ def _watch_leaf_calls(
 
     reads = ProductReads(params)  # over the whole run: it follows what is computed from parameters
 
-    class Watcher(torch.fx.Interpreter):
+    class Watcher(Runner):
         def run_node(self, n: torch.fx.Node) -> Any:
             if n.name not in wanted:
                 return super().run_node(n)

@@ -26,6 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsparse.capture import Runner
 from fxsparse.compact import compact_linear
 from fxsparse.masking import MASKER
 from fxsparse.passes.ops import product_kind
@@ -190,7 +191,7 @@ def inputs_of(gm: torch.fx.GraphModule, nodes: set[torch.fx.Node], example: tupl
     """The first tensor argument each of ``nodes`` receives when the graph runs ``example``."""
     seen: dict[torch.fx.Node, torch.Tensor] = {}
 
-    class Recorder(torch.fx.Interpreter):
+    class Recorder(Runner):
         def run_node(self, n: torch.fx.Node) -> Any:
             if n in nodes:
                 value = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else None
