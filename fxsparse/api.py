@@ -28,6 +28,7 @@ from fxsparse.masking import Masker, mask_on, zero_inactive_
 from fxsparse.passes.find_weights import LAYERS, canonical_names, find_weights_in
 from fxsparse.passes.functionalize import functionalize
 from fxsparse.passes.mask_weights import mask_weights
+from fxsparse.kernels import GRAPH, site_groups, swap_layers
 from fxsparse.recapture import adopt_and_mask, read_by, signature_of
 from fxsparse.blocks import restore_containers
 from fxsparse.unwrap import skeleton_of
@@ -353,7 +354,8 @@ def _masks_and_state(
                                   given=None if given is None else given[s.fqn])
     for s in kept:
         mask_name = _add_mask(sparse, s.fqn, drawn.pop(s.fqn))
-        state.sites[s.fqn] = _Site(mask_name, s.shape, densities[s.fqn], counts[s.fqn], bool(s.opaque))
+        state.sites[s.fqn] = _Site(mask_name, s.shape, densities[s.fqn], counts[s.fqn], bool(s.opaque),
+                                   kernel=s.layer or (GRAPH if s.kernels else ""))
     return state
 
 
@@ -363,12 +365,14 @@ def _mask(
 ) -> None:
     """Step 7: ``passes.mask_weights`` on the train-mode graph, and where the eval-mode graph
     differs (``several``), on that one too (:func:`_mode_graphs`); weights used inside an opaque
-    leaf are masked by the module-level fallback (``hooked``)."""
-    masked = {f: site.mask for f, site in state.sites.items() if not site.opaque}
-    hooked = {f: site.mask for f, site in state.sites.items() if site.opaque}
-    mask_weights(sparse, read_by(sparse.graph, masked, names), names, MASKER, hooked=hooked)
+    leaf are masked by the module-level fallback (``hooked``), those read through a computed kernel
+    on that kernel (``kernels``: in the graph, or in the layer of an opaque leaf that computes it,
+    :func:`fxsparse.kernels.swap_layers`)."""
+    masked, hooked, kernels = site_groups(state.sites)
+    swap_layers(sparse, state.sites)
+    mask_weights(sparse, read_by(sparse.graph, masked, names), names, MASKER, hooked=hooked, kernels=kernels)
     if several:
-        state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked)
+        state.mode_graphs = _mode_graphs(sparse, captured, work, masked, names, hooked, kernels)
 
 
 def _attach(sparse: SparseGraphModule, state: _State, model: nn.Module) -> None:
@@ -458,7 +462,7 @@ def _input_spec(inputs: tuple[tuple[Any, ...], dict[str, Any]] | None) -> Any:
 
 def _mode_graphs(
     sparse: SparseGraphModule, captured: Captured, work: nn.Module, masked: Mapping[str, str],
-    names: Mapping[str, str], hooked: Mapping[str, str],
+    names: Mapping[str, str], hooked: Mapping[str, str], kernels: Mapping[str, str],
 ) -> dict[bool, torch.fx.Graph]:
     """The eval-mode graph masked like the train-mode one, reading ``sparse``'s attributes
     (:func:`fxsparse.recapture.adopt_and_mask`: a symbolic trace's own paths are installed at the
@@ -466,7 +470,7 @@ def _mode_graphs(
     assert captured.eval is not None
     own = {name for name, _ in work.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in work.named_buffers(remove_duplicate=False)}
-    eval_graph = adopt_and_mask(sparse, captured.eval, own, masked, names, hooked, prefix="fxsparse_eval_",
+    eval_graph = adopt_and_mask(sparse, captured.eval, own, masked, names, hooked, kernels, prefix="fxsparse_eval_",
                                 same_paths=captured.how == "symbolic")
     return {True: sparse.graph, False: eval_graph}
 

@@ -24,11 +24,11 @@ from fxsparse.api import copy_model, sparsify
 from fxsparse.budgets import active_counts, layer_densities
 from fxsparse.capture import split_inputs
 from fxsparse.passes.find_weights import LAYERS, canonical_names
-from fxsparse.probe import ProductReads
+from fxsparse.probe import ProductReads, SparseReads
 
 __all__ = ["CheckReport", "check_model", "product_weights", "CHECKS"]
 
-CHECKS = ("sparsify", "counts", "covered", "density_one", "modes", "gradients", "rigl_step")
+CHECKS = ("sparsify", "counts", "covered", "reads", "density_one", "modes", "gradients", "rigl_step")
 
 
 @dataclass
@@ -145,6 +145,22 @@ def _check_covered(run: _Checking) -> None:
         )
 
 
+def _check_reads(run: _Checking) -> None:
+    """Every product reads zeros where its weight's mask is False, in train and in eval mode: the
+    weight itself, and a kernel computed from it (weight standardization), watched running
+    (:class:`fxsparse.probe.SparseReads`) on a copy of the sparse module."""
+    twin = copy_model(run.sparse)
+    tensors = {**dict(twin.named_parameters(remove_duplicate=False)), **dict(twin.named_buffers(remove_duplicate=False))}
+    dense: set[str] = set()
+    for mode in (True, False):
+        twin.train(mode)
+        with torch.no_grad(), SparseReads(tensors, twin.masks) as reads:
+            twin(*run.args, **run.kwargs)
+        dense |= reads.dense
+    if dense:
+        raise AssertionError(f"{len(dense)} product(s) read nonzero values where the mask is False: {sorted(dense)[:5]}")
+
+
 def _check_density_one(run: _Checking) -> None:
     """At density 1.0 the outputs equal the model's (eval mode)."""
     model, args, kwargs = run.model, run.args, run.kwargs
@@ -216,6 +232,7 @@ _STAGES: dict[str, Callable[[_Checking], None]] = {
     "sparsify": _check_sparsify,
     "counts": _check_counts,
     "covered": _check_covered,
+    "reads": _check_reads,
     "density_one": _check_density_one,
     "modes": _check_modes,
     "gradients": _check_gradients,

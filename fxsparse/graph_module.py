@@ -48,6 +48,9 @@ class _Site:
     active: int  # the layer's exact active count, kept by every topology update
     opaque: bool = False  # used inside an opaque leaf module (the module-level fallback)
     compact: str = ""  # the layout="compact" layer holding it (fxsparse.compact), else masked
+    # a product reads a kernel computed from it: "graph", or the path of the layer inside an opaque
+    # leaf that computes it (fxsparse.kernels); the mask goes on that kernel
+    kernel: str = ""
 
 
 @dataclass

@@ -91,10 +91,11 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
         asked = _asked(layout, fqn)
         pointwise = len(site.shape) == 4 and tuple(site.shape[2:]) == (1, 1)
         shaped = len(site.shape) == 2 or pointwise
-        kind = None if site.opaque or not shaped else compact_reads(graphs, MASKER, fqn)
+        kind = None if site.opaque or site.kernel or not shaped else compact_reads(graphs, MASKER, fqn)
         if kind is not None and kind.startswith("conv2d") != pointwise:
             kind = None
         why_not = ("used inside an opaque module" if site.opaque
+                   else "read through a kernel computed from it (weight standardization)" if site.kernel
                    else "not a 2-D weight or a 1x1 convolution kernel" if not shaped
                    else "read other than as a linear layer's weight, the right operand of x @ W or a 1x1 convolution "
                         "without padding or groups" if kind is None

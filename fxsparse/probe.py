@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["ProductReads", "PRODUCT_OPERANDS"]
+__all__ = ["ProductReads", "SparseReads", "PRODUCT_OPERANDS"]
 
 _ATEN = torch.ops.aten
 # ATen products and the positions of their matrix operands (a bias is no operand)
@@ -127,3 +127,78 @@ class ProductReads(TorchDispatchMode):
                 if isinstance(result, torch.Tensor) and self._param(result) is None:
                     self._derived[result] = found
         return out
+
+
+class SparseReads(TorchDispatchMode):
+    """Records the sparse weights whose zeros a product kernel does not read.
+
+    While active, every product operand (:data:`PRODUCT_OPERANDS`) that is a weight of ``masks``
+    or is computed from exactly one of them (with other parameters, buffers and constants: a
+    standardized kernel, ``where(mask, kernel, 0)``), and has its mask's shape, is compared with
+    the mask: an operand nonzero where the mask is False means the product computes with an
+    inactive weight.
+
+    Args:
+        tensors: every parameter and buffer of the module, by name.
+        masks: the sparse weights' masks, by weight name.
+
+    Attributes:
+        checked: the weights whose operand a product read (and was compared).
+        dense: those that were nonzero somewhere the mask is False.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._masks = {name: mask.detach().to(torch.bool) for name, mask in masks.items()}
+        self._names: dict[int, frozenset[str]] = {}
+        self._layout: dict[int, tuple[tuple[int, ...], int]] = {}  # a weight's own strides and offset
+        for name, tensor in tensors.items():
+            key = _storage(tensor)
+            if key is not None:
+                self._names[key] = self._names.get(key, frozenset()) | (frozenset({name}) if name in masks else frozenset())
+                if name in masks:
+                    self._layout[key] = (tuple(tensor.stride()), tensor.storage_offset())
+        self._derived: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.checked: set[str] = set()
+        self.dense: set[str] = set()
+
+    def _sources(self, value: torch.Tensor) -> frozenset[str] | None:
+        if value.dim() == 0:
+            return frozenset()  # a scalar constant
+        key = _storage(value)
+        if key is not None and key in self._names:
+            return self._names[key]
+        return self._derived.get(value)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        operands = _operands(func, args)
+        for operand in operands:
+            if not isinstance(operand, torch.Tensor):
+                continue
+            names = self._sources(operand)
+            if names is None or len(names) != 1:
+                continue
+            (name,) = names
+            mask = self._masks[name]
+            layout = self._layout.get(_storage(operand))  # a view of the weight: only the weight as it is
+            if layout is not None and layout != (tuple(operand.stride()), operand.storage_offset()):
+                continue
+            if tuple(operand.shape) == tuple(mask.shape):
+                self.checked.add(name)
+                if bool(operand.detach().ne(0).logical_and(~mask.to(operand.device)).any()):
+                    self.dense.add(name)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        sources = [self._sources(t) for t in tensors]
+        permutes = getattr(func, "overloadpacket", None) in _PERMUTES  # a square kernel's transpose keeps its shape
+        if tensors and not operands and not permutes and all(s is not None for s in sources):
+            found = frozenset().union(*sources)  # type: ignore[arg-type]
+            for result in tree_leaves(out):
+                if isinstance(result, torch.Tensor) and _storage(result) not in self._names:
+                    self._derived[result] = found
+        return out
+
+
+_PERMUTES = {_ATEN.t, _ATEN.transpose, _ATEN.permute, _ATEN.swapaxes, _ATEN.swapdims, _ATEN.numpy_T, _ATEN.mT,
+             _ATEN.adjoint, _ATEN.flip, _ATEN.rot90, _ATEN.roll}

@@ -28,6 +28,7 @@ from fxsparse.capture import capture as capture_graph, pytree_specs, resolve
 from fxsparse.masking import MASKER
 from fxsparse.passes.find_weights import canonical_names
 from fxsparse.passes.functionalize import functionalize
+from fxsparse.kernels import site_groups
 from fxsparse.passes.mask_weights import mask_weights
 
 __all__ = ["signature_of", "follow_signature", "adopt_and_mask", "read_by", "install"]
@@ -104,21 +105,20 @@ def _capture(sparse: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict
     names = canonical_names(model)
     own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
-    masked = {f: site.mask for f, site in state.sites.items() if not site.opaque}
-    hooked = {f: site.mask for f, site in state.sites.items() if site.opaque}
+    masked, hooked, kernels = site_groups(state.sites)
     done: dict[int, torch.fx.Graph] = {}
     graphs = {}
     for mode, gm in captured.graphs.items():
         if id(gm) not in done:
             functionalize(gm, set(state.sites))
-            done[id(gm)] = adopt_and_mask(sparse, gm, own, masked, names, hooked, prefix="fxsparse_capture_")
+            done[id(gm)] = adopt_and_mask(sparse, gm, own, masked, names, hooked, kernels, prefix="fxsparse_capture_")
         graphs[mode] = done[id(gm)]
     return {"graphs": graphs, "specs": pytree_specs(captured.train)}
 
 
 def adopt_and_mask(
     sparse: Any, gm: torch.fx.GraphModule, own: set[str], masked: Mapping[str, str], names: Mapping[str, str],
-    hooked: Mapping[str, str], *, prefix: str, same_paths: bool = False,
+    hooked: Mapping[str, str], kernels: Mapping[str, str], *, prefix: str, same_paths: bool = False,
 ) -> torch.fx.Graph:
     """``gm``'s graph masked like ``sparse``'s, reading ``sparse``'s attributes.
 
@@ -146,7 +146,7 @@ def adopt_and_mask(
     current = sparse.graph
     sparse.graph = gm.graph  # the pass inserts get_attr nodes: let them resolve on sparse
     try:
-        mask_weights(sparse, read_by(gm.graph, masked, names), names, MASKER, hooked=hooked)
+        mask_weights(sparse, read_by(gm.graph, masked, names), names, MASKER, hooked=hooked, kernels=kernels)
     finally:
         sparse.graph = current
     return gm.graph

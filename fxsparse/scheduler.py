@@ -18,6 +18,7 @@ from fxsparse.graph_module import LayerChange, SparseGraphModule
 from fxsparse.masking import MASKER
 from fxsparse.methods import Method, available_methods, make_method, register_method
 from fxsparse.methods.base import compact_refusal
+from fxsparse.kernels import GRAPH
 from fxsparse.passes.compact import masked_nodes
 from fxsparse.schedules import GradualPruning, cosine_drop_fraction, end_step
 from fxsparse.topology import drop_count
@@ -305,7 +306,10 @@ def growth_candidate_counts(sparse: SparseGraphModule, drop_fraction: float) -> 
 
 def _record_points(sparse: SparseGraphModule, fqn: str) -> int:
     """How many places record ``fqn``'s growth gradient in one training backward: its
-    masked-weight nodes in the training graph, and the parameter hook of a weight an opaque
-    leaf uses."""
+    masked-weight nodes in the training graph, the parameter hook of a weight an opaque
+    leaf uses, and the masked-weight node of a layer inside an opaque leaf whose computed
+    kernel the mask goes on (fxsparse.kernels)."""
     graph = (sparse._fxsparse.mode_graphs or {}).get(True, sparse.graph)
-    return len(masked_nodes(graph, MASKER, fqn)) + int(bool(sparse._fxsparse.sites[fqn].opaque))
+    site = sparse._fxsparse.sites[fqn]
+    in_layer = bool(site.kernel) and site.kernel != GRAPH
+    return len(masked_nodes(graph, MASKER, fqn)) + int(bool(site.opaque)) + int(in_layer)

@@ -137,7 +137,7 @@ def sharded_sites(sparse: Any) -> list[str]:
 def shard_masks(sparse: Any) -> int:
     """Makes every mask of a sharded weight a DTensor sharded like it (idempotent); returns how
     many it sharded now. Raises ValueError before any change for what cannot be sharded: a
-    compact layer, a block whose forward never runs."""
+    compact layer, a block whose forward never runs, a weight read through a computed kernel."""
     sites = sparse._fxsparse.sites
     names = sharded_sites(sparse)
     if not names:
@@ -150,6 +150,13 @@ def shard_masks(sparse: Any) -> int:
         raise ValueError(
             f"fxsparse: {len(compact)} layer(s) use the compact layout ({compact[0]!r} ...), which stores a layer as "
             "its active values and cannot be sharded by fully_shard; sparsify with layout='masked' to train under FSDP"
+        )
+    kernels = [fqn for fqn in names if getattr(sites[fqn], "kernel", "")]
+    if kernels:
+        raise ValueError(
+            f"fxsparse: {len(kernels)} sharded weight(s) are read through a kernel computed from them "
+            f"({kernels[0]!r} ...: weight standardization), whose mask and growth gradient are not sharded yet; "
+            "leave those layers unsharded (fully_shard the other blocks), or train without FSDP"
         )
     for fqn in names:
         site = sites[fqn]

@@ -30,9 +30,13 @@ __all__ = [
 def _timm_notrace() -> tuple[set[type[nn.Module]], set[Callable[..., Any]]]:
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
+        from timm.layers.padding import pad_same
     except ImportError:  # timm is optional at import time
         return set(), set()
-    return set(get_notrace_modules()), set(get_notrace_functions())
+    # pad_same computes "same" padding from the input's size in Python: timm keeps the layers that
+    # call it (Conv2dSame, StdConv2dSame ...) whole instead; a leaf here lets such a layer be
+    # traced alone (its kernel computation, fxsparse.kernels)
+    return set(get_notrace_modules()), set(get_notrace_functions()) | {pad_same}
 
 
 def leaf_modules() -> set[type[nn.Module]]:

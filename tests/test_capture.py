@@ -409,12 +409,12 @@ class StandardizedConv(nn.Module):
 
 
 @pytest.mark.parametrize("capture", ["symbolic", "export"])
-def test_a_weight_the_product_reads_through_a_computation_is_left_dense_with_the_reason(capture):
+def test_a_weight_the_product_reads_through_a_computation_is_masked_on_the_kernel(capture):
     sparse = fxsparse.sparsify(StandardizedConv(), 0.5, example_inputs=torch.randn(2, 3, 6, 6), capture=capture)
-    assert set(sparse.masks) == {"head.weight"}
-    reasons = dict(sparse.skipped)
-    assert "weight" in reasons and "computed into the weight of" in reasons["weight"], sparse.skipped
-    assert "gain" not in reasons  # a per-channel gain is no weight matrix
+    assert set(sparse.masks) == {"weight", "head.weight"} and not sparse.skipped  # a gain is no weight matrix
+    assert sparse._fxsparse.sites["weight"].kernel == "graph"
+    kernels = [n for n in sparse.graph.nodes if n.meta.get("fxsparse.kernel") == "weight"]
+    assert len(kernels) == 1  # masked once, between the standardization and the convolution
 
 
 def test_check_model_says_when_a_backward_through_torch_export_itself_fails():

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxsparse
+from fxsparse.checks import check_model
 from invariants import (
     assert_budget,
     assert_inactive_no_influence,
@@ -422,6 +423,39 @@ def test_weights_inside_opaque_leaves_get_the_same_invariants():
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh.masks[f], m) for f, m in sparse.masks.items())
     torch.testing.assert_close(fresh(x), sparse(x))
+
+
+class _Recurrent(torch.nn.Module):
+    """Stacked LSTM and GRU: torch.export leaves one aten.lstm / aten.gru node per module, reading
+    every layer's matrices from a list argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 8, num_layers=2, batch_first=True)
+        self.gru = torch.nn.GRU(8, 6, batch_first=True, bidirectional=True)
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        h, _ = self.gru(h)
+        return self.head(h[:, -1])
+
+
+def test_recurrent_weights_are_masked_under_torch_export():
+    # export's aten.lstm(input, hx, params, ...) reads the matrices from its list argument: they
+    # were neither masked nor listed (transformers' Parakeet RNN-T decoder under 5.25)
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    sparse = fxsparse.sparsify(_Recurrent(), 0.5, "uniform", dense=[], example_inputs=x, capture="export")
+    matrices = {n for n, p in _Recurrent().named_parameters() if p.dim() == 2 and not n.startswith("head")}
+    assert len(matrices) == 8 and matrices <= set(sparse.masks) and not sparse.skipped
+    assert not any(sparse._fxsparse.sites[fqn].opaque for fqn in matrices)  # masked in the graph
+    assert_inactive_no_influence(sparse, x)
+    sparse(x).square().sum().backward()
+    assert_inactive_zero_grad(sparse)
+    assert matrices <= set(sparse.masker.grads)
+    report = check_model(_Recurrent(), x, capture="export")
+    assert report.ok, report.failure
 
 
 def test_rigl_step_without_backward_is_a_clear_error():

@@ -15,6 +15,8 @@ import pytest
 
 from scripts import load_script
 
+from fxsparse.checks import CHECKS
+
 pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transformers_coverage.py"
@@ -97,7 +99,8 @@ FAKE = [
     {"type": "bert", "model": "BertLMHeadModel", "config": "tiny", "status": "ok", "stage": None, "reason": None,
      "capture": "export", "coverage": 0.68, "masked_params": 17408, "seconds": 12.5, "torch": "2.x",
      "transformers": "5.x", "command": "benchmarks/transformers_coverage.py --only bert",
-     "signatures": {"status": "ok", "calls": ["other shape"], "capture": "export"}},
+     "signatures": {"status": "ok", "calls": ["other shape"], "capture": "export"},
+     "passed": {check: True for check in CHECKS}},
     {"type": "layoutlm", "model": "LayoutLMForMaskedLM", "config": "tiny", "status": "failed",
      "stage": "rigl_step", "reason": "rigl_step: ValueError: no growth gradient | for 1 layer",
      "capture": "export", "coverage": 0.7, "masked_params": 100, "seconds": 11.0, "torch": "2.x",

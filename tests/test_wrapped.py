@@ -23,6 +23,7 @@ from mode_models import HELPERS, DeclaredNet, WrappedNet
 import fxsparse
 import importlib
 from fxsparse.checks import check_model, product_weights
+from fxsparse.probe import SparseReads
 
 X = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
 
@@ -53,6 +54,8 @@ def test_every_product_weight_passed_into_a_wrapped_function_is_masked_or_listed
         for fqn in WrappedNet.WEIGHTS[helper]:
             if kind == "none":  # a position embedding: no product weight, neither masked nor listed
                 assert fqn not in sparse.masks and fqn not in skipped and fqn not in watched
+            elif kind == "computed" and capture == "export":  # inlined: the kernel is in the graph, masked there
+                assert fqn in sparse.masks and sparse._fxsparse.sites[fqn].kernel == "graph", skipped
             elif kind == "computed":
                 assert fqn in skipped and "left dense" in skipped[fqn], skipped
             elif traceable or inputs is not None:
@@ -69,6 +72,7 @@ def test_every_product_weight_passed_into_a_wrapped_function_is_masked_or_listed
     for fqn, grad in sparse.masker.grads.items():  # dense: inactive entries too
         assert bool((grad * ~sparse.masks[fqn]).ne(0).any()) or sparse.masks[fqn].all(), fqn
     assert_inactive_no_influence(sparse, X)
+    assert not sparse_reads(sparse, X)  # every product reads zeros where the mask is False
     sparse.rigl_step(0.3)
     sparse.verify()
     # density 1.0 computes what the model computes
@@ -141,7 +145,16 @@ def test_weights_read_where_no_weight_is_expected_are_listed():
     assert check_model(Net(), torch.randn(4, 3, 8)).ok
 
 
-def test_a_standardized_convolution_inside_an_opaque_leaf_is_listed_not_masked():
+def sparse_reads(sparse, x):
+    """The weights some product of ``sparse`` read nonzero where their mask is False."""
+    twin = copy.deepcopy(sparse)
+    tensors = {**dict(twin.named_parameters()), **dict(twin.named_buffers())}
+    with torch.no_grad(), SparseReads(tensors, twin.masks) as reads:
+        twin(x)
+    return reads.dense
+
+
+def test_a_standardized_convolution_inside_an_opaque_leaf_is_masked_on_its_kernel():
     timm_layers = pytest.importorskip("timm.layers")
 
     @fxsparse.register_leaf_module
@@ -156,9 +169,10 @@ def test_a_standardized_convolution_inside_an_opaque_leaf_is_listed_not_masked()
 
     net = torch.nn.Sequential(Block(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 2))
     sparse = fxsparse.sparsify(net, 0.5, "uniform", dense=[])
-    skipped = dict(sparse.skipped)
-    assert "0.std.weight" not in sparse.masks and "computed into" in skipped["0.std.weight"]
-    assert "StdConv2d" in skipped["0.std.weight"]
+    # the layer inside the leaf is replaced by its own trace, which masks the standardized kernel
+    assert "0.std.weight" in sparse.masks and sparse._fxsparse.sites["0.std.weight"].kernel == "0.std"
+    assert not sparse.skipped
+    assert not sparse_reads(sparse, torch.randn(2, 3, 8, 8))
     assert {"0.plain.weight", "2.weight"} <= set(sparse.masks)  # a plain conv inside keeps the fallback
     assert check_model(net, torch.randn(2, 3, 8, 8)).ok
 

@@ -37,6 +37,7 @@ from fxsparse.capture import Runner, graph_inputs, resolve
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.functionalize import plain_call
 from fxsparse.passes.ops import (
+    ATEN_RECURRENT,
     ATEN_WEIGHT_ARGS,
     FUNCTION_INPUT_ARGS,
     FUNCTION_LIST_ARGS,
@@ -49,6 +50,7 @@ from fxsparse.passes.ops import (
     is_rewritable,
     operands_at,
     packet,
+    schema_positions,
     schema_weight_positions,
     view_source,
 )
@@ -56,7 +58,7 @@ from fxsparse.registry import LEAF_WEIGHTS, leaf_function_weights, register_leaf
 
 __all__ = [
     "WeightUse", "WeightSite", "find_weights", "find_weights_in", "canonical_names", "REWRITABLE_MODULES", "LAYERS",
-    "register_leaf_weights", "leaf_product_weights",
+    "register_leaf_weights", "leaf_product_weights", "kernel_operands",
 ]
 
 _ATEN = torch.ops.aten
@@ -79,6 +81,9 @@ class WeightSite:
 
     ``opaque`` names the leaf module(s) that use it out of the graph's sight (the module-level
     fallback: masked in the parameter itself, its growth gradient hooked on the parameter).
+    ``kernels`` / ``layer``: a product reads a kernel computed from it alone, of its shape
+    (weight standardization), in the graph or in the layer ``layer`` of an opaque leaf: the mask
+    goes on that kernel (:mod:`fxsparse.kernels`).
     """
 
     fqn: str
@@ -86,6 +91,10 @@ class WeightSite:
     uses: list[WeightUse] = field(default_factory=list)
     consumers: list[torch.fx.Node] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
+    # the products that read a kernel computed from it (weight standardization): the mask goes on
+    # the kernel (fxsparse.kernels); ``layer``: the layer inside an opaque leaf that computes it
+    kernels: list[torch.fx.Node] = field(default_factory=list)
+    layer: str = ""
 
 
 def _timm_leaf_weights() -> None:
@@ -129,27 +138,59 @@ def leaf_product_weights(module: nn.Module) -> dict[str, str]:
     return found
 
 
-def _computed_inside(module: nn.Module) -> dict[str, str]:
+def _computed_inside(module: nn.Module) -> dict[str, tuple[str, str]]:
     """The conv/linear weights inside an opaque leaf that their own layer computes on before its
     product (a subclass that changed how it computes: timm's ``StdConv2d`` / ``ScaledStdConv2d``
-    standardize the weight), by name relative to ``module``, with what computes them: a mask on
-    such a parameter would not make the product sparse. Each such layer's forward is traced
-    alone; one that cannot be traced is taken as reading its weight as it is."""
+    standardize the weight), by name relative to ``module``: ``("kernel", layer path)`` when the
+    layer traced alone computes a kernel of the weight's shape from it alone (its mask then goes
+    on that kernel, :mod:`fxsparse.kernels`), else ``("blocked", why)``: a mask on the parameter
+    would not make the product sparse. A layer that cannot be traced alone is taken as reading
+    its weight as it is."""
     from fxsparse.tracing import trace
 
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, str]] = {}
     for sub_name, sub in module.named_modules():
         if not isinstance(sub, REWRITABLE_MODULES) or is_rewritable(sub):
             continue
+        relative = f"{sub_name}.weight" if sub_name else "weight"
         try:
             traced = trace(sub)
-            _, left = find_weights(traced, canonical_names(sub), _depth=_MAX_DEPTH)
-        except Exception:  # noqa: BLE001 - untraceable alone: the weight is taken as the product's
+            sites, left = find_weights(traced, canonical_names(sub), _depth=_MAX_DEPTH)
+        except Exception:  # noqa: BLE001 - untraceable alone: watched running instead
+            if _computed_when_run(sub):
+                found[relative] = ("blocked", f"{type(sub).__name__} {sub_name!r}, which cannot be traced alone "
+                                   "and was seen running to compute its kernel from the weight (weight "
+                                   "standardization or the like): a mask on the parameter would not make "
+                                   "the product sparse; left dense")
             continue
+        if any(site.fqn == "weight" and site.kernels and not site.consumers for site in sites):
+            found[relative] = ("kernel", sub_name)
         reason = dict(left).get("weight")
         if reason is not None and reason.startswith("computed into"):
-            found[f"{sub_name}.weight" if sub_name else "weight"] = f"{type(sub).__name__} {sub_name!r}: {reason}"
+            found[relative] = ("blocked", f"{type(sub).__name__} {sub_name!r}: {reason}")
     return found
+
+
+def _computed_when_run(layer: nn.Module) -> bool:
+    """Whether a conv/linear ``layer``, run alone on a small random input of its own channels,
+    reads a kernel computed from its weight rather than the weight (:class:`fxsparse.probe.ProductReads`).
+    False when it cannot be run so."""
+    from fxsparse.probe import ProductReads
+
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    if isinstance(layer, nn.Linear):
+        shape: tuple[int, ...] = (1, layer.in_features)
+    else:
+        spatial = getattr(layer, "kernel_size", ())
+        shape = (1, layer.in_channels, *(max(2 * k, 8) for k in spatial))
+    try:
+        with torch.no_grad(), ProductReads({"weight": weight}) as reads:
+            layer(torch.randn(shape, dtype=weight.dtype, device=weight.device))
+    except Exception:  # noqa: BLE001 - not runnable so: taken as reading its weight
+        return False
+    return "weight" in reads.computed and "weight" not in reads.direct
 
 
 def canonical_names(module: nn.Module) -> dict[str, str]:
@@ -201,6 +242,9 @@ def _weight_operands(node: torch.fx.Node) -> Iterable[Any]:
             if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
                 operands = operands[0]
             return list(operands)
+        if packet(node.target) in ATEN_RECURRENT:  # lstm(input, hx, params, ...): the weight matrices of a list
+            params = operands_at(node, schema_positions(node.target, "params"))
+            return list(params[0]) if params and isinstance(params[0], (list, tuple)) else []
         positions = FUNCTION_WEIGHT_ARGS.get(node.target, ())  # type: ignore[arg-type]
         if not positions:
             positions = ATEN_WEIGHT_ARGS.get(packet(node.target), ())
@@ -391,7 +435,12 @@ def _leaf_function_reads(
     except Exception as e:  # noqa: BLE001 - any failure of the trace: the use is unknown
         text = str(e).strip().splitlines()
         return f"{type(e).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
-    return {s.fqn for s in sites} & set(given), {fqn: why for fqn, why in left if fqn in given or fqn in computed}
+    kernels = {  # a kernel computed inside the function: no node of ours can mask it there
+        s.fqn: f"computed into the weight of {_label(s.kernels[0].target)} inside the function{_COMPUTED_WHY}"
+        for s in sites if s.kernels and not s.consumers
+    }
+    reads = {s.fqn for s in sites if s.fqn not in kernels} & set(given)
+    return reads, {fqn: why for fqn, why in [*left, *kernels.items()] if fqn in given or fqn in computed}
 
 
 _COMPUTED_WHY = (
@@ -611,10 +660,16 @@ def _opaque_leaf_parameters(
     standardized = _computed_inside(module) if inside else {}
     for pname, p in owned:
         relative = pname[len(f"{node.target}.") :]
-        if p.dim() >= 2 and relative in standardized:
+        kind, what = standardized.get(relative, ("", ""))
+        if p.dim() >= 2 and kind == "kernel":  # masked on the kernel its layer computes
+            found.site(found.names[pname]).layer = f"{node.target}.{what}" if what else str(node.target)
+            continue
+        gain = any(k == "kernel" and relative.startswith(w[: -len("weight")]) for w, (k, _) in standardized.items())
+        if gain and sum(d > 1 for d in p.shape) < 2:
+            continue  # a per-channel gain of a layer whose kernel is masked: no product weight
+        if p.dim() >= 2 and kind == "blocked":
             found.blocked[found.names[pname]] = (
-                f"used inside the opaque leaf module {node.target!r} ({type(module).__name__}) "
-                f"by {standardized[relative]}"
+                f"used inside the opaque leaf module {node.target!r} ({type(module).__name__}) by {what}"
             )
             continue
         if p.dim() >= 2 and relative in inside:
@@ -703,6 +758,11 @@ def _product_operands(found: _Findings, node: torch.fx.Node) -> None:
             found.site(fqn).consumers.append(node)
             node.meta["fxsparse.weight"] = fqn
         elif isinstance(operand, torch.fx.Node) and operand in found.fixed:
+            kernel = _kernel_source(found.gm, operand, found.names, found.params)
+            if kernel is not None:  # weight standardization: the mask goes on the kernel
+                found.site(kernel).kernels.append(node)
+                node.meta["fxsparse.weight"] = kernel
+                continue
             for source in _parameters_behind(found.gm, operand, found.names):
                 if sum(d > 1 for d in found.params[source].shape) >= 2:  # a matrix, not a gain
                     found.computed.setdefault(source, (
@@ -711,6 +771,85 @@ def _product_operands(found: _Findings, node: torch.fx.Node) -> None:
                         f"product reads a function of it, which a mask on the parameter would "
                         f"not make sparse; left dense"
                     ))
+
+
+def _kernel_source(
+    gm: torch.fx.GraphModule, operand: torch.fx.Node, names: dict[str, str], params: dict[str, nn.Parameter],
+) -> str | None:
+    """The parameter a product's weight ``operand`` is a kernel of: computed from it alone (gains
+    and constants aside: no other matrix), of its shape and floating point, not a view of it.
+    Else None."""
+    if _param_of(gm, operand, names) is not None:
+        return None  # the parameter itself, or a view: a direct read
+    sources = [s for s in _parameters_behind(gm, operand, names) if sum(d > 1 for d in params[s].shape) >= 2]
+    if len(sources) != 1 or not params[sources[0]].is_floating_point():
+        return None
+    value = _value_of(gm, operand)
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(params[sources[0]].shape):
+        return None
+    return sources[0]
+
+
+def _value_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
+    """What ``node``, computed from attributes and constants alone, holds: its recorded value
+    (an exported graph's ``meta["val"]``), else computed from the module's tensors, without
+    gradient. None when that fails."""
+    recorded = node.meta.get("val", node.meta.get("tensor_meta"))
+    if recorded is not None and hasattr(recorded, "shape"):
+        return recorded
+    needed, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo.extend(current.all_input_nodes)
+    env: dict[torch.fx.Node, Any] = {}
+    try:
+        with torch.no_grad():
+            for n in gm.graph.nodes:
+                if n not in needed:
+                    continue
+                args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                if n.op == "get_attr":
+                    env[n] = resolve(gm, str(n.target))
+                elif n.op == "call_function":
+                    env[n] = n.target(*args, **kwargs)
+                elif n.op == "call_method":
+                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                else:
+                    return None
+    except Exception:  # noqa: BLE001 - not computable here: no kernel
+        return None
+    return env.get(node)
+
+
+def kernel_operands(
+    gm: torch.fx.GraphModule, fqns: Iterable[str], names: dict[str, str],
+) -> list[tuple[torch.fx.Node, torch.fx.Node, str]]:
+    """``(product, operand, fqn)`` for every product of ``gm`` whose weight operand is a kernel
+    computed from one of the parameters ``fqns`` (:func:`_kernel_source`), in graph order."""
+    wanted = set(fqns)
+    if not wanted:
+        return []
+    params: dict[str, nn.Parameter] = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        params.setdefault(names.get(name, name), param)
+    fixed: set[torch.fx.Node] = set()
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (
+            node.op in ("call_function", "call_method") and node.all_input_nodes
+            and all(a in fixed for a in node.all_input_nodes)
+        ):
+            fixed.add(node)
+        if node.op == "call_module":
+            continue
+        for operand in _weight_operands(node):
+            if isinstance(operand, torch.fx.Node) and operand in fixed:
+                fqn = _kernel_source(gm, operand, names, params)
+                if fqn in wanted:
+                    found.append((node, operand, fqn))
+    return found
 
 
 def _watch_wrapped_calls(found: _Findings) -> None:
@@ -735,6 +874,10 @@ def _why_dense(found: _Findings, fqn: str) -> str | None:
         )
     if fqn in found.blocked:
         return found.blocked[fqn]
+    site = found.sites[fqn]
+    if (site.kernels or site.layer) and (site.consumers or site.opaque or fqn in found.lookups or fqn in found.computed):
+        return ("read by a product both as it is and through a computation (weight standardization "
+                "or the like): one mask cannot serve both reads; left dense")
     if not param.is_floating_point():
         return f"not floating point ({param.dtype})"
     if not param.requires_grad:
@@ -791,4 +934,6 @@ def find_weights_in(
                 site.uses += found.uses
                 site.consumers += found.consumers
                 site.opaque += [leaf for leaf in found.opaque if leaf not in site.opaque]
+                site.kernels += found.kernels
+                site.layer = site.layer or found.layer
     return [s for fqn, s in merged.items() if fqn not in skipped], sorted(skipped.items())

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch.fx
 
+from fxsparse.kernels import mask_kernels
 from fxsparse.masking import mask_prologue
 
 __all__ = ["mask_weights"]
@@ -28,6 +29,7 @@ def mask_weights(
     names: Mapping[str, str],
     masker: str,
     hooked: Mapping[str, str] | None = None,
+    kernels: Mapping[str, str] | None = None,
 ) -> None:
     """Inserts the masked-weight subgraphs in place.
 
@@ -38,8 +40,12 @@ def mask_weights(
         masker: qualified name of the :class:`fxsparse.masking.Masker` submodule.
         hooked: weights an opaque leaf uses (FQN -> mask name): the prologue zeroes them and
             hooks their gradient on the parameter; any graph reads of them stay as they are.
+        kernels: weights products read through a kernel computed from them (FQN -> mask name):
+            the prologue zeroes them and masks their gradient, their reads stay as they are, and
+            each kernel the graph computes is masked (:func:`fxsparse.kernels.mask_kernels`).
     """
     hooked = dict(hooked or {})
+    kernels = dict(kernels or {})
     graph = gm.graph
     reads: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
@@ -47,7 +53,7 @@ def mask_weights(
             reads.setdefault(names[str(node.target)], []).append(node)
     # the prologue reads every weight and mask first and zeroes the inactive entries (masking.mask_prologue)
     first = next(n for n in graph.nodes if n.op != "placeholder")
-    everything = {**{fqn: mask_names[fqn] for fqn in reads}, **hooked}
+    everything = {**{fqn: mask_names[fqn] for fqn in reads}, **hooked, **kernels}
     with graph.inserting_before(first):
         masker_node = graph.get_attr(masker)
         weights = {fqn: graph.get_attr(fqn) for fqn in everything}
@@ -70,6 +76,7 @@ def mask_weights(
             for node in group:
                 node.replace_all_uses_with(masked)
                 graph.erase_node(node)
+    mask_kernels(gm, kernels, names, masker)
     missing = sorted(set(mask_names) - set(reads))
     if missing:
         raise AssertionError(f"fxsparse: weights {missing} have no read left in the graph to mask")

@@ -21,6 +21,7 @@ from torch import nn
 
 __all__ = [
     "FUNCTION_WEIGHT_ARGS", "FUNCTION_LIST_ARGS", "METHOD_WEIGHT_ARGS", "ATEN_WEIGHT_ARGS", "FUNCTION_INPUT_ARGS", "LOOKUP_ARGS",
+    "ATEN_RECURRENT", "schema_positions",
     "VIEW_METHODS", "VIEW_FUNCTIONS", "VIEW_ATTRS", "ATEN_VIEWS", "REWRITABLE_MODULES", "LAYERS",
     "ARGUMENT_NAMES", "operands_at", "packet", "view_source", "schema_weight_positions", "is_rewritable", "product_kind",
 ]
@@ -119,6 +120,9 @@ ATEN_WEIGHT_ARGS: dict[Any, tuple[int, ...]] = {
     _ATEN.mv: (0, 1), _ATEN.addmv: (1, 2), _ATEN.inner: (0, 1), _ATEN.tensordot: (0, 1),
     _ATEN.bilinear: (2,), _ATEN._trilinear: (0, 1, 2),
 }
+# Recurrent ops of an exported nn.LSTM / GRU / RNN: their argument named "params" is the list of
+# every layer's weight matrices and biases (the matrices are product weights).
+ATEN_RECURRENT = {_ATEN.lstm, _ATEN.gru, _ATEN.rnn_tanh, _ATEN.rnn_relu}
 ATEN_VIEWS = {
     _ATEN.t, _ATEN.transpose, _ATEN.permute, _ATEN.view, _ATEN.reshape, _ATEN._unsafe_view,
     _ATEN.alias, _ATEN.contiguous, _ATEN.unsqueeze, _ATEN.squeeze, _ATEN.flatten, _ATEN.expand,
@@ -142,6 +146,13 @@ def schema_weight_positions(op: Any) -> tuple[int, ...]:
     if namespace != "aten":
         return tuple(i for i, a in enumerate(names) if a == "weight")
     return ()
+
+
+def schema_positions(op: Any, name: str) -> tuple[int, ...]:
+    """The position of the argument ``name`` in the schema of the ATen op ``op`` (empty when none)."""
+    schema = getattr(op, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    return (names.index(name),) if name in names else ()
 
 
 # The other operand of products whose weight operand is fixed: a parameter read there (a learned
