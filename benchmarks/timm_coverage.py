@@ -33,15 +33,18 @@ import argparse
 import collections
 import datetime
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from sweeps import json_child, short_reason, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "create", "write_report", "write_drop_section"]
 
@@ -174,28 +177,14 @@ def weigh_captures(model: Any, x: Any, steps: int = 3) -> dict[str, Any]:
     return out
 
 
-def _reason(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+_reason = short_reason
 
 
 def _run_child(name: str, timeout: float, max_params: float, capture: str = "auto", drop_path: float = 0.0,
                drop_rate: float = 0.0) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", name, "--max-params", str(max_params), "--capture", capture,
                "--drop-path", str(drop_path), "--drop-rate", str(drop_rate)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "status": "timeout", "reason": f"more than {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        return {"name": name, "status": "crashed", "reason": f"exit {done.returncode}: {tail}"}
-    result = json.loads(lines[-1])
-    result.setdefault("seconds", round(time.perf_counter() - start, 1))
-    return result
+    return json_child(command, name, timeout)
 
 
 # records written before the command was recorded came from this full-registry sweep
@@ -509,7 +498,9 @@ def main(argv: list[str] | None = None) -> None:
                 record = json.loads(line)
                 done[record["name"]] = record  # a later record (a rerun) replaces an earlier one
     rerun = {status for status in args.rerun.split(",") if status and not args.report_only}
-    done = {name: record for name, record in done.items() if record["status"] not in rerun}
+    # a passing record made before a check existed runs again, unless only the page is written
+    done = {name: record for name, record in done.items()
+            if record["status"] not in rerun and (args.report_only or not stale(record))}
     # run in a fixed pseudo-random order, so that a sweep cut short is still a fair sample
     todo = sorted((n for n in names if n not in done), key=lambda n: zlib.crc32(n.encode()))
     if args.report_only:

@@ -58,6 +58,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from sweeps import FXSPARSE, export_evidence, limit_of, stale  # noqa: E402
+
 __all__ = ["main", "check_one", "tiny_config", "input_candidates", "write_report", "STATUSES"]
 
 INSTALL_HINT = "benchmarks/transformers_coverage.py needs transformers: pip install fxsparse[transformers]"
@@ -577,6 +582,9 @@ def check_one(model_type: str, max_params: float = 50e6, progress: Callable[[str
         masked_params=report.masked_params,
         skipped=[list(s) for s in report.skipped][:40],
     )
+    if failed == "sparsify" and "torch.export" in (report.failure or ""):
+        progress(f"plain torch.export of {type(model).__name__}")
+        record["evidence"] = export_evidence(model, (), dict(inputs), ("transformers/",))
     if report.ok:
         progress(f"signatures {type(model).__name__}")
         record["signatures"] = check_signatures(model, inputs)
@@ -875,6 +883,7 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
     for reason, names in sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         lines.append(f"- {len(names)} x `{reason}`: {shown}")
+    lines += _limits(records)
     lines += [
         "",
         "## Every model type",
@@ -896,6 +905,35 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     return text
+
+
+def _limits(records: list[dict[str, Any]]) -> list[str]:
+    """The section that names the limit each failed or timed-out model type meets, with the
+    evidence (:func:`sweeps.limit_of`); the ones shown to be no limit outside fxsparse first."""
+    failing = [r for r in records if r["status"] in ("failed", "timeout", "crashed")]
+    if not failing:
+        return []
+    by_limit: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in failing:
+        by_limit[limit_of(r.get("stage"), r.get("reason"), r.get("evidence"), r["status"])].append(r)
+    lines = [
+        "",
+        "## The limit each failure meets",
+        "",
+        "A failure is put on a limit outside fxsparse only on evidence: plain `torch.export.export` of the model on "
+        "the same inputs in train mode (no fxsparse pass) failing too, with the model's own line, or `check_model` "
+        "finding torch.export's own graph differ from eager or lack a backward. The rest are fxsparse's to fix.",
+        "",
+    ]
+    order = sorted(by_limit, key=lambda k: (k != FXSPARSE, -len(by_limit[k])))
+    for limit in order:
+        rows = sorted(by_limit[limit], key=lambda r: r["type"])
+        lines += [f"### {limit} ({len(rows)})", ""]
+        for r in rows:
+            detail = r.get("evidence") or r.get("reason") or ""
+            lines.append(f"- {r['type']}: {_short(detail, 260)}")
+        lines.append("")
+    return lines
 
 
 def _short(text: str | None, n: int) -> str:
@@ -946,7 +984,8 @@ def main(argv: list[str] | None = None) -> None:
                 done[record["type"]] = record  # a later record (a rerun) replaces an earlier one
     recorded = dict(done)  # the page shows every type in the results file, not only this run's
     rerun = {s for s in args.rerun.split(",") if s and not args.report_only}
-    done = {t: r for t, r in done.items() if r["status"] not in rerun}
+    # a passing record made before a check existed runs again, unless only the page is written
+    done = {t: r for t, r in done.items() if r["status"] not in rerun and (args.report_only or not stale(r))}
     # a fixed pseudo-random order, so that a sweep cut short is still a fair sample
     todo = [] if args.report_only else sorted((t for t in types if t not in done), key=lambda t: zlib.crc32(t.encode()))
     todo = todo[: args.limit] if args.limit is not None else todo

@@ -1,0 +1,106 @@
+"""What the coverage sweeps share (timm_coverage.py, torchvision_coverage.py,
+transformers_coverage.py): a model's checks in a child process of its own, the short reason a
+record keeps, and the evidence that names the limit a failure meets.
+
+A sweep's failure is attributed to a limit outside fxsparse only on evidence: the same capture
+with no fxsparse pass (plain ``torch.export.export`` of the model on the same inputs, in the
+same mode) failing the same way, with the model's own line where it fails, or fxsparse's checks
+blaming torch.export's own graph (``check_model`` compares it with eager). :func:`limit_of` reads
+a record and says which limit, or that the failure is fxsparse's own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "FXSPARSE"]
+
+FXSPARSE = "fxsparse (no limit outside it shown)"
+
+
+def short_reason(e: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 300 characters: a sweep record's reason."""
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def json_child(command: list[str], name: str, timeout: float) -> dict[str, Any]:
+    """Runs ``command`` (a sweep's child for the model ``name``, one thread) and returns the JSON
+    record on the last line it prints starting with ``{``; a ``timeout`` or ``crashed`` record
+    when it runs past ``timeout`` seconds or prints none."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "status": "timeout", "reason": f"more than {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {"name": name, "status": "crashed", "reason": f"exit {done.returncode}: {tail}"}
+    result = json.loads(lines[-1])
+    result.setdefault("seconds", round(time.perf_counter() - start, 1))
+    return result
+
+
+def _model_line(e: BaseException, packages: tuple[str, ...]) -> str | None:
+    """The innermost frame of the model's own code (a path containing one of ``packages``) in
+    ``e``'s traceback or message, as ``path:line``."""
+    frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)]
+    frames += [line.strip().split('"')[1] + ":" + line.split("line ")[1].split(",")[0]
+               for line in str(e).splitlines() if line.strip().startswith('File "') and "line " in line]
+    ours = [f for f in frames if any(p in f for p in packages) and "/fxsparse/" not in f]
+    if not ours:
+        return None
+    path, _, line = ours[-1].rpartition(":")
+    for package in packages:
+        if package in path:
+            path = package + path.split(package, 1)[1]
+    return f"{path}:{line}"
+
+
+def export_evidence(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], packages: tuple[str, ...]) -> str:
+    """Whether plain ``torch.export.export`` (no fxsparse pass) captures ``model`` in train mode on
+    these inputs, as fxsparse's export front-end first does; where it fails, the error and the
+    model's line (a frame in one of ``packages``)."""
+    import copy
+
+    import torch
+
+    twin = copy.deepcopy(model).train()
+    try:
+        torch.export.export(twin, tuple(args), dict(kwargs), strict=False)
+    except Exception as e:  # noqa: BLE001 - the evidence is the error
+        where = _model_line(e, packages)
+        return f"plain torch.export fails too (no fxsparse pass): {short_reason(e)[:200]}" + (f" at {where}" if where else "")
+    return "plain torch.export captures it"
+
+
+def limit_of(stage: str | None, reason: str | None, evidence: str | None, status: str = "failed") -> str:
+    """The limit a failed or timed-out record meets, named from its evidence, or :data:`FXSPARSE`."""
+    reason = reason or ""
+    if status == "timeout" and ("while building" in reason or "while eager" in reason):
+        return "the model alone (building or running it dense) takes longer than the time limit: not fxsparse"
+    if "torch.export's own graph" in reason and "differs from eager already" in reason:
+        return "torch.export: its own graph of the model computes differently from eager (no fxsparse pass)"
+    if "backward through torch.export's own graph fails already" in reason:
+        return "torch.export: no backward through its own graph of the model (custom autograd or in-place)"
+    if stage == "sparsify" and evidence and evidence.startswith("plain torch.export fails too"):
+        if "GuardOnDataDependentSymNode" in evidence or "data-dependent" in evidence:
+            return "torch.export: the model branches on a tensor's value (data-dependent control flow)"
+        return "torch.export cannot capture the model (the same error without fxsparse)"
+    return FXSPARSE
+
+
+def stale(record: dict[str, Any], passing: tuple[str, ...] = ("pass", "ok")) -> bool:
+    """A passing record made before some check of ``fxsparse.checks.CHECKS`` existed: run again
+    so that "every check" means every check there is now."""
+    from fxsparse.checks import CHECKS
+
+    return record.get("status") in passing and bool(set(CHECKS) - set(record.get("passed") or {}))
