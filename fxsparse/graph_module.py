@@ -669,6 +669,10 @@ def _unpickle(body: dict[str, Any], import_block: str, checkpoint: dict[str, Any
     finally:
         for key in set(registry) - before:
             del registry[key]
+    # torch copies back the body's attributes the new module lacks, and it has a `meta`: the
+    # attributes a deepcopy restores (the state among them) would be lost for the next copy
+    preserved = body.get("meta", {}).get(_PRESERVED, {})
+    sparse.meta.setdefault(_PRESERVED, {}).update({k: v for k, v in preserved.items() if k not in sparse.meta[_PRESERVED]})
     if checkpoint is not None:
         checkpointing.enable(sparse, **checkpoint)
     return sparse  # type: ignore[return-value]

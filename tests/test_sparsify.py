@@ -458,6 +458,19 @@ def test_recurrent_weights_are_masked_under_torch_export():
     assert report.ok, report.failure
 
 
+def test_a_copy_of_an_unpickled_module_keeps_its_state():
+    import pickle
+
+    sparse = fxsparse.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), 0.5)
+    loaded = pickle.loads(pickle.dumps(sparse))
+    copied = copy.deepcopy(loaded)  # lost the state: torch does not copy the pickled `meta` back
+    assert set(copied.masks) == set(sparse.masks)
+    assert all(torch.equal(copied.masks[f], m) for f, m in sparse.masks.items())
+    copied(torch.randn(3, 4)).sum().backward()
+    copied.rigl_step(0.3)
+    copied.verify()
+
+
 def test_rigl_step_without_backward_is_a_clear_error():
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     sparse = fxsparse.sparsify(net, 0.5)
