@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "FXSPARSE"]
+__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "listed", "FXSPARSE"]
 
 FXSPARSE = "fxsparse (no limit outside it shown)"
 
@@ -104,3 +104,15 @@ def stale(record: dict[str, Any], passing: tuple[str, ...] = ("pass", "ok")) -> 
     from fxsparse.checks import CHECKS
 
     return record.get("status") in passing and bool(set(CHECKS) - set(record.get("passed") or {}))
+
+
+def listed(record: dict[str, Any], width: int = 90) -> str:
+    """What a record's model left dense, for a page's cell: how many parameters per reason (a
+    reason cut at its first colon when long), or "none"."""
+    import collections
+
+    reasons = collections.Counter(
+        (reason.split(":", 1)[0] if len(reason) > width else reason)[:width].replace("|", "/")
+        for _, reason in record.get("skipped") or []
+    )
+    return "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()) or "none"

@@ -44,7 +44,7 @@ from typing import Any
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import json_child, short_reason, stale  # noqa: E402
+from sweeps import json_child, listed, short_reason, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "create", "write_report", "write_drop_section"]
 
@@ -271,7 +271,7 @@ def write_report(results: list[dict[str, Any]], path: str | None, total_registry
     for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
         shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
         lines.append(f"- {len(names)} x `{reason}`: {shown}")
-    lines += _left_dense(passing) + _too_large(results)
+    lines += _left_dense(passing) + _every_model(results) + _too_large(results)
     text = "\n".join(lines) + "\n"
     if path:
         Path(path).write_text(text)
@@ -429,6 +429,21 @@ def _left_dense(passing: list[dict[str, Any]]) -> list[str]:
         names = sorted(groups[key])
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         lines.append(f"| {key} | {n} | {shown} |")
+    return lines
+
+
+def _every_model(results: list[dict[str, Any]]) -> list[str]:
+    """One row per checked model: outcome, front-end, share sparsified, masked parameters, what is
+    listed and why."""
+    checked = sorted((r for r in results if r["status"] != "too large"), key=lambda r: r["name"])
+    lines = ["", f"## Every model ({len(checked)})", "",
+             "| model | family | outcome | front-end | sparsified | masked parameters | listed in `skipped` |",
+             "|---|---|---|---|---|---|---|"]
+    for r in checked:
+        share = f"{100 * r['coverage']:.2f}%" if r.get("coverage") is not None else ""
+        outcome = r["status"] if r["status"] != "fail" else f"fail: {(r.get('reason') or '').split(':', 1)[0]}"
+        lines.append(f"| {r['name']} | {r.get('family', '')} | {outcome} | {r.get('capture') or ''} | {share} | "
+                     f"{r.get('masked_params', 0):,} | {listed(r) if r['status'] == 'pass' else ''} |")
     return lines
 
 

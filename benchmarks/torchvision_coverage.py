@@ -37,7 +37,7 @@ from typing import Any
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, export_evidence, json_child, limit_of, short_reason, stale  # noqa: E402
+from sweeps import FXSPARSE, export_evidence, json_child, limit_of, listed, short_reason, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "zoo_models", "build", "example_for", "write_page", "ZOOS"]
 
@@ -88,7 +88,8 @@ def _targets(name: str) -> list[dict[str, Any]]:
 
 def example_for(name: str, zoo: str, model: Any) -> tuple[Any, str]:
     """``(example_inputs, description)``: the first candidate input the eager model runs in eval
-    mode. Raises the last error when none runs."""
+    and in train mode (Inception's auxiliary head, run in training only, needs a larger image).
+    Raises the last error when none runs."""
     import torch
 
     if zoo == "detection":
@@ -103,11 +104,11 @@ def example_for(name: str, zoo: str, model: Any) -> tuple[Any, str]:
         }[zoo]
         candidates = [((torch.randn(*shape),), "x".join(map(str, shape))) for shape in shapes]
     error: Exception | None = None
-    model.eval()
     for inputs, text in candidates:
         try:
             with torch.no_grad():
-                model(*inputs[:1]) if zoo == "detection" else model(*inputs)
+                model.eval()(*inputs[:1]) if zoo == "detection" else model.eval()(*inputs)
+                model.train()(*inputs)
             return inputs, text
         except Exception as e:  # noqa: BLE001 - try the next size
             error = e
@@ -163,12 +164,6 @@ def _share(records: list[dict[str, Any]]) -> float:
     return sum(r["masked_params"] for r in ok) / total if total else float("nan")
 
 
-def _listed(record: dict[str, Any]) -> str:
-    reasons = collections.Counter((reason.split(":", 1)[0] if len(reason) > 90 else reason)[:90]
-                                  for _, reason in record.get("skipped") or [])
-    return "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()) or "none"
-
-
 def write_page(records: list[dict[str, Any]], path: str | None, total: int) -> str:
     """The Markdown page: totals by zoo, the product-weight share, each model, failures by reason."""
     import torchvision
@@ -209,7 +204,7 @@ def write_page(records: list[dict[str, Any]], path: str | None, total: int) -> s
     for r in sorted(records, key=lambda r: (ZOOS.index(r.get("zoo", "classification")), r["name"])):
         share = f"{100 * r['coverage']:.2f}%" if r.get("coverage") is not None else ""
         lines.append(f"| {r['name']} | {r.get('zoo', '')} | {r['status']} | {r.get('capture') or ''} | {share} | "
-                     f"{r.get('masked_params', 0):,} | {_listed(r) if r['status'] == 'pass' else ''} |")
+                     f"{r.get('masked_params', 0):,} | {listed(r) if r['status'] == 'pass' else ''} |")
     lines += ["", "## Failures by reason", ""]
     reasons: dict[str, list[str]] = collections.defaultdict(list)
     for r in records:

@@ -61,7 +61,7 @@ from typing import Any, Callable
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, export_evidence, limit_of, stale  # noqa: E402
+from sweeps import FXSPARSE, export_evidence, limit_of, listed, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "tiny_config", "input_candidates", "write_report", "STATUSES"]
 
@@ -890,15 +890,16 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
         "",
         "`config`: tiny, reduced (layers and vocabulary only) or default. Reason: the first line of the error.",
         "",
-        "| type | model | config | result | capture | coverage | masked | s | reason |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| type | model | config | result | capture | coverage | masked | s | reason | listed in `skipped` |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: r["type"]):
         result = r["status"] if r["status"] != "failed" else f"failed at {r.get('stage') or '?'}"
         coverage = f"{100 * r['coverage']:.0f}%" if r.get("coverage") is not None else ""
         lines.append(
             f"| {r['type']} | {r.get('model') or ''} | {r.get('config') or ''} | {result} | {r.get('capture') or ''} "
-            f"| {coverage} | {r.get('masked_params') or ''} | {r.get('seconds', '')} | {_cell(r.get('reason'))} |"
+            f"| {coverage} | {r.get('masked_params') or ''} | {r.get('seconds', '')} | {_cell(r.get('reason'))} "
+            f"| {listed(r) if r['status'] == 'ok' else ''} |"
         )
     text = "\n".join(lines) + "\n"
     if path:
