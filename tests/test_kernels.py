@@ -143,3 +143,33 @@ def test_check_model_fails_a_kernel_left_dense(monkeypatch):
     report = check_model(Net(), X, density=0.3)
     assert not report.ok and report.failure.startswith("reads:"), report.failure
     assert "block.conv.weight" in report.failure
+
+
+class PaddedStdConv(StdConv):
+    """Pads by the input's size in Python (timm's "same" padding): it cannot be traced alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return super().forward(x)
+
+
+@fxsparse.register_leaf_module
+class PaddedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = PaddedStdConv(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_standardizing_layer_that_cannot_be_traced_alone_is_watched_running_and_listed():
+    # before, such a layer was taken as reading its weight: masked on the parameter only, its
+    # kernel dense (dm_nfnet's strided "same" convolutions)
+    net = nn.Sequential(PaddedBlock(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    sparse = fxsparse.sparsify(copy.deepcopy(net), 0.5, "uniform", dense=[])
+    reason = dict(sparse.skipped)["0.conv.weight"]
+    assert "cannot be traced alone" in reason and "seen running" in reason, reason
+    assert "0.conv.weight" not in sparse.masks and "2.weight" in sparse.masks
+    assert check_model(net, torch.randn(2, 3, 8, 8), density=0.5).ok

@@ -187,7 +187,7 @@ def _computed_when_run(layer: nn.Module) -> bool:
         shape = (1, layer.in_channels, *(max(2 * k, 8) for k in spatial))
     try:
         with torch.no_grad(), ProductReads({"weight": weight}) as reads:
-            layer(torch.randn(shape, dtype=weight.dtype, device=weight.device))
+            layer(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype))
     except Exception:  # noqa: BLE001 - not runnable so: taken as reading its weight
         return False
     return "weight" in reads.computed and "weight" not in reads.direct
