@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "listed", "FXSPARSE"]
+__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "listed", "commands", "FXSPARSE"]
 
 FXSPARSE = "fxsparse (no limit outside it shown)"
 
@@ -116,3 +116,9 @@ def listed(record: dict[str, Any], width: int = 90) -> str:
         for _, reason in record.get("skipped") or []
     )
     return "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()) or "none"
+
+
+def commands(records: list[dict[str, Any]], default: str = "") -> list[str]:
+    """A page's fenced block of the commands that made ``records`` (each once, in order)."""
+    made = dict.fromkeys(f".venv/bin/python {r.get('command') or default}" for r in records if r.get("command") or default)
+    return ["```", *made, "```"]

@@ -44,7 +44,7 @@ from typing import Any
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import json_child, listed, short_reason, stale  # noqa: E402
+from sweeps import commands, json_child, listed, short_reason, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "create", "write_report", "write_drop_section"]
 
@@ -210,9 +210,7 @@ def write_report(results: list[dict[str, Any]], path: str | None, total_registry
         "",
         "Produced by (each command resumes from the results file and runs what is missing or asked for):",
         "",
-        "```",
-        *dict.fromkeys(f".venv/bin/python {r.get('command', FIRST_SWEEP)}" for r in results),
-        "```",
+        *commands(results, FIRST_SWEEP),
         "",
         "## Totals",
         "",

@@ -37,7 +37,7 @@ from typing import Any
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, export_evidence, json_child, limit_of, listed, short_reason, stale  # noqa: E402
+from sweeps import FXSPARSE, commands, export_evidence, json_child, limit_of, listed, short_reason, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "zoo_models", "build", "example_for", "write_page", "ZOOS"]
 
@@ -177,9 +177,7 @@ def write_page(records: list[dict[str, Any]], path: str | None, total: int) -> s
         "`weights=None`, 10 classes, with every check of `fxsparse.checks.check_model` (listed in "
         "[coverage.md](coverage.md)). Produced by (each command resumes from the results file):",
         "",
-        "```",
-        *dict.fromkeys(f".venv/bin/python {r.get('command', '')}" for r in records),
-        "```",
+        *commands(records),
         "",
         "## Totals",
         "",

@@ -61,7 +61,7 @@ from typing import Any, Callable
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, export_evidence, limit_of, listed, stale  # noqa: E402
+from sweeps import FXSPARSE, commands, export_evidence, limit_of, listed, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "tiny_config", "input_candidates", "write_report", "STATUSES"]
 
@@ -815,9 +815,7 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
         "",
         "Produced by (each command resumes from the results file and runs what is missing or asked for):",
         "",
-        "```",
-        *dict.fromkeys(f".venv/bin/python {r['command']}" for r in records if r.get("command")),
-        "```",
+        *commands(records),
         "",
         f"Time: {seconds / 60:.1f} min summed over the model types (one at a time, process start included)"
         + (f"; the last run took {wall / 60:.1f} min of wall time." if wall is not None else "."),
