@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "listed", "commands", "FXSPARSE"]
+__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "listed", "commands", "load_records", "run_all", "FXSPARSE"]
 
 FXSPARSE = "fxsparse (no limit outside it shown)"
 
@@ -122,3 +122,39 @@ def commands(records: list[dict[str, Any]], default: str = "") -> list[str]:
     """A page's fenced block of the commands that made ``records`` (each once, in order)."""
     made = dict.fromkeys(f".venv/bin/python {r.get('command') or default}" for r in records if r.get("command") or default)
     return ["```", *made, "```"]
+
+
+def load_records(path: Any, key: str, rerun: str = "", report_only: bool = False) -> dict[str, dict[str, Any]]:
+    """The records of a sweep's JSON-lines file by ``key`` (a later record, a rerun's, replaces an
+    earlier one), without those to run again: the statuses in ``rerun`` (comma-separated) and
+    :func:`stale` passing records, unless only the page is written (``report_only``)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[record[key]] = record
+    if report_only:
+        return done
+    again = {status for status in rerun.split(",") if status}
+    return {k: r for k, r in done.items() if r["status"] not in again and not stale(r)}
+
+
+def run_all(todo: list[str], run: Any, workers: int, path: Any, command: str, done: dict[str, dict[str, Any]]) -> None:
+    """Runs ``run(name)`` for every name of ``todo`` on ``workers`` threads, appending each
+    record (with ``command``) to the JSON-lines file ``path`` as it comes and into ``done``."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, open(path, "a") as sink:
+        for i, result in enumerate(pool.map(run, todo)):
+            result["command"] = command
+            sink.write(json.dumps(result) + "\n")
+            sink.flush()
+            done[result["name"]] = result
+            print(f"[{i + 1}/{len(todo)}] {result['name']}: {result['status']} {result.get('reason') or ''}"[:200], flush=True)

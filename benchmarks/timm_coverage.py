@@ -37,14 +37,13 @@ import shlex
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import commands, json_child, listed, short_reason, stale  # noqa: E402
+from sweeps import commands, json_child, listed, load_records, run_all, short_reason  # noqa: E402
 
 __all__ = ["main", "check_one", "create", "write_report", "write_drop_section"]
 
@@ -503,17 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     registry = sorted(timm.list_models())
     names = [n for n in args.models.split(",") if n] or registry[:: args.every]
     results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if results_path.exists():
-        for line in results_path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[record["name"]] = record  # a later record (a rerun) replaces an earlier one
-    rerun = {status for status in args.rerun.split(",") if status and not args.report_only}
-    # a passing record made before a check existed runs again, unless only the page is written
-    done = {name: record for name, record in done.items()
-            if record["status"] not in rerun and (args.report_only or not stale(record))}
+    done = load_records(results_path, "name", args.rerun, args.report_only)
     # run in a fixed pseudo-random order, so that a sweep cut short is still a fair sample
     todo = sorted((n for n in names if n not in done), key=lambda n: zlib.crc32(n.encode()))
     if args.report_only:
@@ -521,14 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(names)} models, {len(todo)} to run, {len(done)} already in {results_path}", flush=True)
     # the command that produced each record, shown in the report (a report-only run adds none)
     command = "benchmarks/timm_coverage.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    with ThreadPoolExecutor(max_workers=args.workers) as pool, results_path.open("a") as sink:
-        run = lambda n: _run_child(n, args.timeout, args.max_params, args.capture, args.drop_path, args.drop_rate)  # noqa: E731
-        for i, result in enumerate(pool.map(run, todo)):
-            result["command"] = command
-            sink.write(json.dumps(result) + "\n")
-            sink.flush()
-            done[result["name"]] = result
-            print(f"[{i + 1}/{len(todo)}] {result['name']}: {result['status']} {result.get('reason') or ''}"[:200], flush=True)
+    run = lambda n: _run_child(n, args.timeout, args.max_params, args.capture, args.drop_path, args.drop_rate)  # noqa: E731
+    run_all(todo, run, args.workers, results_path, command, done)
     records = [done[n] for n in names if n in done]
     if args.capture == "export":
         text = write_weighing(records, args.out, len(registry))

@@ -30,14 +30,13 @@ import json
 import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, commands, export_evidence, json_child, limit_of, listed, short_reason, stale  # noqa: E402
+from sweeps import FXSPARSE, commands, export_evidence, json_child, limit_of, listed, load_records, run_all, short_reason  # noqa: E402
 
 __all__ = ["main", "check_one", "zoo_models", "build", "example_for", "write_page", "ZOOS"]
 
@@ -261,16 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     every = zoo_models(tuple(z for z in args.zoos.split(",") if z))
     wanted = [n for n in args.models.split(",") if n] or list(every)
     path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[record["name"]] = record  # a rerun's record replaces the earlier one
-    rerun = {s for s in args.rerun.split(",") if s and not args.report_only}
-    # a passing record made before a check existed runs again, unless only the page is written
-    done = {n: r for n, r in done.items() if r["status"] not in rerun and (args.report_only or not stale(r))}
+    done = load_records(path, "name", args.rerun, args.report_only)
     todo = [] if args.report_only else [n for n in wanted if n not in done]
     print(f"{len(wanted)} models, {len(todo)} to run, {len(done)} already in {path}", flush=True)
     command = "benchmarks/torchvision_coverage.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -279,13 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         child = [sys.executable, __file__, "--child", f"{name}:{every[name]}", "--max-params", str(args.max_params)]
         return {"zoo": every[name], **json_child(child, name, args.timeout)}
 
-    with ThreadPoolExecutor(max_workers=args.workers) as pool, path.open("a") as sink:
-        for i, result in enumerate(pool.map(run, todo)):
-            result["command"] = command
-            sink.write(json.dumps(result) + "\n")
-            sink.flush()
-            done[result["name"]] = result
-            print(f"[{i + 1}/{len(todo)}] {result['name']}: {result['status']} {result.get('reason') or ''}"[:200], flush=True)
+    run_all(todo, run, args.workers, path, command, done)
     text = write_page([done[n] for n in every if n in done], args.out, len(zoo_models()))
     if not args.out:
         print(text)

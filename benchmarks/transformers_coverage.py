@@ -61,7 +61,7 @@ from typing import Any, Callable
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, commands, export_evidence, limit_of, listed, stale  # noqa: E402
+from sweeps import FXSPARSE, commands, export_evidence, limit_of, listed, load_records  # noqa: E402
 
 __all__ = ["main", "check_one", "tiny_config", "input_candidates", "write_report", "STATUSES"]
 
@@ -974,17 +974,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown model types {unknown}; see transformers' CONFIG_MAPPING_NAMES")
     types = only or registry
     results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    done: dict[str, dict[str, Any]] = {}
-    if results.exists():
-        for line in results.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[record["type"]] = record  # a later record (a rerun) replaces an earlier one
-    recorded = dict(done)  # the page shows every type in the results file, not only this run's
-    rerun = {s for s in args.rerun.split(",") if s and not args.report_only}
-    # a passing record made before a check existed runs again, unless only the page is written
-    done = {t: r for t, r in done.items() if r["status"] not in rerun and (args.report_only or not stale(r))}
+    recorded = load_records(results, "type", report_only=True)  # the page shows every type in the file
+    done = load_records(results, "type", args.rerun, args.report_only)
     # a fixed pseudo-random order, so that a sweep cut short is still a fair sample
     todo = [] if args.report_only else sorted((t for t in types if t not in done), key=lambda t: zlib.crc32(t.encode()))
     todo = todo[: args.limit] if args.limit is not None else todo

@@ -86,3 +86,17 @@ def test_export_evidence_names_the_model_s_line():
     assert "test_torchvision_coverage_script.py:" in evidence
     assert _sweeps().export_evidence(torch.nn.Linear(3, 2), (torch.randn(2, 3),), {}, ()) == "plain torch.export captures it"
 
+
+
+def test_a_run_resumes_from_its_records_and_writes_the_page_of_every_record(tmp_path):
+    import json
+
+    results, page = tmp_path / "records.jsonl", tmp_path / "page.md"
+    old = {"name": "alexnet", "zoo": "classification", "status": "pass", "coverage": 1.0, "masked_params": 5,
+           "passed": {"sparsify": True}, "command": "benchmarks/torchvision_coverage.py"}  # before the newer checks
+    results.write_text(json.dumps(old) + "\n")
+    sweeps = _sweeps()
+    assert sweeps.load_records(results, "name") == {}  # stale: runs again
+    assert set(sweeps.load_records(results, "name", report_only=True)) == {"alexnet"}
+    _script().main(["--zoos", "classification", "--report-only", "--results", str(results), "--out", str(page)])
+    assert "| alexnet | classification | pass |" in page.read_text()
