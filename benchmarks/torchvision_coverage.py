@@ -115,6 +115,23 @@ def example_for(name: str, zoo: str, model: Any) -> tuple[Any, str]:
     raise error
 
 
+def _count(name: str, zoo: str) -> int | None:
+    """The model's parameter count without its memory: built on the meta device, or where its
+    constructor computes on tensors (RegNet's widths), the count torchvision's weights record."""
+    import torch
+    from torchvision import models
+
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build(name, zoo).parameters())
+    except Exception:  # noqa: BLE001 - the recorded count, for its pretrained head
+        pass
+    try:
+        return int(models.get_model_weights(name).DEFAULT.meta["num_params"])
+    except Exception:  # noqa: BLE001 - unknown: build it for real
+        return None
+
+
 def check_one(name: str, zoo: str, max_params: float) -> dict[str, Any]:
     """Every check on one model, in this process (the child's work)."""
     import torch
@@ -124,14 +141,10 @@ def check_one(name: str, zoo: str, max_params: float) -> dict[str, Any]:
 
     result: dict[str, Any] = {"name": name, "zoo": zoo}
     start = time.perf_counter()
-    try:
-        with torch.device("meta"):
-            params = sum(p.numel() for p in build(name, zoo).parameters())
-        if params > max_params:
-            return {**result, "params": params, "status": "too large",
-                    "reason": f"{params / 1e6:.0f} M parameters > cap {max_params / 1e6:.0f} M"}
-    except Exception:  # noqa: BLE001 - not buildable on meta: build it for real
-        pass
+    params = _count(name, zoo)
+    if params is not None and params > max_params:
+        return {**result, "params": params, "status": "too large",
+                "reason": f"{params / 1e6:.0f} M parameters > cap {max_params / 1e6:.0f} M"}
     try:
         torch.manual_seed(0)
         model = build(name, zoo)
