@@ -345,6 +345,16 @@ def _refusals_worker(rank: int, world: int, port: int, out: str) -> None:
             messages["compact"] = None
         except ValueError as error:
             messages["compact"] = str(error)
+        from test_kernels import Net as StandardizedNet  # a weight-standardized convolution
+        from test_kernels import X
+
+        standardized = fxsparse.sparsify(StandardizedNet(), 0.4, "uniform", dense=[], example_inputs=X)
+        fully_shard(standardized, mesh=mesh)
+        try:
+            standardized(X)
+            messages["kernel"] = None
+        except ValueError as error:
+            messages["kernel"] = str(error)
         if rank == 0:
             torch.save(messages, os.path.join(out, "refusals.pt"))
     finally:
@@ -355,6 +365,7 @@ def test_what_cannot_run_sharded_is_refused_with_what_to_do(tmp_path):
     mp.spawn(_refusals_worker, args=(1, free_port(), str(tmp_path)), nprocs=1, join=True)
     messages = torch.load(tmp_path / "refusals.pt")
     assert "layout='masked'" in messages["compact"] and "head.weight" in messages["compact"]
+    assert "computed from them" in messages["kernel"] and "stem.weight" in messages["kernel"]
 
 
 def test_lightning_model_parallel_strategy_shards_per_block_and_makes_the_one_process_topology(tmp_path):

@@ -51,7 +51,7 @@ class OpaqueBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.conv = ScaledStdConv(width, width, 3, padding=1)
-        self.skip_gain = nn.Parameter(torch.tensor(0.5))
+        self.skip_gain = nn.Parameter(torch.full((1,), 0.5))  # not 0-d: fully_shard refuses scalars
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(F.relu(x))
