@@ -55,12 +55,13 @@ def zoo_models(zoos: tuple[str, ...] = ZOOS) -> dict[str, str]:
 
 def build(name: str, zoo: str) -> Any:
     """``torchvision.models.get_model(name, weights=None, ...)`` with 10 classes (the keypoint
-    model keeps its person class) and, for detection, a 128 px transform."""
+    model keeps its person class), no backbone weights and, for detection, a 128 px transform."""
     from torchvision import models
 
     kwargs: dict[str, Any] = {"weights": None}
+    if zoo in ("segmentation", "detection"):
+        kwargs["weights_backbone"] = None  # their default downloads ImageNet weights for the backbone
     if zoo == "detection":
-        kwargs["weights_backbone"] = None
         if not name.startswith("ssd"):
             kwargs.update(min_size=SIDE, max_size=SIDE)
     if not name.startswith("keypointrcnn"):
