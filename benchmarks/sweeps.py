@@ -65,15 +65,16 @@ def _model_line(e: BaseException, packages: tuple[str, ...]) -> str | None:
     return f"{path}:{line}"
 
 
-def export_evidence(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], packages: tuple[str, ...]) -> str:
-    """Whether plain ``torch.export.export`` (no fxsparse pass) captures ``model`` in train mode on
-    these inputs, as fxsparse's export front-end first does; where it fails, the error and the
-    model's line (a frame in one of ``packages``)."""
+def export_evidence(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], packages: tuple[str, ...],
+                    reason: str = "") -> str:
+    """Whether plain ``torch.export.export`` (no fxsparse pass) captures ``model`` on these inputs
+    in the mode fxsparse's capture failed in (eval when ``reason`` says so, else train, which it
+    captures first); where it fails, the error and the model's line (a frame in one of ``packages``)."""
     import copy
 
     import torch
 
-    twin = copy.deepcopy(model).train()
+    twin = copy.deepcopy(model).train("in eval mode" not in reason)
     try:
         torch.export.export(twin, tuple(args), dict(kwargs), strict=False)
     except Exception as e:  # noqa: BLE001 - the evidence is the error

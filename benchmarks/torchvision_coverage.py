@@ -159,7 +159,7 @@ def check_one(name: str, zoo: str, max_params: float) -> dict[str, Any]:
     report = check_model(model.train(), inputs)
     failed = next((c for c, ok in report.passed.items() if not ok), None)
     if failed == "sparsify" and "torch.export" in (report.failure or ""):
-        result["evidence"] = export_evidence(model, inputs, {}, ("torchvision/",))
+        result["evidence"] = export_evidence(model, inputs, {}, ("torchvision/",), report.failure or "")
     result.update(
         stage=failed,
         capture=report.capture, mode_graphs=report.mode_graphs, status="pass" if report.ok else "fail",

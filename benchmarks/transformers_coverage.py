@@ -584,7 +584,7 @@ def check_one(model_type: str, max_params: float = 50e6, progress: Callable[[str
     )
     if failed == "sparsify" and "torch.export" in (report.failure or ""):
         progress(f"plain torch.export of {type(model).__name__}")
-        record["evidence"] = export_evidence(model, (), dict(inputs), ("transformers/",))
+        record["evidence"] = export_evidence(model, (), dict(inputs), ("transformers/",), report.failure or "")
     if report.ok:
         progress(f"signatures {type(model).__name__}")
         record["signatures"] = check_signatures(model, inputs)

@@ -417,6 +417,33 @@ def test_a_weight_the_product_reads_through_a_computation_is_masked_on_the_kerne
     assert len(kernels) == 1  # masked once, between the standardization and the convolution
 
 
+class RelativeTable(nn.Module):
+    """A relative position table sliced to the sequence length, then a matmul with the queries
+    (transformers' VITS): the product reads a function of the table and of the input's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.rel = nn.Parameter(torch.randn(1, 9, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, n = self.q(x), x.shape[1]
+        table = self.rel[:, 4 - (n - 1) // 2 : 4 + n // 2 + 1]
+        return self.head((torch.matmul(q, table.transpose(-2, -1)) @ q).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_a_table_computed_with_the_input_s_size_is_listed_where_a_product_reads_it(capture):
+    x = torch.randn(2, 5, 8)
+    sparse = fxsparse.sparsify(RelativeTable(), 0.5, "uniform", dense=[], example_inputs=x, capture=capture)
+    assert set(sparse.masks) == {"q.weight", "head.weight"}
+    assert dict(sparse.skipped)["rel"].startswith("computed into the weight of")  # was neither masked nor listed
+    from fxsparse.checks import check_model
+
+    assert check_model(RelativeTable(), x, capture=capture).ok
+
+
 def test_check_model_says_when_a_backward_through_torch_export_itself_fails():
     class NoGradForward(torch.autograd.Function):
         """Reversible-layer style: the forward runs without autograd, the backward is custom

@@ -749,9 +749,12 @@ def _product_operands(found: _Findings, node: torch.fx.Node) -> None:
     (``found.fixed``) is a computed weight, its parameters noted in ``found.computed``."""
     if node.op == "get_attr" or (
         node.op in ("call_function", "call_method")
-        and all(a in found.fixed for a in node.all_input_nodes) and node.all_input_nodes
+        and all(a in found.fixed or _is_size(a) for a in node.all_input_nodes)
+        and any(a in found.fixed for a in node.all_input_nodes)
     ):
-        found.fixed.add(node)  # a function of parameters and constants only, no input's data
+        # a function of parameters and constants only, no input's data: an input's sizes may
+        # enter it (VITS slices its relative position embeddings to the sequence length)
+        found.fixed.add(node)
     for operand in _weight_operands(node) if node.op != "call_module" else ():
         fqn = found.matrix_of(operand)
         if fqn is not None:
@@ -850,6 +853,24 @@ def kernel_operands(
                 if fqn in wanted:
                     found.append((node, operand, fqn))
     return found
+
+
+_SIZE_METHODS = {"size", "dim"}
+
+
+def _is_size(node: torch.fx.Node) -> bool:
+    """Whether ``node`` holds an input's size, or arithmetic on sizes, not its data: an exported
+    graph's symbolic integers, a trace's ``x.size(i)`` / ``x.shape`` and what is computed from them."""
+    value = node.meta.get("val")
+    if value is not None:
+        return isinstance(value, (int, torch.SymInt))
+    if node.op == "call_method" and node.target in _SIZE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "shape":
+        return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+        return bool(node.all_input_nodes) and all(_is_size(a) for a in node.all_input_nodes)
+    return False
 
 
 def _watch_wrapped_calls(found: _Findings) -> None:
