@@ -512,7 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "benchmarks/timm_coverage.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     run = lambda n: _run_child(n, args.timeout, args.max_params, args.capture, args.drop_path, args.drop_rate)  # noqa: E731
     run_all(todo, run, args.workers, results_path, command, done)
-    records = [done[n] for n in names if n in done]
+    recorded = load_records(results_path, "name", report_only=True)  # the page shows every model in the file
+    records = [recorded[n] for n in (registry[:: args.every] if not args.models else names) if n in recorded]
     if args.capture == "export":
         text = write_weighing(records, args.out, len(registry))
     elif dropping:

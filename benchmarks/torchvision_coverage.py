@@ -201,7 +201,7 @@ def write_page(records: list[dict[str, Any]], path: str | None, total: int) -> s
         rows = [r for r in records if zoo in ("all", r.get("zoo"))]
         counts = collections.Counter(r["status"] for r in rows)
         lines.append(f"| {zoo} | " + " | ".join(str(counts.get(s, 0)) for s in statuses)
-                     + f" | {100 * _share(rows):.2f}% |")
+                     + (f" | {100 * _share(rows):.2f}% |" if any(r["status"] == "pass" for r in rows) else " | none passes |"))
     lines += [
         "",
         "The share counts every `nn.Conv*`/`nn.Linear` weight and every parameter a product kernel reads while "
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         return {"zoo": every[name], **json_child(child, name, args.timeout)}
 
     run_all(todo, run, args.workers, path, command, done)
-    text = write_page([done[n] for n in every if n in done], args.out, len(zoo_models()))
+    recorded = load_records(path, "name", report_only=True)  # the page shows every model in the file
+    text = write_page([recorded[n] for n in every if n in recorded], args.out, len(zoo_models()))
     if not args.out:
         print(text)
 
