@@ -44,7 +44,7 @@ from torch import nn
 from fxsparse.masking import MASKER, Masker
 from fxsparse.passes.find_weights import canonical_names, kernel_operands
 
-__all__ = ["GRAPH", "site_groups", "mask_kernels", "masked_layer", "swap_layers", "unwrap_kernels"]
+__all__ = ["GRAPH", "site_groups", "mask_kernels", "masked_layer", "is_masked_layer", "swap_layers", "unwrap_kernels"]
 
 GRAPH = "graph"  # a site's ``kernel`` when the graph computes the kernel (else the layer's path)
 
@@ -115,6 +115,11 @@ def masked_layer(layer: nn.Module, mask: torch.Tensor, fqn: str, masker: Masker,
     return out
 
 
+def is_masked_layer(module: Any) -> bool:
+    """Whether ``module`` is a layer :func:`masked_layer` made (its own trace calling a masker)."""
+    return isinstance(module, torch.fx.GraphModule) and isinstance(getattr(module, MASKER, None), Masker)
+
+
 def _attr(module: nn.Module, target: str) -> Any:
     value: Any = module
     for part in target.split("."):
@@ -144,10 +149,12 @@ def swap_layers(sparse: nn.Module, sites: Mapping[str, Any]) -> None:
         _replace(sparse, path, masked_layer(layer, layer._buffers["weight_mask"], fqn, masker))
 
 
-def unwrap_kernels(model: nn.Module, sites: Mapping[str, Any], masks: Mapping[str, torch.Tensor]) -> None:
+def unwrap_kernels(model: nn.Module, sites: Mapping[str, Any], masks: Mapping[str, torch.Tensor], *,
+                   share: bool = False) -> None:
     """Gives the unwrapped ``model`` a masked layer (:func:`masked_layer`, the mask not in its
-    ``state_dict``) for each weight whose mask the sparse module puts on a computed kernel; warns
-    for a kernel computed outside a layer that traces alone."""
+    ``state_dict``: a copy, or with ``share`` the sparse module's own mask, which its updates
+    change) for each weight whose mask the sparse module puts on a computed kernel; warns for a
+    kernel computed outside a layer that traces alone."""
     masker = Masker()
     masker.armed = False
     lost = []
@@ -159,7 +166,8 @@ def unwrap_kernels(model: nn.Module, sites: Mapping[str, Any], masks: Mapping[st
         try:
             if name != "weight":
                 raise ValueError(name)
-            _replace(model, path, masked_layer(layer, masks[fqn].detach().clone(), fqn, masker, persistent=False))
+            mask = masks[fqn] if share else masks[fqn].detach().clone()
+            _replace(model, path, masked_layer(layer, mask, fqn, masker, persistent=False))
         except Exception:  # noqa: BLE001 - a kernel this layer does not compute alone
             lost.append(fqn)
     if lost:

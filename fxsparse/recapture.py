@@ -28,7 +28,7 @@ from fxsparse.capture import capture as capture_graph, pytree_specs, resolve
 from fxsparse.masking import MASKER
 from fxsparse.passes.find_weights import canonical_names
 from fxsparse.passes.functionalize import functionalize
-from fxsparse.kernels import site_groups
+from fxsparse.kernels import is_masked_layer, site_groups
 from fxsparse.passes.mask_weights import mask_weights
 
 __all__ = ["signature_of", "follow_signature", "adopt_and_mask", "read_by", "install"]
@@ -133,8 +133,8 @@ def adopt_and_mask(
         target = str(node.target)
         value = resolve(gm, target)
         present = resolve(sparse, target)
-        if present is value:
-            continue
+        if present is value or (same_paths and is_masked_layer(present)):
+            continue  # the same, or the layer sparsify replaced by its masked trace (fxsparse.kernels)
         if same_paths and present is None:
             name = target
         else:

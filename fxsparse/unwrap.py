@@ -77,7 +77,7 @@ def unwrap(sparse: Any, *, share: bool = False) -> nn.Module:
                 table[name] = made[id(meta)]
     if missing:
         raise RuntimeError(f"fxsparse: the sparse module holds no tensor under {missing[:5]}: cannot unwrap it")
-    unwrap_kernels(model, sparse._fxsparse.sites, sparse.masks)
+    unwrap_kernels(model, sparse._fxsparse.sites, sparse.masks, share=share)
     model.train(sparse.training)
     setattr(model, MASKS_ATTRIBUTE, {fqn: mask.detach().clone() for fqn, mask in sparse.masks.items()})
     return model

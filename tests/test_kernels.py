@@ -45,6 +45,11 @@ class ScaledStdConv(nn.Conv2d):
 
 
 @fxsparse.register_leaf_module
+class LeafStdConv(StdConv):
+    """A standardizing layer that is itself a leaf (as timm keeps StdConv2dSame whole)."""
+
+
+@fxsparse.register_leaf_module
 class OpaqueBlock(nn.Module):
     """Kept whole by tracing (as timm keeps NormFreeBlock): the graph cannot see its layers."""
 
@@ -60,18 +65,23 @@ class OpaqueBlock(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.stem = StdConv(3, 8, 3, padding=1)
+        self.leaf = LeafStdConv(8, 8, 1)
         self.block = OpaqueBlock(8)
         self.head = nn.Linear(8, 4)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.stem(x)).mean((2, 3)))
+        h = self.block(self.leaf(self.stem(x))).mean((2, 3))
+        if self.dropout:  # functional: the train and eval traces differ, a graph per mode
+            h = F.dropout(h, self.dropout, self.training)
+        return self.head(h)
 
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-KERNELS = ("stem.weight", "block.conv.weight")
+KERNELS = ("stem.weight", "leaf.weight", "block.conv.weight")
 
 
 def _dense_reads(sparse: nn.Module, x: torch.Tensor, train: bool, grad: bool) -> tuple[set[str], set[str]]:
@@ -82,16 +92,20 @@ def _dense_reads(sparse: nn.Module, x: torch.Tensor, train: bool, grad: bool) ->
     return reads.checked, reads.dense
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("capture", ["symbolic", "export"])
-def test_standardized_kernels_are_masked_in_the_graph_and_inside_opaque_leaves(capture):
+def test_standardized_kernels_are_masked_in_the_graph_and_inside_opaque_leaves(capture, dropout):
     torch.manual_seed(0)
-    model = Net()
+    model = Net(dropout)
     sparse = fxsparse.sparsify(copy.deepcopy(model), 0.3, "uniform", dense=[], example_inputs=X, capture=capture)
     assert set(KERNELS) <= set(sparse.masks) and not sparse.skipped, sparse.skipped
     sites = sparse._fxsparse.sites
+    if capture == "symbolic":  # export always fixes the mode in its graphs
+        assert (sparse._fxsparse.mode_graphs is not None) == bool(dropout)  # the eval graph is masked too
     assert sites["stem.weight"].kernel == "graph"
     # symbolic tracing keeps the block whole: its layer is replaced by its own masked trace
     assert sites["block.conv.weight"].kernel == ("block.conv" if capture == "symbolic" else "graph")
+    assert sites["leaf.weight"].kernel == ("leaf" if capture == "symbolic" else "graph")
     for train in (True, False):
         for grad in (True, False):
             checked, dense = _dense_reads(sparse, X, train, grad)
@@ -173,3 +187,18 @@ def test_a_standardizing_layer_that_cannot_be_traced_alone_is_watched_running_an
     assert "cannot be traced alone" in reason and "seen running" in reason, reason
     assert "0.conv.weight" not in sparse.masks and "2.weight" in sparse.masks
     assert check_model(net, torch.randn(2, 3, 8, 8), density=0.5).ok
+
+
+def test_a_new_call_signature_masks_its_kernels_with_the_live_masks():
+    # a new dtype captures the model again from unwrap(share=True): its masked layers must read the
+    # sparse module's own masks, which updates change, not a copy of them
+    torch.manual_seed(0)
+    sparse = fxsparse.sparsify(Net(), 0.3, "uniform", dense=[], example_inputs=X, capture="export")
+    sparse.double()
+    x = X.double()
+    sparse(x).square().mean().backward()  # the float64 signature, captured on this call
+    sparse.rigl_step(0.5)
+    sparse.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), sparse.unwrap().eval()(x))
+    assert not _dense_reads(sparse, x, False, False)[1]
