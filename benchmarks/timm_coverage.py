@@ -43,7 +43,7 @@ from typing import Any
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import commands, json_child, listed, load_records, run_all, short_reason  # noqa: E402
+from sweeps import commands, json_child, listed, load_records, run_all, short_reason, stale  # noqa: E402
 
 __all__ = ["main", "check_one", "create", "write_report", "write_drop_section"]
 
@@ -516,8 +516,9 @@ def main(argv: list[str] | None = None) -> None:
     records = [recorded[n] for n in (registry[:: args.every] if not args.models else names) if n in recorded]
     if args.capture == "export":
         text = write_weighing(records, args.out, len(registry))
-    elif dropping:
-        text = write_drop_section(records, args.out, len(registry), args.drop_path, args.drop_rate)
+    elif dropping:  # the sweep with every check: a record made before one existed is left out until run again
+        current = [r for r in records if not stale(r)]
+        text = write_drop_section(current, args.out, len(registry), args.drop_path, args.drop_rate)
     else:
         text = write_report(records, args.out, len(registry))
     if not args.out:
