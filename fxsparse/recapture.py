@@ -178,3 +178,7 @@ def install(module: nn.Module, target: str, value: Any) -> None:
         owner.register_buffer(field, value, persistent=False)
     else:
         setattr(owner, field, value)
+        if owner is module and isinstance(module, torch.fx.GraphModule):
+            # GraphModule.__deepcopy__ keeps only what its graph reads and what is listed here: an
+            # attribute the other mode's graph reads (a higher-order op's index function) must survive a copy
+            module.meta.setdefault("_user_preserved_attributes", {})[field] = value

@@ -520,3 +520,13 @@ def test_check_model_copies_a_model_holding_states_of_an_earlier_forward():
     report = check_model(model, x, density=0.5)
     assert report.ok, report.failure
     assert model.state.grad_fn is not None  # left as it was
+
+
+def test_an_adopted_attribute_of_another_mode_s_graph_survives_a_copy():
+    # an exported eval graph read a higher-order op's index function as an attribute (transformers'
+    # Nemotron ASR streaming encoder); a copy of the sparse module made in train mode lost it
+    from fxsparse.recapture import install
+
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    install(gm, "fxsparse_eval_index", len)
+    assert copy.deepcopy(gm).fxsparse_eval_index is len
