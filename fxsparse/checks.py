@@ -190,6 +190,8 @@ def _check_modes(run: _Checking) -> None:
     try:
         torch.testing.assert_close(got, expected, rtol=run.rtol, atol=run.atol)
     except AssertionError as e:
+        if full.capture == "export":  # torch.export's own train-mode graph, same seed
+            _blame_export(model, args, kwargs, expected, run.rtol, run.atol, e, seed=0)
         first = str(e).strip().splitlines()
         raise AssertionError(
             f"in train mode (same random seed) the density-1.0 module differs from the model, "
@@ -265,14 +267,17 @@ def product_weights(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
 
 
 def _blame_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], expected: Any,
-                  rtol: float, atol: float, error: AssertionError) -> None:
-    """Raises an AssertionError that says so when torch.export's own capture of ``model``
-    (no fxsparse pass involved) already differs from eager; returns when it does not."""
+                  rtol: float, atol: float, error: AssertionError, seed: int | None = None) -> None:
+    """Raises an AssertionError that says so when torch.export's own capture of ``model`` in its
+    mode (no fxsparse pass involved) already differs from eager, run under ``seed`` when given
+    (random ops in train mode); returns when it does not."""
     plain = _plain_export(model, args, kwargs)
     if plain is None:
         return
     try:
         with torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
             torch.testing.assert_close(_tensors(plain(*args, **kwargs)), expected, rtol=rtol, atol=atol)
     except AssertionError as mismatch:
         first = str(mismatch).strip().splitlines()

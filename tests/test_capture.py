@@ -421,27 +421,36 @@ class RelativeTable(nn.Module):
     """A relative position table sliced to the sequence length, then a matmul with the queries
     (transformers' VITS): the product reads a function of the table and of the input's size."""
 
-    def __init__(self) -> None:
+    def __init__(self, padded: bool) -> None:
         super().__init__()
         self.q = nn.Linear(8, 8)
         self.rel = nn.Parameter(torch.randn(1, 9, 8))
         self.head = nn.Linear(8, 2)
+        self.padded = padded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, n = self.q(x), x.shape[1]
-        table = self.rel[:, 4 - (n - 1) // 2 : 4 + n // 2 + 1]
-        return self.head((torch.matmul(q, table.transpose(-2, -1)) @ q).mean(1))
+        if self.padded:  # VITS: under export, padded by torch.sym_max of the sequence length
+            pad = max(n - 5, 0)
+            table = F.pad(self.rel, [0, 0, pad, pad, 0, 0]) if pad > 0 else self.rel
+            start = max(5 - n, 0)
+            table = table[:, start : start + 2 * n - 1]
+        else:  # what symbolic tracing can follow: a slice by the size
+            table = self.rel[:, 4 - (n - 1) // 2 : 4 + n // 2 + 1]
+        scores = torch.matmul(q, table.transpose(-2, -1))
+        return self.head(scores.mean(-1, keepdim=True) * q).mean(1)
 
 
 @pytest.mark.parametrize("capture", ["symbolic", "export"])
 def test_a_table_computed_with_the_input_s_size_is_listed_where_a_product_reads_it(capture):
-    x = torch.randn(2, 5, 8)
-    sparse = fxsparse.sparsify(RelativeTable(), 0.5, "uniform", dense=[], example_inputs=x, capture=capture)
+    x = torch.randn(2, 16, 8)
+    model = RelativeTable(padded=capture == "export")
+    sparse = fxsparse.sparsify(copy.deepcopy(model), 0.5, "uniform", dense=[], example_inputs=x, capture=capture)
     assert set(sparse.masks) == {"q.weight", "head.weight"}
     assert dict(sparse.skipped)["rel"].startswith("computed into the weight of")  # was neither masked nor listed
     from fxsparse.checks import check_model
 
-    assert check_model(RelativeTable(), x, capture=capture).ok
+    assert check_model(model, x, capture=capture).ok
 
 
 def test_check_model_says_when_a_backward_through_torch_export_itself_fails():

@@ -856,6 +856,9 @@ def kernel_operands(
 
 
 _SIZE_METHODS = {"size", "dim"}
+# an exported graph's sizes: read off a tensor, and the integer functions dynamic shapes use
+_SIZE_OPS = {_ATEN.sym_size, _ATEN.sym_numel, _ATEN.sym_stride}
+_SYM_FUNCTIONS = {torch.sym_max, torch.sym_min, torch.sym_int, torch.sym_float, torch.sym_not, torch.sym_ite}
 
 
 def _is_size(node: torch.fx.Node) -> bool:
@@ -868,7 +871,9 @@ def _is_size(node: torch.fx.Node) -> bool:
         return True
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "shape":
         return True
-    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+    if node.op == "call_function" and packet(node.target) in _SIZE_OPS:
+        return True
+    if node.op == "call_function" and (node.target in _SYM_FUNCTIONS or getattr(node.target, "__module__", None) == "_operator"):
         return bool(node.all_input_nodes) and all(_is_size(a) for a in node.all_input_nodes)
     return False
 
