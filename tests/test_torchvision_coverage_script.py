@@ -29,12 +29,14 @@ def test_every_zoo_is_listed_and_a_detection_model_gets_targets():
     models = script.zoo_models()
     assert {"resnet18", "deeplabv3_resnet50", "swin3d_t", "maskrcnn_resnet50_fpn"} <= set(models)
     assert set(models.values()) == set(script.ZOOS)
-    model = script.build("keypointrcnn_resnet50_fpn", "detection")
-    (images, targets), text = script.example_for("keypointrcnn_resnet50_fpn", "detection", model)
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"  # the lightest detection model
+    model = script.build(name, "detection")
+    (images, targets), text = script.example_for(name, "detection", model)
     assert len(images) == len(targets) == 2 and "targets" in text
-    assert targets[0]["keypoints"].shape == (2, 17, 3)
     losses = model.train()(images, targets)  # the targets are what the model trains on
-    assert {"loss_keypoint", "loss_classifier"} <= set(losses)
+    assert {"loss_classifier", "loss_box_reg"} <= set(losses)
+    assert script._targets("keypointrcnn_resnet50_fpn")[0]["keypoints"].shape == (2, 17, 3)
+    assert script._targets("maskrcnn_resnet50_fpn")[0]["masks"].shape == (2, script.SIDE, script.SIDE)
 
 
 def test_the_page_names_each_failure_s_limit_with_its_evidence(tmp_path):
