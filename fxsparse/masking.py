@@ -300,12 +300,9 @@ class Masker(nn.Module):
     def forward(self, weight: torch.Tensor, mask: torch.Tensor, name: str, kernel: bool = False) -> torch.Tensor:
         if kernel:  # a kernel computed from the weight (fxsparse.kernels): masked out of place, always
             weight = torch.where(mask, weight, weight.new_zeros(()))
-            if not (self.armed and torch.is_grad_enabled() and weight.requires_grad):
-                return weight
-            return self._record_gradient(weight, name)
-        if self.sharded:  # a gathered weight, built from zeroed shards; its gradient is recorded on the shard
+        elif self.sharded:  # a gathered weight, built from zeroed shards; its gradient is recorded on the shard
             return weight
-        if weight.grad_fn is not None:
+        elif weight.grad_fn is not None:
             # computed each forward (a parametrization): masked out of place, never written
             weight = torch.where(mask, weight, weight.new_zeros(()))
         # Otherwise the prologue has already zeroed the inactive entries of `weight` and hooked

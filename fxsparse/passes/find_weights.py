@@ -144,8 +144,9 @@ def _computed_inside(module: nn.Module) -> dict[str, tuple[str, str]]:
     standardize the weight), by name relative to ``module``: ``("kernel", layer path)`` when the
     layer traced alone computes a kernel of the weight's shape from it alone (its mask then goes
     on that kernel, :mod:`fxsparse.kernels`), else ``("blocked", why)``: a mask on the parameter
-    would not make the product sparse. A layer that cannot be traced alone is taken as reading
-    its weight as it is."""
+    would not make the product sparse. A layer that cannot be traced alone is run alone and
+    watched (:func:`_computed_when_run`): blocked when it computes its kernel, else taken as
+    reading its weight as it is."""
     from fxsparse.tracing import trace
 
     found: dict[str, tuple[str, str]] = {}
@@ -747,13 +748,9 @@ def _product_operands(found: _Findings, node: torch.fx.Node) -> None:
     """The weight operands of a functional or method product: a parameter read there (through
     views) is a product weight and ``node`` its consumer; a matrix computed from parameters alone
     (``found.fixed``) is a computed weight, its parameters noted in ``found.computed``."""
-    if node.op == "get_attr" or (
-        node.op in ("call_function", "call_method")
-        and all(a in found.fixed or _is_size(a) for a in node.all_input_nodes)
-        and any(a in found.fixed for a in node.all_input_nodes)
-    ):
-        # a function of parameters and constants only, no input's data: an input's sizes may
-        # enter it (VITS slices its relative position embeddings to the sequence length)
+    if _computed_from_attributes(node, found.fixed, sizes=True):
+        # an input's sizes may enter it (VITS slices its relative position embeddings to the
+        # sequence length)
         found.fixed.add(node)
     for operand in _weight_operands(node) if node.op != "call_module" else ():
         fqn = found.matrix_of(operand)
@@ -774,6 +771,18 @@ def _product_operands(found: _Findings, node: torch.fx.Node) -> None:
                         f"product reads a function of it, which a mask on the parameter would "
                         f"not make sparse; left dense"
                     ))
+
+
+def _computed_from_attributes(node: torch.fx.Node, fixed: set[torch.fx.Node], sizes: bool) -> bool:
+    """Whether ``node`` is a function of attributes and constants only, no input's data: an
+    attribute read, or a call on nodes of ``fixed`` (at least one) and, with ``sizes``, an input's
+    sizes (:func:`_is_size`)."""
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    inputs = node.all_input_nodes
+    return any(a in fixed for a in inputs) and all(a in fixed or (sizes and _is_size(a)) for a in inputs)
 
 
 def _kernel_source(
@@ -840,10 +849,7 @@ def kernel_operands(
     fixed: set[torch.fx.Node] = set()
     found = []
     for node in gm.graph.nodes:
-        if node.op == "get_attr" or (
-            node.op in ("call_function", "call_method") and node.all_input_nodes
-            and all(a in fixed for a in node.all_input_nodes)
-        ):
+        if _computed_from_attributes(node, fixed, sizes=False):
             fixed.add(node)
         if node.op == "call_module":
             continue
