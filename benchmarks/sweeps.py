@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "listed", "commands", "load_records", "run_all", "FXSPARSE"]
+__all__ = ["json_child", "short_reason", "export_evidence", "limit_of", "stale", "listed", "commands", "load_records", "run_all", "limits_section", "FXSPARSE"]
 
 FXSPARSE = "fxsparse (no limit outside it shown)"
 
@@ -159,3 +159,32 @@ def run_all(todo: list[str], run: Any, workers: int, path: Any, command: str, do
             sink.flush()
             done[result["name"]] = result
             print(f"[{i + 1}/{len(todo)}] {result['name']}: {result['status']} {result.get('reason') or ''}"[:200], flush=True)
+
+
+def limits_section(records: list[dict[str, Any]], key: str, failed: str) -> list[str]:
+    """A page's section naming the limit each failing record meets (status ``failed``, timeout
+    or crashed), with its evidence (:func:`limit_of`); the ones no limit outside fxsparse explains
+    first. ``key``: the record's model name field."""
+    import collections
+
+    failing = [r for r in records if r["status"] in (failed, "timeout", "crashed")]
+    if not failing:
+        return []
+    by_limit: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in failing:
+        by_limit[limit_of(r.get("stage"), r.get("reason"), r.get("evidence"), r["status"])].append(r)
+    lines = [
+        "", "## The limit each failure meets", "",
+        "A failure is put on a limit outside fxsparse only on evidence: plain `torch.export.export` of the model on "
+        "the same inputs in the mode the capture failed in (no fxsparse pass) failing too, with the model's own "
+        "line, or `check_model` finding torch.export's own graph differ from eager or lack a backward. The rest "
+        "are fxsparse's to fix.", "",
+    ]
+    for limit in sorted(by_limit, key=lambda k: (k != FXSPARSE, -len(by_limit[k]))):
+        rows = sorted(by_limit[limit], key=lambda r: r[key])
+        lines += [f"### {limit} ({len(rows)})", ""]
+        for r in rows:
+            detail = (r.get("evidence") or r.get("reason") or "").replace("`", "'")
+            lines.append(f"- {r[key]}: {detail if len(detail) <= 300 else detail[:297] + '...'}")
+        lines.append("")
+    return lines

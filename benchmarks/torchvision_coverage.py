@@ -36,7 +36,7 @@ from typing import Any
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, commands, export_evidence, json_child, limit_of, listed, load_records, run_all, short_reason  # noqa: E402
+from sweeps import commands, export_evidence, json_child, limits_section, listed, load_records, run_all, short_reason  # noqa: E402
 
 __all__ = ["main", "check_one", "zoo_models", "build", "example_for", "write_page", "ZOOS"]
 
@@ -223,7 +223,7 @@ def write_page(records: list[dict[str, Any]], path: str | None, total: int) -> s
             reasons[f"{r['status']}: {(r.get('reason') or '')[:240]}"].append(r["name"])
     lines += [f"- {len(names)} x `{reason}`: {', '.join(sorted(names))}" for reason, names in
               sorted(reasons.items(), key=lambda kv: -len(kv[1]))] or ["None."]
-    lines += _limits(records)
+    lines += limits_section(records, "name", "fail")
     big = [r for r in records if r["status"] == "too large"]
     if big:
         lines += ["", "Above the parameter cap, counted on the meta device and not built: "
@@ -232,26 +232,6 @@ def write_page(records: list[dict[str, Any]], path: str | None, total: int) -> s
     if path:
         Path(path).write_text(text)
     return text
-
-
-def _limits(records: list[dict[str, Any]]) -> list[str]:
-    """The limit each failure meets, with its evidence (:func:`sweeps.limit_of`)."""
-    failing = [r for r in records if r["status"] in ("fail", "timeout", "crashed")]
-    if not failing:
-        return []
-    lines = ["", "## The limit each failure meets", "",
-             "Put on a limit outside fxsparse only on evidence: plain `torch.export.export` of the model on the same "
-             "inputs in train mode (no fxsparse pass) failing too, with torchvision's line where it fails, or "
-             "`check_model` finding torch.export's own graph differ from eager. The rest are fxsparse's to fix.", ""]
-    by_limit: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for r in failing:
-        by_limit[limit_of(r.get("stage"), r.get("reason"), r.get("evidence"), r["status"])].append(r)
-    for limit in sorted(by_limit, key=lambda k: (k != FXSPARSE, -len(by_limit[k]))):
-        rows = sorted(by_limit[limit], key=lambda r: r["name"])
-        lines += [f"### {limit} ({len(rows)})", ""]
-        lines += [f"- {r['name']}: {(r.get('evidence') or r.get('reason') or '')[:300]}" for r in rows]
-        lines.append("")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

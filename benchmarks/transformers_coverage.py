@@ -61,7 +61,7 @@ from typing import Any, Callable
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from sweeps import FXSPARSE, commands, export_evidence, limit_of, listed, load_records  # noqa: E402
+from sweeps import commands, export_evidence, limits_section, listed, load_records  # noqa: E402
 
 __all__ = ["main", "check_one", "tiny_config", "input_candidates", "write_report", "STATUSES"]
 
@@ -881,7 +881,7 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
     for reason, names in sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         lines.append(f"- {len(names)} x `{reason}`: {shown}")
-    lines += _limits(records)
+    lines += limits_section(records, "type", "failed")
     lines += [
         "",
         "## Every model type",
@@ -904,35 +904,6 @@ def write_report(records: list[dict[str, Any]], path: str | None, registry: int,
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     return text
-
-
-def _limits(records: list[dict[str, Any]]) -> list[str]:
-    """The section that names the limit each failed or timed-out model type meets, with the
-    evidence (:func:`sweeps.limit_of`); the ones shown to be no limit outside fxsparse first."""
-    failing = [r for r in records if r["status"] in ("failed", "timeout", "crashed")]
-    if not failing:
-        return []
-    by_limit: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for r in failing:
-        by_limit[limit_of(r.get("stage"), r.get("reason"), r.get("evidence"), r["status"])].append(r)
-    lines = [
-        "",
-        "## The limit each failure meets",
-        "",
-        "A failure is put on a limit outside fxsparse only on evidence: plain `torch.export.export` of the model on "
-        "the same inputs in train mode (no fxsparse pass) failing too, with the model's own line, or `check_model` "
-        "finding torch.export's own graph differ from eager or lack a backward. The rest are fxsparse's to fix.",
-        "",
-    ]
-    order = sorted(by_limit, key=lambda k: (k != FXSPARSE, -len(by_limit[k])))
-    for limit in order:
-        rows = sorted(by_limit[limit], key=lambda r: r["type"])
-        lines += [f"### {limit} ({len(rows)})", ""]
-        for r in rows:
-            detail = r.get("evidence") or r.get("reason") or ""
-            lines.append(f"- {r['type']}: {_short(detail, 260)}")
-        lines.append("")
-    return lines
 
 
 def _short(text: str | None, n: int) -> str:
