@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxsparse.draws import OutsideDraws, warn_frozen
 from fxsparse.tracing import trace
 
 __all__ = [
@@ -117,7 +118,18 @@ def capture(
     Raises:
         TypeError: the model cannot be captured; the message says why and what to try.
         ValueError: ``how`` is unknown, or ``"export"`` without inputs.
+
+    Warns when the model drew from numpy's or Python's generator while it was captured: the
+    graph holds that draw as a constant (:mod:`fxsparse.draws`).
     """
+    with OutsideDraws() as draws:
+        captured = _capture(model, inputs, how, modes)
+    warn_frozen(draws.sites, type(model).__name__, captured.how)
+    return captured
+
+
+def _capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None, how: str,
+             modes: tuple[bool, ...]) -> Captured:
     if how not in CAPTURES:
         raise ValueError(f"expected capture= to be one of {CAPTURES}, got {how!r}")
     if how == "export" and inputs is None:
