@@ -11,15 +11,15 @@ without padding or groups (``(out, in, 1, 1)``: a linear map of each strided pix
   values are ``values[t_perm]`` (the input gradient's matrix, refreshed by a gather).
 
 The inactive entries do not exist: nothing zeroes them and no gradient is masked. One custom
-autograd Function, :class:`_CompactLinear`, runs
+autograd Function, :class:`_CompactLinear`, runs the layer's kernels (:mod:`fxsparse.csr_kernels`:
+numba's threaded CSR loops on the CPU, ``torch.sparse`` elsewhere; ``CompactWeight.kernel`` is
+the layer's preference, chosen by timing at ``sparsify``):
 
-- forward: ``y = x W^T + b`` as ``torch.sparse.mm(W_csr, x^T)`` (on the CPU ``CHUNK`` rows of
-  ``x`` at a time, so that they stay in cache);
-- input gradient: ``dX = dY W`` as ``torch.sparse.mm(W^T_csr, dY^T)``, chunked alike;
-- value gradient: ``dY^T X`` at the active positions only (``torch.sparse.sampled_addmm``), or,
-  on armed (update) steps, the dense ``dY^T X``, recorded by the Masker as the growth gradient
-  (RigL's cost model: one dense weight gradient every ``delta_t`` steps) and read at the active
-  positions.
+- forward: ``y = x W^T + b``;
+- input gradient: ``dX = dY W``;
+- value gradient: ``dY^T X`` at the active positions only, or, on armed (update) steps, the dense
+  ``dY^T X``, recorded by the Masker as the growth gradient (RigL's cost model: one dense weight
+  gradient every ``delta_t`` steps) and read at the active positions.
 
 The topology is changed by :meth:`CompactWeight.assign`: given the new mask (the update loop of
 :mod:`fxsparse.methods` decides it on the dense view, so both layouts decide alike), the kept
@@ -33,7 +33,6 @@ the layer computes in the values' dtype.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,13 +40,9 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxsparse.csr_kernels import csr_tensor, kernels_for, preferred
+
 __all__ = ["CompactWeight", "compact_linear", "density_rule"]
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what we measured
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 class CompactWeight(nn.Module):
@@ -60,11 +55,15 @@ class CompactWeight(nn.Module):
         transposed: the weight is the right operand of ``x @ W`` (held as ``W.T``).
         stride: the weight is a 1x1 convolution's, ``(out, in, 1, 1)``, of this stride (no
             padding, one group): a linear map of every (strided) pixel's channels.
+        kernel: the kernels preferred (``"numba"`` or ``"torch"``, :mod:`fxsparse.csr_kernels`);
+            default: numba where it runs on the weight's device and dtype.
     """
+
+    kernel = "torch"  # the kernels preferred; set per layer (a layer pickled before it had one: torch)
 
     def __init__(
         self, fqn: str, weight: torch.Tensor, mask: torch.Tensor, transposed: bool = False,
-        stride: tuple[int, int] | None = None,
+        stride: tuple[int, int] | None = None, kernel: str | None = None,
     ) -> None:
         super().__init__()
         pointwise = stride is not None and weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and not transposed
@@ -74,6 +73,7 @@ class CompactWeight(nn.Module):
                 f"{tuple(weight.shape)} and {tuple(mask.shape)}"
             )
         self.fqn = fqn
+        self.kernel = kernel or preferred(weight.device, weight.dtype)
         self.transposed = transposed
         self.stride = tuple(stride) if pointwise else None  # type: ignore[arg-type]
         self.shape = tuple(weight.shape)
@@ -143,7 +143,7 @@ class CompactWeight(nn.Module):
         return self.full(flat.view(self.rows, self.cols))
 
     def csr(self) -> torch.Tensor:
-        return _csr(self.crow, self.col, self.values, (self.rows, self.cols))
+        return csr_tensor(self.crow, self.col, self.values, (self.rows, self.cols))
 
     # ---------------------------------------------------------------------------------- update
     @torch.no_grad()
@@ -169,7 +169,7 @@ class CompactWeight(nn.Module):
 
     def extra_repr(self) -> str:
         kind = ", transposed" if self.transposed else f", 1x1 conv, stride {self.stride}" if self.stride else ""
-        return f"{self.fqn}: {self.shape}, {self.values.numel()} active{kind}"
+        return f"{self.fqn}: {self.shape}, {self.values.numel()} active{kind}, {self.kernel} kernels"
 
     # the masked layout's checkpoint format (dense weight + bool mask) is written by the
     # SparseGraphModule that owns this layer, so the values are neither saved nor loaded here
@@ -180,49 +180,30 @@ class CompactWeight(nn.Module):
         return None
 
 
-# On the CPU a sparse product streams the dense operand once per active weight: taken CHUNK rows
-# of the batch at a time, that operand stays in cache (measured: 4096x4096 at density 0.1, batch
-# 256, 2 threads: 21 ms in one product, 9 ms in chunks of 32, dense 27 ms; docs/compact.md)
-CHUNK = 32
-
-
-def _times_transpose(
-    matrix: torch.Tensor, rows: torch.Tensor, out_features: int, out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``rows @ matrix.T`` for a CSR ``matrix`` and a dense 2-D ``rows``, as ``matrix @ rows.T``
-    (written into ``out``, a 2-D ``[n, out_features]`` tensor, where given)."""
-    n = rows.shape[0]
-    if rows.device.type != "cpu" or n <= CHUNK:
-        product = torch.sparse.mm(matrix, rows.t()).t()
-        return product if out is None else out.copy_(product)
-    if out is None:
-        out = rows.new_empty(n, out_features)
-    for start in range(0, n, CHUNK):
-        block = rows[start:start + CHUNK]
-        out[start:start + block.shape[0]] = torch.sparse.mm(matrix, block.t().contiguous()).t()
-    return out
-
-
 class _CompactLinear(torch.autograd.Function):
-    """``F.linear(x, W, bias)`` for a compact ``W``; records the dense growth gradient when
-    ``masker`` is given (an armed step)."""
+    """``F.linear(x, W, bias)`` for a compact ``W`` with the layer's kernels
+    (:func:`fxsparse.csr_kernels.kernels_for`); records the dense growth gradient when ``masker``
+    is given (an armed step)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CompactWeight, masker: Any,
     ) -> torch.Tensor:
         dtype = x.dtype
+        kernels = kernels_for(layer.kernel, values)
         flat = x.reshape(-1, layer.cols).to(values.dtype)
         # the output is made in its final shape, not a view of a 2-D result: autograd forbids
         # in-place ops (an inplace activation next) on views a custom Function returns
         result = flat.new_empty(*x.shape[:-1], layer.rows)
         out = result.view(-1, layer.rows)
         with torch.autocast(x.device.type, enabled=False):  # the sparse kernels compute in the values' dtype
-            _times_transpose(_csr(layer.crow, layer.col, values, (layer.rows, layer.cols)), flat, layer.rows, out)
+            saved = kernels.save(flat)
+            kernels.forward(layer, values, saved, out)
             if bias is not None:
                 out += bias.to(values.dtype)
-        ctx.save_for_backward(flat, values)
-        ctx.layer, ctx.masker, ctx.shape, ctx.dtype, ctx.has_bias = layer, masker, x.shape, dtype, bias is not None
+        ctx.save_for_backward(saved, values)
+        ctx.kernels, ctx.layer, ctx.masker, ctx.shape, ctx.dtype = kernels, layer, masker, x.shape, dtype
+        ctx.has_bias = bias is not None
         return result
 
     @staticmethod
@@ -232,21 +213,21 @@ class _CompactLinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        flat, values = ctx.saved_tensors
+        saved, values = ctx.saved_tensors
         layer: CompactWeight = ctx.layer
+        kernels = ctx.kernels
         dy = grad.reshape(-1, layer.rows).to(values.dtype)
+        operand = kernels.grad_operand(dy)
         dx = dvalues = dbias = None
         if ctx.needs_input_grad[0]:
-            w_t = _csr(layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), (layer.cols, layer.rows))
-            dx = _times_transpose(w_t, dy, layer.cols).reshape(ctx.shape).to(ctx.dtype)
+            dx = kernels.input_grad(layer, values, operand).reshape(ctx.shape).to(ctx.dtype)
         if ctx.needs_input_grad[1] or ctx.masker is not None:
             if ctx.masker is not None:  # an armed step: the dense weight gradient, recorded for growth
-                dense = dy.t().mm(flat)
+                dense = kernels.dense_grad(saved, operand)
                 ctx.masker._record(layer.fqn, layer.full(dense))
                 dvalues = dense.reshape(-1).index_select(0, layer.positions())
             else:
-                pattern = _csr(layer.crow, layer.col, values.detach(), (layer.rows, layer.cols))
-                dvalues = torch.sparse.sampled_addmm(pattern, dy.t().contiguous(), flat, beta=0.0).values()
+                dvalues = kernels.value_grad(layer, values, saved, operand)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.sum(0)
         return dx, dvalues, dbias, None, None

@@ -27,6 +27,7 @@ from torch import nn
 
 from fxsparse.capture import Runner, graph_inputs
 from fxsparse.compact import CompactWeight, compact_linear, density_rule
+from fxsparse.csr_kernels import KERNELS, kernels_for, preferred
 from fxsparse.masking import MASKER, Masker
 from fxsparse.passes.compact import compact_reads, operands, to_compact
 
@@ -44,12 +45,16 @@ class LayoutChoice:
     Attributes:
         layout: ``"compact"`` or ``"masked"``.
         reason: what decided it (asked for, timed, the density rule, or why it cannot be compact).
-        ms: the median milliseconds of one training step of the layer in each layout, when timed.
+        ms: the median milliseconds of one training step of the layer in each layout, when timed:
+            ``"masked"``, ``"compact"`` (with the faster kernels) and ``"compact/<kernels>"`` for
+            each kernel technology timed (:mod:`fxsparse.csr_kernels`).
+        kernel: the compact layer's kernels (``"numba"`` or ``"torch"``); None when masked.
     """
 
     layout: str
     reason: str
     ms: dict[str, float] = field(default_factory=dict)
+    kernel: str | None = None
 
 
 def check_layout(layout: Any) -> None:
@@ -119,19 +124,21 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
     for fqn, kind in candidates.items():
         site = state.sites[fqn]
         density = site.active / math.prod(site.shape)
+        default = preferred(sparse.get_parameter(fqn).device, sparse.get_parameter(fqn).dtype)
         if _asked(layout, fqn) == "compact":
-            choices[fqn] = LayoutChoice("compact", "asked", timed.get(fqn, {}))
+            choices[fqn] = LayoutChoice("compact", "asked", timed.get(fqn, {}), _fastest(timed.get(fqn)) or default)
         elif fqn in timed:
             ms = timed[fqn]
             wins = ms["compact"] <= ms["masked"] * (1 - MARGIN)
-            choices[fqn] = LayoutChoice("compact" if wins else "masked", "timed on example_inputs", ms)
+            choices[fqn] = LayoutChoice("compact" if wins else "masked", "timed on example_inputs", ms,
+                                        _fastest(ms) if wins else None)
         else:
             wins = density_rule(density)
             choices[fqn] = LayoutChoice("compact" if wins else "masked", f"density {density:.3f} {'<=' if wins else '>'} 0.2 "
-                                        "(no example_inputs to time on)")
+                                        "(no example_inputs to time on)", kernel=default if wins else None)
     for fqn, choice in choices.items():
         if choice.layout == "compact":
-            _install(sparse, graphs, fqn, candidates[fqn])
+            _install(sparse, graphs, fqn, candidates[fqn], choice.kernel)
     state.layouts = choices
     if any(c.layout == "compact" for c in choices.values()):
         sparse.recompile()
@@ -145,11 +152,17 @@ def _stride(kind: str) -> tuple[int, int] | None:
     return int(s0), int(s1)
 
 
-def _layer(fqn: str, weight: torch.Tensor, mask: torch.Tensor, kind: str) -> CompactWeight:
-    return CompactWeight(fqn, weight, mask, kind == "matmul", _stride(kind))
+def _layer(fqn: str, weight: torch.Tensor, mask: torch.Tensor, kind: str, kernel: str | None = None) -> CompactWeight:
+    return CompactWeight(fqn, weight, mask, kind == "matmul", _stride(kind), kernel)
 
 
-def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, kind: str) -> None:
+def _fastest(ms: Mapping[str, float] | None) -> str | None:
+    """The kernels whose timed step was fastest (``"compact/<kernels>"`` keys), or None."""
+    timed = {k.split("/", 1)[1]: v for k, v in (ms or {}).items() if k.startswith("compact/")}
+    return min(timed, key=timed.__getitem__) if timed else None
+
+
+def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, kind: str, kernel: str | None) -> None:
     """Moves ``fqn`` into a compact layer: the graphs call it, the parameter and mask go."""
     site = sparse._fxsparse.sites[fqn]
     if not hasattr(sparse, _HOLDER):
@@ -159,7 +172,7 @@ def _install(sparse: Any, graphs: list[torch.fx.Graph], fqn: str, kind: str) -> 
     while hasattr(holder, name):
         name += "_"
     weight, mask = sparse.get_parameter(fqn), sparse.get_buffer(site.mask)
-    holder.add_module(name, _layer(fqn, weight.detach(), mask, kind))
+    holder.add_module(name, _layer(fqn, weight.detach(), mask, kind, kernel))
     holder.get_submodule(name).values.requires_grad_(weight.requires_grad)
     for graph in graphs:
         to_compact(graph, MASKER, fqn, f"{_HOLDER}.{name}")
@@ -219,7 +232,9 @@ def _time_layers(sparse: Any, graph: torch.fx.Graph, candidates: Mapping[str, st
 
 
 def _time_layer(sparse: Any, fqn: str, kind: str, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
-    """The median ms of one training step of ``fqn``'s layer on ``x``, masked and compact."""
+    """The median ms of one training step of ``fqn``'s layer on ``x``: masked, and compact with
+    each kernel technology that runs on it (``"compact/<kernels>"``); ``"compact"`` is the
+    fastest of those."""
     masker = Masker()
     masker.armed = False
     weight = sparse.get_parameter(fqn).detach().clone().requires_grad_()
@@ -237,20 +252,26 @@ def _time_layer(sparse: Any, fqn: str, kind: str, x: torch.Tensor, repeats: int 
         with torch.no_grad():
             weight.grad.mul_(mask)
 
-    def compact() -> None:
-        compact_linear(x, layer, masker).sum().backward()
+    def compact(kernel: str) -> Callable[[], None]:
+        def step() -> None:
+            layer.kernel = kernel
+            compact_linear(x, layer, masker).sum().backward()
+        return step
 
     def finished() -> None:  # an accelerator queues kernels: wait for them before the clock
         if x.device.type != "cpu":
             torch.accelerator.synchronize(x.device)
 
-    ms: dict[str, list[float]] = {"masked": [], "compact": []}
-    for _ in range(repeats + 1):  # interleaved; the first round warms up
-        for name, fn in (("masked", masked), ("compact", compact)):
+    runs = [("masked", masked)] + [(f"compact/{k}", compact(k)) for k in KERNELS
+                                   if kernels_for(k, layer.values).name == k]
+    ms: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for _ in range(repeats + 1):  # interleaved; the first round warms up (and compiles)
+        for name, fn in runs:
             finished()
             start = time.perf_counter()
             fn()
             finished()
             ms[name].append((time.perf_counter() - start) * 1e3)
             weight.grad = layer.values.grad = x.grad = None
-    return {name: statistics.median(values[1:]) for name, values in ms.items()}
+    medians = {name: statistics.median(values[1:]) for name, values in ms.items()}
+    return {**medians, "compact": min(v for k, v in medians.items() if k.startswith("compact/"))}

@@ -16,7 +16,7 @@ if ! "$venv/bin/python" -c 'import torch, torchvision, sys; sys.exit(not (torch.
     echo "[setup] installing torch==2.14.1 torchvision==0.29.1"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
-if ! "$venv/bin/python" -c 'import fxsparse, pytest, hypothesis, timm, tqdm, xdist, transformers, lightning, accelerate, tensorboard' 2>/dev/null \
+if ! "$venv/bin/python" -c 'import fxsparse, pytest, hypothesis, timm, tqdm, xdist, transformers, lightning, accelerate, tensorboard, numba' 2>/dev/null \
     || [ "$root/pyproject.toml" -nt "$venv/.fxsparse-installed" ]; then
     echo "[setup] installing fxsparse[test] (editable)"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"

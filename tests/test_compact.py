@@ -131,8 +131,11 @@ def _budget(model: nn.Module) -> dict:
     return {"init": "uniform", "dense": []} if isinstance(model, Pointwise) else {"init": "erk"}
 
 
-def _train(model, layout, method, density, capture, x, y, steps=10, optimizer="adamw"):
+def _train(model, layout, method, density, capture, x, y, steps=10, optimizer="adamw", kernel=None):
     sparse = fxsparse.sparsify(model, density, seed=5, example_inputs=x, capture=capture, layout=layout, **_budget(model))
+    for fqn in sparse.masks:
+        if kernel is not None and sparse.compact_layer(fqn) is not None:
+            sparse.compact_layer(fqn).kernel = kernel
     opt = (torch.optim.AdamW(sparse.parameters(), lr=0.02) if optimizer == "adamw"
            else torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9))
     scheduler = fxsparse.RigLScheduler(sparse, opt, steps, delta_t=2, end_fraction=1.0, method=method)
@@ -156,8 +159,9 @@ def _train(model, layout, method, density, capture, x, y, steps=10, optimizer="a
     method=st.sampled_from(["rigl", "set", "static"]),
     optimizer=st.sampled_from(["sgd", "momentum"]),
     seed=st.integers(0, 3),
+    kernel=st.sampled_from(["numba", "torch"]),
 )
-def test_compact_and_masked_runs_make_the_same_decisions(kind, width, hidden, density, method, optimizer, seed):
+def test_compact_and_masked_runs_make_the_same_decisions(kind, width, hidden, density, method, optimizer, seed, kernel):
     # SGD (with or without momentum) keeps the two layouts' rounding differences at float64's
     # level all run long; Adam normalizes each step by the gradient's own size, so that weights
     # grown together move by nearly equal amounts and their order is rounding's: AdamW is
@@ -166,7 +170,8 @@ def test_compact_and_masked_runs_make_the_same_decisions(kind, width, hidden, de
     model, x = _model(kind, width, hidden, 3)
     y = torch.randint(0, 3, (8,))
     masked, masked_losses = _train(model, "masked", method, density, "symbolic", x, y, optimizer=optimizer)
-    compact, compact_losses = _train(model, {"*": "compact"}, method, density, "symbolic", x, y, optimizer=optimizer)
+    compact, compact_losses = _train(model, {"*": "compact"}, method, density, "symbolic", x, y, optimizer=optimizer,
+                                     kernel=kernel)
     assert any(c.layout == "compact" for c in compact.layouts.values())
     assert all(compact.compact_layer(f) is not None for f, c in compact.layouts.items() if c.layout == "compact")
     for fqn, mask in masked.masks.items():
@@ -525,5 +530,10 @@ def test_the_timing_chooses_for_pointwise_convolutions_too():
     sparse = fxsparse.sparsify(model, 0.05, "uniform", dense=[], example_inputs=torch.randn(8, 64, 16, 16), layout="compact")
     for fqn in ("0.weight", "2.weight"):
         choice = sparse.layouts[fqn]
-        assert choice.reason == "timed on example_inputs" and set(choice.ms) == {"masked", "compact"}
+        assert choice.reason == "timed on example_inputs"
+        assert set(choice.ms) == {"masked", "compact", "compact/numba", "compact/torch"}
+        assert choice.ms["compact"] == min(choice.ms["compact/numba"], choice.ms["compact/torch"])
         assert (choice.layout == "compact") == (choice.ms["compact"] <= 0.95 * choice.ms["masked"])
+        if choice.layout == "compact":
+            fastest = min(("numba", "torch"), key=lambda k: choice.ms[f"compact/{k}"])
+            assert choice.kernel == fastest == sparse.compact_layer(fqn).kernel

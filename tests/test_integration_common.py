@@ -21,7 +21,7 @@ def _sparse() -> fxsparse.SparseGraphModule:
 
 def test_the_core_imports_no_optional_integration():
     code = ("import sys, fxsparse, fxsparse.integrations, fxsparse.integrations.common; "
-            "print(sorted(m for m in ('transformers', 'lightning', 'accelerate', 'matplotlib', 'tensorboard') "
+            "print(sorted(m for m in ('transformers', 'lightning', 'accelerate', 'matplotlib', 'tensorboard', 'numba') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

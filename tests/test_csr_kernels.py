@@ -1,0 +1,85 @@
+"""The compact layer's kernels (fxsparse/csr_kernels.py): each technology computes the dense
+products at the active positions, on any CSR structure, and a layer falls back to torch's
+kernels where numba cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fxsparse import csr_kernels
+from fxsparse.compact import CompactWeight, compact_linear
+from fxsparse.csr_kernels import NumbaKernels, TorchKernels, kernels_for
+from fxsparse.masking import Masker
+
+pytest.importorskip("numba")
+
+
+def _products(kernels, layer: CompactWeight, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    values = layer.values.detach()
+    saved = kernels.save(x)
+    out = x.new_empty(x.shape[0], layer.rows)
+    kernels.forward(layer, values, saved, out)
+    operand = kernels.grad_operand(dy)
+    return [out, kernels.input_grad(layer, values, operand), kernels.value_grad(layer, values, saved, operand),
+            kernels.dense_grad(saved, operand)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 23), cols=st.integers(1, 23), n=st.integers(1, 40),
+    density=st.sampled_from([0.0, 0.05, 0.3, 0.7, 1.0]), dtype=st.sampled_from([torch.float32, torch.float64]),
+    block=st.sampled_from([1, 3, 16, 4096]), seed=st.integers(0, 10**6),
+)
+def test_each_kernel_computes_the_dense_products_at_the_active_positions(rows, cols, n, density, dtype, block, seed):
+    """Every row length (the four-at-a-time loop and its remainder, empty rows, a full matrix,
+    an empty one) and batch blocks that split the batch anywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=generator) < density
+    weight = torch.randn(rows, cols, generator=generator, dtype=dtype) * mask
+    x = torch.randn(n, cols, generator=generator, dtype=dtype)
+    dy = torch.randn(n, rows, generator=generator, dtype=dtype)
+    layer = CompactWeight("w", weight, mask)
+    want = [x @ weight.t(), dy @ weight, (dy.t() @ x)[mask], dy.t() @ x]
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    saved_block = csr_kernels.BLOCK
+    csr_kernels.BLOCK = block
+    try:
+        for kernels in (NumbaKernels, TorchKernels):
+            for got, expected in zip(_products(kernels, layer, x, dy), want):
+                torch.testing.assert_close(got, expected, **tolerance)
+    finally:
+        csr_kernels.BLOCK = saved_block
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_layer_with_either_kernel_trains_as_the_masked_product(kernel, transposed):
+    torch.manual_seed(2)
+    mask = torch.rand(33, 17) < 0.2
+    weight = (torch.randn(33, 17, dtype=torch.float64) * mask).requires_grad_()
+    layer = CompactWeight("w", weight.detach(), mask, transposed, kernel=kernel)
+    layer.values.requires_grad_()
+    x = torch.randn(5, 9, 33 if transposed else 17, dtype=torch.float64, requires_grad=True)
+    out = compact_linear(x, layer, Masker())
+    reference = x @ weight if transposed else torch.nn.functional.linear(x, weight)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, layer.values], grad)
+    want = torch.autograd.grad(reference, [x, weight], grad)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1][mask] if not transposed else want[1].t()[mask.t()])
+
+
+def test_layers_fall_back_to_torch_where_numba_cannot_run(monkeypatch):
+    values = torch.zeros(3)
+    assert kernels_for("numba", values) is NumbaKernels
+    assert kernels_for("torch", values) is TorchKernels
+    assert kernels_for("numba", values.to(torch.bfloat16)) is TorchKernels  # autocast, bf16 layers
+    assert kernels_for("numba", values.to("meta")) is TorchKernels
+    monkeypatch.setattr(csr_kernels, "numba_available", lambda: False)
+    assert kernels_for("numba", values) is TorchKernels
+    assert CompactWeight("w", torch.ones(2, 2), torch.eye(2, dtype=torch.bool)).kernel == "torch"
+
