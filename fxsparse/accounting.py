@@ -534,10 +534,8 @@ class _Counter(Runner):
         (x, layer, _, bias), _ = self.fetch_args_kwargs_from_env(n)
         weight = x.new_zeros(layer.shape, dtype=layer.values.dtype)
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
-            if layer.stride is not None:  # a 1x1 convolution
-                result = F.conv2d(x.to(weight.dtype), weight, bias, layer.stride)
-            else:
-                result = torch.matmul(x, weight) if layer.transposed else F.linear(x.to(weight.dtype), weight, bias)
+            product, options = layer.dense_product()
+            result = product(x.to(weight.dtype), weight, bias, **options)
         self._record(n, int(counter.get_total_flops()), result, weight=layer.fqn)
         return result
 

@@ -33,16 +33,18 @@ the layer computes in the values' dtype.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
-from fxsparse.csr_kernels import csr_tensor, kernels_for, preferred
+from fxsparse.csr_kernels import conv_kernels_for, csr_tensor, kernels_for, preferred
 
-__all__ = ["CompactWeight", "compact_linear", "density_rule"]
+__all__ = ["CompactWeight", "compact_linear", "density_rule", "matmul_add", "SPATIAL_BREAK_EVEN"]
 
 
 class CompactWeight(nn.Module):
@@ -53,8 +55,11 @@ class CompactWeight(nn.Module):
         weight: the dense weight (its active entries become ``values``).
         mask: its bool mask.
         transposed: the weight is the right operand of ``x @ W`` (held as ``W.T``).
-        stride: the weight is a 1x1 convolution's, ``(out, in, 1, 1)``, of this stride (no
-            padding, one group): a linear map of every (strided) pixel's channels.
+        stride: the weight is a convolution's, ``(out, in, kh, kw)``, of this stride (one group):
+            a 1x1 kernel without padding is a linear map of every (strided) pixel's channels; a
+            kxk kernel (stride 1, ``padding`` given) is computed by the convolution kernels of
+            :mod:`fxsparse.csr_kernels` (the matrix ``out x (in*kh*kw)``).
+        padding: a kxk convolution's padding ``(p0, p1)``.
         kernel: the kernels preferred (``"numba"`` or ``"torch"``, :mod:`fxsparse.csr_kernels`);
             default: numba where it runs on the weight's device and dtype.
     """
@@ -63,21 +68,25 @@ class CompactWeight(nn.Module):
 
     def __init__(
         self, fqn: str, weight: torch.Tensor, mask: torch.Tensor, transposed: bool = False,
-        stride: tuple[int, int] | None = None, kernel: str | None = None,
+        stride: tuple[int, int] | None = None, kernel: str | None = None, padding: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        pointwise = stride is not None and weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and not transposed
-        if not (weight.dim() == 2 or pointwise) or weight.shape != mask.shape:
+        conv = stride is not None and weight.dim() == 4 and not transposed
+        pointwise = conv and tuple(weight.shape[2:]) == (1, 1) and padding in (None, (0, 0))
+        spatial = conv and not pointwise and tuple(stride) == (1, 1) and padding is not None  # type: ignore[arg-type]
+        if not (weight.dim() == 2 or pointwise or spatial) or weight.shape != mask.shape:
             raise ValueError(
-                f"expected a 2-D weight (or a 1x1 convolution's with its stride) and a mask of its shape, got "
-                f"{tuple(weight.shape)} and {tuple(mask.shape)}"
+                f"expected a 2-D weight (or a 1x1 convolution's with its stride, or a kxk convolution's of stride 1 "
+                f"with its padding) and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}"
             )
         self.fqn = fqn
         self.kernel = kernel or preferred(weight.device, weight.dtype)
         self.transposed = transposed
         self.stride = tuple(stride) if pointwise else None  # type: ignore[arg-type]
+        self.kernel_size = tuple(weight.shape[2:]) if spatial else None
+        self.padding = tuple(padding) if spatial else None  # type: ignore[arg-type]
         self.shape = tuple(weight.shape)
-        self.rows, self.cols = (self.shape[1], self.shape[0]) if transposed else self.shape[:2]
+        self.rows, self.cols = (self.shape[1], self.shape[0]) if transposed else (self.shape[0], math.prod(self.shape[1:]))
         count = int(mask.sum())
         device = weight.device
         self.values = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=device), requires_grad=weight.requires_grad)
@@ -145,6 +154,18 @@ class CompactWeight(nn.Module):
     def csr(self) -> torch.Tensor:
         return csr_tensor(self.crow, self.col, self.values, (self.rows, self.cols))
 
+    def dense_product(self) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+        """The dense op this layer computes, as ``(fn, kwargs)`` called ``fn(x, weight, bias,
+        **kwargs)`` with the dense weight (:meth:`dense`): what inference export and FLOP counting
+        put in the layer's place."""
+        if self.transposed:
+            return matmul_add, {}
+        if self.stride is not None:
+            return F.conv2d, {"stride": self.stride}
+        if self.kernel_size is not None:
+            return F.conv2d, {"padding": self.padding}
+        return F.linear, {}
+
     # ---------------------------------------------------------------------------------- update
     @torch.no_grad()
     def assign(self, mask: torch.Tensor, states: Iterable[torch.Tensor] = ()) -> None:
@@ -168,7 +189,8 @@ class CompactWeight(nn.Module):
             tensor.copy_(torch.where(kept, moved, moved.new_zeros(())))
 
     def extra_repr(self) -> str:
-        kind = ", transposed" if self.transposed else f", 1x1 conv, stride {self.stride}" if self.stride else ""
+        kind = (", transposed" if self.transposed else f", 1x1 conv, stride {self.stride}" if self.stride
+                else f", {self.kernel_size} conv, padding {self.padding}" if self.kernel_size else "")
         return f"{self.fqn}: {self.shape}, {self.values.numel()} active{kind}, {self.kernel} kernels"
 
     # the masked layout's checkpoint format (dense weight + bool mask) is written by the
@@ -178,6 +200,12 @@ class CompactWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         return None
+
+
+def matmul_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight + bias`` (``addmm``'s product, transformers' ``Conv1D``), bias optional."""
+    out = torch.matmul(x, weight)
+    return out if bias is None else out + bias
 
 
 class _CompactLinear(torch.autograd.Function):
@@ -233,12 +261,60 @@ class _CompactLinear(torch.autograd.Function):
         return dx, dvalues, dbias, None, None
 
 
+class _CompactConv(torch.autograd.Function):
+    """``F.conv2d(x, W, bias, padding=layer.padding)`` (stride 1, one group) for a compact kxk
+    ``W`` with the layer's convolution kernels; records the dense growth gradient when ``masker``
+    is given (an armed step)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CompactWeight, masker: Any,
+    ) -> torch.Tensor:
+        kernels = conv_kernels_for(layer.kernel, values)
+        batched = x.dim() == 4
+        images = (x if batched else x.unsqueeze(0)).to(values.dtype).contiguous()
+        with torch.autocast(x.device.type, enabled=False):
+            saved = kernels.save(layer, images)
+            out = kernels.forward(layer, values, saved)
+            if bias is not None:
+                out += bias.to(values.dtype).view(-1, 1, 1)
+        ctx.save_for_backward(saved, values)
+        ctx.kernels, ctx.layer, ctx.masker, ctx.shape, ctx.dtype = kernels, layer, masker, images.shape, x.dtype
+        ctx.batched, ctx.has_bias = batched, bias is not None
+        return (out if batched else out.squeeze(0)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        saved, values = ctx.saved_tensors
+        layer: CompactWeight = ctx.layer
+        kernels = ctx.kernels
+        with torch.autocast(grad.device.type, enabled=False):
+            dy = (grad if ctx.batched else grad.unsqueeze(0)).to(values.dtype).contiguous()
+            operand = kernels.grad_operand(layer, dy)
+            dx = dvalues = dbias = None
+            if ctx.needs_input_grad[0]:
+                dx = kernels.input_grad(layer, values, operand, ctx.shape)
+                dx = (dx if ctx.batched else dx.squeeze(0)).to(ctx.dtype)
+            if ctx.needs_input_grad[1] or ctx.masker is not None:
+                if ctx.masker is not None:  # an armed step: the dense weight gradient, recorded for growth
+                    dense = kernels.dense_grad(layer, saved, operand)
+                    ctx.masker._record(layer.fqn, dense)
+                    dvalues = dense.reshape(-1).index_select(0, layer.positions())
+                else:
+                    dvalues = kernels.value_grad(layer, values, saved, operand)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                dbias = dy.sum((0, 2, 3))
+        return dx, dvalues, dbias, None, None
+
+
 @torch.compiler.disable
 def compact_linear(x: torch.Tensor, layer: CompactWeight, masker: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` (or ``x @ W`` for a transposed layer) with the compact weight of
     ``layer``; the dense growth gradient is recorded by ``masker`` while it is armed. Under
     torch.compile it runs eagerly (a graph break)."""
     armed = masker.armed and torch.is_grad_enabled() and layer.values.requires_grad
+    if layer.kernel_size is not None:
+        return _CompactConv.apply(x, layer.values, bias, layer, masker if armed else None)
     if layer.stride is None:
         return _CompactLinear.apply(x, layer.values, bias, layer, masker if armed else None)
     # a 1x1 convolution: the channels of every (strided) pixel, (N, C, H, W) or (C, H, W)
@@ -247,7 +323,13 @@ def compact_linear(x: torch.Tensor, layer: CompactWeight, masker: Any, bias: tor
     return _CompactLinear.apply(pixels, layer.values, bias, layer, masker if armed else None).movedim(-1, -3)
 
 
-def density_rule(density: float) -> bool:
-    """Without example inputs to time on: compact where the density is at most 0.2, the
-    break-even measured for a linear layer on CPU (docs/compact.md)."""
-    return density <= 0.2 + 1e-12
+# without example inputs to time on, a kxk convolution is compact at most at this density: the
+# numba kernels' break-even against the dense convolution is near 0.1 (docs/compact.md)
+SPATIAL_BREAK_EVEN = 0.05
+
+
+def density_rule(density: float, spatial: bool = False) -> bool:
+    """Without example inputs to time on: compact where the density is at most 0.2 (the
+    break-even measured for a linear layer on CPU), or ``SPATIAL_BREAK_EVEN`` for a kxk
+    convolution (``spatial``; docs/compact.md)."""
+    return density <= (SPATIAL_BREAK_EVEN if spatial else 0.2) + 1e-12

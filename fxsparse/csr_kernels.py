@@ -34,14 +34,13 @@ on the tensors it gets: numba on the CPU in float32/float64 when it is installed
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 from typing import Any
 
 import torch
 
-__all__ = ["KERNELS", "CHUNK", "csr_tensor", "NumbaKernels", "TorchKernels", "kernels_for", "numba_available", "preferred"]
+__all__ = ["KERNELS", "CHUNK", "csr_tensor", "NumbaConvKernels", "TorchConvKernels", "conv_kernels_for", "conv_geometry", "NumbaKernels", "TorchKernels", "kernels_for", "numba_available", "preferred"]
 
 KERNELS = ("numba", "torch")
 
@@ -133,24 +132,170 @@ class NumbaKernels:
     @staticmethod
     def forward(layer: Any, values: torch.Tensor, saved: torch.Tensor, out: torch.Tensor) -> None:
         out_t = saved.new_empty(layer.rows, saved.shape[1])
-        _run("rows_sum", layer.crow, layer.col, values, saved, out_t)
+        _run("rows_sum", layer.crow, layer.col, values, saved, out_t, BLOCK)
         out.copy_(out_t.t())
 
     @staticmethod
     def input_grad(layer: Any, values: torch.Tensor, dy_t: torch.Tensor) -> torch.Tensor:
         dx_t = dy_t.new_empty(layer.cols, dy_t.shape[1])
-        _run("rows_sum", layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), dy_t, dx_t)
+        _run("rows_sum", layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), dy_t, dx_t, BLOCK)
         return dx_t.t()
 
     @staticmethod
     def value_grad(layer: Any, values: torch.Tensor, saved: torch.Tensor, dy_t: torch.Tensor) -> torch.Tensor:
         grad = values.new_empty(values.shape)
-        _run("dots", layer.crow, layer.col, dy_t, saved, grad)
+        _run("dots", layer.crow, layer.col, dy_t, saved, grad, BLOCK)
         return grad
 
     @staticmethod
     def dense_grad(saved: torch.Tensor, dy_t: torch.Tensor) -> torch.Tensor:
         return dy_t.mm(saved.t())
+
+
+# --- kxk convolutions (stride 1, one group) ------------------------------------------------------
+#
+# A kxk kernel of shape (O, C, kh, kw) is the CSR matrix O x (C*kh*kw); column c is input channel
+# c // (kh*kw) at kernel offset (c % (kh*kw)) // kw, c % kw. The numba kernels pad the input once
+# (zeros, plus one spare row), and compute every output plane in "wide" rows of the padded width
+# Wp: output pixel (i, j) sits at i*Wp + j, and input pixel (i + di, j + dj) at the same place
+# plus di*Wp + dj. So each active weight is one multiply-add over a contiguous run of Ho*Wp
+# elements (a long vector even for an 8x8 plane); the Wp - Wo columns past each row's end are
+# computed and cropped (and are zero in the output gradient, so the value gradient is exact).
+
+
+# the convolution's value gradient reads this many samples' planes at a time, by every output
+# channel: their input planes stay in cache (4 x 32 channels x 34x35 floats ~ 600 KB)
+SAMPLES = 4
+
+
+def conv_geometry(layer: Any, x_shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
+    """``(H, W, Hp, Wp, Ho, Wo)`` of a stride-1 convolution of ``layer`` on an input of ``x_shape``."""
+    (kh, kw), (p0, p1) = layer.kernel_size, layer.padding
+    h, w = x_shape[-2:]
+    hp, wp = h + 2 * p0, w + 2 * p1
+    return h, w, hp, wp, hp - kh + 1, wp - kw + 1
+
+
+class TorchConvKernels:
+    """A kxk convolution with torch's dense convolution on the dense weight (the fallback: correct
+    on every device and dtype, no faster than the masked layout)."""
+
+    name = "torch"
+
+    @staticmethod
+    def save(layer: Any, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def grad_operand(layer: Any, dy: torch.Tensor) -> torch.Tensor:
+        return dy
+
+    @staticmethod
+    def _weight(layer: Any, values: torch.Tensor) -> torch.Tensor:
+        flat = values.new_zeros(layer.rows * layer.cols)
+        flat[layer.positions()] = values
+        return flat.view(layer.shape)
+
+    @staticmethod
+    def forward(layer: Any, values: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(saved, TorchConvKernels._weight(layer, values), padding=layer.padding)
+
+    @staticmethod
+    def input_grad(layer: Any, values: torch.Tensor, dy: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+        weight = TorchConvKernels._weight(layer, values)
+        return torch.nn.grad.conv2d_input(x_shape, weight, dy, padding=layer.padding)
+
+    @staticmethod
+    def value_grad(layer: Any, values: torch.Tensor, saved: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        dense = TorchConvKernels.dense_grad(layer, saved, dy)
+        return dense.reshape(-1).index_select(0, layer.positions())
+
+    @staticmethod
+    def dense_grad(layer: Any, saved: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        return torch.nn.grad.conv2d_weight(saved, layer.shape, dy, padding=layer.padding)
+
+
+class NumbaConvKernels:
+    """A kxk convolution by numba's loops over the CSR structure on wide rows (see above). The
+    saved input is the padded batch ``(N, C, Hp + 1, Wp)``; the gradient operand is the output
+    gradient in wide rows, zero past each row's ``Wo`` and with ``F = (kh - 1) * Wp + kw - 1``
+    zeros before and after each plane (``(N, O, 2F + Ho * Wp)``), so that the input gradient is,
+    like the forward, a sum of shifted contiguous rows into one padded input plane."""
+
+    name = "numba"
+
+    @staticmethod
+    def save(layer: Any, x: torch.Tensor) -> torch.Tensor:
+        _, _, hp, wp, _, _ = conv_geometry(layer, x.shape)
+        padded = x.new_empty(x.shape[0], x.shape[1], hp + 1, wp)
+        _run("pad", x, padded, *layer.padding)
+        return padded
+
+    @staticmethod
+    def _taps(layer: Any, wp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per active weight: its input channel, and its tap's offset in a padded input plane."""
+        kh, kw = layer.kernel_size
+        col = layer.col.long()
+        tap = col % (kh * kw)
+        return (col // (kh * kw)).to(torch.int32), (tap // kw * wp + tap % kw).to(torch.int32)
+
+    @staticmethod
+    def _front(layer: Any, wp: int) -> int:
+        kh, kw = layer.kernel_size
+        return (kh - 1) * wp + kw - 1
+
+    @staticmethod
+    def grad_operand(layer: Any, dy: torch.Tensor) -> torch.Tensor:
+        n, o, ho, wo = dy.shape
+        wp = wo + layer.kernel_size[1] - 1
+        front = NumbaConvKernels._front(layer, wp)
+        wide = dy.new_empty(n, o, 2 * front + ho * wp)
+        _run("widen", dy, wide, front, wp)
+        return wide
+
+    @staticmethod
+    def forward(layer: Any, values: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+        n, _, hp1, wp = saved.shape
+        kh, kw = layer.kernel_size
+        out = saved.new_empty(n, layer.rows, hp1 - kh, wp - kw + 1)
+        chan, offs = NumbaConvKernels._taps(layer, wp)
+        _run("conv_forward", layer.crow, chan, offs, values, saved.view(n, saved.shape[1], -1), out, kh, kw)
+        return out
+
+    @staticmethod
+    def input_grad(layer: Any, values: torch.Tensor, wide: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+        _, _, _, wp, _, _ = conv_geometry(layer, x_shape)
+        kh, kw = layer.kernel_size
+        # each transposed entry's shift into the operand: F minus its tap's offset in the plane
+        counts = (layer.t_crow[1:] - layer.t_crow[:-1]).long()
+        taps = torch.repeat_interleave(torch.arange(layer.cols) % (kh * kw), counts)
+        shifts = (NumbaConvKernels._front(layer, wp) - taps // kw * wp - taps % kw).to(torch.int32)
+        grad = wide.new_empty(x_shape)
+        _run("conv_input_grad", layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), shifts,
+                  wide, grad, kh * kw, *layer.padding)
+        return grad
+
+    @staticmethod
+    def value_grad(layer: Any, values: torch.Tensor, saved: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+        n, _, _, wp = saved.shape
+        grad = values.new_empty(values.shape)
+        chan, offs = NumbaConvKernels._taps(layer, wp)
+        _run("conv_value_grad", layer.crow, chan, offs, wide, saved.view(n, saved.shape[1], -1), grad,
+                  NumbaConvKernels._front(layer, wp), SAMPLES)
+        return grad
+
+    @staticmethod
+    def dense_grad(layer: Any, saved: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+        n, _, hp1, wp = saved.shape
+        kh, kw = layer.kernel_size
+        front, ho = NumbaConvKernels._front(layer, wp), hp1 - kh
+        dy = wide[..., front:front + ho * wp].reshape(n, layer.rows, ho, wp)[..., :wp - kw + 1]
+        return torch.nn.grad.conv2d_weight(saved[:, :, :-1], layer.shape, dy)
+
+
+def conv_kernels_for(preference: str, values: torch.Tensor) -> type[NumbaConvKernels] | type[TorchConvKernels]:
+    """The kxk-convolution kernels a layer preferring ``preference`` runs with on ``values``."""
+    return NumbaConvKernels if preference == "numba" and _numba_runs(values) else TorchConvKernels
 
 
 def numba_available() -> bool:
@@ -174,82 +319,13 @@ def kernels_for(preference: str, values: torch.Tensor) -> type[NumbaKernels] | t
     return NumbaKernels if preference == "numba" and _numba_runs(values) else TorchKernels
 
 
-def _run(name: str, *tensors: torch.Tensor, block: int | None = None) -> None:
-    """Runs the compiled loop ``name`` on numpy views of ``tensors`` (CPU, contiguous), with as
-    many threads as torch uses, over the batch in blocks of ``block`` rows (``BLOCK``)."""
+def _run(name: str, *args: Any) -> None:
+    """Runs the compiled loop ``name`` of :mod:`fxsparse.numba_loops` (imported on first use) on
+    numpy views of the tensors among ``args`` (CPU, contiguous), with as many threads as torch
+    uses."""
     import numba
+
+    from fxsparse import numba_loops
 
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _compiled()[name](*(t.detach().numpy() for t in tensors), block or BLOCK)
-
-
-@functools.cache
-def _compiled() -> dict[str, Any]:
-    """The numba loops, compiled on first use (cached on disk by numba)."""
-    import numba
-    from numba import prange
-
-    jit = numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-
-    @jit
-    def rows_sum(crow: Any, col: Any, values: Any, source: Any, out: Any, block: int) -> None:  # pragma: no cover - compiled
-        # out[r] = sum over k in row r of values[k] * source[col[k]]   (out: rows x n)
-        n = out.shape[1]
-        for b0 in range(0, n, block):
-            b1 = min(n, b0 + block)
-            width = b1 - b0
-            for r in prange(out.shape[0]):
-                o = out[r, b0:b1]
-                o[:] = 0.0
-                k, end = crow[r], crow[r + 1]
-                while k + 4 <= end:
-                    x0, x1 = source[col[k], b0:b1], source[col[k + 1], b0:b1]
-                    x2, x3 = source[col[k + 2], b0:b1], source[col[k + 3], b0:b1]
-                    v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
-                    for j in range(width):
-                        o[j] += v0 * x0[j] + v1 * x1[j] + v2 * x2[j] + v3 * x3[j]
-                    k += 4
-                while k < end:
-                    v0, x0 = values[k], source[col[k], b0:b1]
-                    for j in range(width):
-                        o[j] += v0 * x0[j]
-                    k += 1
-
-    @jit
-    def dots(crow: Any, col: Any, left: Any, right: Any, out: Any, block: int) -> None:  # pragma: no cover - compiled
-        # out[k] = dot(left[r], right[col[k]]) for k in row r   (left: rows x n, right: cols x n)
-        n = left.shape[1]
-        zero = out.dtype.type(0)
-        for r in prange(left.shape[0]):
-            for k in range(crow[r], crow[r + 1]):
-                out[k] = zero
-        for b0 in range(0, n, block):
-            b1 = min(n, b0 + block)
-            width = b1 - b0
-            for r in prange(left.shape[0]):
-                a = left[r, b0:b1]
-                k, end = crow[r], crow[r + 1]
-                while k + 4 <= end:
-                    x0, x1 = right[col[k], b0:b1], right[col[k + 1], b0:b1]
-                    x2, x3 = right[col[k + 2], b0:b1], right[col[k + 3], b0:b1]
-                    s0 = s1 = s2 = s3 = zero
-                    for j in range(width):
-                        aj = a[j]
-                        s0 += aj * x0[j]
-                        s1 += aj * x1[j]
-                        s2 += aj * x2[j]
-                        s3 += aj * x3[j]
-                    out[k] += s0
-                    out[k + 1] += s1
-                    out[k + 2] += s2
-                    out[k + 3] += s3
-                    k += 4
-                while k < end:
-                    x0 = right[col[k], b0:b1]
-                    s0 = zero
-                    for j in range(width):
-                        s0 += a[j] * x0[j]
-                    out[k] += s0
-                    k += 1
-
-    return {"rows_sum": rows_sum, "dots": dots}
+    getattr(numba_loops, name)(*(a.detach().numpy() if isinstance(a, torch.Tensor) else a for a in args))

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from fxsparse.capture import Runner, graph_inputs
-from fxsparse.compact import CompactWeight, compact_linear, density_rule
+from fxsparse.compact import SPATIAL_BREAK_EVEN, CompactWeight, compact_linear, density_rule
 from fxsparse.csr_kernels import KERNELS, kernels_for, preferred
 from fxsparse.masking import MASKER, Masker
 from fxsparse.passes.compact import compact_reads, operands, to_compact
@@ -94,16 +93,17 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
     refused = []
     for fqn, site in state.sites.items():
         asked = _asked(layout, fqn)
-        pointwise = len(site.shape) == 4 and tuple(site.shape[2:]) == (1, 1)
-        shaped = len(site.shape) == 2 or pointwise
+        conv = len(site.shape) == 4
+        shaped = len(site.shape) == 2 or conv
         kind = None if site.opaque or site.kernel or not shaped else compact_reads(graphs, MASKER, fqn)
-        if kind is not None and kind.startswith("conv2d") != pointwise:
+        if kind is not None and (kind.startswith("conv2d") != conv or conv and _conv_options(kind, site.shape) is None):
             kind = None
         why_not = ("used inside an opaque module" if site.opaque
                    else "read through a kernel computed from it (weight standardization)" if site.kernel
-                   else "not a 2-D weight or a 1x1 convolution kernel" if not shaped
-                   else "read other than as a linear layer's weight, the right operand of x @ W or a 1x1 convolution "
-                        "without padding or groups" if kind is None
+                   else "not a 2-D weight or a convolution kernel" if not shaped
+                   else "read other than as a linear layer's weight, the right operand of x @ W, a 1x1 convolution "
+                        "without padding or groups, or a kxk convolution of stride 1 without dilation or groups"
+                   if kind is None
                    else "budgeted dense" if site.active == math.prod(site.shape) else "")
         if asked == "masked":
             choices[fqn] = LayoutChoice("masked", "asked" if not isinstance(layout, str) else "the default layout")
@@ -133,9 +133,10 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
             choices[fqn] = LayoutChoice("compact" if wins else "masked", "timed on example_inputs", ms,
                                         _fastest(ms) if wins else None)
         else:
-            wins = density_rule(density)
-            choices[fqn] = LayoutChoice("compact" if wins else "masked", f"density {density:.3f} {'<=' if wins else '>'} 0.2 "
-                                        "(no example_inputs to time on)", kernel=default if wins else None)
+            spatial = len(site.shape) == 4 and tuple(site.shape[2:]) != (1, 1)
+            wins, limit = density_rule(density, spatial), SPATIAL_BREAK_EVEN if spatial else 0.2
+            choices[fqn] = LayoutChoice("compact" if wins else "masked", f"density {density:.3f} {'<=' if wins else '>'} "
+                                        f"{limit:g} (no example_inputs to time on)", kernel=default if wins else None)
     for fqn, choice in choices.items():
         if choice.layout == "compact":
             _install(sparse, graphs, fqn, candidates[fqn], choice.kernel)
@@ -144,16 +145,27 @@ def apply_layout(sparse: Any, layout: str | Mapping[str, str], inputs: tuple[tup
         sparse.recompile()
 
 
-def _stride(kind: str) -> tuple[int, int] | None:
-    """The stride in :func:`~fxsparse.passes.compact.compact_reads`' ``"conv2d:S0xS1"``."""
-    if not kind.startswith("conv2d:"):
+def _conv_options(kind: str, shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """A convolution weight of ``shape`` read as :func:`~fxsparse.passes.compact.compact_reads`'
+    ``"conv2d:S0xS1:P:D0xD1"``: ``{"stride", "padding"}`` for :class:`CompactWeight` when a compact
+    layer computes it (a 1x1 kernel without padding at any stride; any kernel at stride 1 without
+    dilation, "same" padding of an odd kernel included), else None."""
+    _, stride, padding, dilation = kind.split(":")
+    s0, s1 = (int(v) for v in stride.split("x"))
+    kh, kw = shape[2:]
+    if (kh, kw) == (1, 1) and padding in ("0x0", "same"):
+        return {"stride": (s0, s1), "padding": None}
+    if (s0, s1) != (1, 1) or dilation != "1x1":
         return None
-    s0, s1 = kind.split(":", 1)[1].split("x")
-    return int(s0), int(s1)
+    if padding == "same":
+        return {"stride": (1, 1), "padding": ((kh - 1) // 2, (kw - 1) // 2)} if kh % 2 and kw % 2 else None
+    p0, p1 = (int(v) for v in padding.split("x"))
+    return {"stride": (1, 1), "padding": (p0, p1)}
 
 
 def _layer(fqn: str, weight: torch.Tensor, mask: torch.Tensor, kind: str, kernel: str | None = None) -> CompactWeight:
-    return CompactWeight(fqn, weight, mask, kind == "matmul", _stride(kind), kernel)
+    options = _conv_options(kind, tuple(weight.shape)) if kind.startswith("conv2d") else {"stride": None, "padding": None}
+    return CompactWeight(fqn, weight, mask, kind == "matmul", kernel=kernel, **options)  # type: ignore[arg-type]
 
 
 def _fastest(ms: Mapping[str, float] | None) -> str | None:
@@ -240,14 +252,14 @@ def _time_layer(sparse: Any, fqn: str, kind: str, x: torch.Tensor, repeats: int 
     weight = sparse.get_parameter(fqn).detach().clone().requires_grad_()
     mask = sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
     layer = _layer(fqn, weight.detach(), mask, kind)
-    transposed, stride = kind == "matmul", _stride(kind)
+    product, options = layer.dense_product()
     layer.values.requires_grad_()
     x = x.detach().clone().requires_grad_()
 
     def masked() -> None:
         with torch.no_grad():  # the masked layout's two weight-sized passes
             weight.mul_(mask)
-        out = x @ weight if transposed else F.conv2d(x, weight, stride=stride) if stride else F.linear(x, weight)
+        out = product(x, weight, None, **options)
         out.sum().backward()
         with torch.no_grad():
             weight.grad.mul_(mask)

@@ -263,7 +263,10 @@ def build(cfg: Config, vocab_size: int = 0) -> tuple[nn.Module, fxsparse.SparseG
         ticket = fxsparse.lottery_ticket(trained, initial)
         return ticket, ticket, dense
     density = 1.0 if cfg.method == "pruning" else cfg.density
-    sparse = fxsparse.sparsify(dense, density, cfg.init, seed=cfg.seed, layout=_layout(cfg))
+    # --layout compact times each layer on a batch of the training shape
+    image = (1, 28, 28) if cfg.dataset == "fashion_mnist" else (3, 32, 32)
+    example = torch.randn(cfg.batch_size, *image, device=cfg.device) if cfg.layout == "compact" else None
+    sparse = fxsparse.sparsify(dense, density, cfg.init, seed=cfg.seed, example_inputs=example, layout=_layout(cfg))
     return sparse, sparse, dense
 
 

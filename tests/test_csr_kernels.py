@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fxsparse import csr_kernels
 from fxsparse.compact import CompactWeight, compact_linear
-from fxsparse.csr_kernels import NumbaKernels, TorchKernels, kernels_for
+from fxsparse.csr_kernels import NumbaConvKernels, NumbaKernels, TorchConvKernels, TorchKernels, kernels_for
 from fxsparse.masking import Masker
 
 pytest.importorskip("numba")
@@ -83,3 +84,62 @@ def test_layers_fall_back_to_torch_where_numba_cannot_run(monkeypatch):
     assert kernels_for("numba", values) is TorchKernels
     assert CompactWeight("w", torch.ones(2, 2), torch.eye(2, dtype=torch.bool)).kernel == "torch"
 
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    out_channels=st.integers(1, 9), in_channels=st.integers(1, 6), kernel=st.sampled_from([(1, 1), (3, 3), (5, 3), (2, 4)]),
+    height=st.integers(4, 9), width=st.integers(4, 9), padding=st.sampled_from([(0, 0), (1, 1), (2, 1), (0, 2)]),
+    batch=st.integers(1, 5), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]), samples=st.sampled_from([1, 4]),
+    seed=st.integers(0, 10**6),
+)
+def test_each_convolution_kernel_computes_the_dense_convolution_and_its_gradients(
+        out_channels, in_channels, kernel, height, width, padding, batch, density, samples, seed):
+    assume(kernel != (1, 1) or padding != (0, 0))  # a 1x1 kernel without padding is a linear map (pointwise)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (out_channels, in_channels, *kernel)
+    mask = torch.rand(shape, generator=generator) < density
+    weight = torch.randn(shape, generator=generator, dtype=torch.float64) * mask
+    x = torch.randn(batch, in_channels, height, width, generator=generator, dtype=torch.float64)
+    layer = CompactWeight("w", weight, mask, stride=(1, 1), padding=padding)
+    out = F.conv2d(x, weight, padding=padding)
+    dy = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    dx, dw = torch.nn.grad.conv2d_input(x.shape, weight, dy, padding=padding), torch.nn.grad.conv2d_weight(x, shape, dy, padding=padding)
+    saved_samples = csr_kernels.SAMPLES
+    csr_kernels.SAMPLES = samples
+    try:
+        for kernels in (NumbaConvKernels, TorchConvKernels):
+            values = layer.values.detach()
+            saved, operand = kernels.save(layer, x), kernels.grad_operand(layer, dy)
+            torch.testing.assert_close(kernels.forward(layer, values, saved), out)
+            torch.testing.assert_close(kernels.input_grad(layer, values, operand, x.shape), dx)
+            torch.testing.assert_close(kernels.value_grad(layer, values, saved, operand), dw[mask])
+            torch.testing.assert_close(kernels.dense_grad(layer, saved, operand), dw)
+    finally:
+        csr_kernels.SAMPLES = saved_samples
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_a_kxk_layer_with_either_kernel_is_the_convolution_with_bias_unbatched_and_armed(kernel):
+    torch.manual_seed(3)
+    mask = torch.rand(5, 4, 3, 3) < 0.3
+    weight = (torch.randn(5, 4, 3, 3, dtype=torch.float64) * mask).requires_grad_()
+    layer = CompactWeight("w", weight.detach(), mask, stride=(1, 1), padding=(1, 1), kernel=kernel)
+    layer.values.requires_grad_()
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    masker = Masker()
+    masker.armed = True
+    out = compact_linear(x, layer, masker, bias)
+    reference = F.conv2d(x, weight, bias, padding=1)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, layer.values, bias], grad)
+    want = torch.autograd.grad(reference, [x, weight, bias], grad)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(masker.grads["w"], want[1])  # the growth gradient, in the weight's shape
+    torch.testing.assert_close(got[1], want[1][mask])
+    torch.testing.assert_close(got[2], want[2])
+    torch.testing.assert_close(compact_linear(x[0], layer, masker, bias), reference[0])  # (C, H, W)
+    with pytest.raises(ValueError, match="kxk convolution's of stride 1"):
+        CompactWeight("w", weight.detach(), mask, stride=(2, 2), padding=(1, 1))

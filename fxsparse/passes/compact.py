@@ -22,7 +22,7 @@ from fxsparse.compact import compact_linear
 from fxsparse.masking import mask_prologue
 from fxsparse.passes.ops import packet, product_kind
 
-__all__ = ["compact_reads", "to_compact", "operands", "conv_stride", "masked_nodes"]
+__all__ = ["compact_reads", "to_compact", "operands", "conv_geometry", "masked_nodes"]
 
 
 def masked_nodes(graph: torch.fx.Graph, masker: str, fqn: str) -> list[torch.fx.Node]:
@@ -41,27 +41,32 @@ def _pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def conv_stride(user: torch.fx.Node) -> tuple[int, int] | None:
-    """The stride of a ``conv2d`` call that a 1x1 kernel computes as a per-pixel linear map (no
-    padding, one group; dilation is then irrelevant), else None."""
+def conv_geometry(user: torch.fx.Node) -> tuple[tuple[int, int], str, tuple[int, int]] | None:
+    """``(stride, padding, dilation)`` of a ``conv2d`` call of one group, padding as ``"P0xP1"``
+    (``"0x0"`` for ``"valid"``) or ``"same"``; None for grouped convolutions or arguments this
+    does not read."""
     names = ("bias", "stride", "padding", "dilation", "groups")
     if not set(user.kwargs) <= set(names) or len(user.args) > 7:
         return None
     given = dict(zip(names, user.args[2:]))
     given.update(user.kwargs)
     padding, groups = given.get("padding", 0), given.get("groups", 1)
-    if not (padding in ("valid", "same") or _pair(padding) == (0, 0)) or groups != 1:
+    stride, dilation = _pair(given.get("stride", 1)), _pair(given.get("dilation", 1))
+    if groups != 1 or stride is None or dilation is None or min(stride) < 1:
         return None
-    stride = _pair(given.get("stride", 1))
-    return stride if stride is not None and min(stride) >= 1 else None
+    if padding in ("valid", "same"):
+        return stride, "0x0" if padding == "valid" else "same", dilation
+    pair = _pair(padding)
+    return None if pair is None or min(pair) < 0 else (stride, "{}x{}".format(*pair), dilation)
 
 
 def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> str | None:
     """``"linear"`` when every read of ``fqn`` in every graph is the weight of a linear call,
-    ``"matmul"`` when every read is the right operand of ``x @ W``, ``"conv2d:S0xS1"`` when every
-    read is the weight of a ``conv2d`` without padding or groups, all of stride ``(S0, S1)`` (a
-    1x1 kernel then is a linear map per pixel; the caller checks the kernel); None otherwise (a
-    weight read elsewhere, through a view, under another name or by several kinds stays masked)."""
+    ``"matmul"`` when every read is the right operand of ``x @ W``, ``"conv2d:S0xS1:P:D0xD1"``
+    when every read is the weight of a one-group ``conv2d`` of that stride, padding
+    (:func:`conv_geometry`) and dilation (the caller checks which the kernel's shape allows);
+    None otherwise (a weight read elsewhere, through a view, under another name or by several
+    kinds stays masked)."""
     kinds = set()
     for graph in graphs:
         nodes = masked_nodes(graph, masker, fqn)
@@ -84,8 +89,9 @@ def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> st
                     kinds.add("matmul")  # addmm(bias, x, W): x @ W + bias (transformers' Conv1D)
                 elif kind == "conv2d" and len(user.args) >= 2 and user.args[1] is node and node not in user.args[:1] \
                         and node not in user.args[2:] and node not in user.kwargs.values() \
-                        and conv_stride(user) is not None:
-                    kinds.add("conv2d:{}x{}".format(*conv_stride(user)))
+                        and conv_geometry(user) is not None:
+                    (s0, s1), padding, (d0, d1) = conv_geometry(user)  # type: ignore[misc]
+                    kinds.add(f"conv2d:{s0}x{s1}:{padding}:{d0}x{d1}")
                 else:
                     return None
     return kinds.pop() if len(kinds) == 1 else None

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from fxsparse.capture import Runner
@@ -61,11 +60,8 @@ def materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict
             attribute = _weight_constant(gm, layer.fqn, layer.dense(), constants)
             with graph.inserting_before(node):
                 weight = graph.get_attr(attribute)
-                if layer.stride is not None:  # a 1x1 convolution
-                    product = graph.call_function(F.conv2d, (x, weight, bias, layer.stride))
-                else:
-                    product = (graph.call_function(torch.matmul, (x, weight)) if layer.transposed
-                               else graph.call_function(F.linear, (x, weight, bias)))
+                op, options = layer.dense_product()
+                product = graph.call_function(op, (x, weight, bias), options)
             node.replace_all_uses_with(product)
             graph.erase_node(node)
     graph.eliminate_dead_code()
