@@ -195,11 +195,15 @@ def measure(model_name: str, densities: list[float], rounds: int, seed: int, wid
 
 
 def update_step_ms(variant: Variant, inputs: Any, loss_of: Any, repeats: int = 3) -> float:
-    """One armed forward/backward and ``rigl_step(0.3)``: what an update step costs."""
+    """One armed forward/backward and ``rigl_step(0.3)``: what an update step costs, armed as
+    ``RigLScheduler`` arms it after steps of one backward (growth candidates kept as the
+    backward runs, instead of the dense gradient)."""
+    from fxsparse.scheduler import growth_candidate_counts
+
     sparse, samples = variant.sparse, []
     for _ in range(repeats):
         start = time.perf_counter()
-        sparse.arm_growth(True)
+        sparse.arm_growth(True, candidates=growth_candidate_counts(sparse, 0.3))
         out = sparse(**inputs) if isinstance(inputs, dict) else sparse(inputs)
         loss_of(out).backward()
         sparse.rigl_step(0.3, variant.optimizer)

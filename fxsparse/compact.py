@@ -34,7 +34,7 @@ the layer computes in the values' dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsparse.csr_kernels import conv_kernels_for, csr_tensor, kernels_for, preferred
+from fxsparse.topology import growth_candidates, merged_candidates
 
 __all__ = ["CompactWeight", "compact_linear", "density_rule", "matmul_add", "SPATIAL_BREAK_EVEN"]
 
@@ -108,11 +109,15 @@ class CompactWeight(nn.Module):
     def _structure(self, matrix_mask: torch.Tensor) -> torch.Tensor:
         """Sets the index buffers from a mask in the matrix's orientation; returns the flat
         row-major positions of the active entries (the values' order)."""
-        positions = torch.nonzero(matrix_mask.reshape(-1)).flatten()
+        return self._set_positions(torch.nonzero(matrix_mask.reshape(-1)).flatten())
+
+    def _set_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Sets the index buffers from the ascending flat positions (in the matrix computed
+        with) of the active entries; returns them."""
         rows, cols = positions // self.cols, positions % self.cols
         self.crow.copy_(torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=self.rows), 0)]))
         self.col.copy_(cols)
-        order = torch.argsort(cols * self.rows + rows)
+        order = torch.argsort(cols.to(torch.int32), stable=True)  # row-major already: by column, rows kept in order
         self.t_perm.copy_(order)
         self.t_col.copy_(rows[order])
         self.t_crow.copy_(torch.cat([cols.new_zeros(1), torch.cumsum(torch.bincount(cols, minlength=self.cols), 0)]))
@@ -137,6 +142,32 @@ class CompactWeight(nn.Module):
                 setattr(self, name, getattr(self, name).new_zeros(count))
         positions = self._structure(matrix_mask)
         self.values.copy_(self._matrix(weight.detach()).reshape(-1)[positions].to(self.values.dtype))
+
+    def weight_order(self) -> torch.Tensor | None:
+        """The permutation that puts the values in ascending position of the weight's own shape
+        (``W`` of ``x @ W`` is held transposed), or None when that is their order already."""
+        return self.t_perm if self.transposed else None
+
+    def growth_candidates(self, grad_rows: Callable[[int, int], torch.Tensor], count: int,
+                          chunk_elements: int = 1 << 22) -> Any:
+        """The growth candidates (:class:`fxsparse.topology.GrowthCandidates`) of the dense
+        gradient, made from ``grad_rows(r0, r1)`` (rows ``r0:r1`` of the dense gradient in the
+        weight's shape, flattened to 2-D) a block of rows at a time: the dense gradient never
+        exists whole (:func:`fxsparse.topology.merged_candidates`)."""
+        crow, col = (self.t_crow, self.t_col) if self.transposed else (self.crow, self.col)
+        rows, width = (self.cols, self.rows) if self.transposed else (self.rows, self.cols)
+        step = max(1, chunk_elements // max(1, width))
+
+        def parts() -> Iterator[tuple[int, Any]]:
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                counts = (crow[r0 + 1:r1 + 1] - crow[r0:r1]).long()
+                mask = torch.zeros(r1 - r0, width, dtype=torch.bool, device=col.device)
+                mask[torch.repeat_interleave(torch.arange(r1 - r0, device=col.device), counts),
+                     col[int(crow[r0]):int(crow[r1])].long()] = True
+                yield r0 * width, growth_candidates(mask, grad_rows(r0, r1).contiguous(), count)
+
+        return merged_candidates(parts(), count)
 
     # ---------------------------------------------------------------------------------- views
     def mask(self) -> torch.Tensor:
@@ -171,22 +202,22 @@ class CompactWeight(nn.Module):
     def assign(self, mask: torch.Tensor, states: Iterable[torch.Tensor] = ()) -> None:
         """Moves to the topology ``mask`` (weight orientation, the same count): kept connections
         keep their value and the entries of ``states`` (the gradient, optimizer state tensors of
-        the values' shape) follow them; new ones start at zero."""
+        the values' shape) follow them; new ones start at zero. Works on the active positions
+        (a gather and a sorted search), with no dense index of slots."""
         matrix_mask = self._matrix(mask.to(torch.bool))
         if int(matrix_mask.sum()) != self.values.numel():
             raise ValueError(
                 f"fxsparse: the compact layout of {self.fqn!r} holds {self.values.numel()} active weights, the new "
                 f"mask {int(matrix_mask.sum())}: compact layers keep their count"
             )
-        slot_of = torch.full((self.rows * self.cols,), -1, dtype=torch.int64, device=self.values.device)
-        slot_of[self.positions()] = torch.arange(self.values.numel(), device=self.values.device)
-        new_positions = self._structure(matrix_mask)
-        source = slot_of[new_positions]
-        kept = source >= 0
-        gather = source.clamp(min=0)
+        old = self.positions()
+        keep = matrix_mask.reshape(-1)[old]
+        new = self._structure(matrix_mask)
+        slots = torch.searchsorted(new, old[keep])
         for tensor in (self.values, *states):
-            moved = tensor.index_select(0, gather)
-            tensor.copy_(torch.where(kept, moved, moved.new_zeros(())))
+            moved = torch.zeros_like(tensor)
+            moved[slots] = tensor[keep]
+            tensor.copy_(moved)
 
     def extra_repr(self) -> str:
         kind = (", transposed" if self.transposed else f", 1x1 conv, stride {self.stride}" if self.stride
@@ -216,6 +247,7 @@ class _CompactLinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CompactWeight, masker: Any,
+        armed: bool,
     ) -> torch.Tensor:
         dtype = x.dtype
         kernels = kernels_for(layer.kernel, values)
@@ -230,7 +262,8 @@ class _CompactLinear(torch.autograd.Function):
             if bias is not None:
                 out += bias.to(values.dtype)
         ctx.save_for_backward(saved, values)
-        ctx.kernels, ctx.layer, ctx.masker, ctx.shape, ctx.dtype = kernels, layer, masker, x.shape, dtype
+        ctx.kernels, ctx.layer, ctx.shape, ctx.dtype = kernels, layer, x.shape, dtype
+        ctx.counter, ctx.masker = masker, masker if armed else None
         ctx.has_bias = bias is not None
         return result
 
@@ -244,21 +277,24 @@ class _CompactLinear(torch.autograd.Function):
         saved, values = ctx.saved_tensors
         layer: CompactWeight = ctx.layer
         kernels = ctx.kernels
+        ctx.counter.note_backward()
         dy = grad.reshape(-1, layer.rows).to(values.dtype)
         operand = kernels.grad_operand(dy)
         dx = dvalues = dbias = None
         if ctx.needs_input_grad[0]:
             dx = kernels.input_grad(layer, values, operand).reshape(ctx.shape).to(ctx.dtype)
         if ctx.needs_input_grad[1] or ctx.masker is not None:
-            if ctx.masker is not None:  # an armed step: the dense weight gradient, recorded for growth
+            reduced = ctx.masker is not None and ctx.masker.keep_candidates(layer.fqn, lambda count: layer.growth_candidates(
+                lambda r0, r1: kernels.grad_rows(layer, saved, operand, r0, r1), count))
+            if ctx.masker is not None and not reduced:  # an armed step: the dense weight gradient, recorded
                 dense = kernels.dense_grad(saved, operand)
                 ctx.masker._record(layer.fqn, layer.full(dense))
                 dvalues = dense.reshape(-1).index_select(0, layer.positions())
-            else:
+            else:  # growth candidates made block by block (armed), or an ordinary step
                 dvalues = kernels.value_grad(layer, values, saved, operand)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.sum(0)
-        return dx, dvalues, dbias, None, None
+        return dx, dvalues, dbias, None, None, None
 
 
 class _CompactConv(torch.autograd.Function):
@@ -269,6 +305,7 @@ class _CompactConv(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CompactWeight, masker: Any,
+        armed: bool,
     ) -> torch.Tensor:
         kernels = conv_kernels_for(layer.kernel, values)
         batched = x.dim() == 4
@@ -279,7 +316,8 @@ class _CompactConv(torch.autograd.Function):
             if bias is not None:
                 out += bias.to(values.dtype).view(-1, 1, 1)
         ctx.save_for_backward(saved, values)
-        ctx.kernels, ctx.layer, ctx.masker, ctx.shape, ctx.dtype = kernels, layer, masker, images.shape, x.dtype
+        ctx.kernels, ctx.layer, ctx.shape, ctx.dtype = kernels, layer, images.shape, x.dtype
+        ctx.counter, ctx.masker = masker, masker if armed else None
         ctx.batched, ctx.has_bias = batched, bias is not None
         return (out if batched else out.squeeze(0)).to(x.dtype)
 
@@ -288,6 +326,7 @@ class _CompactConv(torch.autograd.Function):
         saved, values = ctx.saved_tensors
         layer: CompactWeight = ctx.layer
         kernels = ctx.kernels
+        ctx.counter.note_backward()
         with torch.autocast(grad.device.type, enabled=False):
             dy = (grad if ctx.batched else grad.unsqueeze(0)).to(values.dtype).contiguous()
             operand = kernels.grad_operand(layer, dy)
@@ -296,15 +335,18 @@ class _CompactConv(torch.autograd.Function):
                 dx = kernels.input_grad(layer, values, operand, ctx.shape)
                 dx = (dx if ctx.batched else dx.squeeze(0)).to(ctx.dtype)
             if ctx.needs_input_grad[1] or ctx.masker is not None:
-                if ctx.masker is not None:  # an armed step: the dense weight gradient, recorded for growth
+                if ctx.masker is not None:  # an armed step: the dense weight gradient (small), recorded
                     dense = kernels.dense_grad(layer, saved, operand)
-                    ctx.masker._record(layer.fqn, dense)
+                    flat = dense.reshape(layer.rows, layer.cols)
+                    if not ctx.masker.keep_candidates(layer.fqn, lambda count: layer.growth_candidates(
+                            lambda r0, r1: flat[r0:r1], count)):
+                        ctx.masker._record(layer.fqn, dense)
                     dvalues = dense.reshape(-1).index_select(0, layer.positions())
                 else:
                     dvalues = kernels.value_grad(layer, values, saved, operand)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 dbias = dy.sum((0, 2, 3))
-        return dx, dvalues, dbias, None, None
+        return dx, dvalues, dbias, None, None, None
 
 
 @torch.compiler.disable
@@ -314,13 +356,13 @@ def compact_linear(x: torch.Tensor, layer: CompactWeight, masker: Any, bias: tor
     torch.compile it runs eagerly (a graph break)."""
     armed = masker.armed and torch.is_grad_enabled() and layer.values.requires_grad
     if layer.kernel_size is not None:
-        return _CompactConv.apply(x, layer.values, bias, layer, masker if armed else None)
+        return _CompactConv.apply(x, layer.values, bias, layer, masker, armed)
     if layer.stride is None:
-        return _CompactLinear.apply(x, layer.values, bias, layer, masker if armed else None)
+        return _CompactLinear.apply(x, layer.values, bias, layer, masker, armed)
     # a 1x1 convolution: the channels of every (strided) pixel, (N, C, H, W) or (C, H, W)
     s0, s1 = layer.stride
     pixels = (x if (s0, s1) == (1, 1) else x[..., ::s0, ::s1]).movedim(-3, -1)
-    return _CompactLinear.apply(pixels, layer.values, bias, layer, masker if armed else None).movedim(-1, -3)
+    return _CompactLinear.apply(pixels, layer.values, bias, layer, masker, armed).movedim(-1, -3)
 
 
 # without example inputs to time on, a kxk convolution is compact at most at this density: the

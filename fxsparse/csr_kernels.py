@@ -97,6 +97,13 @@ class TorchKernels:
     def dense_grad(saved: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         return dy.t().mm(saved)
 
+    @staticmethod
+    def grad_rows(layer: Any, saved: torch.Tensor, dy: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the dense weight gradient in the weight's own orientation."""
+        if layer.transposed:  # W of x @ W: (X^T dY) rows are the matrix's columns
+            return saved[:, r0:r1].t().mm(dy)
+        return dy[:, r0:r1].t().mm(saved)
+
 
 def _times_transpose(
     matrix: torch.Tensor, rows: torch.Tensor, out_features: int, out: torch.Tensor | None = None,
@@ -150,6 +157,13 @@ class NumbaKernels:
     @staticmethod
     def dense_grad(saved: torch.Tensor, dy_t: torch.Tensor) -> torch.Tensor:
         return dy_t.mm(saved.t())
+
+    @staticmethod
+    def grad_rows(layer: Any, saved: torch.Tensor, dy_t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the dense weight gradient in the weight's own orientation."""
+        if layer.transposed:
+            return saved[r0:r1].mm(dy_t.t())
+        return dy_t[r0:r1].mm(saved.t())
 
 
 # --- kxk convolutions (stride 1, one group) ------------------------------------------------------

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -452,6 +453,27 @@ class Masker(nn.Module):
             self.spoiled.add(name)
             return True
         self.candidates[name] = growth_candidates(mask.detach(), grad, self.plan[name])
+        return True
+
+    def note_backward(self) -> None:
+        """A backward reached a layer that has no masked weight to note (a compact layer): the
+        end of that backward is counted (:attr:`backwards`) as a masked weight's would be."""
+        pending = self._pending
+        task = _graph_task()
+        if pending.task != task:
+            pending.first(task)
+
+    def keep_candidates(self, name: str, make: Callable[[int], GrowthCandidates]) -> bool:
+        """For a layer that makes its own growth candidates (a compact layer, block by block,
+        without the dense gradient): keeps ``make(count)`` when the update plans candidates for
+        ``name``; False when it wants the dense gradient instead (:meth:`_record` it)."""
+        if name not in self.plan:
+            return False
+        if name in self.candidates or name in self.spoiled:  # a second gradient: not summable
+            self.candidates.pop(name, None)
+            self.spoiled.add(name)
+            return True
+        self.candidates[name] = make(self.plan[name])
         return True
 
     def clear(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from fxsparse.compact import compact_linear
 from fxsparse.distributed import assert_in_sync
 from fxsparse.graph_module import LayerChange, SparseGraphModule
 from fxsparse.masking import MASKER
@@ -289,17 +290,20 @@ def growth_candidate_counts(sparse: SparseGraphModule, drop_fraction: float) -> 
     """For a RigL update at ``drop_fraction`` after one backward: per masked layer whose growth
     gradient may be kept as growth candidates, how many it grows. Layers left out keep the
     dense gradient: a weight recorded in several places (its gradients are summed), off CPU
-    (selection there is ``torch.topk``'s, whose ties are not ordered), budgeted dense, or
-    compact. None under several processes (the ranks' dense gradients are averaged first)."""
+    (selection there is ``torch.topk``'s, whose ties are not ordered) or budgeted dense. A
+    compact layer makes its candidates block by block, without the dense gradient. None under
+    several processes (the ranks' dense gradients are averaged first)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return None
     counts = {}
     for fqn, site in sparse._fxsparse.sites.items():
-        if site.compact or site.active == math.prod(site.shape):
+        if site.active == math.prod(site.shape):
             continue
-        if _record_points(sparse, fqn) == 1 and sparse._leaf_weight(fqn).device.type == "cpu":
+        layer = sparse.compact_layer(fqn)
+        device = (layer.values if layer is not None else sparse._leaf_weight(fqn)).device.type
+        if _record_points(sparse, fqn) == 1 and device == "cpu":
             counts[fqn] = drop_count(site.active, drop_fraction)
     return counts
 
@@ -311,5 +315,8 @@ def _record_points(sparse: SparseGraphModule, fqn: str) -> int:
     kernel the mask goes on (fxsparse.kernels)."""
     graph = (sparse._fxsparse.mode_graphs or {}).get(True, sparse.graph)
     site = sparse._fxsparse.sites[fqn]
+    if site.compact:  # the calls of its compact layer
+        return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is compact_linear
+                   and getattr(n.args[1], "target", None) == site.compact)
     in_layer = bool(site.kernel) and site.kernel != GRAPH
     return len(masked_nodes(graph, MASKER, fqn)) + int(bool(site.opaque)) + int(in_layer)

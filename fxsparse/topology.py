@@ -20,7 +20,7 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
@@ -30,7 +30,7 @@ import torch
 
 __all__ = [
     "TopologyUpdate", "drop_count", "flat_nonzero", "top_indices", "update_mask", "prune_mask", "apply_update",
-    "zero_state_at", "map_layers", "GrowthCandidates", "growth_candidates", "update_from_candidates",
+    "zero_state_at", "map_layers", "GrowthCandidates", "growth_candidates", "merged_candidates", "update_from_candidates",
 ]
 
 
@@ -475,12 +475,50 @@ def growth_candidates(mask: torch.Tensor, grad: torch.Tensor, count: int) -> Gro
     return GrowthCandidates(count, index, keys, active, finite)
 
 
+def merged_candidates(parts: Iterable[tuple[int, GrowthCandidates]], count: int) -> GrowthCandidates:
+    """The :func:`growth_candidates` of a whole gradient from those of consecutive blocks of it,
+    ``(offset of the block's first entry, its candidates)`` in order: the ``count`` best inactive
+    entries of the whole are among the blocks' ``count`` best (the same total order: ``|grad|``,
+    then ascending position), and the active entries are the blocks' in turn. Merged as the
+    blocks come (at most twice ``count`` entries held)."""
+    index, keys = np.zeros(0, np.int64), np.zeros(0)
+    active, finite = [], True
+    for offset, part in parts:
+        index = np.concatenate([index, part.index.astype(np.int64) + offset])
+        keys = np.concatenate([keys, part.keys]) if keys.size else part.keys
+        if index.size > count:
+            best = _best(index, keys, count)
+            index, keys = index[best], keys[best]
+        active.append(part.active)
+        finite = finite and part.finite
+    return GrowthCandidates(count, index, keys, np.concatenate(active) if active else np.zeros(0), finite)
+
+
+def _best(index: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Where the ``k`` largest ``keys`` are (ties by ascending ``index``), as a bool array."""
+    rank = keys.size - k
+    edge = keys.copy()
+    edge.partition(rank)
+    kth = edge[rank]
+    if kth != kth:  # a NaN among the keys: the whole order, sorted (the update refuses it anyway)
+        chosen = np.zeros(keys.size, dtype=bool)
+        chosen[np.lexsort((index, -keys))[:k]] = True
+        return chosen
+    chosen = keys > kth
+    ties = np.flatnonzero(keys == kth)
+    need = k - int(np.count_nonzero(chosen))
+    chosen[ties[np.argsort(index[ties], kind="stable")[:need]]] = True
+    return chosen
+
+
 def update_from_candidates(
     mask: torch.Tensor, drop_score: torch.Tensor, candidates: GrowthCandidates, drop_fraction: float,
-    *, absolute: bool = False,
+    *, absolute: bool = False, active_scores: bool = False,
 ) -> TopologyUpdate:
     """:func:`update_mask` growing by ``|grad|`` as many as it drops, with the gradient reduced
-    to ``candidates`` (:func:`growth_candidates` of the same mask): the same update, CPU only."""
+    to ``candidates`` (:func:`growth_candidates` of the same mask): the same update, CPU only.
+    ``active_scores``: ``drop_score`` holds the active entries' scores only, in ascending
+    position (a compact layer's values), not a tensor of the mask's shape."""
     flat = mask.reshape(-1).numpy()
     active = int(np.count_nonzero(flat))
     if candidates.active.size != active:
@@ -495,7 +533,7 @@ def update_from_candidates(
         return TopologyUpdate(mask, _none(), _none(), 0)
     # the drop, selected among the active entries taken out in ascending position: their rank
     # there orders them as their position does (the same ties), and indexes candidates.active
-    kept = np.compress(flat, _as_numpy(drop_score))
+    kept = _as_numpy(drop_score.contiguous()) if active_scores else np.compress(flat, _as_numpy(drop_score))
     rank = _extreme(kept, k, False, np.ones(kept.size, dtype=bool), True, absolute=absolute)
     drop = np.flatnonzero(flat)[rank]
     index = np.concatenate([candidates.index, drop])

@@ -613,3 +613,42 @@ def test_the_timing_chooses_for_pointwise_convolutions_too():
         if choice.layout == "compact":
             fastest = min(("numba", "torch"), key=lambda k: choice.ms[f"compact/{k}"])
             assert choice.kernel == fastest == sparse.compact_layer(fqn).kernel
+
+
+# --- the compact update step -----------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), density=st.sampled_from([0.1, 0.4, 0.9]),
+       transposed=st.booleans(), chunk=st.integers(1, 50), count=st.integers(0, 20), seed=st.integers(0, 10**6))
+def test_candidates_made_block_by_block_are_the_dense_gradients(rows, cols, density, transposed, chunk, count, seed):
+    from fxsparse.topology import growth_candidates
+
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=generator) < density
+    # ties on purpose (rounded gradients), so that the position order matters
+    grad = torch.round(torch.randn(rows, cols, generator=generator, dtype=torch.float64) * 2) / 2
+    layer = CompactWeight("w", torch.randn(rows, cols, dtype=torch.float64) * mask, mask, transposed)
+    got = layer.growth_candidates(lambda r0, r1: grad[r0:r1], count, chunk_elements=chunk)
+    want = growth_candidates(mask, grad, count)
+    order = lambda c: sorted(zip((-c.keys).tolist(), c.index.tolist()))  # noqa: E731
+    assert order(got) == order(want)
+    assert got.active.tolist() == want.active.tolist() and got.finite == want.finite
+
+
+def test_an_armed_compact_step_keeps_growth_candidates_not_the_dense_gradient():
+    sparse = _compact_mlp()
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    scheduler = fxsparse.RigLScheduler(sparse, opt, 100, delta_t=2, end_fraction=1.0)
+    compact = [f for f, c in sparse.layouts.items() if c.layout == "compact"]
+    assert compact
+    x = torch.randn(8, 16)
+    sparse(x).sum().backward()  # step 1: ordinary (one backward seen: candidates from now on)
+    assert scheduler.step() and not sparse.masker.candidates
+    opt.zero_grad()
+    sparse(x).sum().backward()  # step 2: an update step
+    assert set(compact) <= set(sparse.masker.candidates) and not set(compact) & set(sparse.masker.grads)
+    before = {f: sparse.masks[f].clone() for f in compact}
+    assert scheduler.step() is False  # the update ran, from the candidates
+    assert any(not torch.equal(before[f], sparse.masks[f]) for f in compact)
+    sparse.verify()

@@ -203,6 +203,12 @@ def drop_and_grow(
 
     @torch.no_grad()  # grad mode is per thread
     def select(fqn: str) -> topology.TopologyUpdate:  # reads only: every layer, then apply
+        layer = sparse.compact_layer(fqn)
+        if fqn in reduced and layer is not None:  # the values themselves, in the weight's order
+            order = layer.weight_order()
+            values = layer.values.detach() if order is None else layer.values.detach()[order]
+            return topology.update_from_candidates(layer.mask(), values, reduced[fqn], drop_fraction, absolute=True,
+                                                   active_scores=True)
         weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
         if fqn in reduced:
             return topology.update_from_candidates(mask, weight, reduced[fqn], drop_fraction, absolute=True)
