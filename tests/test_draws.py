@@ -125,3 +125,4 @@ def test_modes_check_fails_a_module_that_repeats_one_draw() -> None:
         assert report.passed["density_one"] and not report.passed["modes"]
         assert "torch.export's own graph" in (report.failure or "")
         assert check_model(TorchDropout(), (torch.randn(2, 5, 6),), density=0.5, capture="export").ok
+
