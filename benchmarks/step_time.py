@@ -511,7 +511,7 @@ def two_pass_floor_ms(sparse: fxsparse.SparseGraphModule) -> float:
     from fxsparse.masking import mask_on, zero_inactive_
 
     pairs = [(sparse._leaf_weight(f), mask_on(sparse.get_buffer(site.mask), sparse._leaf_weight(f)))
-             for f, site in sparse._fxsparse.sites.items() if not site.compact]
+             for f, site in sparse._fxsparse.sites.items() if sparse.layout_of(f).keeps_parameter]
     start = time.perf_counter()
     for _ in range(2):
         for weight, mask in pairs:

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxsparse.passes.find_weights import _weight_operands, canonical_names
 from fxsparse.passes.ops import REWRITABLE_MODULES, is_rewritable, view_source
-from fxsparse.compact import compact_linear
+from fxsparse.layouts import layout_of, layout_of_call
 from fxsparse.masking import MASKER, Masker
 from fxsparse.schedules import GradualPruning, end_step, is_update_step
 from fxsparse.recapture import follow_signature
@@ -400,9 +400,10 @@ def _batch_size(inputs: Any) -> int:
 def _model_size(module: nn.Module) -> tuple[int, int]:
     masks = _masks_of(module)
     size = dense = 0
-    layers = {fqn: module.compact_layer(fqn) for fqn in masks} if _is_sparse(module) else {}
-    compact = {fqn: layer for fqn, layer in layers.items() if layer is not None}
-    held = {id(layer.values) for layer in compact.values()}
+    # weights held outside their owner (a compact layer's values): counted as the weight they hold
+    layouts = {fqn: layout_of(module, fqn) for fqn in masks} if _is_sparse(module) else {}
+    compact = {fqn: layout.trainable(module, fqn) for fqn, layout in layouts.items() if not layout.keeps_parameter}
+    held = {id(values) for values in compact.values()}
     for name, param in module.named_parameters():
         if id(param) in held:
             continue  # counted below as the weight it holds
@@ -413,10 +414,10 @@ def _model_size(module: nn.Module) -> tuple[int, int]:
             size += nbytes
         else:
             size += int(mask.sum()) * param.element_size() + math.ceil(param.numel() / 8)
-    for fqn, layer in compact.items():  # the papers' convention whatever the layout: active values and a bit mask
-        numel, element = masks[fqn].numel(), layer.values.element_size()
+    for fqn, values in compact.items():  # the papers' convention whatever the layout: active values and a bit mask
+        numel, element = masks[fqn].numel(), values.element_size()
         dense += numel * element
-        size += layer.values.numel() * element + math.ceil(numel / 8)
+        size += values.numel() * element + math.ceil(numel / 8)
     return size, dense
 
 
@@ -515,8 +516,9 @@ class _Counter(Runner):
         if n.op == "call_module" and self.masker is not None and n.target == self.masker:
             args, _ = self.fetch_args_kwargs_from_env(n)
             return args[0]  # the masked-weight node hands the (zero-holding) weight through
-        if n.op == "call_function" and n.target is compact_linear:
-            return self._compact(n)
+        layout = layout_of_call(n)
+        if layout is not None:
+            return self._held(n, layout)
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
             result = super().run_node(n)
         count = int(counter.get_total_flops())
@@ -528,22 +530,25 @@ class _Counter(Runner):
             self._record(n, count, result)
         return result
 
-    def _compact(self, n: torch.fx.Node) -> Any:
-        """A compact layer's product, counted as the masked layer's: on a zero stand-in of its
-        dense weight (the density column then says how much of it is active)."""
-        (x, layer, _, bias), _ = self.fetch_args_kwargs_from_env(n)
-        weight = x.new_zeros(layer.shape, dtype=layer.values.dtype)
+    def _held(self, n: torch.fx.Node, layout: Any) -> Any:
+        """A product by a weight its layout holds (a compact layer's), counted as the masked
+        layer's: the dense op it computes, on a zero stand-in of its dense weight (the density
+        column then says how much of it is active)."""
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        x, storage, bias = layout.call_operands(args)
+        fqn, (product, options) = layout.dense_call(storage)
+        shape, dtype = self.module._fxsparse.sites[fqn].shape, layout.trainable(self.module, fqn).dtype
+        stand_in = x.new_zeros(shape, dtype=dtype)
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
-            product, options = layer.dense_product()
-            result = product(x.to(weight.dtype), weight, bias, **options)
-        self._record(n, int(counter.get_total_flops()), result, weight=layer.fqn)
+            result = product(x.to(stand_in.dtype), stand_in, bias, **options)
+        self._record(n, int(counter.get_total_flops()), result, weight=fqn, op=getattr(product, "__name__", None))
         return result
 
-    def _record(self, n: torch.fx.Node, count: int, result: Any, weight: str | None = None) -> None:
+    def _record(self, n: torch.fx.Node, count: int, result: Any, weight: str | None = None, op: str | None = None) -> None:
         shape = tuple(result.shape) if isinstance(result, torch.Tensor) else ()
         weight = weight or self._weight_of(n)
         if weight is not None:
-            op = _op_name(self.module, n)
+            op = op or _op_name(self.module, n)
             if weight in self.by_weight:
                 old = self.by_weight[weight]
                 self.by_weight[weight] = FlopRow(

@@ -17,20 +17,19 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.nn.utils import parametrize
 
 from fxsparse import checkpointing, methods
 from fxsparse.interop import ModelInterop
 from fxsparse.recapture import follow_signature
 from fxsparse.accounting import _batch_size, flop_report
 from fxsparse.capture import check_shapes, graph_from_state, graph_state, pytree_specs, static_dims
-from fxsparse.compact import CompactWeight
+from fxsparse.layouts import Layout, layout_of
 from fxsparse import blocks as _blocks
 from fxsparse import sharding
-from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_, zero_inactive_all_
+from fxsparse.masking import MASKER, UPDATES, Masker, zero_inactive_all_
 from fxsparse.methods.base import LayerChange, derived_seed, finite
 from fxsparse.registry import GROW_SCORES, grow_scores, register_grow_score
-from fxsparse.state import StateDictError, adopt_loaded, check_keys, check_masks, invariant_problems, save_compact, take_compact
+from fxsparse.state import StateDictError, adopt_loaded, check_keys, check_masks, invariant_problems, save_layouts, take_layouts
 
 __all__ = ["SparseGraphModule", "LayerChange", "SparsitySummary", "register_grow_score", "grow_scores",
            "grow_score_needs_gradient", "StateDictError", "finite", "derived_seed", "UPDATES"]
@@ -47,7 +46,8 @@ class _Site:
     target_density: float
     active: int  # the layer's exact active count, kept by every topology update
     opaque: bool = False  # used inside an opaque leaf module (the module-level fallback)
-    compact: str = ""  # the layout="compact" layer holding it (fxsparse.compact), else masked
+    layout: str = "masked"  # its layout's registered name (fxsparse.layouts)
+    storage: str = ""  # the submodule holding it where its layout keeps its own storage (compact)
     # a product reads a kernel computed from it: "graph", or the path of the layer inside an opaque
     # leaf that computes it (fxsparse.kernels); the mask goes on that kernel
     kernel: str = ""
@@ -212,7 +212,7 @@ def _owners(sparse: SparseGraphModule) -> list[tuple[str, dict[str, Any], str, d
             owner_name, _, name = fqn.rpartition(".")
             owner = sparse.get_submodule(owner_name) if owner_name else sparse
             mask_owner, _, mask_name = site.mask.rpartition(".")
-            if not site.compact and name in owner._parameters:
+            if layout_of(sparse, fqn).keeps_parameter and name in owner._parameters:
                 found.append((fqn, owner._parameters, name, sparse.get_submodule(mask_owner)._buffers, mask_name))
         cached = (id(sparse), found)
         sparse.__dict__["_fxsparse_owners"] = cached
@@ -360,17 +360,23 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return {fqn: self._mask(fqn) for fqn in self._fxsparse.sites}
 
     def _mask(self, fqn: str) -> torch.Tensor:
-        site = self._fxsparse.sites[fqn]
-        return self.get_submodule(site.compact).mask() if site.compact else self.get_buffer(site.mask)
+        return layout_of(self, fqn).mask(self, fqn)
 
     def _weights_and_masks(self) -> Iterator[tuple[str, tuple[nn.Parameter, torch.Tensor]]]:
         for fqn in self._fxsparse.sites:
             yield fqn, (self._leaf_weight(fqn), self._mask(fqn))
 
-    def compact_layer(self, fqn: str) -> CompactWeight | None:
-        """The compact layer holding ``fqn`` (``layout="compact"``), or None where it is masked."""
-        site = self._fxsparse.sites[fqn]
-        return self.get_submodule(site.compact) if site.compact else None  # type: ignore[return-value]
+    def layout_of(self, fqn: str) -> Layout:
+        """The layout holding the sparse weight ``fqn`` (:mod:`fxsparse.layouts`): its views,
+        updates and capabilities."""
+        if fqn not in self._fxsparse.sites:
+            raise KeyError(f"expected a sparse weight's FQN, got {fqn!r}; valid: {list(self._fxsparse.sites)[:10]}")
+        return layout_of(self, fqn)
+
+    def compact_layer(self, fqn: str) -> Any:
+        """The :class:`fxsparse.layouts.compact.CompactWeight` holding ``fqn``
+        (``layout="compact"``), or None where it is in another layout."""
+        return layout_of(self, fqn).storage(self, fqn) if self._fxsparse.sites[fqn].layout == "compact" else None
 
     @property
     def layouts(self) -> dict[str, Any]:
@@ -378,18 +384,11 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         return dict(self._fxsparse.layouts)
 
     def _leaf_weight(self, fqn: str) -> nn.Parameter:
-        """The parameter the mask of ``fqn`` applies to: ``get_parameter(fqn)``, or, where
-        ``torch.nn.utils.parametrize`` computes that weight, the parametrization's ``original``
-        (the forward masks what the parametrization computes). For a compact layer: the dense
-        weight (a new tensor: edit the layer's ``values`` instead)."""
-        layer = self.compact_layer(fqn)
-        if layer is not None:
-            return layer.dense()  # type: ignore[return-value]
-        owner_name, _, name = fqn.rpartition(".")
-        owner = self.get_submodule(owner_name)
-        if parametrize.is_parametrized(owner, name):
-            return owner.parametrizations[name].original
-        return self.get_parameter(fqn)
+        """The weight decisions read, in its dense shape (the layout's view): the parameter the
+        mask of ``fqn`` applies to (``get_parameter(fqn)``, or, where ``torch.nn.utils.parametrize``
+        computes that weight, the parametrization's ``original``); for a compact layer a new
+        dense tensor (edit the layer's ``values`` instead)."""
+        return layout_of(self, fqn).weight(self, fqn)  # type: ignore[return-value]
 
     @property
     def sparse_weights(self) -> dict[str, nn.Parameter]:
@@ -465,12 +464,9 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         before reading the parameters outside a forward after such an edit (``state_dict()``
         calls it itself) and :meth:`verify` then passes.
         """
-        masker = self.masker
         sync_shards(self)
-        for fqn, site in self._fxsparse.sites.items():
-            if not site.compact:  # a compact layer has no inactive weights
-                weight, mask = self._leaf_weight(fqn), self.get_buffer(site.mask)
-                zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
+        for fqn in self._fxsparse.sites:
+            layout_of(self, fqn).rezero(self, fqn)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.rezero()  # a checkpoint holds exact zeros at inactive entries, whatever edited them
@@ -478,7 +474,7 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_compact(self, destination, prefix)  # the masked layout's format, whatever the layout
+        save_layouts(self, destination, prefix)  # the masked layout's format, whatever the layout
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False, *, budget: str = "keep",
@@ -516,11 +512,11 @@ class SparseGraphModule(ModelInterop, torch.fx.GraphModule):
         # parent module loads), so a bad mask leaves the module untouched.
         budget = getattr(self, "_load_budget", "keep")
         counts = check_masks(self, state_dict, prefix, budget)
-        compact = take_compact(self, state_dict, prefix, missing_keys if strict else None)
+        taken = take_layouts(self, state_dict, prefix, missing_keys if strict else None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        adopt_loaded(self, counts, compact, budget)
+        adopt_loaded(self, counts, taken, budget)
 
     # -------------------------------------------------------------------------------- updates
     @torch.no_grad()

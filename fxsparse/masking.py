@@ -61,10 +61,16 @@ from torch import nn
 from fxsparse.sharding import is_sharded, local
 from fxsparse.topology import GrowthCandidates, growth_candidates
 
-__all__ = ["Masker", "MASKER", "UPDATES", "mask_grad_", "zero_inactive_", "zero_inactive_all_", "mask_grads_all_", "mask_prologue", "mask_on", "bit_mask"]
+__all__ = ["Masker", "MASKER", "UPDATES", "mask_grad_", "zero_inactive_", "zero_inactive_all_", "mask_grads_all_", "mask_prologue", "mask_on", "bit_mask", "masked_nodes"]
 
 MASKER = "fxsparse_masker"  # the name of a SparseGraphModule's Masker submodule
 UPDATES = "fxsparse_updates"  # the name of its buffer counting topology updates
+
+
+def masked_nodes(graph: torch.fx.Graph, masker: str, fqn: str) -> list[torch.fx.Node]:
+    """The masked-weight nodes (calls of the ``masker`` submodule) of the weight ``fqn``."""
+    return [n for n in graph.nodes if n.op == "call_module" and n.target == masker and n.kwargs.get("name") == fqn]
+
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -431,6 +437,12 @@ class Masker(nn.Module):
         return mask_on(mask.detach(), weight)
 
     bit_mask = mask_on  # its name while it returned an integer copy of the mask
+
+    def record(self, name: str, grad: torch.Tensor) -> None:
+        """Records ``grad`` as the dense growth gradient of the weight ``name`` (in its shape):
+        what a layout that computes its own product (:mod:`fxsparse.layouts`) calls in its
+        backward on an armed step. Several calls in one backward add up."""
+        self._record(name, grad)
 
     def _record(self, name: str, grad: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()

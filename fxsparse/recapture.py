@@ -85,13 +85,13 @@ def follow_signature(sparse: Any, args: tuple[Any, ...], kwargs: Mapping[str, An
 
 def _capture(sparse: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     state = sparse._fxsparse
-    compact = sorted(fqn for fqn, site in state.sites.items() if site.compact)
-    if compact:
+    held = sorted(fqn for fqn in state.sites if not sparse.layout_of(fqn).recapturable)
+    if held:
         raise ValueError(
             f"fxsparse: this call's inputs ({sorted(kwargs)}, {len(args)} positional, parameters in "
             f"{signature_of(sparse, args, kwargs)[2]}) differ from those the module was captured with, which needs a "
-            f"new capture, and compact layers ({compact[:3]}) cannot be captured again; sparsify with example_inputs "
-            f"holding every keyword you call with, or layout='masked'"
+            f"new capture, and layers in the {state.sites[held[0]].layout} layout ({held[:3]}) cannot be captured "
+            f"again; sparsify with example_inputs holding every keyword you call with, or layout='masked'"
         )
     model = sparse.unwrap(share=True)
     try:

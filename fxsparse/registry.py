@@ -1,4 +1,4 @@
-"""Every extension point of fxsparse in one place: methods, growth scores, inits, leaves.
+"""Every extension point of fxsparse in one place: methods, layouts, growth scores, inits, leaves.
 
 Each registry is filled by a decorator and read by name; an unknown name lists the valid ones.
 
@@ -7,6 +7,8 @@ registry               register with                               read by
 =====================  ==========================================  ===========================
 ``METHODS``            ``register_method(cls)`` (a                 ``TopologyScheduler(method=)``
                        :class:`fxsparse.methods.Method` subclass)
+``LAYOUTS``            ``register_layout(cls)`` (a                 ``sparsify(layout=)``, each
+                       :class:`fxsparse.layouts.Layout` subclass)  weight's ``_Site.layout``
 ``GROW_SCORES``        ``register_grow_score(name, needs_gradient)``  ``rigl_step(grow=)``,
                                                                    ``Method.grow``
 inits                  ``register_init(name)``                     ``sparsify(init=)``
@@ -34,12 +36,11 @@ from collections.abc import Iterable
 from torch import nn
 
 from fxsparse.budgets import available_inits, register_init
-from fxsparse.compact import compact_linear
 from fxsparse.masking import mask_prologue, zero_dirty
 from fxsparse.segments import call_module, run_checkpointed
 
 __all__ = [
-    "Registry", "METHODS", "GROW_SCORES", "GrowScore", "register_grow_score", "grow_scores",
+    "Registry", "METHODS", "LAYOUTS", "GROW_SCORES", "GrowScore", "register_grow_score", "grow_scores",
     "register_init", "available_inits", "register_leaf_module", "register_leaf_function",
     "register_leaf_weights", "leaf_function_weights", "LEAF_MODULES", "LEAF_FUNCTIONS",
     "LEAF_FUNCTION_WEIGHTS", "LEAF_WEIGHTS",
@@ -129,11 +130,16 @@ def grow_scores() -> list[str]:
 METHODS: Registry[type] = Registry("method")
 
 
+# --- layouts ---------------------------------------------------------------------------------
+# name -> the fxsparse.layouts.Layout instance (stateless, one per kind; filled by fxsparse.layouts)
+LAYOUTS: Registry[Any] = Registry("layout")
+
+
 # --- leaves: code torch.fx cannot trace, and the product weights inside it -------------------
 LEAF_MODULES: set[type[nn.Module]] = set()
 # mask_prologue is the prologue of every SparseGraphModule: re-tracing its code (torch.save, a
 # second sparsify attempt) must record it, not run it on proxies.
-LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty, compact_linear, run_checkpointed, call_module}
+LEAF_FUNCTIONS: set[Callable[..., Any]] = {mask_prologue, zero_dirty, run_checkpointed, call_module}
 # the arguments of a leaf function that it uses as conv/linear/matmul weights, where declared
 LEAF_FUNCTION_WEIGHTS: dict[Callable[..., Any], frozenset[str]] = {}
 

@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 
-from fxsparse.compact import compact_linear
 from fxsparse.distributed import assert_in_sync
 from fxsparse.graph_module import LayerChange, SparseGraphModule
-from fxsparse.masking import MASKER
 from fxsparse.methods import Method, available_methods, make_method, register_method
-from fxsparse.methods.base import compact_refusal
-from fxsparse.kernels import GRAPH
-from fxsparse.passes.compact import masked_nodes
+from fxsparse.layouts import layout_of
+from fxsparse.methods.base import fixed_count_refusal
 from fxsparse.schedules import GradualPruning, cosine_drop_fraction, end_step
 from fxsparse.topology import drop_count
 
@@ -117,9 +114,9 @@ class TopologyScheduler:
         self.what = make_method(method)  # what an update does (fxsparse.methods)
         self.growth_candidates = bool(growth_candidates)
         self._one_backward: bool | None = None  # every step seen so far ran one backward (None: none seen)
-        compact = [f for f in sparse._fxsparse.sites if sparse.compact_layer(f) is not None]
-        if compact and (self.what.redistribute is not None or self.what.prunes):
-            raise compact_refusal(compact, f"method {method!r} changes per-layer counts")
+        fixed = [f for f in sparse._fxsparse.sites if layout_of(sparse, f).fixed_count]
+        if fixed and (self.what.redistribute is not None or self.what.prunes):
+            raise fixed_count_refusal(sparse, fixed, f"method {method!r} changes per-layer counts")
         self.what.bind(self, density, init, begin_step)
         if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(f"expected scaler to be a torch.amp.GradScaler (or None), got {type(scaler).__name__}")
@@ -301,22 +298,14 @@ def growth_candidate_counts(sparse: SparseGraphModule, drop_fraction: float) -> 
     for fqn, site in sparse._fxsparse.sites.items():
         if site.active == math.prod(site.shape):
             continue
-        layer = sparse.compact_layer(fqn)
-        device = (layer.values if layer is not None else sparse._leaf_weight(fqn)).device.type
+        device = layout_of(sparse, fqn).trainable(sparse, fqn).device.type
         if _record_points(sparse, fqn) == 1 and device == "cpu":
             counts[fqn] = drop_count(site.active, drop_fraction)
     return counts
 
 
 def _record_points(sparse: SparseGraphModule, fqn: str) -> int:
-    """How many places record ``fqn``'s growth gradient in one training backward: its
-    masked-weight nodes in the training graph, the parameter hook of a weight an opaque
-    leaf uses, and the masked-weight node of a layer inside an opaque leaf whose computed
-    kernel the mask goes on (fxsparse.kernels)."""
+    """How many places record ``fqn``'s growth gradient in one training backward (its layout
+    counts them in the training graph)."""
     graph = (sparse._fxsparse.mode_graphs or {}).get(True, sparse.graph)
-    site = sparse._fxsparse.sites[fqn]
-    if site.compact:  # the calls of its compact layer
-        return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is compact_linear
-                   and getattr(n.args[1], "target", None) == site.compact)
-    in_layer = bool(site.kernel) and site.kernel != GRAPH
-    return len(masked_nodes(graph, MASKER, fqn)) + int(bool(site.opaque)) + int(in_layer)
+    return layout_of(sparse, fqn).reads(sparse, fqn, graph)

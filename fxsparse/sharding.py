@@ -131,7 +131,10 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
 
 def sharded_sites(sparse: Any) -> list[str]:
     """The sparse weights of ``sparse`` that are DTensors (empty when it is not sharded)."""
-    return [fqn for fqn, site in sparse._fxsparse.sites.items() if not site.compact and is_sharded(sparse._leaf_weight(fqn))]
+    from fxsparse.layouts import layout_of  # the layouts use this module's collectives
+
+    return [fqn for fqn in sparse._fxsparse.sites if layout_of(sparse, fqn).keeps_parameter
+            and is_sharded(sparse._leaf_weight(fqn))]
 
 
 def shard_masks(sparse: Any) -> int:
@@ -145,11 +148,15 @@ def shard_masks(sparse: Any) -> int:
     if not any(not is_sharded(sparse._mask(fqn)) for fqn in names):
         return 0
     _refuse_inlined_blocks(sparse)
-    compact = [fqn for fqn, site in sites.items() if site.compact]
-    if compact:
+    from fxsparse.layouts import layout_of
+
+    held = [fqn for fqn in sites if not layout_of(sparse, fqn).shardable]
+    if held:
+        layout = sites[held[0]].layout
         raise ValueError(
-            f"fxsparse: {len(compact)} layer(s) use the compact layout ({compact[0]!r} ...), which stores a layer as "
-            "its active values and cannot be sharded by fully_shard; sparsify with layout='masked' to train under FSDP"
+            f"fxsparse: {len(held)} layer(s) use the {layout} layout ({held[0]!r} ...), which fully_shard cannot shard "
+            "(it stores a layer as its own tensors, not the module's Parameter); sparsify with layout='masked' to "
+            "train under FSDP"
         )
     kernels = [fqn for fqn in names if getattr(sites[fqn], "kernel", "")]
     if kernels:

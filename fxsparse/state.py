@@ -18,8 +18,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxsparse import sharding
+from fxsparse.layouts import layout_of
 
-__all__ = ["save_compact", "take_compact", "adopt_loaded", "StateDictError", "check_keys", "check_masks", "invariant_problems"]
+__all__ = ["save_layouts", "take_layouts", "adopt_loaded", "StateDictError", "check_keys", "check_masks", "invariant_problems"]
 
 
 class StateDictError(ValueError, RuntimeError):
@@ -128,40 +129,37 @@ def invariant_problems(sparse: nn.Module) -> list[str]:
     return problems
 
 
-def save_compact(sparse: nn.Module, destination: Any, prefix: str) -> None:
-    """Writes each compact layer as the masked layout does (the dense weight under its FQN, the
-    bool mask under its mask name), so that checkpoints move between layouts."""
+def save_layouts(sparse: nn.Module, destination: Any, prefix: str) -> None:
+    """Writes each weight the module system does not (a compact layer's) as the masked layout
+    does (the dense weight under its FQN, the bool mask under its mask name), so that
+    checkpoints move between layouts."""
     state = getattr(sparse, "_fxsparse", None)  # None while GraphModule builds the module
-    for fqn, site in state.sites.items() if state is not None else ():
-        if site.compact:
-            layer = sparse.get_submodule(site.compact)
-            destination[prefix + fqn] = layer.dense()
-            destination[prefix + site.mask] = layer.mask()
+    for fqn in state.sites if state is not None else ():
+        layout_of(sparse, fqn).save(sparse, fqn, destination, prefix)
 
 
-def take_compact(
+def take_layouts(
     sparse: nn.Module, state_dict: dict[str, Any], prefix: str, missing_keys: list[str] | None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Takes each compact layer's weight and mask out of ``state_dict`` (before the submodules
-    see them: the weight's owner holds no such parameter); notes absent ones in ``missing_keys``."""
+    """Takes the weight and mask of each layer whose layout loads them itself out of
+    ``state_dict`` (before the submodules see them: the weight's owner holds no such parameter);
+    notes absent ones in ``missing_keys``."""
     taken = {}
-    for fqn, site in sparse._fxsparse.sites.items():
-        keys = (prefix + fqn, prefix + site.mask)
-        if site.compact and all(k in state_dict for k in keys):
-            taken[fqn] = (state_dict.pop(keys[0]), state_dict.pop(keys[1]))
-        elif site.compact and missing_keys is not None:
-            missing_keys.extend(k for k in keys if k not in state_dict)
+    for fqn in sparse._fxsparse.sites:
+        pair = layout_of(sparse, fqn).take(sparse, fqn, state_dict, prefix, missing_keys)
+        if pair is not None:
+            taken[fqn] = pair
     return taken
 
 
 def adopt_loaded(
-    sparse: nn.Module, counts: dict[str, int], compact: dict[str, tuple[torch.Tensor, torch.Tensor]], budget: str,
+    sparse: nn.Module, counts: dict[str, int], taken: dict[str, tuple[torch.Tensor, torch.Tensor]], budget: str,
 ) -> None:
-    """After a checked load: the compact layers take their weights and masks, and every layer
-    its loaded count (with ``budget="adopt"`` also as its budget)."""
+    """After a checked load: the layers whose layout loads them itself take their weights and
+    masks, and every layer its loaded count (with ``budget="adopt"`` also as its budget)."""
     sites = sparse._fxsparse.sites
-    for fqn, (weight, mask) in compact.items():
-        sparse.get_submodule(sites[fqn].compact).load(weight, mask)
+    for fqn, (weight, mask) in taken.items():
+        layout_of(sparse, fqn).load(sparse, fqn, weight, mask)
     for fqn, count in counts.items():
         site = sites[fqn]
         if budget == "adopt" and count != site.active:  # the checkpoint's budget is the layer's now

@@ -58,7 +58,8 @@ def unwrap(sparse: Any, *, share: bool = False) -> nn.Module:
             f"rebuild the model, then model.load_state_dict(sparse.state_dict(), strict=False)"
         )
     sparse.rezero()  # exact zeros at inactive entries, whatever edited the weights
-    compact = {fqn: sparse._leaf_weight(fqn) for fqn, site in sparse._fxsparse.sites.items() if site.compact}
+    # weights their layout holds outside the model's modules (compact layers): dense copies
+    compact = {fqn: sparse._leaf_weight(fqn) for fqn in sparse._fxsparse.sites if not sparse.layout_of(fqn).keeps_parameter}
     model = copy.deepcopy(skeleton)
     made: dict[int, torch.Tensor] = {}
     missing: list[str] = []

@@ -1,4 +1,4 @@
-"""The compact layout (fxsparse/compact.py, layouts.py): the same training as the masked layout,
+"""The compact layout (fxsparse/layouts/): the same training as the masked layout,
 stored and computed as the active weights only."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxsparse
-from fxsparse.compact import CompactWeight, compact_linear
+from fxsparse.layouts.compact import CompactWeight, compact_linear
 from fxsparse.masking import Masker
 from fxsparse.state import StateDictError
 

@@ -1,4 +1,4 @@
-"""The compact layer's kernels (fxsparse/csr_kernels.py): each technology computes the dense
+"""The compact layer's kernels (fxsparse/layouts/compact/kernels.py): each technology computes the dense
 products at the active positions, on any CSR structure, and a layer falls back to torch's
 kernels where numba cannot run."""
 
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fxsparse import csr_kernels
-from fxsparse.compact import CompactWeight, compact_linear
-from fxsparse.csr_kernels import NumbaConvKernels, NumbaKernels, TorchConvKernels, TorchKernels, kernels_for
+from fxsparse.layouts.compact import kernels as csr_kernels
+from fxsparse.layouts.compact import CompactWeight, compact_linear
+from fxsparse.layouts.compact.kernels import NumbaConvKernels, NumbaKernels, TorchConvKernels, TorchKernels, kernels_for
 from fxsparse.masking import Masker
 
 pytest.importorskip("numba")
@@ -102,6 +102,12 @@ def test_each_convolution_kernel_computes_the_dense_convolution_and_its_gradient
     weight = torch.randn(shape, generator=generator, dtype=torch.float64) * mask
     x = torch.randn(batch, in_channels, height, width, generator=generator, dtype=torch.float64)
     layer = CompactWeight("w", weight, mask, stride=(1, 1), padding=padding)
+    if height + 2 * padding[0] < kernel[0] or width + 2 * padding[1] < kernel[1]:  # refused as torch refuses it
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+            F.conv2d(x, weight, padding=padding)
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+            compact_linear(x, layer, Masker())
+        return
     out = F.conv2d(x, weight, padding=padding)
     dy = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     dx, dw = torch.nn.grad.conv2d_input(x.shape, weight, dy, padding=padding), torch.nn.grad.conv2d_weight(x, shape, dy, padding=padding)

@@ -23,11 +23,12 @@ from typing import Any, ClassVar
 import torch
 
 from fxsparse import budgets, sharding, topology
-from fxsparse.masking import UPDATES, zero_inactive_
+from fxsparse.layouts import layout_of
+from fxsparse.masking import UPDATES
 from fxsparse.registry import GROW_SCORES, register_grow_score
 from fxsparse.schedules import is_update_step
 
-__all__ = ["Method", "LayerChange", "drop_and_grow", "prune", "checked_step", "finite", "nonfinite_error", "compact_refusal", "check_redistribute", "REDISTRIBUTE", "derived_seed", "momentum_of"]
+__all__ = ["Method", "LayerChange", "drop_and_grow", "prune", "checked_step", "finite", "nonfinite_error", "fixed_count_refusal", "check_redistribute", "REDISTRIBUTE", "derived_seed", "momentum_of"]
 
 
 @dataclass(frozen=True)
@@ -203,13 +204,12 @@ def drop_and_grow(
 
     @torch.no_grad()  # grad mode is per thread
     def select(fqn: str) -> topology.TopologyUpdate:  # reads only: every layer, then apply
-        layer = sparse.compact_layer(fqn)
-        if fqn in reduced and layer is not None:  # the values themselves, in the weight's order
-            order = layer.weight_order()
-            values = layer.values.detach() if order is None else layer.values.detach()[order]
-            return topology.update_from_candidates(layer.mask(), values, reduced[fqn], drop_fraction, absolute=True,
-                                                   active_scores=True)
-        weight, mask = sparse._leaf_weight(fqn), sparse._mask(fqn)
+        layout = layout_of(sparse, fqn)
+        values = layout.active_values(sparse, fqn) if fqn in reduced else None
+        if values is not None:  # the active values themselves, in the weight's order: no dense weight
+            return topology.update_from_candidates(layout.mask(sparse, fqn), values, reduced[fqn], drop_fraction,
+                                                   absolute=True, active_scores=True)
+        weight, mask = layout.weight(sparse, fqn), layout.mask(sparse, fqn)
         if fqn in reduced:
             return topology.update_from_candidates(mask, weight, reduced[fqn], drop_fraction, absolute=True)
         drop = method.drop_scores(sparse, fqn, weight, mask, grads.get(fqn))
@@ -237,9 +237,9 @@ def prune(sparse: Any, counts: Mapping[str, int], optimizer: torch.optim.Optimiz
     unknown = [fqn for fqn in counts if fqn not in sites]
     if unknown:
         raise ValueError(f"expected sparse weight FQNs, got unknown {unknown}; valid: {list(sites)}")
-    compact = [f for f in counts if f in sites and sparse.compact_layer(f) is not None]
-    if compact:
-        raise compact_refusal(compact, "pruning changes their counts")
+    fixed = [f for f in counts if f in sites and layout_of(sparse, f).fixed_count]
+    if fixed:
+        raise fixed_count_refusal(sparse, fixed, "pruning changes their counts")
     _refuse_nonfinite(sparse, [f for f in counts if f in sites], {}, "prune")
     todo = [fqn for fqn, site in sites.items() if fqn in counts and counts[fqn] != site.active]
 
@@ -267,30 +267,17 @@ def _apply(
 ) -> dict[str, LayerChange]:
     """Applies every layer's selected update (``zero_grad``: also zero the gradient of what was
     dropped) and returns each layer's change, unchanged layers included."""
-    moved = [f for f, r in results.items() if sparse.compact_layer(f) is not None and r.grown_idx.numel() != r.dropped_idx.numel()]
+    moved = [f for f, r in results.items() if layout_of(sparse, f).fixed_count and r.grown_idx.numel() != r.dropped_idx.numel()]
     if moved:  # before any layer changes
-        raise compact_refusal(moved, "this update moves weights between layers")
+        raise fixed_count_refusal(sparse, moved, "this update moves weights between layers")
     changes = {}
     for fqn, site in sparse._fxsparse.sites.items():
         result = results.get(fqn)
         if result is None:
             changes[fqn] = LayerChange(site.active, 0, 0, 0)
             continue
-        layer = sparse.compact_layer(fqn)
-        if layer is not None:  # the same decision, applied to the active values and their state
-            grad = [] if layer.values.grad is None else [layer.values.grad]
-            layer.assign(result.mask, grad + _optimizer_state(optimizer, layer.values))
-            site.active += result.grown_idx.numel() - result.dropped_idx.numel()
-            changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown)
-            continue
-        weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(site.mask)
-        if sharding.is_sharded(mask):  # each rank writes the positions in its rows
-            grad = [weight.grad] if zero_grad and weight.grad is not None else []
-            sharding.apply_update(weight, mask, result, _optimizer_state(optimizer, weight) + grad)
-        else:
-            topology.apply_update(weight, mask, result, _optimizer_state(optimizer, weight))
-            if zero_grad and weight.grad is not None:
-                topology.zero_state_at([weight.grad], result.dropped_idx)
+        layout = layout_of(sparse, fqn)
+        layout.apply(sparse, fqn, result, _optimizer_state(optimizer, layout.trainable(sparse, fqn)), zero_grad)
         site.active += result.grown_idx.numel() - result.dropped_idx.numel()
         changes[fqn] = LayerChange(site.active, result.dropped_idx.numel(), result.grown_idx.numel(), result.regrown)
     return changes
@@ -383,23 +370,25 @@ def _sharded(sparse: Any, names: list[str]) -> bool:
 
 def _on_cpu(sparse: Any, names: list[str]) -> bool:
     """Whether every named layer's weight and mask live on the CPU (threaded selection)."""
-    sites = sparse._fxsparse.sites
 
     def on_cpu(fqn: str) -> bool:
-        layer = sparse.compact_layer(fqn)
-        if layer is not None:
-            return layer.values.device.type == "cpu"
-        return sparse._leaf_weight(fqn).device.type == "cpu" == sparse.get_buffer(sites[fqn].mask).device.type
+        layout = layout_of(sparse, fqn)
+        if not layout.keeps_parameter:
+            return layout.trainable(sparse, fqn).device.type == "cpu"
+        return layout.weight(sparse, fqn).device.type == "cpu" == layout.mask(sparse, fqn).device.type
 
     return all(on_cpu(fqn) for fqn in names)
 
 
-def compact_refusal(names: list[str], why: str) -> ValueError:
-    """The error of a method that would change the active count of compact layers."""
+def fixed_count_refusal(sparse: Any, names: list[str], why: str) -> ValueError:
+    """The error of a method that would change the active count of layers whose layout keeps it
+    fixed (:attr:`fxsparse.layouts.Layout.fixed_count`)."""
+    kinds = sorted({sparse._fxsparse.sites[f].layout for f in names})
     return ValueError(
-        f"fxsparse: {len(names)} layer(s) in the compact layout ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) "
-        f"keep a fixed number of active weights, but {why}; nothing was changed. Use a method with constant "
-        "per-layer counts (static, SET, RigL), or sparsify with layout='masked' for SNFS, RigL-SG/SM and pruning"
+        f"fxsparse: {len(names)} layer(s) in the {'/'.join(kinds)} layout ({', '.join(names[:3])}"
+        f"{' ...' if len(names) > 3 else ''}) keep a fixed number of active weights, but {why}; nothing was changed. "
+        "Use a method with constant per-layer counts (static, SET, RigL), or sparsify with layout='masked' for SNFS, "
+        "RigL-SG/SM and pruning"
     )
 
 
@@ -488,15 +477,12 @@ def _refuse_nonfinite(
     the topology. Only what the model computes with counts: inactive entries are zeroed (as
     every forward does) before a second look."""
     checks: list[tuple[str, bool]] = []  # (what, finite on this rank)
-    masker, sharded = sparse.masker, False
+    sharded = False
     for fqn in names:
-        layer = sparse.compact_layer(fqn)
-        if layer is not None:  # only active values exist
-            weight = layer.values
-        else:
-            weight, mask = sparse._leaf_weight(fqn), sparse.get_buffer(sparse._fxsparse.sites[fqn].mask)
-            if not finite(sharding.local(weight)):  # inactive entries may hold an edit's NaN: they do not count
-                zero_inactive_(weight, masker.mask_on(fqn, mask, weight))
+        layout = layout_of(sparse, fqn)
+        weight = layout.trainable(sparse, fqn)
+        if not finite(sharding.local(weight)):  # inactive entries may hold an edit's NaN: they do not count
+            layout.rezero(sparse, fqn)
         sharded |= sharding.is_sharded(weight)
         checks.append((f"{fqn} (weights)", finite(sharding.local(weight))))
         label = f"{fqn} (growth gradient)" if what == "rigl_step" else fqn

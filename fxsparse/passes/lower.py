@@ -26,7 +26,7 @@ import torch.fx
 from torch import nn
 
 from fxsparse.capture import Runner
-from fxsparse.compact import compact_linear
+from fxsparse.layouts import layout_of_call
 from fxsparse.masking import MASKER
 from fxsparse.passes.ops import product_kind
 
@@ -54,13 +54,14 @@ def materialize(gm: torch.fx.GraphModule, used: dict[str, torch.Tensor]) -> dict
             node.replace_all_uses_with(constant)
             graph.erase_node(node)
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is compact_linear:
-            x, layer_node, _, bias = node.args
-            layer = gm.get_submodule(layer_node.target)
-            attribute = _weight_constant(gm, layer.fqn, layer.dense(), constants)
+        layout = layout_of_call(node)
+        if layout is not None:  # a weight its layout holds: the dense op it computes, on the dense weight
+            x, storage, bias = layout.call_operands(node.args)
+            held = gm.get_submodule(storage.target)
+            fqn, (op, options) = layout.dense_call(held)
+            attribute = _weight_constant(gm, fqn, layout.stored_weight(held), constants)
             with graph.inserting_before(node):
                 weight = graph.get_attr(attribute)
-                op, options = layer.dense_product()
                 product = graph.call_function(op, (x, weight, bias), options)
             node.replace_all_uses_with(product)
             graph.erase_node(node)

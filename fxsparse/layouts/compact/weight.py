@@ -11,7 +11,7 @@ without padding or groups (``(out, in, 1, 1)``: a linear map of each strided pix
   values are ``values[t_perm]`` (the input gradient's matrix, refreshed by a gather).
 
 The inactive entries do not exist: nothing zeroes them and no gradient is masked. One custom
-autograd Function, :class:`_CompactLinear`, runs the layer's kernels (:mod:`fxsparse.csr_kernels`:
+autograd Function, :class:`_CompactLinear`, runs the layer's kernels (:mod:`fxsparse.layouts.compact.kernels`:
 numba's threaded CSR loops on the CPU, ``torch.sparse`` elsewhere; ``CompactWeight.kernel`` is
 the layer's preference, chosen by timing at ``sparsify``):
 
@@ -42,10 +42,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsparse.csr_kernels import conv_kernels_for, csr_tensor, kernels_for, preferred
+from fxsparse.layouts.compact.kernels import conv_kernels_for, csr_tensor, kernels_for, preferred
 from fxsparse.topology import growth_candidates, merged_candidates
 
-__all__ = ["CompactWeight", "compact_linear", "density_rule", "matmul_add", "SPATIAL_BREAK_EVEN"]
+__all__ = ["CompactWeight", "compact_linear", "dense_product", "density_rule", "matmul_add", "SPATIAL_BREAK_EVEN"]
 
 
 class CompactWeight(nn.Module):
@@ -59,9 +59,9 @@ class CompactWeight(nn.Module):
         stride: the weight is a convolution's, ``(out, in, kh, kw)``, of this stride (one group):
             a 1x1 kernel without padding is a linear map of every (strided) pixel's channels; a
             kxk kernel (stride 1, ``padding`` given) is computed by the convolution kernels of
-            :mod:`fxsparse.csr_kernels` (the matrix ``out x (in*kh*kw)``).
+            :mod:`fxsparse.layouts.compact.kernels` (the matrix ``out x (in*kh*kw)``).
         padding: a kxk convolution's padding ``(p0, p1)``.
-        kernel: the kernels preferred (``"numba"`` or ``"torch"``, :mod:`fxsparse.csr_kernels`);
+        kernel: the kernels preferred (``"numba"`` or ``"torch"``, :mod:`fxsparse.layouts.compact.kernels`);
             default: numba where it runs on the weight's device and dtype.
     """
 
@@ -189,13 +189,7 @@ class CompactWeight(nn.Module):
         """The dense op this layer computes, as ``(fn, kwargs)`` called ``fn(x, weight, bias,
         **kwargs)`` with the dense weight (:meth:`dense`): what inference export and FLOP counting
         put in the layer's place."""
-        if self.transposed:
-            return matmul_add, {}
-        if self.stride is not None:
-            return F.conv2d, {"stride": self.stride}
-        if self.kernel_size is not None:
-            return F.conv2d, {"padding": self.padding}
-        return F.linear, {}
+        return dense_product(self.transposed, self.stride, self.padding)
 
     # ---------------------------------------------------------------------------------- update
     @torch.no_grad()
@@ -233,6 +227,20 @@ class CompactWeight(nn.Module):
         return None
 
 
+def dense_product(transposed: bool, stride: tuple[int, int] | None, padding: tuple[int, int] | None,
+                  ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+    """The dense op of a compact layer of this geometry (:meth:`CompactWeight.dense_product`):
+    ``x @ W + b`` (``transposed``), a 1x1 convolution of ``stride``, a kxk convolution of
+    ``padding`` (stride 1), else a linear layer."""
+    if transposed:
+        return matmul_add, {}
+    if stride is not None:
+        return F.conv2d, {"stride": tuple(stride)}
+    if padding is not None:
+        return F.conv2d, {"padding": tuple(padding)}
+    return F.linear, {}
+
+
 def matmul_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight + bias`` (``addmm``'s product, transformers' ``Conv1D``), bias optional."""
     out = torch.matmul(x, weight)
@@ -241,7 +249,7 @@ def matmul_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 class _CompactLinear(torch.autograd.Function):
     """``F.linear(x, W, bias)`` for a compact ``W`` with the layer's kernels
-    (:func:`fxsparse.csr_kernels.kernels_for`); records the dense growth gradient when ``masker``
+    (:func:`fxsparse.layouts.compact.kernels.kernels_for`); records the dense growth gradient when ``masker``
     is given (an armed step)."""
 
     @staticmethod
@@ -288,7 +296,7 @@ class _CompactLinear(torch.autograd.Function):
                 lambda r0, r1: kernels.grad_rows(layer, saved, operand, r0, r1), count))
             if ctx.masker is not None and not reduced:  # an armed step: the dense weight gradient, recorded
                 dense = kernels.dense_grad(saved, operand)
-                ctx.masker._record(layer.fqn, layer.full(dense))
+                ctx.masker.record(layer.fqn, layer.full(dense))
                 dvalues = dense.reshape(-1).index_select(0, layer.positions())
             else:  # growth candidates made block by block (armed), or an ordinary step
                 dvalues = kernels.value_grad(layer, values, saved, operand)
@@ -340,7 +348,7 @@ class _CompactConv(torch.autograd.Function):
                     flat = dense.reshape(layer.rows, layer.cols)
                     if not ctx.masker.keep_candidates(layer.fqn, lambda count: layer.growth_candidates(
                             lambda r0, r1: flat[r0:r1], count)):
-                        ctx.masker._record(layer.fqn, dense)
+                        ctx.masker.record(layer.fqn, dense)
                     dvalues = dense.reshape(-1).index_select(0, layer.positions())
                 else:
                     dvalues = kernels.value_grad(layer, values, saved, operand)

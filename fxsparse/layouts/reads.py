@@ -1,33 +1,28 @@
-"""Editing pass: a masked weight whose every read is a linear layer, a product ``x @ W`` or a
-1x1 convolution becomes a compact layer (:mod:`fxsparse.compact`).
+"""Editing pass for layouts that compute a product themselves: a masked weight whose every read
+is a linear layer, a product ``x @ W`` (``addmm`` included) or a convolution of one group is
+taken over by a layout's product function (the compact layout's :func:`compact_linear`).
 
-Invariant: after :func:`to_compact`, no node of the graph reads the weight or its mask; each
-former ``F.linear(x, masker(w, m), b)`` is ``compact_linear(x, layer, masker, b)`` and each
-``x @ masker(w, m)`` is ``compact_linear(x, layer, masker)`` with a transposed layer (and
-``addmm(b, x, masker(w, m))``, transformers' ``Conv1D``, ``compact_linear(x, layer, masker, b)``); the
-prologue no longer names the weight. :func:`compact_reads` says whether a weight qualifies
-(and how it is read) before anything changes. Run after ``mask_weights``.
+Invariant: after :func:`replace_reads`, no node of the graph reads the weight or its mask; each
+former ``F.linear(x, masker(w, m), b)``, ``x @ masker(w, m)``, ``addmm(b, x, masker(w, m))``
+(transformers' ``Conv1D``) or ``conv2d(x, masker(w, m), b, ...)`` is ``fn(x, storage, masker,
+b)`` (bias None where there is none; the layout knows from :func:`product_reads`' kind how to
+compute it); the prologue no longer names the weight. :func:`product_reads` says whether a
+weight qualifies (and how it is read) before anything changes. Run after ``mask_weights``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.fx
 
-from fxsparse.compact import compact_linear
-from fxsparse.masking import mask_prologue
+from fxsparse.masking import mask_prologue, masked_nodes
 from fxsparse.passes.ops import packet, product_kind
 
-__all__ = ["compact_reads", "to_compact", "operands", "conv_geometry", "masked_nodes"]
-
-
-def masked_nodes(graph: torch.fx.Graph, masker: str, fqn: str) -> list[torch.fx.Node]:
-    """The masked-weight nodes (calls of the ``masker`` submodule) of the weight ``fqn``."""
-    return [n for n in graph.nodes if n.op == "call_module" and n.target == masker and n.kwargs.get("name") == fqn]
+__all__ = ["product_reads", "replace_reads", "operands", "conv_geometry"]
 
 
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -60,7 +55,7 @@ def conv_geometry(user: torch.fx.Node) -> tuple[tuple[int, int], str, tuple[int,
     return None if pair is None or min(pair) < 0 else (stride, "{}x{}".format(*pair), dilation)
 
 
-def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> str | None:
+def product_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> str | None:
     """``"linear"`` when every read of ``fqn`` in every graph is the weight of a linear call,
     ``"matmul"`` when every read is the right operand of ``x @ W``, ``"conv2d:S0xS1:P:D0xD1"``
     when every read is the weight of a one-group ``conv2d`` of that stride, padding
@@ -97,9 +92,10 @@ def compact_reads(graphs: Iterable[torch.fx.Graph], masker: str, fqn: str) -> st
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def to_compact(graph: torch.fx.Graph, masker: str, fqn: str, layer: str) -> None:
-    """Rewrites the reads of ``fqn`` (qualified by :func:`compact_reads`) into calls of the
-    compact layer at ``layer``, and drops the weight from the prologue."""
+def replace_reads(graph: torch.fx.Graph, masker: str, fqn: str, storage: str, fn: Callable[..., Any]) -> None:
+    """Rewrites the reads of ``fqn`` (qualified by :func:`product_reads`) into calls
+    ``fn(x, storage, masker, bias)`` of the layout's function on its storage module at
+    ``storage``, and drops the weight from the prologue."""
     for node in masked_nodes(graph, masker, fqn):
         for user in list(node.users):
             x, bias = operands(user)
@@ -107,9 +103,9 @@ def to_compact(graph: torch.fx.Graph, masker: str, fqn: str, layer: str) -> None
                 # the graph's owning module may be the one it was traced from: the layer is
                 # installed on the SparseGraphModule that runs it
                 warnings.simplefilter("ignore", UserWarning)
-                args = (x, graph.get_attr(layer), graph.get_attr(masker), bias)
-                new = graph.call_function(compact_linear, args)
-            new.meta["fxsparse.compact"] = fqn
+                args = (x, graph.get_attr(storage), graph.get_attr(masker), bias)
+                new = graph.call_function(fn, args)
+            new.meta["fxsparse.layout"] = fqn
             user.replace_all_uses_with(new)
             graph.erase_node(user)
         sources = [a for a in node.args if isinstance(a, torch.fx.Node)]
@@ -126,7 +122,7 @@ def to_compact(graph: torch.fx.Graph, masker: str, fqn: str, layer: str) -> None
 
 
 def operands(user: torch.fx.Node) -> tuple[Any, Any]:
-    """``(x, bias)`` of a product :func:`compact_reads` accepts (bias None where it has none)."""
+    """``(x, bias)`` of a product :func:`product_reads` accepts (bias None where it has none)."""
     if _is_addmm(user):
         return user.args[1], user.args[0]
     if product_kind(user.target) == "matmul":

@@ -1,4 +1,4 @@
-"""numba's compiled loops of the compact layer's CPU kernels (:mod:`fxsparse.csr_kernels` says
+"""numba's compiled loops of the compact layer's CPU kernels (:mod:`fxsparse.layouts.compact.kernels` says
 what each computes and how the data is laid out). Imported only when a numba kernel first runs:
 numba is an optional dependency (``pip install fxsparse[kernels]``). Each loop compiles on its
 first call for the array types it gets, and is cached on disk by numba."""

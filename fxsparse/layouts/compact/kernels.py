@@ -1,4 +1,4 @@
-"""The products of a compact layer (:mod:`fxsparse.compact`), one class per kernel technology.
+"""The products of a compact layer (:mod:`fxsparse.layouts.compact`), one class per kernel technology.
 
 A compact layer holds a CSR matrix ``W`` (``rows x cols``: ``crow``, ``col``, ``values``, and the
 structure of its transpose) and computes, for a batch ``X`` (``n x cols``) and the output's
@@ -187,6 +187,11 @@ def conv_geometry(layer: Any, x_shape: tuple[int, ...]) -> tuple[int, int, int, 
     (kh, kw), (p0, p1) = layer.kernel_size, layer.padding
     h, w = x_shape[-2:]
     hp, wp = h + 2 * p0, w + 2 * p1
+    if hp < kh or wp < kw:  # as torch's convolution says it
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({hp} x {wp}). Kernel size: ({kh} x {kw}). Kernel size can't be "
+            "greater than actual input size"
+        )
     return h, w, hp, wp, hp - kh + 1, wp - kw + 1
 
 
@@ -334,12 +339,12 @@ def kernels_for(preference: str, values: torch.Tensor) -> type[NumbaKernels] | t
 
 
 def _run(name: str, *args: Any) -> None:
-    """Runs the compiled loop ``name`` of :mod:`fxsparse.numba_loops` (imported on first use) on
+    """Runs the compiled loop ``name`` of :mod:`fxsparse.layouts.compact.loops` (imported on first use) on
     numpy views of the tensors among ``args`` (CPU, contiguous), with as many threads as torch
     uses."""
     import numba
 
-    from fxsparse import numba_loops
+    from fxsparse.layouts.compact import loops as numba_loops
 
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     getattr(numba_loops, name)(*(a.detach().numpy() if isinstance(a, torch.Tensor) else a for a in args))
