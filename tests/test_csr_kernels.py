@@ -125,6 +125,44 @@ def test_each_convolution_kernel_computes_the_dense_convolution_and_its_gradient
         csr_kernels.SAMPLES = saved_samples
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    out_channels=st.integers(1, 7), in_channels=st.integers(1, 5), kernel=st.sampled_from([(3, 3), (5, 3), (2, 4), (1, 3)]),
+    stride=st.sampled_from([(2, 2), (2, 1), (3, 2), (1, 3)]), height=st.integers(3, 11), width=st.integers(3, 11),
+    padding=st.sampled_from([(0, 0), (1, 1), (2, 1)]), batch=st.integers(1, 3), density=st.sampled_from([0.0, 0.2, 1.0]),
+    armed=st.booleans(), kernels=st.sampled_from(["numba", "torch"]), seed=st.integers(0, 10**6),
+)
+def test_a_strided_kxk_layer_is_the_strided_convolution_and_its_gradients(
+        out_channels, in_channels, kernel, stride, height, width, padding, batch, density, armed, kernels, seed):
+    # a stride > 1 runs the stride-1 kernels on the input's phases (fxsparse.layouts.compact.weight.phases)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (out_channels, in_channels, *kernel)
+    mask = torch.rand(shape, generator=generator) < density
+    weight = (torch.randn(shape, generator=generator, dtype=torch.float64) * mask).requires_grad_()
+    x = torch.randn(batch, in_channels, height, width, generator=generator, dtype=torch.float64, requires_grad=True)
+    layer = CompactWeight("w", weight.detach(), mask, stride=stride, padding=padding, kernel=kernels)
+    layer.values.requires_grad_()
+    masker = Masker()
+    masker.armed = armed
+    if height + 2 * padding[0] < kernel[0] or width + 2 * padding[1] < kernel[1]:  # refused as torch refuses it
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+            compact_linear(x, layer, masker)
+        return
+    out = F.conv2d(x, weight, stride=stride, padding=padding)
+    dy = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    dx, dw = torch.autograd.grad(out, (x, weight), dy)
+    compact = compact_linear(x, layer, masker)
+    torch.testing.assert_close(compact, out)
+    compact.backward(dy)
+    torch.testing.assert_close(x.grad, dx)
+    order = layer.weight_order()  # the values are held in the phases' order
+    torch.testing.assert_close(layer.values.grad[order], dw[mask])
+    torch.testing.assert_close(layer.dense(), weight.detach())
+    assert torch.equal(layer.mask(), mask)
+    if armed:  # the growth gradient in the weight's shape
+        torch.testing.assert_close(masker.grads["w"], dw)
+
+
 @pytest.mark.parametrize("kernel", ["numba", "torch"])
 def test_a_kxk_layer_with_either_kernel_is_the_convolution_with_bias_unbatched_and_armed(kernel):
     torch.manual_seed(3)

@@ -10,7 +10,7 @@ where the masked layout multiplied weight and mask. Its parts:
   :mod:`.loops`: numba's compiled loops, imported when a numba kernel first runs;
 - :mod:`fxsparse.layouts.reads` (shared by layouts that compute products): which weights
   qualify (every read a linear layer, ``x @ W``, ``addmm`` or a convolution of one group; this
-  layout takes 1x1 convolutions and kxk ones of stride 1), and the rewrite of their reads.
+  layout takes convolutions without dilation, at any stride), and the rewrite of their reads.
 
 A layer's active count is fixed (methods that move counts between layers, and pruning, refuse
 it); it is not sharded by ``fully_shard``; a module holding one is not captured again. Its
@@ -69,7 +69,7 @@ class CompactLayout(Layout):
             options = _conv_options(kind, site.shape) if conv else {"stride": None, "padding": None}
         if options is None:
             return None, ("read other than as a linear layer's weight, the right operand of x @ W, a 1x1 convolution "
-                          "without padding or groups, or a kxk convolution of stride 1 without dilation or groups")
+                          "without padding or groups, or a kxk convolution without dilation or groups")
         return Plan(kind, dense_product(kind == "matmul", options["stride"], options["padding"]), options), ""  # type: ignore[index]
 
     def install(self, sparse: Any, graphs: Sequence[torch.fx.Graph], fqn: str, plan: Plan, kernel: str | None) -> None:
@@ -183,19 +183,19 @@ class CompactLayout(Layout):
 def _conv_options(kind: str, shape: tuple[int, ...]) -> dict[str, Any] | None:
     """A convolution weight of ``shape`` read as :func:`~fxsparse.layouts.reads.product_reads`'
     ``"conv2d:S0xS1:P:D0xD1"``: ``{"stride", "padding"}`` for :class:`CompactWeight` when a compact
-    layer computes it (a 1x1 kernel without padding at any stride; any kernel at stride 1 without
-    dilation, "same" padding of an odd kernel included), else None."""
+    layer computes it (a 1x1 kernel without padding, any kernel without dilation, at any stride;
+    "same" padding of an odd kernel included), else None."""
     _, stride, padding, dilation = kind.split(":")
     s0, s1 = (int(v) for v in stride.split("x"))
     kh, kw = shape[2:]
     if (kh, kw) == (1, 1) and padding in ("0x0", "same"):
         return {"stride": (s0, s1), "padding": None}
-    if (s0, s1) != (1, 1) or dilation != "1x1":
+    if dilation != "1x1":
         return None
-    if padding == "same":
+    if padding == "same":  # torch takes it at stride 1 only
         return {"stride": (1, 1), "padding": ((kh - 1) // 2, (kw - 1) // 2)} if kh % 2 and kw % 2 else None
     p0, p1 = (int(v) for v in padding.split("x"))
-    return {"stride": (1, 1), "padding": (p0, p1)}
+    return {"stride": (s0, s1), "padding": (p0, p1)}
 
 
 def _layer(fqn: str, weight: torch.Tensor, mask: torch.Tensor, plan: Plan, kernel: str | None = None) -> CompactWeight:

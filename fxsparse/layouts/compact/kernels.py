@@ -166,7 +166,7 @@ class NumbaKernels:
         return dy_t[r0:r1].mm(saved.t())
 
 
-# --- kxk convolutions (stride 1, one group) ------------------------------------------------------
+# --- kxk convolutions (stride 1, one group) --------------------------------------------------------
 #
 # A kxk kernel of shape (O, C, kh, kw) is the CSR matrix O x (C*kh*kw); column c is input channel
 # c // (kh*kw) at kernel offset (c % (kh*kw)) // kw, c % kw. The numba kernels pad the input once
@@ -175,6 +175,8 @@ class NumbaKernels:
 # plus di*Wp + dj. So each active weight is one multiply-add over a contiguous run of Ho*Wp
 # elements (a long vector even for an 8x8 plane); the Wp - Wo columns past each row's end are
 # computed and cropped (and are zero in the output gradient, so the value gradient is exact).
+# A stride s > 1 is the stride-1 convolution of the input's s0*s1 phases by a ceil(k/s) kernel
+# (fxsparse.layouts.compact.weight.phases): these kernels see that problem, not the layer.
 
 
 # the convolution's value gradient reads this many samples' planes at a time, by every output

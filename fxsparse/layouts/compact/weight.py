@@ -58,14 +58,18 @@ class CompactWeight(nn.Module):
         transposed: the weight is the right operand of ``x @ W`` (held as ``W.T``).
         stride: the weight is a convolution's, ``(out, in, kh, kw)``, of this stride (one group):
             a 1x1 kernel without padding is a linear map of every (strided) pixel's channels; a
-            kxk kernel (stride 1, ``padding`` given) is computed by the convolution kernels of
-            :mod:`fxsparse.layouts.compact.kernels` (the matrix ``out x (in*kh*kw)``).
+            kxk kernel (``padding`` given) is computed by the convolution kernels of
+            :mod:`fxsparse.layouts.compact.kernels` (the matrix ``out x (in*kh*kw)``); at a stride
+            ``s > 1`` as the stride-1 convolution of its input's ``s0*s1`` phases (the matrix
+            ``out x (in*s0*s1*ceil(kh/s0)*ceil(kw/s1))``, :func:`phases`).
         padding: a kxk convolution's padding ``(p0, p1)``.
         kernel: the kernels preferred (``"numba"`` or ``"torch"``, :mod:`fxsparse.layouts.compact.kernels`);
             default: numba where it runs on the weight's device and dtype.
     """
 
     kernel = "torch"  # the kernels preferred; set per layer (a layer pickled before it had one: torch)
+    conv_stride = (1, 1)  # a kxk convolution's stride
+    phase_kernel: tuple[int, int] | None = None  # at a stride > 1: the kernel of the phases' convolution
 
     def __init__(
         self, fqn: str, weight: torch.Tensor, mask: torch.Tensor, transposed: bool = False,
@@ -74,11 +78,11 @@ class CompactWeight(nn.Module):
         super().__init__()
         conv = stride is not None and weight.dim() == 4 and not transposed
         pointwise = conv and tuple(weight.shape[2:]) == (1, 1) and padding in (None, (0, 0))
-        spatial = conv and not pointwise and tuple(stride) == (1, 1) and padding is not None  # type: ignore[arg-type]
+        spatial = conv and not pointwise and padding is not None
         if not (weight.dim() == 2 or pointwise or spatial) or weight.shape != mask.shape:
             raise ValueError(
-                f"expected a 2-D weight (or a 1x1 convolution's with its stride, or a kxk convolution's of stride 1 "
-                f"with its padding) and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}"
+                f"expected a 2-D weight (or a 1x1 convolution's with its stride, or a kxk convolution's with its stride "
+                f"and padding) and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}"
             )
         self.fqn = fqn
         self.kernel = kernel or preferred(weight.device, weight.dtype)
@@ -88,6 +92,13 @@ class CompactWeight(nn.Module):
         self.padding = tuple(padding) if spatial else None  # type: ignore[arg-type]
         self.shape = tuple(weight.shape)
         self.rows, self.cols = (self.shape[1], self.shape[0]) if transposed else (self.shape[0], math.prod(self.shape[1:]))
+        if spatial and tuple(stride) != (1, 1):  # type: ignore[arg-type]
+            self.conv_stride = tuple(stride)  # type: ignore[arg-type]
+            (s0, s1), (kh, kw) = self.conv_stride, self.kernel_size  # type: ignore[misc]
+            self.phase_kernel = (-(-kh // s0), -(-kw // s1))
+            self.cols = self.shape[1] * s0 * s1 * self.phase_kernel[0] * self.phase_kernel[1]
+            self.register_buffer("phase_index", _phase_index(self.shape, self.conv_stride, self.phase_kernel, self.cols),
+                                 persistent=False)
         count = int(mask.sum())
         device = weight.device
         self.values = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=device), requires_grad=weight.requires_grad)
@@ -100,10 +111,16 @@ class CompactWeight(nn.Module):
     # ------------------------------------------------------------------------------ structure
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (of the weight's shape) as the matrix computed with."""
+        if self.phase_kernel is not None:  # zeros at the phases' taps past the kernel
+            flat = tensor.new_zeros(self.rows * self.cols)
+            flat[self.phase_index] = tensor.reshape(-1)
+            return flat.view(self.rows, self.cols)
         return tensor.t() if self.transposed else tensor.reshape(self.rows, self.cols)
 
     def full(self, matrix: torch.Tensor) -> torch.Tensor:
         """A matrix computed with (``rows x cols``) in the weight's shape."""
+        if self.phase_kernel is not None:
+            return matrix.reshape(-1)[self.phase_index].view(self.shape)
         return matrix.t().contiguous() if self.transposed else matrix.reshape(self.shape)
 
     def _structure(self, matrix_mask: torch.Tensor) -> torch.Tensor:
@@ -146,6 +163,10 @@ class CompactWeight(nn.Module):
     def weight_order(self) -> torch.Tensor | None:
         """The permutation that puts the values in ascending position of the weight's own shape
         (``W`` of ``x @ W`` is held transposed), or None when that is their order already."""
+        if self.phase_kernel is not None:
+            where = torch.full((self.rows * self.cols,), -1, dtype=torch.long, device=self.phase_index.device)
+            where[self.phase_index] = torch.arange(self.phase_index.numel(), device=where.device)
+            return torch.argsort(where[self.positions()])
         return self.t_perm if self.transposed else None
 
     def growth_candidates(self, grad_rows: Callable[[int, int], torch.Tensor], count: int,
@@ -189,7 +210,7 @@ class CompactWeight(nn.Module):
         """The dense op this layer computes, as ``(fn, kwargs)`` called ``fn(x, weight, bias,
         **kwargs)`` with the dense weight (:meth:`dense`): what inference export and FLOP counting
         put in the layer's place."""
-        return dense_product(self.transposed, self.stride, self.padding)
+        return dense_product(self.transposed, self.stride, self.padding, self.conv_stride)
 
     # ---------------------------------------------------------------------------------- update
     @torch.no_grad()
@@ -215,7 +236,8 @@ class CompactWeight(nn.Module):
 
     def extra_repr(self) -> str:
         kind = (", transposed" if self.transposed else f", 1x1 conv, stride {self.stride}" if self.stride
-                else f", {self.kernel_size} conv, padding {self.padding}" if self.kernel_size else "")
+                else f", {self.kernel_size} conv, stride {self.conv_stride}, padding {self.padding}" if self.kernel_size
+                else "")
         return f"{self.fqn}: {self.shape}, {self.values.numel()} active{kind}, {self.kernel} kernels"
 
     # the masked layout's checkpoint format (dense weight + bool mask) is written by the
@@ -228,17 +250,68 @@ class CompactWeight(nn.Module):
 
 
 def dense_product(transposed: bool, stride: tuple[int, int] | None, padding: tuple[int, int] | None,
-                  ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+                  conv_stride: tuple[int, int] = (1, 1)) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
     """The dense op of a compact layer of this geometry (:meth:`CompactWeight.dense_product`):
     ``x @ W + b`` (``transposed``), a 1x1 convolution of ``stride``, a kxk convolution of
-    ``padding`` (stride 1), else a linear layer."""
+    ``padding`` and ``conv_stride``, else a linear layer."""
     if transposed:
         return matmul_add, {}
     if stride is not None:
         return F.conv2d, {"stride": tuple(stride)}
     if padding is not None:
-        return F.conv2d, {"padding": tuple(padding)}
+        return F.conv2d, {"padding": tuple(padding), **({"stride": tuple(conv_stride)} if tuple(conv_stride) != (1, 1) else {})}
     return F.linear, {}
+
+
+def _phase_index(shape: tuple[int, ...], stride: tuple[int, int], kernel: tuple[int, int], cols: int) -> torch.Tensor:
+    """Per entry of a weight ``(out, in, kh, kw)`` in row-major order, its flat position in the
+    matrix of its phases' convolution: tap ``(i, j)`` is tap ``(i // s0, j // s1)`` of phase
+    ``(i % s0, j % s1)``; column ``((c * s0 + i % s0) * s1 + j % s1) * kq0 * kq1 + (i // s0) * kq1 + j // s1``."""
+    (s0, s1), (kq0, kq1) = stride, kernel
+    o, c, i, j = torch.meshgrid(*(torch.arange(n) for n in shape), indexing="ij")
+    col = ((c * s0 + i % s0) * s1 + j % s1) * (kq0 * kq1) + (i // s0) * kq1 + j // s1
+    return (o * cols + col).reshape(-1)
+
+
+class _Phases:
+    """A strided kxk layer as the stride-1 convolution its kernels compute: over the ``s0*s1``
+    phases of its padded input (:func:`phases`), with the kernel ``layer.phase_kernel`` and no
+    padding. Every other attribute (the CSR structure, ``positions``) is the layer's."""
+
+    def __init__(self, layer: CompactWeight) -> None:
+        kq0, kq1 = layer.phase_kernel  # type: ignore[misc]
+        self.layer, self.kernel_size, self.padding = layer, (kq0, kq1), (0, 0)
+        self.shape = (layer.rows, layer.cols // (kq0 * kq1), kq0, kq1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.layer, name)
+
+
+def phases(layer: CompactWeight, x: torch.Tensor) -> torch.Tensor:
+    """The padded batch ``x`` ``(N, C, H, W)`` of a strided kxk layer as its phases ``(N,
+    C*s0*s1, Hq, Wq)``: channel ``(c * s0 + r0) * s1 + r1`` holds rows ``r0::s0`` and columns
+    ``r1::s1`` of channel ``c``, cut (or zero-extended) to ``Ho + kq0 - 1`` rows and ``Wo + kq1 - 1``
+    columns, so that a stride-1 convolution by the phases' kernel gives the ``Ho x Wo`` output."""
+    (s0, s1), (p0, p1), (kh, kw), (kq0, kq1) = layer.conv_stride, layer.padding, layer.kernel_size, layer.phase_kernel
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * p0 - kh) // s0 + 1, (w + 2 * p1 - kw) // s1 + 1
+    if ho < 1 or wo < 1:  # as torch's convolution says it
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({h + 2 * p0} x {w + 2 * p1}). Kernel size: ({kh} x {kw}). "
+            "Kernel size can't be greater than actual input size"
+        )
+    hq, wq = ho + kq0 - 1, wo + kq1 - 1
+    padded = F.pad(x, (p1, wq * s1 - w - p1, p0, hq * s0 - h - p0))
+    return padded.reshape(n, c, hq, s0, wq, s1).permute(0, 1, 3, 5, 2, 4).reshape(n, c * s0 * s1, hq, wq)
+
+
+def unphase(layer: CompactWeight, grad: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+    """The gradient of the batch of ``x_shape`` from the gradient of its phases (:func:`phases`)."""
+    (s0, s1), (p0, p1) = layer.conv_stride, layer.padding
+    n, c, h, w = x_shape
+    hq, wq = grad.shape[-2:]
+    full = grad.reshape(n, c, s0, s1, hq, wq).permute(0, 1, 4, 2, 5, 3).reshape(n, c, hq * s0, wq * s1)
+    return F.pad(full, (-p1, w + p1 - wq * s1, -p0, h + p0 - hq * s0))
 
 
 def matmul_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -306,9 +379,10 @@ class _CompactLinear(torch.autograd.Function):
 
 
 class _CompactConv(torch.autograd.Function):
-    """``F.conv2d(x, W, bias, padding=layer.padding)`` (stride 1, one group) for a compact kxk
-    ``W`` with the layer's convolution kernels; records the dense growth gradient when ``masker``
-    is given (an armed step)."""
+    """``F.conv2d(x, W, bias, stride=layer.conv_stride, padding=layer.padding)`` (one group) for
+    a compact kxk ``W`` with the layer's convolution kernels (at a stride > 1 on the input's
+    phases, :func:`phases`); records the dense growth gradient when ``masker`` is given (an armed
+    step)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -317,14 +391,17 @@ class _CompactConv(torch.autograd.Function):
     ) -> torch.Tensor:
         kernels = conv_kernels_for(layer.kernel, values)
         batched = x.dim() == 4
-        images = (x if batched else x.unsqueeze(0)).to(values.dtype).contiguous()
+        images = (x if batched else x.unsqueeze(0)).to(values.dtype)
+        problem = layer if layer.phase_kernel is None else _Phases(layer)
         with torch.autocast(x.device.type, enabled=False):
-            saved = kernels.save(layer, images)
-            out = kernels.forward(layer, values, saved)
+            source = (images if layer.phase_kernel is None else phases(layer, images)).contiguous()
+            saved = kernels.save(problem, source)
+            out = kernels.forward(problem, values, saved)
             if bias is not None:
                 out += bias.to(values.dtype).view(-1, 1, 1)
         ctx.save_for_backward(saved, values)
-        ctx.kernels, ctx.layer, ctx.shape, ctx.dtype = kernels, layer, images.shape, x.dtype
+        ctx.kernels, ctx.layer, ctx.problem, ctx.dtype = kernels, layer, problem, x.dtype
+        ctx.shape, ctx.x_shape = source.shape, images.shape
         ctx.counter, ctx.masker = masker, masker if armed else None
         ctx.batched, ctx.has_bias = batched, bias is not None
         return (out if batched else out.squeeze(0)).to(x.dtype)
@@ -333,25 +410,26 @@ class _CompactConv(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         saved, values = ctx.saved_tensors
         layer: CompactWeight = ctx.layer
-        kernels = ctx.kernels
+        kernels, problem = ctx.kernels, ctx.problem
         ctx.counter.note_backward()
         with torch.autocast(grad.device.type, enabled=False):
             dy = (grad if ctx.batched else grad.unsqueeze(0)).to(values.dtype).contiguous()
-            operand = kernels.grad_operand(layer, dy)
+            operand = kernels.grad_operand(problem, dy)
             dx = dvalues = dbias = None
             if ctx.needs_input_grad[0]:
-                dx = kernels.input_grad(layer, values, operand, ctx.shape)
+                dx = kernels.input_grad(problem, values, operand, ctx.shape)
+                dx = dx if layer.phase_kernel is None else unphase(layer, dx, ctx.x_shape)
                 dx = (dx if ctx.batched else dx.squeeze(0)).to(ctx.dtype)
             if ctx.needs_input_grad[1] or ctx.masker is not None:
                 if ctx.masker is not None:  # an armed step: the dense weight gradient (small), recorded
-                    dense = kernels.dense_grad(layer, saved, operand)
-                    flat = dense.reshape(layer.rows, layer.cols)
-                    if not ctx.masker.keep_candidates(layer.fqn, lambda count: layer.growth_candidates(
-                            lambda r0, r1: flat[r0:r1], count)):
-                        ctx.masker.record(layer.fqn, dense)
-                    dvalues = dense.reshape(-1).index_select(0, layer.positions())
+                    flat = kernels.dense_grad(problem, saved, operand).reshape(layer.rows, layer.cols)
+                    # candidates are made in the matrix's order, which is the weight's without phases
+                    if layer.phase_kernel is not None or not ctx.masker.keep_candidates(
+                            layer.fqn, lambda count: layer.growth_candidates(lambda r0, r1: flat[r0:r1], count)):
+                        ctx.masker.record(layer.fqn, layer.full(flat))
+                    dvalues = flat.reshape(-1).index_select(0, layer.positions())
                 else:
-                    dvalues = kernels.value_grad(layer, values, saved, operand)
+                    dvalues = kernels.value_grad(problem, values, saved, operand)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 dbias = dy.sum((0, 2, 3))
         return dx, dvalues, dbias, None, None, None
