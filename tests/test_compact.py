@@ -601,6 +601,22 @@ def test_a_compact_addmm_weight_keeps_its_bias_in_export_and_flops():
     assert fxsparse.flops(compact, x) == fxsparse.flops(masked, x)
 
 
+def test_the_timing_times_each_kind_of_convolution_as_it_computes():
+    """The masked step timed against a compact one computes the layer's own convolution (its
+    stride and padding): a strided 3x3 one on a 2x2 input (which only its padding makes
+    computable), a padded 3x3 one, a 1x1 one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(32, 16, 1, stride=2))
+    x = torch.randn(4, 16, 2, 2)
+    sparse = fxsparse.sparsify(model, 0.05, "uniform", dense=[], example_inputs=x, layout="compact")
+    masked = fxsparse.sparsify(model, 0.05, "uniform", dense=[], example_inputs=x)
+    for fqn in ("0.weight", "2.weight", "4.weight"):
+        choice = sparse.layouts[fqn]
+        assert choice.reason == "timed on example_inputs" and {"masked", "compact"} <= set(choice.ms), fqn
+    torch.testing.assert_close(sparse(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
 def test_the_timing_chooses_for_pointwise_convolutions_too():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU(), nn.Conv2d(256, 64, 1))

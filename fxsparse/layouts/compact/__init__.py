@@ -70,7 +70,10 @@ class CompactLayout(Layout):
         if options is None:
             return None, ("read other than as a linear layer's weight, the right operand of x @ W, a 1x1 convolution "
                           "without padding or groups, or a kxk convolution without dilation or groups")
-        return Plan(kind, dense_product(kind == "matmul", options["stride"], options["padding"]), options), ""  # type: ignore[index]
+        spatial = options["padding"] is not None  # a kxk convolution: its stride is the convolution's
+        product = (dense_product(False, None, options["padding"], options["stride"]) if spatial
+                   else dense_product(kind == "matmul", options["stride"], None))
+        return Plan(kind, product, options), ""  # type: ignore[arg-type]
 
     def install(self, sparse: Any, graphs: Sequence[torch.fx.Graph], fqn: str, plan: Plan, kernel: str | None) -> None:
         """Moves ``fqn`` into a compact layer: the graphs call it, the parameter and mask go."""
