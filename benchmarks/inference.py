@@ -1,7 +1,10 @@
 """Inference latency, throughput and file size of fxsparse.export_inference against dense.
 
 Per model (an MLP 4096-4096-4096-10 on 4096 features; WRN-22-2 and timm resnet18 at 32x32; timm
-vit_tiny_patch16_224 at 224x224; 10 classes, random weights) and density (0.1, 0.05, 0.02; ERK
+vit_tiny_patch16_224 at 224x224; 10 classes, random weights; ``llama``: a transformers Llama
+decoder built from a config, width 512, 4 layers, 8 heads, MLP 1376, vocabulary 1000, called
+with ``input_ids`` of 32 tokens a sequence as ``model(input_ids=ids)`` (no key/value cache), so captured by
+torch.export and exported from keyword inputs) and density (0.1, 0.05, 0.02; ERK
 masks at random, as sparsify draws them), three variants of the same weights in eval mode under
 ``torch.no_grad()``: ``dense`` (the model with the masked weights, computing every zero),
 ``masked`` (the SparseGraphModule) and ``exported`` (``export_inference`` for that batch size,
@@ -51,6 +54,8 @@ from measure import OtherLoad, RoundOrder, cpu_name, median_ci  # noqa: E402
 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR.*")
 
 MODELS = {"mlp": 0, "wrn22_2": 32, "resnet18": 32, "vit_tiny_patch16_224": 224}
+OTHER_MODELS = {"llama": 32}  # run when named: tokens a sequence
+TOKENS = 32
 VARIANTS = ("dense", "masked", "exported")
 MAX_OTHER_LOAD = 0.15
 
@@ -64,17 +69,33 @@ def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "mlp":
         return MLP()
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128, use_cache=False)
+        return LlamaForCausalLM(config)
     if name == "wrn22_2":
         return fxsparse.models.wrn22_2(num_classes=10)
     return timm.create_model(name, pretrained=False, num_classes=10)
 
 
-def batch_of(name: str, n: int) -> torch.Tensor:
+def batch_of(name: str, n: int) -> Any:
+    """The model's inputs for a batch of ``n``, in the form it is called with: a tensor, or a dict
+    of keyword inputs (``model(**batch)``)."""
     generator = torch.Generator().manual_seed(n)
     if name == "mlp":
         return torch.randn(n, 4096, generator=generator)
+    if name == "llama":
+        return {"input_ids": torch.randint(0, 1000, (n, TOKENS), generator=generator)}
     size = MODELS[name]
     return torch.randn(n, 3, size, size, generator=generator)
+
+
+def call(module: Any, x: Any) -> torch.Tensor:
+    """``module`` called as the model is (keywords for a dict); its logits for a transformers model."""
+    out = module(**x) if isinstance(x, dict) else module(x)
+    return out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out
 
 
 def saved_bytes(obj: Any) -> int:
@@ -106,11 +127,12 @@ class Result:
 
 def measure(name: str, density: float, batch: int, rounds: int) -> Result:
     print(f"[{name} d={density:g} batch={batch}] building and exporting", file=sys.stderr, flush=True)
-    sparse = fxsparse.sparsify(build(name), density=density, init="erk", seed=0).eval()
     x = batch_of(name, batch)
+    sparse = fxsparse.sparsify(build(name), density=density, init="erk", seed=0,
+                               example_inputs=x if isinstance(x, dict) else None).eval()
     dense = build(name).eval()
     with torch.no_grad():  # the dense model computes with the very same (masked) weights
-        sparse(x)
+        call(sparse, x)
         for fqn, weight in sparse.sparse_weights.items():
             dense.get_parameter(fqn).copy_(weight)
     start = time.perf_counter()
@@ -122,14 +144,14 @@ def measure(name: str, density: float, batch: int, rounds: int) -> Result:
                     "exported": saved_bytes(exported)}
     modules = {"dense": dense, "masked": sparse, "exported": exported}
     with torch.no_grad():
-        reference = dense(x)
-        assert torch.allclose(exported(x), reference, rtol=1e-3, atol=1e-4), "exported output differs"
+        reference = call(dense, x)
+        assert torch.allclose(call(exported, x), reference, rtol=1e-3, atol=1e-4), "exported output differs"
         start = time.perf_counter()
-        dense(x)
+        call(dense, x)
         once = time.perf_counter() - start
         result.calls = max(1, int(0.010 / max(once, 1e-6)))
         for module in modules.values():  # warm-up
-            module(x)
+            call(module, x)
         monitor, orders = OtherLoad(), RoundOrder(list(VARIANTS), 0)
         for index in range(3 * rounds):
             if result.rounds == rounds:
@@ -140,7 +162,7 @@ def measure(name: str, density: float, batch: int, rounds: int) -> Result:
                 module = modules[variant]
                 start = time.perf_counter()
                 for _ in range(result.calls):
-                    module(x)
+                    call(module, x)
                 times[variant] = (time.perf_counter() - start) * 1e3
             if monitor.share() > MAX_OTHER_LOAD and index < 3 * rounds - (rounds - result.rounds):
                 result.discarded += 1
@@ -164,7 +186,9 @@ def render(results: list[Result], args: argparse.Namespace, minutes: float) -> s
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; the run took {minutes:.1f} min.",
         "",
         "Models: an MLP 4096-4096-4096-10 (4096 input features), WRN-22-2 and timm resnet18 at 32x32, timm "
-        "vit_tiny_patch16_224 at 224x224, random weights, ERK masks as `sparsify` draws them (a trained RigL mask "
+        "vit_tiny_patch16_224 at 224x224 (llama, when named: a transformers Llama decoder from a config, width 512, "
+        "4 layers, sequences of 32 tokens, called with keywords), random weights, ERK masks as `sparsify` draws "
+        "them (a trained RigL mask "
         "may differ: it can leave whole filters empty, which the export also exploits). `dense` is the model "
         "holding the same masked weights and computing every zero; `masked` the SparseGraphModule; `exported` "
         "the module `export_inference(sparse, x)` built for that batch size (each layer's kernel measured on "
@@ -183,7 +207,7 @@ def render(results: list[Result], args: argparse.Namespace, minutes: float) -> s
         rows = [r for r in results if r.batch == batch]
         if not rows:
             continue
-        unit = "ms per forward" if batch == 1 else "images / s"
+        unit = "ms per forward" if batch == 1 else "samples / s"
         lines += [f"## {what}", "", f"| model | density | rounds | dense ({unit}) | masked | exported | exported / dense | masked / dense | layers (kind:kernel) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:

@@ -138,14 +138,15 @@ def _capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]] | 
             "what you call it with, e.g. example_inputs={'input_ids': ids, 'labels': ids}"
         )
     if how in ("symbolic", "auto"):
-        n_inputs = 1 if inputs is None else len(inputs[0]) + len(inputs[1])
+        # the inputs given (positional ones by number, keyword ones by name) are traced as
+        # placeholders; a forward argument with a default that is not given is fixed at it
+        n_inputs = 1 if inputs is None else len(inputs[0])
+        keywords = () if inputs is None else tuple(inputs[1])
         try:
-            if inputs is not None and inputs[1]:
-                raise TypeError(
-                    f"expected positional example_inputs for symbolic tracing, got keyword inputs "
-                    f"{sorted(inputs[1])}"
-                )
-            return _symbolic(model, n_inputs, modes)
+            if how == "auto" and keywords:  # a model called with keywords (transformers'): torch.export
+                raise TypeError(f"keyword inputs {sorted(keywords)}: 'auto' captures them with torch.export "
+                                "(capture='symbolic' traces them symbolically)")
+            return _symbolic(model, n_inputs, modes, keywords)
         except TypeError as e:
             if how == "symbolic":
                 raise
@@ -254,7 +255,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mod
     return Captured("export", graphs, dynamic)
 
 
-def _symbolic(model: nn.Module, n_inputs: int, modes: tuple[bool, ...]) -> Captured:
+def _symbolic(model: nn.Module, n_inputs: int, modes: tuple[bool, ...], keywords: tuple[str, ...] = ()) -> Captured:
     """Traces ``model`` in each of ``modes``; a mode whose graph equals an earlier one's shares it.
 
     Both traces run on ``model`` itself, the train-mode one first: a model that caches values in
@@ -268,7 +269,7 @@ def _symbolic(model: nn.Module, n_inputs: int, modes: tuple[bool, ...]) -> Captu
         for mode in modes:
             model.train(mode)
             try:
-                gm = trace(model, n_inputs)
+                gm = trace(model, n_inputs, keywords)
             except TypeError as e:
                 if len(modes) == 1:
                     raise
@@ -542,9 +543,19 @@ def graph_inputs(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[s
     """
     spec = getattr(gm, "_in_spec", None)
     if spec is None or not isinstance(gm.graph._codegen, torch.fx.graph._PyTreeCodeGen):
-        if kwargs:
-            names = [n.target for n in gm.graph.nodes if n.op == "placeholder"][len(args):]
-            return (*args, *(kwargs[name] for name in names if name in kwargs))
+        if kwargs:  # by name; a placeholder between them that was not given takes its default
+            rest = [n for n in gm.graph.nodes if n.op == "placeholder"][len(args):]
+            last = max((i for i, n in enumerate(rest) if n.target in kwargs), default=-1)
+            unknown = set(kwargs) - {n.target for n in rest}
+            if unknown:
+                raise TypeError(f"forward() got unexpected keyword argument(s) {sorted(unknown)}; it takes "
+                                f"{[n.target for n in rest]} after {len(args)} positional")
+            values = []
+            for node in rest[:last + 1]:
+                if node.target not in kwargs and not node.args:
+                    raise TypeError(f"forward() missing required argument {node.target!r}")
+                values.append(kwargs[node.target] if node.target in kwargs else node.args[0])
+            return (*args, *values)
         return tuple(args)
     children = spec.children() if hasattr(spec, "children") else spec.children_specs
     keys = children[1].context if len(children) > 1 else []

@@ -43,7 +43,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsparse.capture import pytree_specs
+from fxsparse.capture import graph_inputs, pytree_specs, split_inputs
 from fxsparse.graph_module import SparseGraphModule
 from fxsparse.masking import MASKER
 from fxsparse.passes.lower import (
@@ -312,12 +312,12 @@ def _choose(module: nn.Module, x: torch.Tensor, kernels: list[str], repeats: int
 
 
 def _lower(
-    gm: torch.fx.GraphModule, example: tuple[Any, ...], constants: dict[str, str], autotune: bool, repeats: int,
-    margin: float,
+    gm: torch.fx.GraphModule, example: tuple[tuple[Any, ...], dict[str, Any]], constants: dict[str, str], autotune: bool,
+    repeats: int, margin: float,
 ) -> list[LayerChoice]:
     """Replaces linear, conv2d and matmul nodes with a constant weight by measured modules."""
     products = constant_products(gm)
-    inputs = inputs_of(gm, {p.node for p in products}, example)
+    inputs = inputs_of(gm, {p.node for p in products}, graph_inputs(gm, *example))
     choices = []
     for index, product in enumerate(products):
         x = inputs.get(product.node)
@@ -376,8 +376,11 @@ def export_inference(
 
     Args:
         sparse: a trained :class:`fxsparse.SparseGraphModule` (not modified).
-        example_inputs: a tensor or a tuple of positional inputs of the shape the exported
-            module will see (batch size included): each layer is timed on what it receives.
+        example_inputs: inputs of the shape the exported module will see (batch size included),
+            in any form ``sparsify`` takes: a tensor, a tuple of positional inputs, a dict of
+            keyword inputs (``model(**batch)``) or ``(args, kwargs)``; each layer is timed on
+            what it receives. The exported module is called as the sparse module is, keywords
+            included.
         autotune: measure the kernels (otherwise every layer computes densely).
         repeats: timed runs per kernel and layer (median).
         margin: a sparse kernel must beat the dense one by this fraction to be chosen.
@@ -397,7 +400,13 @@ def export_inference(
             f"expected a SparseGraphModule (what fxsparse.sparsify returns), got {type(sparse).__name__}; "
             f"sparsify and train the model first: sparse = fxsparse.sparsify(model, density=...)"
         )
-    example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    example = split_inputs(example_inputs)
+    if example is None:
+        raise ExportError(
+            "expected example_inputs (a tensor, a tuple, a dict of keyword inputs or (args, kwargs)) of the shape the "
+            "exported module will see: each layer is timed on what it receives"
+        )
+    args, kwargs = example
     used: dict[str, torch.Tensor] = {}
 
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> None:
@@ -410,12 +419,11 @@ def export_inference(
     try:
         sparse.eval()
         with torch.no_grad():
-            reference = sparse(*example)
+            reference = sparse(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure of the forward is the input's
-        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in example]
         raise ExportError(
-            f"expected example_inputs that the sparse module accepts, but its forward failed on inputs of "
-            f"shape {shapes}: {type(error).__name__}: {error}"
+            f"expected example_inputs that the sparse module accepts, but its forward failed on {_described(example)}: "
+            f"{type(error).__name__}: {error}"
         ) from error
     finally:
         handle.remove()
@@ -438,13 +446,22 @@ def export_inference(
         choices, gm.fxsparse_whole_ms, gm.fxsparse_kept = _check_whole(gm, example, choices, repeats, margin)
     gm.fxsparse_choices = choices
     with torch.no_grad():
-        out = gm(*example)
+        out = gm(*args, **kwargs)
     _check_close(out, reference)
     return gm
 
 
+def _described(example: tuple[tuple[Any, ...], dict[str, Any]]) -> str:
+    """The shapes of ``(args, kwargs)`` for an error message."""
+    def shape(a: Any) -> Any:
+        return tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+    args, kwargs = example
+    return f"positional inputs of shape {[shape(a) for a in args]} and keyword inputs {{{', '.join(f'{k}: {shape(v)}' for k, v in kwargs.items())}}}"
+
+
 def _check_whole(
-    gm: torch.fx.GraphModule, example: tuple[Any, ...], choices: list[LayerChoice], repeats: int, margin: float,
+    gm: torch.fx.GraphModule, example: tuple[tuple[Any, ...], dict[str, Any]], choices: list[LayerChoice], repeats: int,
+    margin: float,
 ) -> tuple[list[LayerChoice], dict[str, float], str]:
     """Times the whole module with the per-layer choices, with only the clear wins among them
     (a sparse kernel at least twice ``margin`` faster than dense on its layer) and with every
@@ -472,7 +489,7 @@ def _check_whole(
                 for node, kernel in configs[name].items():
                     layers[node].kernel = kernel
                 start = time.perf_counter()
-                _finished(gm(*example))
+                _finished(gm(*example[0], **example[1]))
                 if round_:  # the first round warms each configuration up
                     samples[name].append((time.perf_counter() - start) * 1e3)
     whole = {name: statistics.median(values) for name, values in samples.items()}

@@ -70,12 +70,19 @@ class _Tracer(torch.fx.Tracer):
         return result
 
 
-def _default_concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
-    """Forward arguments with defaults, beyond the inputs given, fixed to their defaults.
+def _default_concrete_args(model: nn.Module, n_inputs: int, keywords: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Forward arguments with defaults, beyond the ``n_inputs`` positional inputs given and not
+    named in ``keywords``, fixed to their defaults.
 
     timm's hiera takes ``mask=None``; tracing it as a proxy sends control flow down the wrong
     branch, fixing it at None traces the path a plain call takes.
     """
+    unknown = set(keywords) - _parameter_names(model)
+    if unknown and not _takes_var_keyword(model):
+        raise TypeError(
+            f"expected keyword example_inputs that {type(model).__name__}.forward takes, got {sorted(unknown)}; "
+            f"it takes {sorted(_parameter_names(model))}"
+        )
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -84,12 +91,26 @@ def _default_concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
     for index, param in enumerate(params):
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        if index >= max(n_inputs, 1) and param.default is not inspect.Parameter.empty:
+        if index >= max(n_inputs, 1) and param.name not in keywords and param.default is not inspect.Parameter.empty:
             concrete[param.name] = param.default
     return concrete
 
 
-def trace(model: nn.Module, n_inputs: int = 1) -> torch.fx.GraphModule:
+def _parameter_names(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _takes_var_keyword(model: nn.Module) -> bool:
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return True
+
+
+def trace(model: nn.Module, n_inputs: int = 1, keywords: tuple[str, ...] = ()) -> torch.fx.GraphModule:
     """Symbolically traces ``model`` (which it does not modify) into a GraphModule.
 
     Raises:
@@ -97,8 +118,9 @@ def trace(model: nn.Module, n_inputs: int = 1) -> torch.fx.GraphModule:
             tracing broke and how to register it as a leaf.
     """
     tracer = _Tracer()
+    concrete = _default_concrete_args(model, n_inputs, keywords)
     try:
-        graph = tracer.trace(model, concrete_args=_default_concrete_args(model, n_inputs) or None)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError ...
         where = tracer.module_stack_names[-1] if tracer.module_stack_names else "<top level>"
         owner = model.get_submodule(where) if where != "<top level>" else model
