@@ -10,8 +10,8 @@ value; every layer keeps its active count. RigL scores drops by ``|w|`` and grow
 Selection touches only what it must: the drop is a selection over the active entries alone;
 the growth a selection over candidates pre-filtered by a threshold read off a spread sample
 (see :func:`top_indices`); no sort. On CPU the selection is numpy's introselect, elsewhere
-``torch.topk``. Both are deterministic, so identical inputs (the same seed, every DDP rank)
-give identical masks.
+``torch.topk``; both select in one total order (score, then ascending flat index), so identical
+inputs give identical masks on every device and every DDP rank.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
 def top_indices(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     """Indices of the ``k`` largest (or smallest) entries of the 1-D ``values``, unordered.
 
-    Exactly ``torch.topk``'s selection (up to which of equal values at the edge are taken),
+    ``torch.topk``'s selection with ties at the edge taken in index order (:func:`_exact_top`),
     faster when ``k`` is a small part of a large input: a threshold read off a spread
     sample keeps a candidate set a little larger than ``k`` (one compare pass), and the exact
     topk runs on the candidates alone; ties at the threshold are taken in index order. If the
@@ -115,20 +115,36 @@ def top_indices(values: torch.Tensor, k: int, largest: bool = True) -> torch.Ten
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
     if n <= _EXACT_BELOW or 8 * k >= n:
-        return torch.topk(values, k, largest=largest, sorted=False).indices
+        return _exact_top(values, k, largest)
     sample = values[_sample_positions(n, values.device)]
     wanted = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / n) + 32)
     edge = torch.topk(sample, wanted, largest=largest, sorted=False).values
     threshold = edge.min() if largest else edge.max()
     beyond = flat_nonzero(values > threshold if largest else values < threshold)
-    if beyond.numel() >= k:
-        return beyond[torch.topk(values[beyond], k, largest=largest, sorted=False).indices]
+    if beyond.numel() >= k:  # ascending positions, so ties keep index order
+        return beyond[_exact_top(values[beyond], k, largest)]
     # Fewer than k strictly beyond the threshold: all of them are in, and the rest are ties at
     # the threshold (many exact zeros in a gradient, say), taken in index order.
     ties = flat_nonzero(values == threshold)[: k - beyond.numel()]
     if beyond.numel() + ties.numel() == k:
         return torch.cat([beyond, ties])
-    return torch.topk(values, k, largest=largest, sorted=False).indices
+    return _exact_top(values, k, largest)
+
+
+def _exact_top(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Positions of the ``k`` largest (smallest) of the 1-D ``values`` in one total order, value
+    then ascending position, on every device: ``torch.topk`` finds the k-th value, and the ties
+    at it are taken in index order (``torch.topk`` breaks them in no defined order on CUDA). The
+    CPU selection (:func:`_pick`) uses the same order, so both select alike."""
+    if k >= values.numel():
+        return torch.arange(values.numel(), device=values.device)
+    edge = torch.topk(values, k, largest=largest, sorted=False).values
+    kth = edge.min() if largest else edge.max()
+    beyond = flat_nonzero(values > kth if largest else values < kth)
+    ties = flat_nonzero(values == kth)[: k - beyond.numel()]
+    if beyond.numel() + ties.numel() == k:
+        return torch.cat([beyond, ties])
+    return torch.topk(values, k, largest=largest, sorted=False).indices  # a NaN k-th value compares false
 
 
 def _sample_positions(n: int, device: torch.device | str = "cpu") -> torch.Tensor:

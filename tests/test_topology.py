@@ -255,3 +255,32 @@ def test_ties_at_the_threshold_are_taken_lowest_index_first_as_a_stable_sort_doe
     assert torch.equal(got.mask, want)
     k = topology.drop_count(int(mask.sum()), 0.3)
     assert torch.equal(topology._update_mask_torch(mask, drop, grow.clone(), k, k, False, absolute).mask, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000), density=st.floats(0.05, 0.9), levels=st.integers(1, 6), fraction=st.floats(0.0, 0.5),
+    absolute=st.booleans(), exact_below=st.sampled_from([1 << 16, 64]), seed=st.integers(0, 10**6),
+)
+def test_the_device_agnostic_selection_makes_the_cpu_selection_ties_included(
+        n, density, levels, fraction, absolute, exact_below, seed):
+    """The torch path (CUDA's, and any non-float score's) selects in the CPU path's total order,
+    score then ascending flat index: scores of few distinct values are mostly ties."""
+    import fxsparse.topology as topology
+
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, generator=generator) < density
+    active = int(mask.sum())
+    drop = torch.randint(-levels, levels + 1, (n,), generator=generator).float()
+    grow = torch.randint(0, levels + 1, (n,), generator=generator).float()
+    k = int(fraction * active)
+    saved = topology._EXACT_BELOW
+    topology._EXACT_BELOW = exact_below  # small: the sampled threshold path runs too
+    try:
+        on_cpu = topology._update_mask_cpu(mask.clone(), drop, grow, k, k, absolute)
+        on_any = topology._update_mask_torch(mask.clone(), drop, grow, k, k, False, absolute)
+    finally:
+        topology._EXACT_BELOW = saved
+    assert sorted(on_cpu.dropped_idx.tolist()) == sorted(on_any.dropped_idx.tolist())
+    assert sorted(on_cpu.grown_idx.tolist()) == sorted(on_any.grown_idx.tolist())
+    assert on_cpu.regrown == on_any.regrown
