@@ -418,12 +418,12 @@ def test_pruning_and_redistribution_refuse_compact_layers_before_any_change():
 
 
 def test_bad_layouts_are_clear_errors():
-    conv = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, dilation=2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
     with pytest.raises(ValueError, match="expected layout"):
         fxsparse.sparsify(conv, 0.5, layout="sparse")
     with pytest.raises(ValueError, match="0.weight"):
         fxsparse.sparsify(conv, 0.5, layout={"0.weight": "compact"})
-    chosen = fxsparse.sparsify(conv, 0.1, "uniform", dense=[], layout="compact")  # the strided conv stays masked, with why
+    chosen = fxsparse.sparsify(conv, 0.1, "uniform", dense=[], layout="compact")  # the dilated conv stays masked, with why
     assert chosen.layouts["0.weight"].layout == "masked" and "cannot be compact" in chosen.layouts["0.weight"].reason
     assert chosen.layouts["2.weight"].layout == "compact"  # by the density rule (no inputs to time)
     spatial = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))

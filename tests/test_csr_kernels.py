@@ -185,5 +185,5 @@ def test_a_kxk_layer_with_either_kernel_is_the_convolution_with_bias_unbatched_a
     torch.testing.assert_close(got[1], want[1][mask])
     torch.testing.assert_close(got[2], want[2])
     torch.testing.assert_close(compact_linear(x[0], layer, masker, bias), reference[0])  # (C, H, W)
-    with pytest.raises(ValueError, match="kxk convolution's of stride 1"):
-        CompactWeight("w", weight.detach(), mask, stride=(2, 2), padding=(1, 1))
+    with pytest.raises(ValueError, match="kxk convolution's with its stride and padding"):
+        CompactWeight("w", weight.detach(), mask, stride=(2, 2))  # a kxk kernel needs its padding
