@@ -402,8 +402,8 @@ def _model_size(module: nn.Module) -> tuple[int, int]:
     size = dense = 0
     # weights held outside their owner (a compact layer's values): counted as the weight they hold
     layouts = {fqn: layout_of(module, fqn) for fqn in masks} if _is_sparse(module) else {}
-    compact = {fqn: layout.trainable(module, fqn) for fqn, layout in layouts.items() if not layout.keeps_parameter}
-    held = {id(values) for values in compact.values()}
+    outside = {fqn: layout.trainable(module, fqn) for fqn, layout in layouts.items() if not layout.keeps_parameter}
+    held = {id(values) for values in outside.values()}
     for name, param in module.named_parameters():
         if id(param) in held:
             continue  # counted below as the weight it holds
@@ -414,7 +414,7 @@ def _model_size(module: nn.Module) -> tuple[int, int]:
             size += nbytes
         else:
             size += int(mask.sum()) * param.element_size() + math.ceil(param.numel() / 8)
-    for fqn, values in compact.items():  # the papers' convention whatever the layout: active values and a bit mask
+    for fqn, values in outside.items():  # the papers' convention whatever the layout: active values and a bit mask
         numel, element = masks[fqn].numel(), values.element_size()
         dense += numel * element
         size += values.numel() * element + math.ceil(numel / 8)

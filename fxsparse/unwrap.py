@@ -59,7 +59,7 @@ def unwrap(sparse: Any, *, share: bool = False) -> nn.Module:
         )
     sparse.rezero()  # exact zeros at inactive entries, whatever edited the weights
     # weights their layout holds outside the model's modules (compact layers): dense copies
-    compact = {fqn: sparse._leaf_weight(fqn) for fqn in sparse._fxsparse.sites if not sparse.layout_of(fqn).keeps_parameter}
+    outside = {fqn: sparse._leaf_weight(fqn) for fqn in sparse._fxsparse.sites if not sparse.layout_of(fqn).keeps_parameter}
     model = copy.deepcopy(skeleton)
     made: dict[int, torch.Tensor] = {}
     missing: list[str] = []
@@ -70,7 +70,7 @@ def unwrap(sparse: Any, *, share: bool = False) -> nn.Module:
                     continue
                 fqn = f"{path}.{name}" if path else name
                 if id(meta) not in made:
-                    found = _tensor_at(sparse, fqn, compact)
+                    found = _tensor_at(sparse, fqn, outside)
                     if found is None:
                         missing.append(fqn)
                         continue
@@ -84,9 +84,9 @@ def unwrap(sparse: Any, *, share: bool = False) -> nn.Module:
     return model
 
 
-def _tensor_at(sparse: nn.Module, fqn: str, compact: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    if fqn in compact:
-        return compact[fqn]
+def _tensor_at(sparse: nn.Module, fqn: str, outside: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    if fqn in outside:
+        return outside[fqn]
     found = resolve(sparse, fqn)
     return found if isinstance(found, torch.Tensor) else None
 
