@@ -669,3 +669,28 @@ def test_an_armed_compact_step_keeps_growth_candidates_not_the_dense_gradient():
     assert scheduler.step() is False  # the update ran, from the candidates
     assert any(not torch.equal(before[f], sparse.masks[f]) for f in compact)
     sparse.verify()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["linear", "transposed", "strided"]), density=st.sampled_from([0.1, 0.3, 0.7]),
+       fraction=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 10**6))
+def test_moving_by_the_updates_indices_is_assigning_its_mask(kind, density, fraction, seed):
+    """The update step moves a compact layer by the update's dropped and grown positions (no dense
+    mask): the same structure, values and state as assigning the new mask."""
+    from fxsparse.topology import update_mask
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (6, 5) if kind != "strided" else (4, 3, 3, 3)
+    mask = torch.rand(shape, generator=generator) < density
+    weight = torch.randn(shape, generator=generator) * mask
+    options = {"stride": (2, 2), "padding": (1, 1)} if kind == "strided" else {}
+    layers = [CompactWeight("w", weight, mask, kind == "transposed", **options) for _ in range(2)]
+    update = update_mask(mask, weight, torch.randn(shape, generator=generator), fraction, absolute=True)
+    states = [[layer.values.detach().clone() * 2, layer.values.detach().clone() + 1] for layer in layers]
+    layers[0].assign(update.mask, states[0])
+    layers[1].move(update.dropped_idx, update.grown_idx, states[1])
+    for name in ("values", "crow", "col", "t_crow", "t_col", "t_perm"):
+        assert torch.equal(getattr(layers[0], name), getattr(layers[1], name)), name
+    for a, b in zip(*states):
+        assert torch.equal(a, b)
+    assert torch.equal(layers[1].mask(), update.mask)

@@ -146,7 +146,7 @@ class CompactLayout(Layout):
         """The decision applied to the active values: kept ones keep value, gradient and state."""
         layer = self._layer(sparse, fqn)
         grad = [] if layer.values.grad is None else [layer.values.grad]
-        layer.assign(result.mask, grad + states)
+        layer.move(result.dropped_idx, result.grown_idx, grad + states)
 
     # ---------------------------------------------------------------------- checkpoint, graphs
     def save(self, sparse: Any, fqn: str, destination: dict[str, Any], prefix: str) -> None:

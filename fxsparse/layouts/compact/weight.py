@@ -227,7 +227,46 @@ class CompactWeight(nn.Module):
             )
         old = self.positions()
         keep = matrix_mask.reshape(-1)[old]
-        new = self._structure(matrix_mask)
+        self._move(old, keep, self._structure(matrix_mask), states)
+
+    @torch.no_grad()
+    def move(self, dropped: torch.Tensor, grown: torch.Tensor, states: Iterable[torch.Tensor] = ()) -> None:
+        """:meth:`assign` from the update itself: ``dropped`` and ``grown`` are flat positions in
+        the weight's shape (a :class:`fxsparse.topology.TopologyUpdate`'s), as many of each; no
+        dense mask is read or made (the kept positions are found by a sorted search among the
+        active ones)."""
+        if dropped.numel() != grown.numel():
+            raise ValueError(
+                f"fxsparse: the compact layout of {self.fqn!r} keeps its count, but this update drops "
+                f"{dropped.numel()} and grows {grown.numel()}"
+            )
+        old = self.positions()
+        keep = torch.ones(old.numel(), dtype=torch.bool, device=old.device)
+        if dropped.numel():
+            keep[torch.searchsorted(old, self._matrix_positions(dropped.to(old.device)))] = False
+        kept, born = old[keep], self._matrix_positions(grown.to(old.device)).sort().values
+        # merge two sorted runs: each entry's slot is its rank in its run plus the other run's entries before it
+        slots = torch.arange(kept.numel(), device=old.device) + torch.searchsorted(born, kept)
+        new = old.new_empty(old.numel())
+        new[slots] = kept
+        new[torch.arange(born.numel(), device=old.device) + torch.searchsorted(kept, born)] = born
+        self._set_positions(new)
+        for tensor in (self.values, *states):
+            moved = torch.zeros_like(tensor)
+            moved[slots] = tensor[keep]
+            tensor.copy_(moved)
+
+    def _matrix_positions(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat positions in the weight's shape as positions in the matrix computed with."""
+        if self.phase_kernel is not None:
+            return self.phase_index[flat]
+        if self.transposed:  # W (in, out) held as W^T (out, in)
+            return (flat % self.shape[1]) * self.shape[0] + flat // self.shape[1]
+        return flat
+
+    def _move(self, old: torch.Tensor, keep: torch.Tensor, new: torch.Tensor, states: Iterable[torch.Tensor]) -> None:
+        """Kept entries (``old[keep]``) move to their slot among the ``new`` positions with their
+        value and state; the other slots (new connections) start at zero."""
         slots = torch.searchsorted(new, old[keep])
         for tensor in (self.values, *states):
             moved = torch.zeros_like(tensor)
