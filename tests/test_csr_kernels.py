@@ -187,3 +187,22 @@ def test_a_kxk_layer_with_either_kernel_is_the_convolution_with_bias_unbatched_a
     torch.testing.assert_close(compact_linear(x[0], layer, masker, bias), reference[0])  # (C, H, W)
     with pytest.raises(ValueError, match="kxk convolution's with its stride and padding"):
         CompactWeight("w", weight.detach(), mask, stride=(2, 2))  # a kxk kernel needs its padding
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+       transposed=st.booleans(), seed=st.integers(0, 10**6))
+def test_the_transposed_structure_is_the_same_from_numba_and_from_torch(rows, cols, density, transposed, seed):
+    """The transpose's CSR structure (the input gradient's) by numba's counting sort equals the
+    stable argsort's."""
+    from fxsparse.layouts.compact import weight as weight_module
+
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=generator) < density
+    w = torch.randn(rows, cols, generator=generator) * mask
+    by_numba = CompactWeight("w", w, mask, transposed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weight_module, "numba_available", lambda: False)
+        by_torch = CompactWeight("w", w, mask, transposed)
+    for name in ("crow", "col", "t_crow", "t_col", "t_perm", "values"):
+        assert torch.equal(getattr(by_numba, name), getattr(by_torch, name)), name

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KERNELS", "CHUNK", "csr_tensor", "NumbaConvKernels", "TorchConvKernels", "conv_kernels_for", "conv_geometry", "NumbaKernels", "TorchKernels", "kernels_for", "numba_available", "preferred"]
+__all__ = ["KERNELS", "CHUNK", "csr_tensor", "NumbaConvKernels", "TorchConvKernels", "conv_kernels_for", "conv_geometry", "NumbaKernels", "TorchKernels", "kernels_for", "numba_available", "preferred", "run_loop"]
 
 KERNELS = ("numba", "torch")
 
@@ -139,19 +139,19 @@ class NumbaKernels:
     @staticmethod
     def forward(layer: Any, values: torch.Tensor, saved: torch.Tensor, out: torch.Tensor) -> None:
         out_t = saved.new_empty(layer.rows, saved.shape[1])
-        _run("rows_sum", layer.crow, layer.col, values, saved, out_t, BLOCK)
+        run_loop("rows_sum", layer.crow, layer.col, values, saved, out_t, BLOCK)
         out.copy_(out_t.t())
 
     @staticmethod
     def input_grad(layer: Any, values: torch.Tensor, dy_t: torch.Tensor) -> torch.Tensor:
         dx_t = dy_t.new_empty(layer.cols, dy_t.shape[1])
-        _run("rows_sum", layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), dy_t, dx_t, BLOCK)
+        run_loop("rows_sum", layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), dy_t, dx_t, BLOCK)
         return dx_t.t()
 
     @staticmethod
     def value_grad(layer: Any, values: torch.Tensor, saved: torch.Tensor, dy_t: torch.Tensor) -> torch.Tensor:
         grad = values.new_empty(values.shape)
-        _run("dots", layer.crow, layer.col, dy_t, saved, grad, BLOCK)
+        run_loop("dots", layer.crow, layer.col, dy_t, saved, grad, BLOCK)
         return grad
 
     @staticmethod
@@ -249,7 +249,7 @@ class NumbaConvKernels:
     def save(layer: Any, x: torch.Tensor) -> torch.Tensor:
         _, _, hp, wp, _, _ = conv_geometry(layer, x.shape)
         padded = x.new_empty(x.shape[0], x.shape[1], hp + 1, wp)
-        _run("pad", x, padded, *layer.padding)
+        run_loop("pad", x, padded, *layer.padding)
         return padded
 
     @staticmethod
@@ -271,7 +271,7 @@ class NumbaConvKernels:
         wp = wo + layer.kernel_size[1] - 1
         front = NumbaConvKernels._front(layer, wp)
         wide = dy.new_empty(n, o, 2 * front + ho * wp)
-        _run("widen", dy, wide, front, wp)
+        run_loop("widen", dy, wide, front, wp)
         return wide
 
     @staticmethod
@@ -280,7 +280,7 @@ class NumbaConvKernels:
         kh, kw = layer.kernel_size
         out = saved.new_empty(n, layer.rows, hp1 - kh, wp - kw + 1)
         chan, offs = NumbaConvKernels._taps(layer, wp)
-        _run("conv_forward", layer.crow, chan, offs, values, saved.view(n, saved.shape[1], -1), out, kh, kw)
+        run_loop("conv_forward", layer.crow, chan, offs, values, saved.view(n, saved.shape[1], -1), out, kh, kw)
         return out
 
     @staticmethod
@@ -292,7 +292,7 @@ class NumbaConvKernels:
         taps = torch.repeat_interleave(torch.arange(layer.cols) % (kh * kw), counts)
         shifts = (NumbaConvKernels._front(layer, wp) - taps // kw * wp - taps % kw).to(torch.int32)
         grad = wide.new_empty(x_shape)
-        _run("conv_input_grad", layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), shifts,
+        run_loop("conv_input_grad", layer.t_crow, layer.t_col, values.index_select(0, layer.t_perm), shifts,
                   wide, grad, kh * kw, *layer.padding)
         return grad
 
@@ -301,7 +301,7 @@ class NumbaConvKernels:
         n, _, _, wp = saved.shape
         grad = values.new_empty(values.shape)
         chan, offs = NumbaConvKernels._taps(layer, wp)
-        _run("conv_value_grad", layer.crow, chan, offs, wide, saved.view(n, saved.shape[1], -1), grad,
+        run_loop("conv_value_grad", layer.crow, chan, offs, wide, saved.view(n, saved.shape[1], -1), grad,
                   NumbaConvKernels._front(layer, wp), SAMPLES)
         return grad
 
@@ -340,7 +340,7 @@ def kernels_for(preference: str, values: torch.Tensor) -> type[NumbaKernels] | t
     return NumbaKernels if preference == "numba" and _numba_runs(values) else TorchKernels
 
 
-def _run(name: str, *args: Any) -> None:
+def run_loop(name: str, *args: Any) -> None:
     """Runs the compiled loop ``name`` of :mod:`fxsparse.layouts.compact.loops` (imported on first use) on
     numpy views of the tensors among ``args`` (CPU, contiguous), with as many threads as torch
     uses."""

@@ -11,9 +11,24 @@ import numba
 import numpy as np
 from numba import prange
 
-__all__ = ["rows_sum", "dots", "pad", "widen", "conv_forward", "conv_input_grad", "conv_value_grad"]
+__all__ = ["rows_sum", "dots", "pad", "widen", "conv_forward", "conv_input_grad", "conv_value_grad", "csr_transpose"]
 
 jit = numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+serial = numba.njit(cache=True, nogil=True)
+
+
+@serial
+def csr_transpose(crow: Any, col: Any, t_crow: Any, t_col: Any, t_perm: Any) -> None:
+    # a counting sort of the entries by column, rows kept in order (t_crow given): entry k of row r
+    # goes to its column's next free slot, so t_col holds its row and t_perm its index k
+    fill = t_crow[:-1].copy()
+    for r in range(crow.shape[0] - 1):
+        for k in range(crow[r], crow[r + 1]):
+            c = col[k]
+            d = fill[c]
+            t_col[d] = r
+            t_perm[d] = k
+            fill[c] = d + 1
 
 
 @jit

@@ -42,7 +42,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsparse.layouts.compact.kernels import conv_kernels_for, csr_tensor, kernels_for, preferred
+from fxsparse.layouts.compact.kernels import conv_kernels_for, csr_tensor, kernels_for, numba_available, preferred, run_loop
 from fxsparse.topology import growth_candidates, merged_candidates
 
 __all__ = ["CompactWeight", "compact_linear", "dense_product", "density_rule", "matmul_add", "SPATIAL_BREAK_EVEN"]
@@ -134,10 +134,13 @@ class CompactWeight(nn.Module):
         rows, cols = positions // self.cols, positions % self.cols
         self.crow.copy_(torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=self.rows), 0)]))
         self.col.copy_(cols)
-        order = torch.argsort(cols.to(torch.int32), stable=True)  # row-major already: by column, rows kept in order
-        self.t_perm.copy_(order)
-        self.t_col.copy_(rows[order])
         self.t_crow.copy_(torch.cat([cols.new_zeros(1), torch.cumsum(torch.bincount(cols, minlength=self.cols), 0)]))
+        if positions.device.type == "cpu" and numba_available():  # a counting sort, one pass
+            run_loop("csr_transpose", self.crow, self.col, self.t_crow, self.t_col, self.t_perm)
+        else:
+            order = torch.argsort(cols.to(torch.int32), stable=True)  # row-major already: by column, rows kept in order
+            self.t_perm.copy_(order)
+            self.t_col.copy_(rows[order])
         return positions
 
     def positions(self) -> torch.Tensor:
