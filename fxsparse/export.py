@@ -407,27 +407,7 @@ def export_inference(
             "exported module will see: each layer is timed on what it receives"
         )
     args, kwargs = example
-    used: dict[str, torch.Tensor] = {}
-
-    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> None:
-        name = kwargs.get("name", args[2] if len(args) > 2 else None)
-        used[name] = output.detach()
-
-    was_training = sparse.training
-    masker = sparse.get_submodule(MASKER)
-    handle = masker.register_forward_hook(record, with_kwargs=True)
-    try:
-        sparse.eval()
-        with torch.no_grad():
-            reference = sparse(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - any failure of the forward is the input's
-        raise ExportError(
-            f"expected example_inputs that the sparse module accepts, but its forward failed on {_described(example)}: "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    finally:
-        handle.remove()
-        sparse.train(was_training)
+    reference, used = _reference_run(sparse, example)
 
     # nothing the export changes is shared with the user's module; in eval mode, whose graph a
     # module captured by torch.export has apart from its training graph
@@ -449,6 +429,33 @@ def export_inference(
         out = gm(*args, **kwargs)
     _check_close(out, reference)
     return gm
+
+
+def _reference_run(sparse: SparseGraphModule, example: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The sparse module's eval-mode output on ``example`` (what the export must reproduce) and
+    the weight each masked-weight node computed with, by weight FQN (what it materializes); the
+    module's mode is restored. Raises ExportError when the forward fails on those inputs."""
+    args, kwargs = example
+    used: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> None:
+        name = kwargs.get("name", args[2] if len(args) > 2 else None)
+        used[name] = output.detach()
+
+    was_training = sparse.training
+    handle = sparse.get_submodule(MASKER).register_forward_hook(record, with_kwargs=True)
+    try:
+        sparse.eval()
+        with torch.no_grad():
+            return sparse(*args, **kwargs), used
+    except Exception as error:  # noqa: BLE001 - any failure of the forward is the input's
+        raise ExportError(
+            f"expected example_inputs that the sparse module accepts, but its forward failed on {_described(example)}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    finally:
+        handle.remove()
+        sparse.train(was_training)
 
 
 def _described(example: tuple[tuple[Any, ...], dict[str, Any]]) -> str:
