@@ -537,7 +537,7 @@ class _Counter(Runner):
         args, _ = self.fetch_args_kwargs_from_env(n)
         x, storage, bias = layout.call_operands(args)
         fqn, (product, options) = layout.dense_call(storage)
-        shape, dtype = self.module._fxsparse.sites[fqn].shape, layout.trainable(self.module, fqn).dtype
+        shape, dtype = layout.stored_spec(storage)
         stand_in = x.new_zeros(shape, dtype=dtype)
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
             result = product(x.to(stand_in.dtype), stand_in, bias, **options)

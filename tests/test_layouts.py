@@ -167,6 +167,9 @@ class IndexedLayout(Layout):
     def dense_call(self, storage):
         return storage.fqn, storage.product
 
+    def stored_spec(self, storage):
+        return storage.shape, storage.values.dtype
+
     def stored_weight(self, storage):
         return storage.dense().detach()
 

@@ -152,7 +152,7 @@ def test_check_model_reports_a_module_that_keeps_the_mode_it_was_traced_in(monke
     model = _model(("drop_path",))
     assert check_model(model, X, capture="symbolic").ok
     real = capture._symbolic
-    monkeypatch.setattr(capture, "_symbolic", lambda m, n, modes: real(m, n, (only,)))  # one mode's graph
+    monkeypatch.setattr(capture, "_symbolic", lambda m, n, modes, keywords=(): real(m, n, (only,), keywords))  # one mode's graph
     report = check_model(model, X, capture="symbolic")
     # checked in eval mode first, then in train mode again
     assert not report.ok and report.failure.startswith("density_one:" if only else "modes:"), report.failure

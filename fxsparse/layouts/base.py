@@ -165,6 +165,11 @@ class Layout:
         the graph, values in an interpreter)."""
         raise NotImplementedError
 
+    def stored_spec(self, storage: Any) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and dtype of the dense weight a storage module holds (what FLOP counting
+        stands in for, without making it)."""
+        raise NotImplementedError
+
     def stored_weight(self, storage: Any) -> torch.Tensor:
         """The dense weight (zeros at inactive entries, a new tensor) that a storage module of
         this layout holds: what an exported graph computes with in place of the node."""

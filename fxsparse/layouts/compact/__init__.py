@@ -173,6 +173,9 @@ class CompactLayout(Layout):
     def dense_call(self, storage: Any) -> tuple[str, DenseCall]:
         return storage.fqn, storage.dense_product()
 
+    def stored_spec(self, storage: Any) -> tuple[tuple[int, ...], torch.dtype]:
+        return tuple(storage.shape), storage.values.dtype
+
     def stored_weight(self, storage: Any) -> torch.Tensor:
         return storage.dense()
 
