@@ -230,7 +230,7 @@ class CompactWeight(nn.Module):
             )
         old = self.positions()
         keep = matrix_mask.reshape(-1)[old]
-        self._move(old, keep, self._structure(matrix_mask), states)
+        self._move(keep, torch.searchsorted(self._structure(matrix_mask), old[keep]), states)
 
     @torch.no_grad()
     def move(self, dropped: torch.Tensor, grown: torch.Tensor, states: Iterable[torch.Tensor] = ()) -> None:
@@ -254,10 +254,7 @@ class CompactWeight(nn.Module):
         new[slots] = kept
         new[torch.arange(born.numel(), device=old.device) + torch.searchsorted(kept, born)] = born
         self._set_positions(new)
-        for tensor in (self.values, *states):
-            moved = torch.zeros_like(tensor)
-            moved[slots] = tensor[keep]
-            tensor.copy_(moved)
+        self._move(keep, slots, states)
 
     def _matrix_positions(self, flat: torch.Tensor) -> torch.Tensor:
         """Flat positions in the weight's shape as positions in the matrix computed with."""
@@ -267,10 +264,9 @@ class CompactWeight(nn.Module):
             return (flat % self.shape[1]) * self.shape[0] + flat // self.shape[1]
         return flat
 
-    def _move(self, old: torch.Tensor, keep: torch.Tensor, new: torch.Tensor, states: Iterable[torch.Tensor]) -> None:
-        """Kept entries (``old[keep]``) move to their slot among the ``new`` positions with their
-        value and state; the other slots (new connections) start at zero."""
-        slots = torch.searchsorted(new, old[keep])
+    def _move(self, keep: torch.Tensor, slots: torch.Tensor, states: Iterable[torch.Tensor]) -> None:
+        """The kept entries (``keep`` over the old positions) move to ``slots`` among the new ones
+        with their value and state; the other slots (new connections) start at zero."""
         for tensor in (self.values, *states):
             moved = torch.zeros_like(tensor)
             moved[slots] = tensor[keep]
